@@ -1,0 +1,2 @@
+"""automerge: Bayesian block-weight optimizer for Stable Diffusion checkpoint merges."""
+__version__ = "0.1.0"

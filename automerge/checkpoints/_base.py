@@ -1,0 +1,98 @@
+"""What every checkpoint reader offers: ``TensorInfo`` and the lazy, read-only ``Checkpoint`` protocol."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Self, runtime_checkable
+
+import torch
+
+from automerge.errors import CheckpointError
+from automerge.registry import did_you_mean
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of one stored tensor, known without reading its data."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in self.shape):
+            raise ValueError(f"TensorInfo shape must be non-negative ints, got {self.shape!r}")
+        if not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"TensorInfo dtype must be a torch.dtype, got {self.dtype!r}")
+
+    @property
+    def numel(self) -> int:
+        """Number of elements: the product of ``shape`` (1 for a 0-dim tensor)."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the data in bytes: ``numel × itemsize``."""
+        return self.numel * self.dtype.itemsize
+
+
+@runtime_checkable
+class Checkpoint(Protocol):
+    """A lazy, read-only view of one checkpoint, keys in the file's own layout.
+
+    Readers may subclass this protocol explicitly to inherit the context-manager methods.
+    """
+
+    path: Path
+    metadata: Mapping[str, str]
+
+    def keys(self) -> list[str]:
+        """All tensor names, sorted."""
+        ...
+
+    def info(self, key: str) -> TensorInfo:
+        """Shape and dtype of ``key``, read from the header only."""
+        ...
+
+    def load(self, key: str) -> torch.Tensor:
+        """One tensor, on the CPU, in its stored dtype."""
+        ...
+
+    def close(self) -> None:
+        """Release file handles and memory maps; the checkpoint cannot be used afterwards."""
+        ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def unknown_key_error(path: Path, key: str, keys: list[str]) -> CheckpointError:
+    """The error for a tensor name that the checkpoint does not hold."""
+    return CheckpointError(f"{path}: no tensor named '{key}'{did_you_mean(key, keys)}")
+
+
+def closed_error(path: Path) -> ValueError:
+    """The error for using a checkpoint after ``close()`` (a bug in the caller)."""
+    return ValueError(f"checkpoint {path} is closed")
+
+
+def require_file(path: str | Path) -> Path:
+    """``path`` as a Path if it is a non-empty regular file, else a one-line CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory; give a single .safetensors/.ckpt file "
+            "(diffusers folders are read by the diffusers folder reader)"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); re-download or re-export it")
+    return path

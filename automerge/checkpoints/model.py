@@ -1,0 +1,73 @@
+"""``open_model``: any supported checkpoint (single file or diffusers folder) as an original-layout
+``Checkpoint`` with its family and the configs of its live modules."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from automerge.arch import Architecture, detect_architecture
+from automerge.checkpoints._base import Checkpoint
+from automerge.checkpoints._open import open_file_checkpoint
+from automerge.checkpoints.diffusers_folder import DiffusersFolderCheckpoint, is_diffusers_folder
+from automerge.errors import CheckpointError
+
+CONFIGS_METADATA_KEY = "automerge.configs"
+"""Header entry with the live-module configs (written by ``automerge tiny``; real files use the standard ones)."""
+
+
+@dataclass
+class SourceModel:
+    """An opened model: lazy tensors in the original layout, family, live-module configs."""
+
+    path: Path
+    checkpoint: Checkpoint
+    arch: Architecture
+    layout: Literal["original", "diffusers"]
+    configs: Mapping[str, Mapping[str, Any]]
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+    def __enter__(self) -> SourceModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_model(path: str | Path) -> SourceModel:
+    """Open a checkpoint file or diffusers folder and detect its family from keys and shapes."""
+    path = Path(path).expanduser()
+    if is_diffusers_folder(path):
+        folder = DiffusersFolderCheckpoint(path)
+        return SourceModel(path, folder, folder.arch, "diffusers", {**folder.arch.configs, **folder.configs})
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path}: is a directory but not a diffusers folder (no unet/ inside); give a .safetensors file"
+        )
+    checkpoint = open_file_checkpoint(path)
+    try:
+        keys = checkpoint.keys()
+        arch = detect_architecture(set(keys), lambda key: checkpoint.info(key).shape, source=str(path))
+        configs = _configs_from_header(checkpoint, path) or arch.configs
+    except BaseException:
+        checkpoint.close()
+        raise
+    return SourceModel(path, checkpoint, arch, "original", configs)
+
+
+def _configs_from_header(checkpoint: Checkpoint, path: Path) -> dict[str, Any] | None:
+    text = checkpoint.metadata.get(CONFIGS_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        configs = json.loads(text)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: header entry '{CONFIGS_METADATA_KEY}' is not valid JSON") from None
+    if not isinstance(configs, dict):
+        raise CheckpointError(f"{path}: header entry '{CONFIGS_METADATA_KEY}' must be a JSON object")
+    return configs

@@ -1,0 +1,124 @@
+"""The one loader for every YAML file automerge reads.
+
+A bad file gives one line: the file, the field path, what was expected, what was found, and a
+"did you mean" for a misspelled key. Paths inside a file are resolved relative to that file.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
+from pydantic.functional_validators import AfterValidator
+
+from automerge.errors import ConfigError
+from automerge.registry import did_you_mean
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Schema(BaseModel):
+    """Base of every config object: unknown keys are errors, objects are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve_relative(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = value.expanduser()
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return value
+
+
+FileRef = Annotated[Path, AfterValidator(_resolve_relative)]
+"""A path in a config file, resolved relative to the file it was written in."""
+
+
+def load_yaml(path: Path) -> Any:
+    """Read a YAML file with ``safe_load``; missing files and syntax errors are ``ConfigError``s."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read as UTF-8 text ({error})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+
+
+def parse_model(model: type[M], data: Any, *, source: Path | str, base_dir: Path | None = None) -> M:
+    """Validate ``data`` into ``model``; errors name ``source`` and the field path."""
+    if data is None:
+        data = {}
+    try:
+        return model.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as error:
+        raise ConfigError(_describe(error, model, source)) from None
+
+
+def parse_file(model: type[M], path: Path | str) -> M:
+    """Load a YAML file and validate it into ``model``, paths resolved relative to the file."""
+    path = Path(path)
+    return parse_model(model, load_yaml(path), source=path, base_dir=path.parent)
+
+
+def _describe(error: ValidationError, model: type[BaseModel], source: Path | str) -> str:
+    first = error.errors(include_url=False)[0]
+    loc = tuple(first["loc"])
+    field = ".".join(str(part) for part in loc) or "(top level)"
+    found = first.get("input")
+    if first["type"] == "extra_forbidden":
+        known = _field_names_at(model, loc[:-1])
+        hint = did_you_mean(str(loc[-1]), known) if known else ""
+        allowed = f"; allowed keys: {', '.join(sorted(known))}" if known else ""
+        return f"{source}: unknown key '{field}'{hint}{allowed}"
+    if first["type"] == "missing":
+        return f"{source}: field '{field}' is required"
+    message = first["msg"]
+    message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return f"{source}: field '{field}': {message}; found {_short(found)}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _field_names_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the (nested) model at ``loc``, or [] when it cannot be told."""
+    current: Any = model
+    for part in loc:
+        current = _nested_model(current, part)
+        if current is None:
+            return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _nested_model(current: Any, part: Any) -> Any:
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        field = current.model_fields.get(str(part))
+        return _unwrap(field.annotation) if field else None
+    return _unwrap(current)  # a list index or dict key inside a container annotation
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The model class inside ``list[M]``, ``dict[str, M]``, ``M | None``, else the annotation."""
+    for arg in typing.get_args(annotation) or ():
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return annotation

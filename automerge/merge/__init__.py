@@ -1,0 +1,1 @@
+"""Merging: methods (pure tensor functions, registered), per-block parameters, live engine, export."""

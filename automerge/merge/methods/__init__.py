@@ -1,0 +1,26 @@
+"""Merge methods: pure tensor functions with metadata, in the ``METHODS`` registry.
+
+A new method is one function in one file, decorated with ``register_method`` (which checks its
+signature against its ``ParamSpec``s at import time), plus one line in the import list below.
+"""
+
+# The built-in methods: each module registers its methods in METHODS when imported.
+from automerge.merge.methods import (  # noqa: F401
+    difference,
+    geometric_median,
+    interpolation,
+    model_stock,
+    task_arithmetic,
+)
+from automerge.merge.methods._apply import check_finite, generator_for, merge_tensor
+from automerge.merge.methods._spec import METHODS, MergeMethod, ParamSpec, register_method
+
+__all__ = [
+    "METHODS",
+    "MergeMethod",
+    "ParamSpec",
+    "check_finite",
+    "generator_for",
+    "merge_tensor",
+    "register_method",
+]

@@ -1,0 +1,64 @@
+"""Difference methods: add what B learned relative to the base C onto A."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from automerge.merge.methods._spec import ParamSpec, register_method
+
+_TRAIN_DIFFERENCE_GAIN = 1.8  # supermerger's constant
+
+
+@register_method(
+    "add_difference",
+    params=(
+        ParamSpec(
+            "alpha",
+            1.0,
+            0.0,
+            2.0,
+            "strength of B − C added to A; above 1 over-applies it, negative is not allowed",
+        ),
+    ),
+    needs_base=True,
+)
+def add_difference(
+    models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float
+) -> Tensor:
+    """A + α·(B − C)
+
+    A1111's and supermerger's "Add difference" with multiplier α (s1dlx #42: this exact formula,
+    no clipping, no cosine scaling). α = 0 gives A bit-exactly.
+    """
+    a, b = models
+    assert base is not None
+    if alpha == 0.0:
+        return a.clone()
+    return a + alpha * (b - base)
+
+
+@register_method(
+    "train_difference",
+    params=(ParamSpec("alpha", 1.0, 0.0, 1.0, "strength of the scaled B − C added to A (times 1.8)"),),
+    needs_base=True,
+)
+def train_difference(
+    models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float
+) -> Tensor:
+    """A + 1.8·α·(B−C)·|B−A| / (|B−A| + |B−C|), the added term 0 where the denominator is 0
+
+    supermerger's "trainDifference" (also sd-mecha): B − C is added where A is still far from B
+    and damped where A already moved like B. α = 0 gives A bit-exactly.
+    """
+    a, b = models
+    assert base is not None
+    if alpha == 0.0:
+        return a.clone()
+    diff = b - base
+    distance_a = (b - a).abs()
+    denominator = distance_a + diff.abs()
+    scale = torch.where(denominator > 0, distance_a / denominator, torch.zeros_like(denominator))
+    return a + (_TRAIN_DIFFERENCE_GAIN * alpha) * diff * scale

@@ -1,0 +1,138 @@
+"""Per-block merge parameters: parse, validate and look up ``{param: number | {default, BLOCK: number}}``.
+
+Every parameter of a merge method may be one number (all blocks) or a per-block map such as
+``{default: 0.5, IN04: 0.8}``; a map without ``default`` falls back to the method's default.
+Product rule: the ``VAE`` block is merged only when some parameter's map names it explicitly;
+otherwise it gets no entry and ``BlockParams.merges("VAE")`` is False.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from automerge.errors import ConfigError
+from automerge.merge.methods import MergeMethod, ParamSpec
+from automerge.registry import did_you_mean
+
+BlockValue = float | Mapping[str, float]  # as parsed from YAML
+VAE_BLOCK = "VAE"
+DEFAULT_KEY = "default"
+
+
+@dataclass(frozen=True)
+class BlockParams:
+    """Resolved, validated parameters: ``values[param][block]`` for every merged block."""
+
+    values: Mapping[str, Mapping[str, float]]
+    blocks: tuple[str, ...]  # the merged blocks, in the family's order
+
+    def merges(self, block: str) -> bool:
+        """Whether ``block`` is merged (False for VAE unless a map named it)."""
+        return block in self.blocks
+
+    def for_block(self, block: str) -> dict[str, float]:
+        """All parameters for one merged block, ready for ``merge_tensor(params=...)``."""
+        if not self.merges(block):
+            raise KeyError(f"block '{block}' is not merged (merged: {', '.join(self.blocks)})")
+        return {name: per_block[block] for name, per_block in self.values.items()}
+
+
+def resolve_params(
+    method: MergeMethod, raw: Mapping[str, BlockValue], *, blocks: Sequence[str], source: str
+) -> BlockParams:
+    """Validate ``raw`` against ``method``'s ParamSpecs and the family's ``blocks``; ``ConfigError``s name ``source``."""
+    specs = {spec.name: spec for spec in method.params}
+    for name in raw:
+        if name not in specs:
+            takes = f"it takes: {', '.join(specs)}" if specs else "it takes no parameters"
+            raise ConfigError(
+                f"{source}: method '{method.name}' takes no parameter '{name}'{did_you_mean(str(name), list(specs))}; {takes}"
+            )
+    parsed = {name: _parse(spec, raw.get(name), blocks=blocks, source=source) for name, spec in specs.items()}
+    named_vae = any(VAE_BLOCK in explicit for _, explicit in parsed.values())
+    merged = tuple(block for block in blocks if block != VAE_BLOCK or named_vae)
+    values = {
+        name: MappingProxyType(_fill(specs[name], *parsed[name], merged=merged, method=method, source=source))
+        for name in specs
+    }
+    return BlockParams(values=MappingProxyType(values), blocks=merged)
+
+
+def changed_blocks(old: BlockParams | None, new: BlockParams) -> set[str]:
+    """Blocks whose parameters differ, or that are merged in only one of the two (all when ``old`` is None).
+
+    Compares values only: the caller re-merges everything when the method itself changed.
+    """
+    if old is None:
+        return set(new.blocks)
+    return {
+        block
+        for block in set(old.blocks) | set(new.blocks)
+        if not (old.merges(block) and new.merges(block) and old.for_block(block) == new.for_block(block))
+    }
+
+
+def _parse(
+    spec: ParamSpec, value: Any, *, blocks: Sequence[str], source: str
+) -> tuple[float | None, dict[str, float]]:
+    """(the value for unnamed blocks or None, the explicitly named blocks), each value checked."""
+    if value is None:
+        return None, {}
+    if not isinstance(value, Mapping):
+        return _number(spec, value, where="", source=source), {}
+    default: float | None = None
+    explicit: dict[str, float] = {}
+    for block, entry in value.items():
+        if block == DEFAULT_KEY:
+            default = _number(spec, entry, where=" default", source=source)
+        elif block in blocks:
+            explicit[block] = _number(spec, entry, where=f" for block {block}", source=source)
+        else:
+            hint = did_you_mean(str(block).upper(), list(blocks)) or did_you_mean(str(block), [DEFAULT_KEY])
+            raise ConfigError(
+                f"{source}: `{spec.name}` names block '{block}'{hint}, which this model family does not have; "
+                f"valid: {DEFAULT_KEY}, {', '.join(blocks)}"
+            )
+    return default, explicit
+
+
+def _number(spec: ParamSpec, value: Any, *, where: str, source: str) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ConfigError(
+            f"{source}: `{spec.name}`{where} must be a number (or a map of block → number), got {value!r}"
+        )
+    problem = spec.check(float(value))
+    if problem is not None:
+        raise ConfigError(f"{source}: `{spec.name}`{where} {problem}")
+    return float(value)
+
+
+def _fill(
+    spec: ParamSpec,
+    default: float | None,
+    explicit: dict[str, float],
+    *,
+    merged: tuple[str, ...],
+    method: MergeMethod,
+    source: str,
+) -> dict[str, float]:
+    """One value per merged block: named, else the map's/scalar default, else the method's default."""
+    fallback = default if default is not None else spec.default
+    values: dict[str, float] = {}
+    missing: list[str] = []
+    for block in merged:
+        value = explicit.get(block, fallback)
+        if value is None:
+            missing.append(block)
+        else:
+            values[block] = value
+    if missing:
+        raise ConfigError(
+            f"{source}: method '{method.name}' needs `{spec.name}` (it has no default) for blocks "
+            f"{', '.join(missing)}; give one number or a map with `{DEFAULT_KEY}`"
+        )
+    return values

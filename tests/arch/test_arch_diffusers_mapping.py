@@ -1,0 +1,111 @@
+"""The block/key rules agree with diffusers' own single-file converters and with the live modules.
+
+Tagged tensors (every element a unique number) go through diffusers' real conversion functions; each
+diffusers parameter must equal the view our rules give of the original tensor, and every diffusers
+parameter must be reached. At real size, the reference tables' shapes must fit the real-size live
+modules (built on the meta device) exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+
+from automerge.arch import ARCHITECTURES, Architecture, reference_keys, tiny_configs
+from automerge.render.modules import build_module, build_modules, live_name
+from automerge.testing.tiny import make_tiny_state_dict
+
+
+def _tagged(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for key, tensor in state.items():
+        if tensor.dtype.is_floating_point:
+            out[key] = torch.arange(offset, offset + tensor.numel(), dtype=torch.float64).reshape(
+                tensor.shape
+            )
+            offset += tensor.numel()
+        else:
+            out[key] = tensor
+    return out
+
+
+def _diffusers_conversion(
+    arch: Architecture, tagged: dict[str, torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
+    configs = tiny_configs(arch)
+    converted = {
+        "unet": convert_ldm_unet_checkpoint(tagged, dict(configs["unet"])),
+        "vae": convert_ldm_vae_checkpoint(tagged, dict(configs["vae"])),
+    }
+    if arch.name == "sd2":
+        text_model = build_module(configs["text_encoder"], meta=True)
+        converted["text_encoder"] = convert_open_clip_checkpoint(
+            text_model, tagged, prefix="cond_stage_model.model."
+        )
+    else:
+        converted["text_encoder"] = convert_ldm_clip_checkpoint(tagged)
+    if arch.name == "sdxl":
+        text_model = build_module(configs["text_encoder_2"], meta=True)
+        converted["text_encoder_2"] = convert_open_clip_checkpoint(
+            text_model, tagged, prefix="conditioner.embedders.1.model."
+        )
+    return converted
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_rules_match_diffusers_converters_on_tagged_tensors(family: str) -> None:
+    arch = ARCHITECTURES.get(family)
+    tagged = _tagged(make_tiny_state_dict(arch, seed=0))
+    converted = _diffusers_conversion(arch, tagged)
+    reached: dict[str, set[str]] = {name: set() for name in converted}
+    for key, tensor in tagged.items():
+        for target in arch.targets(key):
+            expected = converted[target.component][target.name]
+            assert torch.equal(target.apply(tensor), expected), f"{key} -> {target}"
+            reached[target.component].add(target.name)
+    for component, state in converted.items():
+        missing = set(state) - reached[component] - {"text_model.embeddings.position_ids"}
+        assert not missing, f"{component}: diffusers parameters our rules never reach: {sorted(missing)[:5]}"
+
+
+def _check_live_coverage(arch: Architecture, shapes: Mapping[str, tuple[int, ...]], modules: dict) -> None:
+    covered: dict[str, set[str]] = {name: set() for name in modules}
+    for key, shape in shapes.items():
+        for target in arch.targets(key):
+            module = modules[target.component]
+            name = live_name(module, target.name)
+            param = dict(module.named_parameters())[name]
+            view = target.apply(torch.empty(shape, device="meta"))
+            assert tuple(view.shape) == tuple(param.shape), f"{key} -> {name}: {view.shape} vs {param.shape}"
+            covered[target.component].add(name)
+    for name, module in modules.items():
+        params = {n for n, _ in module.named_parameters()}
+        assert params == covered[name], (
+            f"{name}: parameters not fed by any key: {sorted(params - covered[name])[:5]}"
+        )
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_real_size_reference_shapes_fit_the_real_live_modules(family: str) -> None:
+    arch = ARCHITECTURES.get(family)
+    shapes = {
+        ref.key: ref.shape for ref in reference_keys(family) if ref.component not in ("ema", "scheduler")
+    }
+    _check_live_coverage(arch, shapes, build_modules(arch.configs, meta=True))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_tiny_shapes_fit_the_tiny_live_modules(family: str) -> None:
+    arch = ARCHITECTURES.get(family)
+    state = make_tiny_state_dict(arch, seed=0)
+    _check_live_coverage(
+        arch, {k: tuple(v.shape) for k, v in state.items()}, build_modules(tiny_configs(arch), meta=True)
+    )

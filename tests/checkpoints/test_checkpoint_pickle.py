@@ -1,0 +1,162 @@
+"""Pickled checkpoints are read only through ``torch.load(weights_only=True)``; hostile pickles never run."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from automerge.checkpoints import Checkpoint, TensorInfo, open_file_checkpoint, open_pickle_checkpoint
+from automerge.errors import CheckpointError
+
+_MKDIR_GLOBAL = f"{os.mkdir.__module__}.mkdir"  # posix.mkdir on Linux and macOS
+
+
+class _MakesDirectory:
+    """A pickle payload: unpickling it in full calls ``os.mkdir(marker)``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.mkdir, (str(self.marker),))
+
+
+def _state() -> dict[str, torch.Tensor]:
+    return {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.arange(24.0).reshape(2, 3, 2, 2),
+        "model.diffusion_model.input_blocks.0.0.bias": torch.tensor([1.0, -1.0]).half(),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(5).reshape(1, 5),
+    }
+
+
+class _SpyLoad:
+    """Wraps ``torch.load`` and records the keyword arguments of every call."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(kwargs)
+        return self.real(*args, **kwargs)
+
+
+@pytest.fixture
+def spy_load(monkeypatch: pytest.MonkeyPatch) -> _SpyLoad:
+    spy = _SpyLoad(torch.load)
+    monkeypatch.setattr(torch, "load", spy)
+    return spy
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_lightning_wrapper_is_unwrapped_and_non_tensors_ignored(tmp_path: Path, zip_format: bool) -> None:
+    path = tmp_path / "model.ckpt"
+    state = {**_state(), "model_ema.num_updates": 3, "nested": {"x": torch.zeros(1)}}
+    torch.save(
+        {"state_dict": state, "global_step": 470000, "epoch": 6},
+        path,
+        _use_new_zipfile_serialization=zip_format,
+    )
+    with open_pickle_checkpoint(path) as checkpoint:
+        assert isinstance(checkpoint, Checkpoint)
+        assert checkpoint.keys() == sorted(_state())
+        assert dict(checkpoint.metadata) == {}
+        for key, tensor in _state().items():
+            assert checkpoint.info(key) == TensorInfo(shape=tuple(tensor.shape), dtype=tensor.dtype)
+            loaded = checkpoint.load(key)
+            assert loaded.device.type == "cpu" and torch.equal(loaded, tensor)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin"])
+def test_plain_state_dicts_open_by_suffix(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"model{suffix}"
+    torch.save(_state(), path)
+    with open_file_checkpoint(path) as checkpoint:
+        assert checkpoint.keys() == sorted(_state())
+
+
+def test_unknown_suffix_with_zip_content_is_read_as_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "model.weights"
+    torch.save(_state(), path)
+    with open_file_checkpoint(path) as checkpoint:
+        assert checkpoint.keys() == sorted(_state())
+
+
+@pytest.mark.parametrize(("zip_format", "mmap"), [(True, True), (False, False)], ids=["zip", "legacy"])
+def test_torch_load_is_weights_only_and_mmaps_zip_files(
+    tmp_path: Path, spy_load: _SpyLoad, zip_format: bool, mmap: bool
+) -> None:
+    path = tmp_path / "model.ckpt"
+    torch.save(_state(), path, _use_new_zipfile_serialization=zip_format)
+    open_pickle_checkpoint(path).close()
+    assert spy_load.calls == [{"map_location": "cpu", "weights_only": True, "mmap": mmap}]
+
+
+def test_payload_runs_when_fully_unpickled(tmp_path: Path) -> None:
+    """Control for the tests below: the payload is live, so their checks can fail."""
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(_MakesDirectory(marker)))
+    assert marker.is_dir()
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy", "raw-pickle"])
+def test_hostile_pickle_is_refused_without_running(tmp_path: Path, spy_load: _SpyLoad, layout: str) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.ckpt"
+    payload = {"state_dict": _state(), "callback": _MakesDirectory(marker)}
+    if layout == "raw-pickle":  # a plain pickle (tensors pickled this way would be refused first)
+        path.write_bytes(pickle.dumps({"callback": payload["callback"]}, protocol=2))
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=layout == "zip")
+    with pytest.raises(CheckpointError) as caught:
+        open_file_checkpoint(path)
+    message = str(caught.value)
+    assert not marker.exists()
+    assert str(path) in message and f"`{_MKDIR_GLOBAL}`" in message and "\n" not in message
+    assert "safetensors" in message
+    assert [call["weights_only"] for call in spy_load.calls] == [True]  # no second, unrestricted load
+
+
+def test_lightning_callback_object_is_named_in_the_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An LDM-era .ckpt pickles Lightning objects; the package is faked only while saving."""
+    name = "pytorch_lightning.callbacks.model_checkpoint"
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        monkeypatch.setitem(sys.modules, ".".join(parts[:depth]), types.ModuleType(".".join(parts[:depth])))
+    callback_class = type("ModelCheckpoint", (), {"__module__": name})
+    sys.modules[name].ModelCheckpoint = callback_class  # type: ignore[attr-defined]
+    path = tmp_path / "sd-v1-4.ckpt"
+    torch.save({"state_dict": _state(), "callbacks": {"ModelCheckpoint": callback_class()}}, path)
+    for depth in range(1, len(parts) + 1):
+        monkeypatch.delitem(sys.modules, ".".join(parts[:depth]))
+    with pytest.raises(
+        CheckpointError,
+        match=r"sd-v1-4\.ckpt.*`pytorch_lightning\.callbacks\.model_checkpoint\.ModelCheckpoint`",
+    ):
+        open_pickle_checkpoint(path)
+
+
+def test_parameters_load_as_plain_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.nn.Parameter(torch.ones(2))}, path)
+    with open_pickle_checkpoint(path) as checkpoint:
+        loaded = checkpoint.load("w")
+        assert type(loaded) is torch.Tensor and not loaded.requires_grad
+
+
+def test_load_after_close_raises(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(_state(), path)
+    checkpoint = open_pickle_checkpoint(path)
+    checkpoint.close()
+    with pytest.raises(ValueError, match="closed"):
+        checkpoint.load(next(iter(_state())))

@@ -1,0 +1,171 @@
+"""Lazy safetensors reading: keys and infos come from the validated header alone, tensors on demand."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from automerge.checkpoints import Checkpoint, TensorInfo, open_file_checkpoint, open_safetensors
+from automerge.checkpoints import _safetensors_reader as reader_module
+from automerge.errors import CheckpointError
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "model.diffusion_model.out.2.weight": torch.randn(4, 3, generator=generator),
+        "first_stage_model.decoder.conv_in.bias": torch.randn(5, generator=generator).half(),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(7).reshape(1, 7),
+        "alphas_cumprod": torch.randn(3, generator=generator).to(torch.bfloat16),
+    }
+
+
+def _header_length(path: Path) -> int:
+    length: int = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    return length
+
+
+class _SpySafeOpen:
+    """Records every ``safe_open`` and ``get_tensor`` call made through the reader module."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.opened = real, 0
+        self.loaded: list[str] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.opened += 1
+        handle, spy = self.real(*args, **kwargs), self
+
+        class _Handle:
+            def get_tensor(self, key: str) -> torch.Tensor:
+                spy.loaded.append(key)
+                tensor: torch.Tensor = handle.get_tensor(key)
+                return tensor
+
+            def __exit__(self, *exc: object) -> None:
+                handle.__exit__(*exc)
+
+        return _Handle()
+
+
+def test_keys_are_sorted_and_infos_match_the_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    tensors = _tensors()
+    save_file(tensors, path, metadata={"modelspec.title": "a"})
+    with open_safetensors(path) as checkpoint:
+        assert isinstance(checkpoint, Checkpoint)
+        assert checkpoint.keys() == sorted(tensors)
+        for key, tensor in tensors.items():
+            assert checkpoint.info(key) == TensorInfo(shape=tuple(tensor.shape), dtype=tensor.dtype)
+        assert dict(checkpoint.metadata) == {"modelspec.title": "a"}
+
+
+def test_load_returns_the_stored_tensor_on_cpu_in_its_dtype(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    tensors = _tensors()
+    save_file(tensors, path)
+    with open_safetensors(path) as checkpoint:
+        for key, tensor in tensors.items():
+            loaded = checkpoint.load(key)
+            assert loaded.device.type == "cpu" and loaded.dtype == tensor.dtype
+            assert torch.equal(loaded, tensor)
+
+
+def test_keys_and_info_read_only_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"big": torch.zeros(4096), "small": torch.ones(2)}, path)
+    spy = _SpySafeOpen(safe_open)
+    monkeypatch.setattr(reader_module, "safe_open", spy)
+    bytes_read: list[int] = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        handle = real_open(self, *args, **kwargs)
+        real_read = handle.read
+
+        def read(size: int = -1) -> bytes:
+            data: bytes = real_read(size)
+            bytes_read.append(len(data))
+            return data
+
+        handle.read = read
+        return handle
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    with open_safetensors(path) as checkpoint:
+        assert checkpoint.info("big").nbytes == 4096 * 4
+        assert checkpoint.keys() == ["big", "small"]
+        assert (spy.opened, spy.loaded) == (0, [])
+        assert 0 < sum(bytes_read) == 8 + _header_length(path) < path.stat().st_size
+        assert torch.equal(checkpoint.load("small"), torch.ones(2))
+        assert (spy.opened, spy.loaded) == (1, ["small"])
+
+
+def test_info_works_when_the_data_section_is_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(8, 2, dtype=torch.float16)}, path)
+    start = 8 + _header_length(path)
+    raw = bytearray(path.read_bytes())
+    raw[start:] = b"\xff" * (len(raw) - start)  # every fp16 element becomes NaN
+    path.write_bytes(bytes(raw))
+    with open_safetensors(path) as checkpoint:
+        assert checkpoint.info("w") == TensorInfo(shape=(8, 2), dtype=torch.float16)
+        assert checkpoint.load("w").isnan().all()
+
+
+def test_zero_dim_and_empty_tensors_have_exact_infos(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3, dtype=torch.int64)}, path)
+    with open_safetensors(path) as checkpoint:
+        assert checkpoint.info("scalar") == TensorInfo(shape=(), dtype=torch.float32)
+        assert (checkpoint.info("scalar").numel, checkpoint.info("scalar").nbytes) == (1, 4)
+        assert (checkpoint.info("empty").numel, checkpoint.info("empty").nbytes) == (0, 0)
+        assert checkpoint.load("scalar").item() == 2.5
+
+
+def test_float8_tensors_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    tensor = torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn)
+    save_file({"w": tensor}, path)
+    with open_safetensors(path) as checkpoint:
+        assert checkpoint.info("w").dtype == torch.float8_e4m3fn
+        assert torch.equal(checkpoint.load("w").float(), tensor.float())
+
+
+def test_unknown_key_names_the_file_and_the_closest_key(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(1)}, path)
+    with open_safetensors(path) as checkpoint:
+        with pytest.raises(CheckpointError, match=r"model\.safetensors.*did you mean 'model\.diffusion"):
+            checkpoint.info("model.diffusion_model.out.2.weigth")
+
+
+def test_metadata_is_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1)}, path, metadata={"sd_merge_recipe": "{}"})
+    with open_safetensors(path) as checkpoint:
+        with pytest.raises(TypeError):
+            checkpoint.metadata["sd_merge_recipe"] = "x"  # type: ignore[index]
+
+
+def test_load_after_close_raises(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1)}, path)
+    checkpoint = open_safetensors(path)
+    checkpoint.load("w")
+    checkpoint.close()
+    with pytest.raises(ValueError, match="closed"):
+        checkpoint.load("w")
+
+
+def test_unknown_suffix_with_safetensors_content_is_read_as_safetensors(tmp_path: Path) -> None:
+    path = tmp_path / "model.weights"
+    save_file({"w": torch.ones(2)}, path)
+    with open_file_checkpoint(path) as checkpoint:
+        assert torch.equal(checkpoint.load("w"), torch.ones(2))

@@ -1,0 +1,51 @@
+"""Test-wide guards: no network (any non-loopback connection fails), hub libraries offline."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+class NetworkBlockedError(RuntimeError):
+    pass
+
+
+def _is_loopback(address: object) -> bool:
+    if isinstance(address, tuple) and address:
+        return str(address[0]).startswith(_LOOPBACK)
+    return isinstance(address, (str, bytes))  # AF_UNIX paths
+
+
+@pytest.fixture(autouse=True)
+def _block_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def connect(self: socket.socket, address: object) -> None:
+        if not _is_loopback(address):
+            raise NetworkBlockedError(f"tests may not open network connections (to {address!r})")
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: object) -> int:
+        if not _is_loopback(address):
+            raise NetworkBlockedError(f"tests may not open network connections (to {address!r})")
+        return real_connect_ex(self, address)
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        if not str(host).startswith(_LOOPBACK):
+            raise NetworkBlockedError(f"tests may not use the network (resolving {host!r})")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    real_getaddrinfo = socket.getaddrinfo
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)

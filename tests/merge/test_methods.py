@@ -1,0 +1,535 @@
+"""Merge methods: formulas against direct float64 computations, invariants, and a contract suite
+that runs against every registered method (a new method is tested the moment it is registered)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+from torch import Tensor
+
+from automerge.errors import MergeError
+from automerge.merge.methods import (
+    METHODS,
+    MergeMethod,
+    ParamSpec,
+    check_finite,
+    generator_for,
+    merge_tensor,
+    register_method,
+)
+
+
+def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _run(
+    name: str, models: Sequence[Tensor], base: Tensor | None, *, seed: int = 0, **params: float
+) -> Tensor:
+    method = METHODS.get(name)
+    generator = _gen(seed) if method.random else None
+    return method.fn(list(models), base, generator=generator, **(method.defaults() | params))
+
+
+def _f64(*tensors: Tensor) -> list[Tensor]:
+    return [t.double() for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------------
+# Formulas against direct computations
+# ---------------------------------------------------------------------------------------------
+
+
+def test_weighted_sum_is_linear_interpolation_toward_b() -> None:
+    a, b = _randn(6, 5, seed=1), _randn(6, 5, seed=2)
+    a64, b64 = _f64(a, b)
+    result = _run("weighted_sum", [a, b], None, alpha=0.3)
+    torch.testing.assert_close(result.double(), 0.7 * a64 + 0.3 * b64, rtol=0, atol=1e-6)
+
+
+def test_slerp_matches_direct_spherical_formula() -> None:
+    a, b = _randn(4, 9, seed=3), _randn(4, 9, seed=4)
+    a64, b64 = _f64(a, b)
+    na, nb = a64.norm(), b64.norm()
+    omega = torch.arccos(torch.sum(a64 * b64) / (na * nb))
+    alpha = 0.35
+    expected = (
+        (torch.sin((1 - alpha) * omega) * a64 / na + torch.sin(alpha * omega) * b64 / nb)
+        / torch.sin(omega)
+        * ((1 - alpha) * na + alpha * nb)
+    )
+    torch.testing.assert_close(
+        _run("slerp", [a, b], None, alpha=alpha).double(), expected, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_slerp_halfway_between_orthogonal_unit_vectors_is_on_the_circle() -> None:
+    result = _run("slerp", [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], None, alpha=0.5)
+    torch.testing.assert_close(result, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0])),  # colinear
+        (torch.zeros(3), torch.tensor([1.0, -2.0, 0.5])),  # zero norm
+        (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-1.0, -2.0, -3.0])),  # antipodal
+    ],
+)
+def test_slerp_falls_back_to_lerp_for_colinear_or_zero_tensors(a: Tensor, b: Tensor) -> None:
+    result = _run("slerp", [a, b], None, alpha=0.25)
+    torch.testing.assert_close(result, 0.75 * a + 0.25 * b)
+
+
+def test_add_difference_adds_alpha_times_b_minus_c() -> None:
+    a, b, c = _randn(5, 5, seed=5), _randn(5, 5, seed=6), _randn(5, 5, seed=7)
+    a64, b64, c64 = _f64(a, b, c)
+    result = _run("add_difference", [a, b], c, alpha=1.7)
+    torch.testing.assert_close(result.double(), a64 + 1.7 * (b64 - c64), rtol=0, atol=1e-5)
+
+
+def test_train_difference_matches_supermerger_formula() -> None:
+    a, b, c = _randn(40, seed=8), _randn(40, seed=9), _randn(40, seed=10)
+    b[:5] = a[:5]  # |B−A| = 0: nothing added
+    b[5:10] = c[5:10]  # B − C = 0: nothing added
+    a[10:15], b[10:15], c[10:15] = 1.0, 1.0, 1.0  # denominator 0
+    a64, b64, c64 = _f64(a, b, c)
+    dist = (b64 - a64).abs()
+    expected = a64 + 1.8 * 0.6 * (b64 - c64) * dist / (dist + (b64 - c64).abs())
+    expected[10:15] = 1.0
+    result = _run("train_difference", [a, b], c, alpha=0.6)
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
+    assert torch.equal(result[:15], a[:15])
+
+
+def test_ties_keeps_top_magnitudes_elects_sign_and_averages_agreeing_deltas() -> None:
+    c = torch.full((4,), 10.0)
+    delta_1 = torch.tensor([3.0, -1.0, 2.0, 0.5])
+    delta_2 = torch.tensor([-1.0, -2.0, 1.5, 0.1])
+    # density 0.5 keeps 2 of 4: [3, 0, 2, 0] and [0, -2, 1.5, 0]
+    result = _run("ties", [c + delta_1, c + delta_2], c, alpha=0.5, density=0.5)
+    torch.testing.assert_close(result, c + 0.5 * torch.tensor([3.0, -2.0, 1.75, 0.0]))
+
+
+def test_ties_drops_the_deltas_that_disagree_with_the_elected_sign() -> None:
+    c = torch.zeros(4)
+    delta_1 = torch.tensor([3.0, -1.0, 2.0, 0.5])
+    delta_2 = torch.tensor([-1.0, -2.0, 1.5, 0.1])
+    result = _run("ties", [delta_1, delta_2], c, alpha=1.0, density=1.0)
+    torch.testing.assert_close(result, torch.tensor([3.0, -1.5, 1.75, 0.3]))
+
+
+def test_ties_gives_zero_where_the_kept_deltas_cancel_exactly() -> None:
+    c = torch.zeros(2)
+    result = _run("ties", [torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 2.0])], c, density=1.0)
+    torch.testing.assert_close(result, torch.tensor([0.0, 2.0]))
+
+
+def test_ties_breaks_magnitude_ties_by_position() -> None:
+    c = torch.zeros(4)
+    one = torch.ones(4)
+    result = _run("ties", [one, one], c, alpha=1.0, density=0.5)
+    assert torch.equal(result, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+
+
+def _masks(generator: torch.Generator, keep: Tensor | float, shape: torch.Size, count: int) -> list[Tensor]:
+    """The documented draws: one torch.rand per model, in model order; kept where draw < p."""
+    return [torch.rand(shape, generator=generator) < keep for _ in range(count)]
+
+
+def _disjoint_mean_reference(deltas: list[Tensor]) -> Tensor:
+    stacked = torch.stack(deltas).double()
+    elected = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == elected) & (stacked != 0)
+    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def test_dare_matches_direct_drop_and_rescale_by_one_over_density() -> None:
+    a, b, c = _randn(30, seed=11), _randn(30, seed=12), _randn(30, seed=13)
+    masks = _masks(_gen(5), 0.3, c.shape, 2)
+    expected = c.double() + 0.8 * sum(m * (x - c).double() / 0.3 for m, x in zip(masks, [a, b], strict=True))
+    result = _run("dare", [a, b], c, seed=5, alpha=0.8, density=0.3)
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_dare_ties_matches_direct_drop_then_sign_election() -> None:
+    a, b, c = _randn(30, seed=14), _randn(30, seed=15), _randn(30, seed=16)
+    masks = _masks(_gen(6), 0.6, c.shape, 2)
+    dropped = [m * (x - c) / 0.6 for m, x in zip(masks, [a, b], strict=True)]
+    expected = c.double() + 1.2 * _disjoint_mean_reference(dropped)
+    result = _run("dare_ties", [a, b], c, seed=6, alpha=1.2, density=0.6)
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_dare_is_unbiased_and_keeps_about_density_of_the_elements() -> None:
+    c = torch.zeros(20_000)
+    result = _run("dare", [torch.ones(20_000), torch.ones(20_000)], c, seed=1, alpha=1.0, density=0.25)
+    assert set(result.unique().tolist()) <= {0.0, 4.0, 8.0}  # survivors rescaled by exactly 1/0.25
+    assert abs(result.mean().item() - 2.0) < 0.1  # E = Σ Δi = 2
+    assert abs((result == 0).float().mean().item() - 0.75**2) < 0.02
+
+
+def _della_keep_reference(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    magnitude = delta.abs().flatten().numpy()
+    n = magnitude.size
+    rank = np.empty(n)
+    rank[np.argsort(magnitude, kind="stable")] = np.arange(1, n + 1)
+    spread = min(epsilon, 2 * density, 2 * (1 - density))
+    keep = density + spread * (rank / n - (n + 1) / (2 * n))
+    return torch.from_numpy(keep).reshape(delta.shape)
+
+
+def test_della_matches_direct_rank_dependent_drop_rescale_and_sign_election() -> None:
+    a, b, c = _randn(5, 8, seed=17), _randn(5, 8, seed=18), _randn(5, 8, seed=19)
+    deltas = [a - c, b - c]
+    generator = _gen(7)
+    dropped = []
+    for delta in deltas:
+        keep = _della_keep_reference(delta, 0.4, 0.3)
+        survives = torch.rand(delta.shape, generator=generator) < keep.float()
+        dropped.append(torch.where(survives, delta.double() / keep, 0.0))
+    expected = c.double() + 0.9 * _disjoint_mean_reference(dropped)
+    result = _run("della", [a, b], c, seed=7, alpha=0.9, density=0.4, epsilon=0.3)
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_della_keeps_large_magnitudes_more_often_than_small_ones() -> None:
+    c = torch.zeros(20_000)
+    delta = torch.linspace(0.01, 1.0, 20_000)
+    result = _run("della", [delta], c, seed=2, alpha=1.0, density=0.5, epsilon=0.8)
+    kept = result != 0  # p_keep averages 0.2 over the smallest quarter, 0.8 over the largest
+    assert kept[:5_000].float().mean() < 0.3 < 0.7 < kept[-5_000:].float().mean()
+
+
+def test_della_caps_epsilon_so_the_kept_fraction_stays_density() -> None:
+    c = torch.zeros(20_000)
+    result = _run("della", [torch.ones(20_000)], c, seed=3, alpha=1.0, density=0.1, epsilon=1.0)
+    assert torch.isfinite(result).all()
+    assert abs((result != 0).float().mean().item() - 0.1) < 0.015
+
+
+def test_model_stock_matches_direct_formula_for_three_models() -> None:
+    c = _randn(7, 3, seed=20)
+    models = [c + _randn(7, 3, seed=21 + i) for i in range(3)]
+    deltas = [(m - c).double().flatten() for m in models]
+    cosines = [
+        torch.dot(deltas[i], deltas[j]) / (deltas[i].norm() * deltas[j].norm())
+        for i in range(3)
+        for j in range(i + 1, 3)
+    ]
+    cos = sum(cosines) / 3
+    t = 3 * cos / (1 + 2 * cos)
+    expected = c.double() + 0.7 * t * torch.stack(deltas).mean(0).reshape(c.shape)
+    result = _run("model_stock", models, c, alpha=0.7)
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_model_stock_with_identical_deltas_gives_base_plus_delta() -> None:
+    c, delta = _randn(12, seed=24), _randn(12, seed=25)
+    result = _run("model_stock", [c + delta, c + delta, c + delta], c)
+    torch.testing.assert_close(result, c + delta)
+
+
+@pytest.mark.parametrize("second", [torch.tensor([0.0, 1.0]), torch.tensor([-1.0, 0.0])])
+def test_model_stock_gives_base_for_orthogonal_or_cancelling_deltas(second: Tensor) -> None:
+    c = torch.tensor([5.0, 5.0])
+    result = _run("model_stock", [c + torch.tensor([1.0, 0.0]), c + second], c)
+    torch.testing.assert_close(result, c)
+
+
+def test_geometric_median_minimises_the_sum_of_distances() -> None:
+    points = [_randn(3, seed=26 + i, dtype=torch.float64) for i in range(5)]
+    points_np = torch.stack(points).numpy()
+
+    def total_distance(m: np.ndarray) -> float:
+        return float(np.linalg.norm(points_np - m, axis=1).sum())
+
+    optimum = scipy.optimize.minimize(total_distance, points_np.mean(0), method="Nelder-Mead", tol=1e-12).x
+    result = _run("geometric_median", [p.float() for p in points], None)
+    np.testing.assert_allclose(result.double().numpy(), optimum, atol=1e-4)
+
+
+def test_geometric_median_of_identical_models_is_that_model() -> None:
+    model = _randn(4, 4, seed=31)
+    result = _run("geometric_median", [model, model.clone(), model.clone()], None)
+    torch.testing.assert_close(result, model, rtol=1e-6, atol=1e-7)
+
+
+def test_geometric_median_ignores_a_single_outlier() -> None:
+    model, outlier = _randn(10, seed=32), _randn(10, seed=33) * 100
+    result = _run("geometric_median", [model, model.clone(), outlier], None)
+    torch.testing.assert_close(result, model, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariants
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["weighted_sum", "slerp", "add_difference", "train_difference"])
+def test_alpha_zero_gives_a_bit_exactly(name: str) -> None:
+    a, b, c = _randn(33, 7, seed=40), _randn(33, 7, seed=41), _randn(33, 7, seed=42)
+    assert torch.equal(_run(name, [a, b], c, alpha=0.0), a)
+
+
+@pytest.mark.parametrize("name", ["weighted_sum", "slerp"])
+def test_alpha_one_gives_b_bit_exactly(name: str) -> None:
+    a, b = _randn(33, 7, seed=43), _randn(33, 7, seed=44)
+    assert torch.equal(_run(name, [a, b], None, alpha=1.0), b)
+
+
+@pytest.mark.parametrize("name", ["ties", "dare", "dare_ties", "della"])
+def test_density_one_with_one_model_gives_base_plus_alpha_delta(name: str) -> None:
+    a, c = _randn(50, seed=45), _randn(50, seed=46)
+    torch.testing.assert_close(_run(name, [a], c, alpha=1.3, density=1.0), c + 1.3 * (a - c))
+
+
+@pytest.mark.parametrize("name", ["ties", "dare", "dare_ties", "della"])
+def test_density_zero_gives_the_base(name: str) -> None:
+    a, b, c = _randn(50, seed=47), _randn(50, seed=48), _randn(50, seed=49)
+    assert torch.equal(_run(name, [a, b], c, density=0.0), c)
+
+
+@pytest.mark.parametrize("name", [name for name, method in METHODS.items() if method.random])
+def test_random_methods_repeat_with_equal_seeds_and_differ_with_different_seeds(name: str) -> None:
+    a, b, c = _randn(200, seed=50), _randn(200, seed=51), _randn(200, seed=52)
+    first = _run(name, [a, b], c, seed=3)
+    assert torch.equal(first, _run(name, [a, b], c, seed=3))
+    assert not torch.equal(first, _run(name, [a, b], c, seed=4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Contract suite: every registered method
+# ---------------------------------------------------------------------------------------------
+
+ALL = METHODS.names()
+SHAPES = [(), (1,), (7,), (4, 3, 3, 3)]
+
+
+def _sources(
+    method: MergeMethod, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32, count: int = 0
+):
+    count = count or method.min_models
+    models = [_randn(*shape, seed=60 + i, dtype=dtype) for i in range(count)]
+    base = _randn(*shape, seed=59, dtype=dtype) if method.needs_base else None
+    return models, base
+
+
+def _call(
+    method: MergeMethod, models: list[Tensor], base: Tensor | None, params: dict[str, float] | None = None
+):
+    generator = _gen(9) if method.random else None
+    return method.fn(models, base, generator=generator, **(params or method.defaults()))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_method_metadata_is_complete_and_defaults_are_in_range(name: str) -> None:
+    method = METHODS.get(name)
+    assert method.name == name
+    assert method.formula.strip() and "\n" not in method.formula
+    assert 1 <= method.min_models and (method.max_models is None or method.max_models >= method.min_models)
+    for spec in method.params:
+        assert spec.default is not None and spec.check(spec.default) is None, spec
+    assert set(method.defaults()) == set(method.param_names())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ALL)
+def test_method_keeps_shape_and_dtype_and_is_finite(
+    name: str, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    method = METHODS.get(name)
+    models, base = _sources(method, shape, dtype=dtype)
+    result = _call(method, models, base)
+    assert result.shape == torch.Size(shape) and result.dtype == dtype
+    assert torch.isfinite(result).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_method_is_deterministic(name: str) -> None:
+    method = METHODS.get(name)
+    models, base = _sources(method, (5, 4, 3, 3))
+    assert torch.equal(_call(method, models, base), _call(method, models, base))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_method_neither_modifies_nor_returns_its_inputs(name: str) -> None:
+    method = METHODS.get(name)
+    models, base = _sources(method, (6, 5))
+    before = [t.clone() for t in [*models, *([base] if base is not None else [])]]
+    for params in [method.defaults(), *_range_ends(method)]:
+        result = _call(method, models, base, params)
+        for source in [*models, base]:
+            assert source is None or result.data_ptr() != source.data_ptr()
+    after = [*models, *([base] if base is not None else [])]
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
+
+
+def _range_ends(method: MergeMethod) -> list[dict[str, float]]:
+    """Every parameter at each finite end of its range, the others at their defaults."""
+    ends = []
+    for spec in method.params:
+        for value in (spec.low, spec.high):
+            if value is not None:
+                ends.append(method.defaults() | {spec.name: value})
+    return ends
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_method_is_finite_at_every_end_of_its_parameter_ranges(name: str) -> None:
+    method = METHODS.get(name)
+    models, base = _sources(method, (8, 3))
+    for params in _range_ends(method):
+        assert torch.isfinite(_call(method, models, base, params)).all(), params
+
+
+@pytest.mark.parametrize("name", [name for name, method in METHODS.items() if method.max_models is None])
+def test_any_number_methods_accept_four_models(name: str) -> None:
+    method = METHODS.get(name)
+    models, base = _sources(method, (3, 3), count=4)
+    assert _call(method, models, base).shape == (3, 3)
+
+
+@pytest.mark.parametrize("name", [name for name, method in METHODS.items() if not method.random])
+def test_deterministic_methods_ignore_the_generator(name: str) -> None:
+    method = METHODS.get(name)
+    models, base = _sources(method, (6,))
+    with_generator = method.fn(models, base, generator=_gen(1), **method.defaults())
+    assert torch.equal(with_generator, _call(method, models, base))
+
+
+@pytest.mark.parametrize("name", [name for name, method in METHODS.items() if method.random])
+def test_random_methods_refuse_to_run_without_a_generator(name: str) -> None:
+    method = METHODS.get(name)
+    models, base = _sources(method, (6,))
+    with pytest.raises(ValueError, match="needs a torch.Generator"):
+        method.fn(models, base, generator=None, **method.defaults())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_merge_tensor_upcasts_half_precision_sources(name: str) -> None:
+    method = METHODS.get(name)
+    models, base = _sources(method, (4, 4))
+    half = [m.half() for m in models]
+    half_base = None if base is None else base.half()
+    generator = _gen(9) if method.random else None
+    result = merge_tensor(method, half, half_base, key="k", params=method.defaults(), generator=generator)
+    expected = _call(method, [m.float() for m in half], None if half_base is None else half_base.float())
+    assert result.dtype == torch.float32
+    assert torch.equal(result, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration, merge_tensor, check_finite, generator_for
+# ---------------------------------------------------------------------------------------------
+
+ALPHA = ParamSpec("alpha", 0.5, 0.0, 1.0, "a weight")
+
+
+def _formula_only(
+    models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alfa: float
+):
+    """A + α"""
+    return models[0] + alfa
+
+
+def test_registering_a_function_whose_keywords_differ_from_its_param_specs_raises_type_error() -> None:
+    with pytest.raises(TypeError, match=r"\['alfa', 'generator'\] do not match .*\['alpha'\]"):
+        MergeMethod.from_function(
+            _formula_only,
+            name="bad",
+            params=(ALPHA,),
+            needs_base=False,
+            min_models=2,
+            max_models=2,
+            random=False,
+        )
+
+
+def test_registering_a_function_without_docstring_or_with_signature_defaults_raises_type_error() -> None:
+    def no_doc(models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float):
+        return models[0]
+
+    def with_default(
+        models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha=0.5
+    ):
+        """A"""
+        return models[0]
+
+    for fn, message in [(no_doc, "docstring"), (with_default, "defaults in the ParamSpecs")]:
+        with pytest.raises(TypeError, match=message):
+            MergeMethod.from_function(
+                fn, name="bad", params=(ALPHA,), needs_base=False, min_models=2, max_models=2, random=False
+            )
+
+
+def test_registering_a_method_name_twice_raises() -> None:
+    def weighted_sum(
+        models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float
+    ):
+        """A"""
+        return models[0]
+
+    with pytest.raises(ValueError, match="'weighted_sum' is registered twice"):
+        register_method("weighted_sum", params=(ALPHA,), needs_base=False)(weighted_sum)
+    assert METHODS.get("weighted_sum").fn is not weighted_sum
+
+
+def test_param_spec_with_default_outside_its_range_is_a_programming_error() -> None:
+    with pytest.raises(TypeError, match=r"must be in \[0, 1\], got 2"):
+        ParamSpec("alpha", 2.0, 0.0, 1.0, "")
+
+
+def test_merge_tensor_rejects_a_non_finite_result_naming_method_and_key() -> None:
+    a, b, c = torch.ones(3), torch.tensor([1.0, math.inf, 1.0]), torch.zeros(3)
+    with pytest.raises(
+        MergeError, match=r"'add_difference' produced NaN/Inf values for tensor 'x\.weight' \(alpha=1\)"
+    ):
+        merge_tensor(
+            METHODS.get("add_difference"), [a, b], c, key="x.weight", params={"alpha": 1.0}, generator=None
+        )
+
+
+@pytest.mark.parametrize(
+    ("models", "base", "message"),
+    [
+        ([torch.ones(2), torch.ones(2)], None, "needs a base model"),
+        ([torch.ones(2)], torch.ones(2), "takes 2 non-base models, got 1"),
+        ([torch.ones(2), torch.ones(3)], torch.ones(2), r"different shapes \[\(2,\), \(3,\)\]"),
+        ([torch.ones(2, dtype=torch.int64), torch.ones(2)], torch.ones(2), "torch.int64.*not a float dtype"),
+    ],
+)
+def test_merge_tensor_rejects_sources_that_cannot_be_merged(
+    models: list[Tensor], base: Tensor | None, message: str
+) -> None:
+    with pytest.raises(MergeError, match=f"'add_difference', tensor 'k': .*{message}"):
+        merge_tensor(
+            METHODS.get("add_difference"), models, base, key="k", params={"alpha": 1.0}, generator=None
+        )
+
+
+def test_check_finite_names_model_and_key() -> None:
+    key = "model.diffusion_model.out.2.weight"
+    check_finite(torch.ones(3), model="b", key=key)
+    with pytest.raises(MergeError, match=rf"model b: tensor '{key}' has NaN/Inf values \(2 of 3\)"):
+        check_finite(torch.tensor([math.nan, 1.0, -math.inf]), model="b", key=key)
+
+
+def test_generator_for_is_seeded_from_blake2b_of_seed_and_key() -> None:
+    expected = int.from_bytes(hashlib.blake2b(b"7\0a.weight", digest_size=8).digest(), "little")
+    assert generator_for("a.weight", 7, "cpu").initial_seed() == expected
+    draw = torch.rand(8, generator=generator_for("a.weight", 7, "cpu"))
+    assert torch.equal(draw, torch.rand(8, generator=generator_for("a.weight", 7, "cpu")))
+    assert not torch.equal(draw, torch.rand(8, generator=generator_for("b.weight", 7, "cpu")))
+    assert not torch.equal(draw, torch.rand(8, generator=generator_for("a.weight", 8, "cpu")))
