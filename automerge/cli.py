@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from automerge.errors import AutomergeError
+from automerge.errors import AutomergeError, ConfigError
 
 app = typer.Typer(
     name="automerge",
@@ -87,6 +87,51 @@ def tiny(
 
     path = write_tiny(family, out, seed=seed, like=like, delta=delta, dtype=dtype)
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+# -- merging ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML: models, method, params, seed, dtype.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output .safetensors path.")],
+    dtype: Annotated[Optional[str], typer.Option(help="fp16 | bf16 | fp32 (default: the recipe's).")] = None,  # noqa: UP045
+    device: Annotated[str, typer.Option(help="cpu | cuda: where the math runs.")] = "cpu",
+) -> None:
+    """Merge a recipe into a checkpoint, streamed key by key (A1111/ComfyUI load it as is)."""
+    from automerge.merge.export import export_merge
+    from automerge.merge.recipe import DTYPES, load_recipe, plan_merge
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"-o {out}: the output must be a .safetensors file")
+    parsed = load_recipe(recipe)
+    plan = plan_merge(parsed, source=str(recipe))
+    try:
+        with console.status(f"merging {plan.method.name} of {len(plan.sources)} models"):
+            export_merge(plan, out, dtype=dtype, device=device)
+    finally:
+        plan.close()
+    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {plan.arch.title})")
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods with their formulas and parameters."""
+    from automerge.merge.methods import METHODS
+
+    table = Table(title="merge methods")
+    for column in ("method", "formula", "parameters", "models"):
+        table.add_column(column)
+    for name, method in METHODS.items():
+        params = ", ".join(
+            f"{p.name}={p.default:g} {p.range_text()}" for p in method.params if p.default is not None
+        )
+        count = f"{method.min_models}+" if method.max_models is None else str(method.max_models)
+        table.add_row(name, method.formula, params, count + (" + base c" if method.needs_base else ""))
+    console.print(table)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,32 @@ def _block_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny SD1 models: base c, fine-tunes a and b of it (fp16, like real checkpoints), written once."""
+
+    from automerge.testing.tiny import write_tiny
+
+    folder = tmp_path_factory.mktemp("tiny-sd1")
+    base = write_tiny("sd1", folder / "base.safetensors", seed=0)
+    return {
+        "c": base,
+        "a": write_tiny("sd1", folder / "a.safetensors", seed=1, like=base, delta=0.2),
+        "b": write_tiny("sd1", folder / "b.safetensors", seed=2, like=base, delta=0.2),
+        "d": write_tiny("sd1", folder / "d.safetensors", seed=3, like=base, delta=0.2),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from automerge.testing.tiny import write_tiny
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    base = write_tiny("sdxl", folder / "base.safetensors", seed=0)
+    return {
+        "c": base,
+        "a": write_tiny("sdxl", folder / "a.safetensors", seed=1, like=base, delta=0.2),
+        "b": write_tiny("sdxl", folder / "b.safetensors", seed=2, like=base, delta=0.2),
+    }

@@ -75,6 +75,8 @@ class MergeMethod:
     max_models: int | None  # None = any number
     random: bool  # needs a torch.Generator
     formula: str  # one line, shown in `automerge methods` and the docs
+    elementwise: bool = False  # each output element depends only on the same element of the inputs
+    inplace: Callable[..., None] | None = None  # fn(out, models, base, **params): one fused pass into out
 
     def param_names(self) -> tuple[str, ...]:
         return tuple(spec.name for spec in self.params)
@@ -94,6 +96,8 @@ class MergeMethod:
         min_models: int,
         max_models: int | None,
         random: bool,
+        elementwise: bool = False,
+        inplace: Callable[..., None] | None = None,
     ) -> MergeMethod:
         """Check ``fn`` against the declared parameters (a mismatch is a ``TypeError``) and wrap it."""
         _check_signature(fn, name=name, params=params)
@@ -111,6 +115,8 @@ class MergeMethod:
             max_models=max_models,
             random=random,
             formula=doc.splitlines()[0],
+            elementwise=elementwise,
+            inplace=inplace,
         )
 
 
@@ -125,6 +131,8 @@ def register_method(
     min_models: int = 2,
     max_models: int | None = 2,
     random: bool = False,
+    elementwise: bool = False,
+    inplace: Callable[..., None] | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator: check ``fn``'s signature against ``params`` and register it in ``METHODS``."""
 
@@ -137,6 +145,8 @@ def register_method(
             min_models=min_models,
             max_models=max_models,
             random=random,
+            elementwise=elementwise,
+            inplace=inplace,
         )
         METHODS.register(name, method)
         return fn

@@ -24,6 +24,7 @@ _TRAIN_DIFFERENCE_GAIN = 1.8  # supermerger's constant
         ),
     ),
     needs_base=True,
+    elementwise=True,
 )
 def add_difference(
     models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float
@@ -44,6 +45,7 @@ def add_difference(
     "train_difference",
     params=(ParamSpec("alpha", 1.0, 0.0, 1.0, "strength of the scaled B − C added to A (times 1.8)"),),
     needs_base=True,
+    elementwise=True,
 )
 def train_difference(
     models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float

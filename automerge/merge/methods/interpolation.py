@@ -23,7 +23,18 @@ def _endpoint(a: Tensor, b: Tensor, alpha: float) -> Tensor | None:
     return None
 
 
-@register_method("weighted_sum", params=(ALPHA,), needs_base=False)
+def _weighted_sum_into(out: Tensor, models: Sequence[Tensor], base: Tensor | None, *, alpha: float) -> None:
+    """One pass into ``out`` (same dtype as A and B): the live engine's fast path, = ``weighted_sum``."""
+    a, b = models
+    if alpha in (0.0, 1.0):
+        out.copy_(a if alpha == 0.0 else b)
+    else:
+        torch.lerp(a, b, alpha, out=out)
+
+
+@register_method(
+    "weighted_sum", params=(ALPHA,), needs_base=False, elementwise=True, inplace=_weighted_sum_into
+)
 def weighted_sum(
     models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float
 ) -> Tensor:

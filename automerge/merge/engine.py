@@ -1,0 +1,217 @@
+"""The live engine: sources resident on the device, merged in place into the live modules' weights.
+
+Layout. For every block, each source's tensors are packed into one flat buffer (``sources[name][block]``)
+and the merged weights into one flat output buffer; the live modules' parameters are *views* of the
+output buffers (through the same key rules the exporter and the loader use: q/k/v rows of a fused
+OpenCLIP tensor, squeezed 1×1 convs, a transposed projection). ``apply(params)`` re-merges only the
+blocks whose parameters changed, writing into those buffers: no per-trial allocation of model-sized
+buffers, no copy into the modules, no file.
+
+Per block, the cheapest exact path is used: a method's fused ``inplace`` op on the whole flat block
+(weighted sum: one ``torch.lerp(out=...)``), else the method on the whole flat block when it is
+element-wise, else the method per key (TIES, DARE, slerp, ...: per-tensor statistics, per-key seeds).
+Each path computes exactly what ``export`` computes for the same recipe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from automerge.arch import Architecture
+from automerge.merge.methods import check_finite, generator_for, merge_tensor
+from automerge.merge.params import BlockParams, changed_blocks
+from automerge.merge.recipe import MergePlan
+from automerge.render.modules import build_modules, live_name
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One tensor key inside its block's flat buffers."""
+
+    key: str
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+
+@dataclass
+class _Block:
+    name: str
+    slots: list[_Slot] = field(default_factory=list)
+    numel: int = 0
+    sources: dict[str, torch.Tensor] = field(default_factory=dict)  # letter → flat (storage dtype)
+    out: torch.Tensor | None = None  # flat (live dtype) on the device; live parameters view it
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Where and in which precision the engine keeps things.
+
+    ``dtype``: the live modules' dtype (fp32 on CPU, fp16/bf16 on GPU). ``source_dtype``: storage of the
+    resident sources (default: ``dtype``; fp16/bf16 halves memory). ``offload``: keep sources in pinned
+    host memory and stream them to the device block by block (for small GPUs).
+    """
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    source_dtype: torch.dtype | None = None
+    offload: bool = False
+
+
+class LiveEngine:
+    """Holds a plan's sources and live modules; ``apply`` re-merges the changed blocks in place."""
+
+    def __init__(self, plan: MergePlan, options: EngineOptions | None = None) -> None:
+        self.plan = plan
+        self.options = options or EngineOptions()
+        self.device = torch.device(self.options.device)
+        self.arch: Architecture = plan.arch
+        self.modules = build_modules(plan.primary.configs, meta=True)
+        self._blocks = self._layout()
+        self._load_sources()
+        self._bind_modules()
+        self._applied: BlockParams | None = None
+        self.last_merge_seconds = 0.0
+
+    # -- construction ------------------------------------------------------------------------------
+
+    def _layout(self) -> dict[str, _Block]:
+        """Blocks → keys with live targets, in A's key order, with their flat offsets."""
+        primary = self.plan.primary.checkpoint
+        blocks = {name: _Block(name) for name in self.arch.blocks}
+        for key in primary.keys():
+            info = primary.info(key)
+            block = self.arch.block_of(key, info.dtype)
+            if block is None or not self.arch.targets(key):
+                continue
+            target = blocks[block]
+            target.slots.append(_Slot(key, target.numel, info.shape))
+            target.numel += info.numel
+        return {name: block for name, block in blocks.items() if block.slots}
+
+    def _load_sources(self) -> None:
+        storage = self.options.source_dtype or self.options.dtype
+        where = torch.device("cpu") if self.options.offload else self.device
+        pin = self.options.offload and self.device.type == "cuda"
+        for block in self._blocks.values():
+            for name, model in self.plan.sources.items():
+                flat = torch.empty(block.numel, dtype=storage, device=where, pin_memory=pin)
+                for slot in block.slots:
+                    tensor = model.checkpoint.load(slot.key)
+                    check_finite(tensor, model=name, key=slot.key)
+                    flat[slot.offset : slot.offset + slot.numel].copy_(tensor.reshape(-1))
+                block.sources[name] = flat
+            block.out = torch.empty(block.numel, dtype=self.options.dtype, device=self.device)
+
+    def _bind_modules(self) -> None:
+        """Make every live parameter a view of its block's output buffer."""
+        for name, module in self.modules.items():
+            self.modules[name] = module.to_empty(device=self.device)
+        for block in self._blocks.values():
+            assert block.out is not None
+            for slot in block.slots:
+                view = block.out[slot.offset : slot.offset + slot.numel].view(slot.shape)
+                for target in self.arch.targets(slot.key):
+                    module = self.modules[target.component]
+                    path, _, attr = live_name(module, target.name).rpartition(".")
+                    owner = module.get_submodule(path) if path else module
+                    setattr(owner, attr, torch.nn.Parameter(target.apply(view), requires_grad=False))
+        for module in self.modules.values():
+            for buffer_name, buffer in module.named_buffers():
+                if buffer_name.endswith("position_ids"):
+                    buffer.copy_(torch.arange(buffer.shape[-1], device=self.device).expand_as(buffer))
+
+    # -- merging -----------------------------------------------------------------------------------
+
+    def apply(self, params: BlockParams) -> set[str]:
+        """Re-merge the blocks whose parameters changed since the last ``apply``; returns them."""
+        started = time.perf_counter()
+        todo = changed_blocks(self._applied, params) & set(self._blocks)
+        if self._applied is None:
+            todo = set(self._blocks)
+        for name in todo:
+            self._merge_block(self._blocks[name], params)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._applied = params
+        self.last_merge_seconds = time.perf_counter() - started
+        return todo
+
+    def _sources_on_device(self, block: _Block) -> dict[str, torch.Tensor]:
+        if not self.options.offload or self.device.type == "cpu":
+            return block.sources
+        return {name: flat.to(self.device, non_blocking=True) for name, flat in block.sources.items()}
+
+    def _merge_block(self, block: _Block, params: BlockParams) -> None:
+        assert block.out is not None
+        sources = self._sources_on_device(block)
+        if not params.merges(block.name):  # e.g. the VAE when no parameter names it: model A's
+            block.out.copy_(sources["a"])
+            return
+        method, values = self.plan.method, params.for_block(block.name)
+        models = [sources[name] for name in self.plan.model_names]
+        base = sources[self.plan.base_name] if self.plan.base_name else None
+        same_dtype = (
+            all(t.dtype == block.out.dtype for t in models) and self.plan.compute_dtype == torch.float32
+        )
+        if method.inplace is not None and same_dtype:
+            method.inplace(block.out, models, base, **values)
+        elif method.elementwise and not method.random:
+            block.out.copy_(self._merge(block.name, models, base, values, key=f"block {block.name}"))
+        else:
+            for slot in block.slots:
+                part = slice(slot.offset, slot.offset + slot.numel)
+                merged = self._merge(
+                    slot.key,
+                    [m[part].view(slot.shape) for m in models],
+                    None if base is None else base[part].view(slot.shape),
+                    values,
+                    key=slot.key,
+                )
+                block.out[part].copy_(merged.reshape(-1))
+
+    def _merge(
+        self,
+        seed_key: str,
+        models: list[torch.Tensor],
+        base: torch.Tensor | None,
+        values: Mapping[str, float],
+        *,
+        key: str,
+    ) -> torch.Tensor:
+        method = self.plan.method
+        generator = generator_for(seed_key, self.plan.recipe.seed, self.device) if method.random else None
+        return merge_tensor(
+            method,
+            models,
+            base,
+            key=key,
+            params=values,
+            generator=generator,
+            compute_dtype=self.plan.compute_dtype,
+        )
+
+    # -- inspection --------------------------------------------------------------------------------
+
+    def live_tensor(self, key: str) -> torch.Tensor:
+        """The current merged value of original-layout ``key`` (a view; for tests and export checks)."""
+        for block in self._blocks.values():
+            for slot in block.slots:
+                if slot.key == key:
+                    assert block.out is not None
+                    return block.out[slot.offset : slot.offset + slot.numel].view(slot.shape)
+        raise KeyError(key)
+
+    def live_keys(self) -> list[str]:
+        return [slot.key for block in self._blocks.values() for slot in block.slots]
+
+    def block_bytes(self) -> dict[str, int]:
+        """Bytes of each block's output buffer (for benchmarks)."""
+        return {name: b.numel * self.options.dtype.itemsize for name, b in self._blocks.items()}

@@ -1,0 +1,137 @@
+"""Streaming export: merge key by key from the memory-mapped sources straight into the output file.
+
+Peak memory stays near one tensor per source (plus the method's temporaries), not whole models.
+The file has model A's key names and layout (minus EMA), so A1111 and ComfyUI load it as is, and a
+metadata header with the recipe, each source's file name, sha256 and A1111 short hash, modelspec
+fields and automerge's version. Written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+import automerge
+from automerge.checkpoints import SafetensorsWriter, TensorInfo, a1111_short_hash, sha256_file
+from automerge.checkpoints.model import CONFIGS_METADATA_KEY, SourceModel
+from automerge.merge.methods import check_finite, generator_for, merge_tensor
+from automerge.merge.recipe import DTYPES, MergePlan
+
+
+def merged_tensors(
+    plan: MergePlan, *, dtype: torch.dtype, device: str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) in A's key order: merged keys computed, the rest copied from A; EMA dropped."""
+    primary = plan.primary.checkpoint
+    for key in primary.keys():
+        if not plan.arch.is_exported(key):
+            continue
+        info = primary.info(key)
+        block = plan.merged_block(key, info.dtype)
+        if block is None:
+            tensor = primary.load(key)
+            yield (
+                key,
+                tensor.to(dtype) if tensor.is_floating_point() and _in_a_block(plan, key, info) else tensor,
+            )
+            continue
+        yield key, merge_key(plan, key, block=block, device=device).to(dtype)
+
+
+def _in_a_block(plan: MergePlan, key: str, info: TensorInfo) -> bool:
+    """Unmerged block tensors (the VAE when not merged) take the output dtype; buffers keep theirs."""
+    return plan.arch.block_of(key, info.dtype) is not None
+
+
+def merge_key(plan: MergePlan, key: str, *, block: str, device: str = "cpu") -> torch.Tensor:
+    """One merged tensor in the plan's compute dtype; sources are checked for NaN/Inf first."""
+    models = [_load(plan.sources[name], name, key, device) for name in plan.model_names]
+    base = _load(plan.sources[plan.base_name], plan.base_name, key, device) if plan.base_name else None
+    generator = generator_for(key, plan.recipe.seed, device) if plan.method.random else None
+    return merge_tensor(
+        plan.method,
+        models,
+        base,
+        key=key,
+        params=plan.params.for_block(block),
+        generator=generator,
+        compute_dtype=plan.compute_dtype,
+    )
+
+
+def _load(model: SourceModel, name: str, key: str, device: str) -> torch.Tensor:
+    tensor = model.checkpoint.load(key).to(device)
+    check_finite(tensor, model=name, key=key)
+    return tensor
+
+
+def output_infos(plan: MergePlan, *, dtype: torch.dtype) -> dict[str, TensorInfo]:
+    """Shapes and dtypes of the output file, known before anything is merged (the header comes first)."""
+    primary = plan.primary.checkpoint
+    infos = {}
+    for key in primary.keys():
+        if not plan.arch.is_exported(key):
+            continue
+        info = primary.info(key)
+        floating = info.dtype.is_floating_point and plan.arch.block_of(key, info.dtype) is not None
+        infos[key] = TensorInfo(info.shape, dtype if floating else info.dtype)
+    return infos
+
+
+def export_metadata(
+    plan: MergePlan, *, extra: Mapping[str, str] | None = None, title: str | None = None
+) -> dict[str, str]:
+    """The output header: recipe, sources with hashes, modelspec, version, and caller's ``extra``."""
+    sources = []
+    for name, model in plan.sources.items():
+        digest = sha256_file(model.path) if model.path.is_file() else ""
+        sources.append(
+            {
+                "name": name,
+                "file": model.path.name,
+                "sha256": digest,
+                "autov2": a1111_short_hash(digest) if digest else "",
+            }
+        )
+    recipe = plan.recipe.to_yaml_dict()
+    recipe["models"] = {name: Path(path).name for name, path in recipe["models"].items()}
+    metadata = {
+        "automerge.version": automerge.__version__,
+        "automerge.recipe": json.dumps(recipe, sort_keys=True),
+        "automerge.sources": json.dumps(sources),
+        "sd_merge_models": json.dumps(
+            {s["sha256"]: {"name": s["file"], "role": s["name"]} for s in sources if s["sha256"]}
+        ),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": plan.arch.modelspec_architecture,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title
+        or f"automerge {plan.method.name} of {', '.join(s['file'] for s in sources)}",
+        "modelspec.predict_key": "v" if plan.arch.prediction_type == "v_prediction" else "epsilon",
+    }
+    configs = plan.primary.checkpoint.metadata.get(CONFIGS_METADATA_KEY)
+    if configs is not None:  # tiny models carry their live-module configs
+        metadata[CONFIGS_METADATA_KEY] = configs
+    metadata.update(extra or {})
+    return metadata
+
+
+def export_merge(
+    plan: MergePlan,
+    out: Path,
+    *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    extra_metadata: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Merge ``plan`` into the safetensors file ``out`` (streamed, atomic); returns ``out``."""
+    out_dtype = DTYPES[dtype or plan.recipe.dtype]
+    metadata = export_metadata(plan, extra=extra_metadata, title=title)
+    with SafetensorsWriter(out, output_infos(plan, dtype=out_dtype), metadata=metadata) as writer:
+        for key, tensor in merged_tensors(plan, dtype=out_dtype, device=device):
+            writer.write(key, tensor.cpu())
+    return out

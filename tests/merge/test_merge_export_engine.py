@@ -1,0 +1,138 @@
+"""`automerge merge`, the streaming export and the live engine: they agree on every tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from automerge.checkpoints import open_file_checkpoint
+from automerge.checkpoints.model import open_model
+from automerge.merge.engine import EngineOptions, LiveEngine
+from automerge.merge.export import export_merge
+from automerge.merge.methods import METHODS
+from automerge.merge.params import resolve_params
+from automerge.merge.recipe import Recipe, plan_merge, recipe_from_data
+
+
+def _recipe(models: dict[str, Path], method: str, params: dict | None = None, **extra: object) -> Recipe:
+    needs_base = METHODS.get(method).needs_base
+    names = ["a", "b", "c"] if needs_base else ["a", "b"]
+    if METHODS.get(method).max_models is None and not needs_base:
+        names = ["a", "b", "d"]
+    data = {"models": {n: str(models[n]) for n in names}, "method": method, "params": params or {}, **extra}
+    return recipe_from_data(data, source="test.yaml")
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_exports_a_loadable_sd1_file_with_a_keys(
+    method: str, tiny_models: dict, tmp_path: Path
+) -> None:
+    plan = plan_merge(_recipe(tiny_models, method, dtype="fp16"), source="test.yaml")
+    out = export_merge(plan, tmp_path / "out.safetensors")
+    plan.close()
+    with open_file_checkpoint(tiny_models["a"]) as a:
+        expected = set(a.keys())
+    assert set(load_file(out)) == expected
+    with open_model(out) as merged:
+        assert merged.arch.name == "sd1"
+        assert merged.checkpoint.metadata["modelspec.architecture"] == "stable-diffusion-v1"
+        assert method in merged.checkpoint.metadata["automerge.recipe"]
+
+
+@pytest.mark.parametrize("method", ["weighted_sum", "ties", "dare"])
+def test_methods_merge_tiny_sdxl(method: str, tiny_sdxl_models: dict, tmp_path: Path) -> None:
+    plan = plan_merge(_recipe(tiny_sdxl_models, method), source="t.yaml")
+    out = export_merge(plan, tmp_path / "xl.safetensors")
+    plan.close()
+    with open_model(out) as merged:
+        assert merged.arch.name == "sdxl"
+
+
+def test_alpha_zero_gives_a_and_unmerged_keys_come_from_a(tiny_models: dict, tmp_path: Path) -> None:
+    plan = plan_merge(_recipe(tiny_models, "weighted_sum", {"alpha": 0.0}, dtype="fp16"), source="t")
+    out = load_file(export_merge(plan, tmp_path / "o.safetensors"))
+    plan.close()
+    a = load_file(tiny_models["a"])
+    assert all(torch.equal(out[k], a[k]) for k in a)
+
+
+def test_vae_is_copied_from_a_unless_named(tiny_models: dict, tmp_path: Path) -> None:
+    key = "first_stage_model.decoder.conv_in.weight"
+    a, b = load_file(tiny_models["a"]), load_file(tiny_models["b"])
+    plain = plan_merge(_recipe(tiny_models, "weighted_sum", {"alpha": 1.0}), source="t")
+    named = plan_merge(
+        _recipe(tiny_models, "weighted_sum", {"alpha": {"default": 1.0, "VAE": 1.0}}), source="t"
+    )
+    assert torch.equal(load_file(export_merge(plain, tmp_path / "p.safetensors"))[key], a[key])
+    assert torch.equal(load_file(export_merge(named, tmp_path / "n.safetensors"))[key], b[key])
+    plain.close()
+    named.close()
+
+
+def test_metadata_names_sources_with_hashes(tiny_models: dict, tmp_path: Path) -> None:
+    import json
+
+    from automerge.checkpoints import sha256_file
+
+    plan = plan_merge(_recipe(tiny_models, "add_difference"), source="t")
+    out = export_merge(plan, tmp_path / "o.safetensors")
+    plan.close()
+    with open_file_checkpoint(out) as merged:
+        sources = json.loads(merged.metadata["automerge.sources"])
+    digest = sha256_file(tiny_models["c"])
+    assert {"name": "c", "file": "base.safetensors", "sha256": digest, "autov2": digest[:10]} in sources
+
+
+PER_BLOCK = {"default": 0.3, "IN00": 0.9, "OUT11": 0.1, "BASE": 0.7}
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_live_engine_equals_the_exported_file(method: str, tiny_models: dict, tmp_path: Path) -> None:
+    params = {"alpha": PER_BLOCK} if "alpha" in METHODS.get(method).param_names() else {}
+    plan = plan_merge(_recipe(tiny_models, method, params, dtype="fp32", seed=5), source="t")
+    engine = LiveEngine(plan, EngineOptions(device="cpu", dtype=torch.float32))
+    engine.apply(plan.params)
+    exported = load_file(export_merge(plan, tmp_path / "o.safetensors"))
+    for key in engine.live_keys():
+        assert torch.equal(engine.live_tensor(key), exported[key]), key
+    plan.close()
+
+
+def test_live_parameters_are_views_of_the_merged_weights(tiny_models: dict) -> None:
+    plan = plan_merge(_recipe(tiny_models, "weighted_sum", {"alpha": 0.25}), source="t")
+    engine = LiveEngine(plan)
+    engine.apply(plan.params)
+    unet = engine.modules["unet"]
+    live = engine.live_tensor("model.diffusion_model.input_blocks.0.0.weight")
+    assert unet.conv_in.weight.data_ptr() == live.data_ptr()
+    new = resolve_params(plan.method, {"alpha": 0.75}, blocks=plan.arch.blocks, source="t")
+    engine.apply(new)
+    a = load_file(tiny_models["a"])["model.diffusion_model.input_blocks.0.0.weight"].float()
+    b = load_file(tiny_models["b"])["model.diffusion_model.input_blocks.0.0.weight"].float()
+    assert torch.equal(unet.conv_in.weight, torch.lerp(a, b, 0.75))
+    plan.close()
+
+
+def test_apply_remerges_only_changed_blocks(tiny_models: dict) -> None:
+    plan = plan_merge(_recipe(tiny_models, "weighted_sum", {"alpha": 0.5}), source="t")
+    engine = LiveEngine(plan)
+    assert engine.apply(plan.params) == set(plan.arch.blocks)  # 26 merged + the VAE from A
+    one = resolve_params(
+        plan.method, {"alpha": {"default": 0.5, "IN04": 0.9}}, blocks=plan.arch.blocks, source="t"
+    )
+    assert engine.apply(one) == {"IN04"}
+    assert engine.apply(one) == set()
+    plan.close()
+
+
+def test_same_recipe_same_weights_for_dare(tiny_models: dict, tmp_path: Path) -> None:
+    recipe = _recipe(tiny_models, "dare", {"density": 0.3}, seed=11, dtype="fp32")
+    files = []
+    for i in range(2):
+        plan = plan_merge(recipe, source="t")
+        files.append(export_merge(plan, tmp_path / f"{i}.safetensors"))
+        plan.close()
+    assert files[0].read_bytes() == files[1].read_bytes()

@@ -1,0 +1,171 @@
+"""The command line: help, inspect, tiny, merge, and errors as one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from cli_helpers import run_cli
+from safetensors.torch import load_file, save_file
+
+from automerge.testing.tiny import write_tiny
+
+
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "--help")
+    assert result.code == 0
+    for command in ("inspect", "tiny", "merge", "methods"):
+        assert command in result.out
+
+
+@pytest.mark.parametrize(("family", "blocks"), [("sd1", 27), ("sd2", 27), ("sdxl", 21)])
+def test_inspect_json_on_each_tiny_family(
+    family: str, blocks: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / f"{family}.safetensors"
+    assert run_cli(capsys, "tiny", family, path).code == 0
+    result = run_cli(capsys, "inspect", path, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["arch"] == family and report["layout"] == "original"
+    assert len(report["blocks"]) == blocks
+    assert all(b["tensors"] > 0 for b in report["blocks"].values())
+    assert any(k.endswith("alphas_cumprod") for k in report["unmerged"])
+
+
+def test_inspect_table(tiny_models: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "inspect", tiny_models["a"])
+    assert result.code == 0
+    assert "OUT11" in result.out and "Stable Diffusion 1.x" in result.out
+
+
+def test_inspect_reads_headers_only(
+    tiny_models: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file whose tensor data is garbage still inspects: no tensor data is read."""
+    data = bytearray(tiny_models["a"].read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    data[header_end:] = b"\xff" * (len(data) - header_end)
+    path = tmp_path / "garbage-data.safetensors"
+    path.write_bytes(bytes(data))
+    assert run_cli(capsys, "inspect", path, "--json").code == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":', "header"),
+        (None, "does not exist"),
+    ],
+)
+def test_corrupt_checkpoints_fail_with_one_line_and_exit_2(
+    content: bytes | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    result = run_cli(capsys, "inspect", path)
+    assert result.code == 2
+    assert message in result.err and "Traceback" not in result.err
+    assert len(result.err.strip().splitlines()) == 1
+
+
+def test_truncated_checkpoint_is_an_error(
+    tiny_models: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(tiny_models["a"].read_bytes()[:100_000])
+    result = run_cli(capsys, "inspect", path)
+    assert result.code == 2 and "cut.safetensors" in result.err
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from automerge.errors import CheckpointError
+
+    with pytest.raises(CheckpointError):
+        run_cli(capsys, "--debug", "inspect", tmp_path / "missing.safetensors")
+
+
+# -- merge -------------------------------------------------------------------------------------------
+
+
+def _write_recipe(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _models(tiny_models: dict, *names: str) -> dict[str, str]:
+    return {n: str(tiny_models[n]) for n in names}
+
+
+def test_merge_writes_a_checkpoint(
+    tiny_models: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = _write_recipe(
+        tmp_path,
+        {
+            "models": _models(tiny_models, "a", "b", "c"),
+            "method": "add_difference",
+            "params": {"alpha": {"default": 0.5, "IN00": 0.1, "OUT11": 0.9}},
+        },
+    )
+    out = tmp_path / "out.safetensors"
+    result = run_cli(capsys, "merge", recipe, "-o", out, "--dtype", "bf16")
+    assert result.code == 0, result.err
+    tensors = load_file(out)
+    assert str(tensors["model.diffusion_model.out.2.weight"].dtype) == "torch.bfloat16"
+
+
+def _mismatched(tiny_models: dict, tmp_path: Path) -> str:
+    tensors = load_file(tiny_models["b"])
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    tensors[key] = tensors[key][:, :4].contiguous()
+    path = tmp_path / "narrow.safetensors"
+    save_file(tensors, path)
+    return str(path)
+
+
+BAD_RECIPES = [
+    ({"method": "weighted_summ"}, "did you mean 'weighted_sum'"),
+    (
+        {"method": "weighted_sum", "params": {"alfa": 0.5}},
+        "takes no parameter 'alfa' (did you mean 'alpha'?)",
+    ),
+    ({"method": "weighted_sum", "params": {"alpha": {"IN12": 0.5}}}, "IN12"),
+    ({"method": "weighted_sum", "params": {"alpha": {"default": 0.5, "IN04": 1.3}}}, "1.3"),
+    ({"method": "add_difference", "models": ["a", "b"]}, "needs a base model"),
+    ({"method": "weighted_sum", "colour": "red"}, "unknown key 'colour'"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD_RECIPES)
+def test_bad_recipes_fail_cleanly(
+    changes: dict, message: str, tiny_models: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = {"models": _models(tiny_models, *changes.pop("models", ["a", "b"])), **changes}
+    out = tmp_path / "out.safetensors"
+    result = run_cli(capsys, "merge", _write_recipe(tmp_path, data), "-o", out)
+    assert result.code == 2, result.err
+    assert message in result.err and "Traceback" not in result.err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_mixed_families_and_shape_mismatch_fail_before_writing(
+    tiny_models: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    xl = write_tiny("sdxl", tmp_path / "xl.safetensors")
+    cases = [
+        ({"a": str(tiny_models["a"]), "b": str(xl)}, "different families"),
+        ({"a": str(tiny_models["a"]), "b": _mismatched(tiny_models, tmp_path)}, "shape mismatch"),
+    ]
+    for models, message in cases:
+        out = tmp_path / "out.safetensors"
+        result = run_cli(
+            capsys, "merge", _write_recipe(tmp_path, {"models": models, "method": "weighted_sum"}), "-o", out
+        )
+        assert result.code == 2 and message in result.err, result.err
+        assert not out.exists()
