@@ -1,2 +1,3 @@
 """automerge: Bayesian block-weight optimizer for Stable Diffusion checkpoint merges."""
+
 __version__ = "0.1.0"

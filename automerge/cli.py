@@ -134,6 +134,121 @@ def methods() -> None:
     console.print(table)
 
 
+# -- rendering and scoring ----------------------------------------------------------------------------
+
+
+@app.command()
+def render(
+    model: Annotated[
+        Path, typer.Argument(help="A checkpoint, a diffusers folder, or a merge recipe (.yaml).")
+    ],
+    payload: Annotated[Path, typer.Argument(help="Payload YAML.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the PNGs.")],
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 4,
+) -> None:
+    """Render a payload with a checkpoint or a recipe (merged in memory, no file): look before you optimize."""
+    from automerge.commands import render_command
+
+    paths = render_command(model, payload, out, device=device, batch_size=batch_size)
+    console.print(f"wrote {len(paths)} images to {out}/")
+
+
+@app.command()
+def score(
+    reward: Annotated[Path, typer.Argument(help="Reward manifest YAML (rewards/*.yaml).")],
+    folder: Annotated[Path, typer.Argument(help="Folder of PNGs written by `automerge render`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="Override the manifest's device.")] = None,  # noqa: UP045
+) -> None:
+    """Score a folder of rendered PNGs (prompts read from their text chunks)."""
+    from automerge.rewards import dumps_scores, score_folder
+
+    scores = score_folder(reward, folder, device=device)
+    if as_json:
+        print(dumps_scores(scores))
+        return
+    table = Table(title=f"{reward.name} on {folder}")
+    for column in ("image", "score", "prompt"):
+        table.add_column(column)
+    for item in scores:
+        table.add_row(item.key, f"{item.score:.4f}", item.prompt[:60])
+    console.print(table)
+    console.print(f"mean: {sum(s.score for s in scores) / len(scores):.4f} over {len(scores)} images")
+
+
+@rewards_app.command("fetch")
+def rewards_fetch(
+    name: Annotated[str, typer.Argument(help="A manifest name (rewards/NAME.yaml) or path.")],
+) -> None:
+    """Download a reward manifest's weights from the hub (needs a network) and verify sha256."""
+    from automerge.commands import resolve_reward_manifest
+    from automerge.rewards import fetch_reward_weights
+
+    for path in fetch_reward_weights(resolve_reward_manifest(name)):
+        console.print(f"ok {path}")
+
+
+# -- studies -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def optimize(
+    study: Annotated[Path, typer.Argument(help="Study YAML (studies/*.yaml).")],
+    trials: Annotated[
+        int | None, typer.Option(help="Run N more trials now, ignoring the budget and early stopping.")
+    ] = None,  # noqa: UP045
+    timeout: Annotated[
+        str | None, typer.Option(help="Stop starting trials after this long (8h, 90m).")
+    ] = None,  # noqa: UP045
+    device: Annotated[Optional[str], typer.Option(help="Override the study's render.device.")] = None,  # noqa: UP045
+) -> None:
+    """Optimize per-block merge weights; resumes where the last run stopped; exports the best trial."""
+    from automerge.study.config import load_study_file, parse_duration
+    from automerge.study.runner import run_study
+
+    if trials is not None and trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {trials}")
+    try:
+        seconds = parse_duration(timeout)
+    except ValueError as error:
+        raise ConfigError(f"--timeout: {error}") from None
+    summary = run_study(
+        load_study_file(study), extra_trials=trials, timeout=seconds, console=console, device=device
+    )
+    if summary.best_trial is not None:
+        console.print(f"best trial {summary.best_trial}: {summary.best_value:.5f}")
+    if summary.interrupted:
+        sys.exit(130)
+
+
+@app.command()
+def export(
+    study: Annotated[Path, typer.Argument(help="Study YAML.")],
+    trial: Annotated[Optional[int], typer.Option(help="Trial number (default: the best).")] = None,  # noqa: UP045
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder.")] = None,  # noqa: UP045
+) -> None:
+    """Write recipe.yaml, model.safetensors and report.html for the best (or a given) trial."""
+    from automerge.report.exporter import export_study
+    from automerge.study.config import load_study_file
+    from automerge.study.runner import open_study
+
+    study_file = load_study_file(study)
+    export_study(study_file, study=open_study(study_file), trial_number=trial, out_dir=out, console=console)
+
+
+@app.command()
+def dashboard(
+    study: Annotated[Path, typer.Argument(help="Study YAML.")],
+    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+    host: Annotated[str, typer.Option(help="Bind address (default: this machine only).")] = "127.0.0.1",
+) -> None:
+    """Serve optuna-dashboard on the study's storage, with each trial's images."""
+    from automerge.commands import serve_dashboard
+
+    serve_dashboard(study, host=host, port=port, console=console)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:

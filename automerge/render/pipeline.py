@@ -1,0 +1,231 @@
+"""Diffusers pipelines assembled from live modules, with nothing fetched from the hub.
+
+The merge engine hands over its live UNet, text encoder(s) and VAE as ``PipelineModules``; this module
+adds tokenizers (local folder or vendored BPE), a scheduler built from the project's own config
+(``schedulers.py``), SDPA attention, and returns a ``StableDiffusionPipeline`` (SD1, SD2) or
+``StableDiffusionXLPipeline`` (SDXL) with no safety checker, watermarker or progress bars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from automerge.errors import ConfigError
+from automerge.registry import Registry
+from automerge.render.schedulers import PREDICTION_TYPES, make_scheduler
+from automerge.render.tokenizers import PAD_EOS, PAD_ZERO, TokenizerCache
+
+DEFAULT_SCHEDULER = "euler"  # replaced per batch by the Renderer with each job's scheduler
+
+
+@dataclass
+class PipelineModules:
+    """The live modules of one model; the render code does not care where they come from."""
+
+    family: str  # "sd1" | "sd2" | "sdxl"
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection | None  # SDXL only
+    vae: AutoencoderKL
+    prediction_type: str = "epsilon"  # or "v_prediction" (SD2-768)
+
+
+Assemble = Callable[[PipelineModules, tuple[CLIPTokenizer, ...], object], DiffusionPipeline]
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How a family's pipeline is put together."""
+
+    assemble: Assemble
+    pad_tokens: tuple[str, ...]  # one per text encoder, as in the official diffusers repositories
+    tokenizer_folders: tuple[str, ...]  # sub-folders of a diffusers model folder
+    needs_text_encoder_2: bool
+
+
+def _stable_diffusion(
+    modules: PipelineModules, tokenizers: tuple[CLIPTokenizer, ...], scheduler: object
+) -> DiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=modules.vae,
+        text_encoder=modules.text_encoder,
+        tokenizer=tokenizers[0],
+        unet=modules.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _stable_diffusion_xl(
+    modules: PipelineModules, tokenizers: tuple[CLIPTokenizer, ...], scheduler: object
+) -> DiffusionPipeline:
+    return StableDiffusionXLPipeline(
+        vae=modules.vae,
+        text_encoder=modules.text_encoder,
+        text_encoder_2=modules.text_encoder_2,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=modules.unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+PIPELINE_FAMILIES: Registry[_Family] = Registry("pipeline family")
+PIPELINE_FAMILIES.register("sd1", _Family(_stable_diffusion, (PAD_EOS,), ("tokenizer",), False))
+PIPELINE_FAMILIES.register("sd2", _Family(_stable_diffusion, (PAD_ZERO,), ("tokenizer",), False))
+PIPELINE_FAMILIES.register(
+    "sdxl", _Family(_stable_diffusion_xl, (PAD_EOS, PAD_ZERO), ("tokenizer", "tokenizer_2"), True)
+)
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """fp16 on a GPU (bf16 is the caller's choice), fp32 on the CPU."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def build_pipeline(
+    modules: PipelineModules,
+    *,
+    tokenizer_dir: Path | None = None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    compile_unet: bool = False,
+    tokenizers: TokenizerCache | None = None,
+) -> DiffusionPipeline:
+    """A ready pipeline over ``modules`` (moved to ``device``/``dtype``, eval mode, SDPA attention).
+
+    ``tokenizer_dir``: a diffusers model folder (``tokenizer/``, and ``tokenizer_2/`` for SDXL) or, for
+    one-encoder families, a tokenizer folder; unset = the vendored CLIP BPE. ``tokenizers``: a cache
+    to share between pipelines of one process. ``compile_unet``: ``torch.compile`` the UNet in place.
+    """
+    # 1. Check the modules against their family before any work.
+    family = PIPELINE_FAMILIES.get(modules.family)
+    _check_modules(modules, family)
+    # 2. Tokenizers, scheduler, pipeline.
+    cache = tokenizers if tokenizers is not None else TokenizerCache()
+    folders = _tokenizer_folders(family, tokenizer_dir)
+    built = tuple(cache.get(folder=f, pad_token=p) for f, p in zip(folders, family.pad_tokens, strict=True))
+    scheduler = make_scheduler(DEFAULT_SCHEDULER, prediction_type=modules.prediction_type)
+    pipeline = family.assemble(modules, built, scheduler)
+    # 3. Device, dtype, inference mode, attention, progress bars.
+    for module in (modules.unet, modules.text_encoder, modules.text_encoder_2, modules.vae):
+        if module is not None:
+            _place(module, device=device, dtype=dtype)
+    modules.unet.set_attn_processor(AttnProcessor2_0())
+    modules.vae.set_attn_processor(AttnProcessor2_0())
+    pipeline.set_progress_bar_config(disable=True)
+    if compile_unet:
+        modules.unet.compile()  # in place: the module keeps its type, config and live parameters
+    return pipeline
+
+
+def _place(module: torch.nn.Module, *, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Move ``module`` to ``device``; cast only if needed (diffusers warns on every dtype ``to()``)."""
+    module.to(device=device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    module.eval()
+
+
+def clip_hidden_states(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: Sequence[str], *, clip_skip: int
+) -> torch.Tensor:
+    """(B, 77, hidden) prompt embeddings, A1111 clip skip: the last layer's output (``clip_skip`` 1), else
+    the hidden state ``clip_skip`` layers from the end through the final LayerNorm."""
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(text_encoder.device)
+    output = text_encoder(ids, output_hidden_states=clip_skip > 1)
+    if clip_skip == 1:
+        return output.last_hidden_state
+    # transformers 5 flattened CLIPTextModel (no `.text_model`), which diffusers 0.42's clip_skip expects.
+    final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return final_layer_norm(output.hidden_states[-clip_skip])
+
+
+def _sd_prompt_inputs(
+    pipeline: Any, prompts: Sequence[str], negative_prompts: Sequence[str], clip_skip: int
+) -> dict[str, Any]:
+    def encode(texts: Sequence[str]) -> torch.Tensor:
+        return clip_hidden_states(pipeline.tokenizer, pipeline.text_encoder, texts, clip_skip=clip_skip)
+
+    return {"prompt_embeds": encode(prompts), "negative_prompt_embeds": encode(negative_prompts)}
+
+
+def _sdxl_prompt_inputs(
+    pipeline: Any, prompts: Sequence[str], negative_prompts: Sequence[str], clip_skip: int
+) -> dict[str, Any]:
+    # SDXL conditions on the penultimate layers; diffusers counts its clip_skip from there.
+    skip = None if clip_skip == 1 else clip_skip - 1
+    return {"prompt": list(prompts), "negative_prompt": list(negative_prompts), "clip_skip": skip}
+
+
+_PROMPT_INPUTS: dict[type, Callable[[Any, Sequence[str], Sequence[str], int], dict[str, Any]]] = {
+    StableDiffusionPipeline: _sd_prompt_inputs,
+    StableDiffusionXLPipeline: _sdxl_prompt_inputs,
+}
+
+
+def prompt_inputs(
+    pipeline: DiffusionPipeline, prompts: Sequence[str], negative_prompts: Sequence[str], *, clip_skip: int
+) -> dict[str, Any]:
+    """The pipeline-call arguments carrying a batch's prompts, with A1111 ``clip_skip`` (1 = last layer).
+
+    SD1/SD2 prompts are encoded here (``clip_hidden_states``); SDXL's go to diffusers as text.
+    """
+    build = _PROMPT_INPUTS.get(type(pipeline))
+    if build is None:
+        raise TypeError(
+            f"no prompt encoding for {type(pipeline).__name__}; build pipelines with build_pipeline"
+        )
+    return build(pipeline, prompts, negative_prompts, clip_skip)
+
+
+def _check_modules(modules: PipelineModules, family: _Family) -> None:
+    if modules.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type must be one of {PREDICTION_TYPES}, got {modules.prediction_type!r}"
+        )
+    if family.needs_text_encoder_2 != (modules.text_encoder_2 is not None):
+        need = "needs" if family.needs_text_encoder_2 else "takes no"
+        raise ValueError(f"family '{modules.family}' {need} text_encoder_2")
+
+
+def _tokenizer_folders(family: _Family, tokenizer_dir: Path | None) -> tuple[Path | None, ...]:
+    """Where each text encoder's tokenizer is saved (``None`` = build from the vendored BPE)."""
+    if tokenizer_dir is None:
+        return (None,) * len(family.tokenizer_folders)
+    tokenizer_dir = Path(tokenizer_dir)
+    if not tokenizer_dir.is_dir():
+        raise ConfigError(f"tokenizer_dir {tokenizer_dir}: folder not found")
+    subfolders = tuple(tokenizer_dir / name for name in family.tokenizer_folders)
+    if all(folder.is_dir() for folder in subfolders):
+        return subfolders
+    if len(subfolders) == 1:
+        return (tokenizer_dir,)
+    missing = ", ".join(f"{f.name}/" for f in subfolders if not f.is_dir())
+    raise ConfigError(
+        f"tokenizer_dir {tokenizer_dir}: has no {missing}; SDXL needs a diffusers model folder with "
+        "tokenizer/ and tokenizer_2/"
+    )

@@ -1,0 +1,303 @@
+"""``automerge optimize``: create or resume the Optuna study, run trials until the budget, the timeout
+or early stopping, survive failing trials and Ctrl-C/SIGTERM, then export the best trial.
+
+Per trial: the sampler proposes → the engine merges in place → render → score → Optuna is told;
+per-payload intermediate values let a pruner stop bad trials early. Each trial keeps its scores,
+timings and images (as Optuna artifacts, shown by optuna-dashboard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+
+from automerge.errors import AutomergeError, StudyError
+from automerge.study.config import StudyFile, artifact_dir, default_storage
+from automerge.study.runtime import Evaluation, StudyRuntime
+from automerge.study.samplers import make_sampler
+from automerge.study.stopping import EarlyStopping, early_stop_decision
+
+FINGERPRINT_ATTR = "automerge.fingerprint"
+MERGE_DEVICE_ATTR = "automerge.merge_device"
+BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+log = logging.getLogger("automerge.study")
+
+
+class TrialFailed(AutomergeError):
+    """A trial's render or reward failed; the study marks it FAIL and goes on."""
+
+
+@dataclass
+class RunSummary:
+    study_name: str
+    ran: int
+    completed: int
+    best_trial: int | None
+    best_value: float | None
+    stop_reason: str
+    interrupted: bool = False
+    export_dir: Path | None = None
+    timings: dict[str, list[float]] = field(default_factory=dict)
+
+
+def open_study(study: StudyFile, *, existing_trials_hint: int = 0) -> optuna.Study:
+    """Create or resume the study in its storage; a changed search problem is refused."""
+    storage = default_storage(study)
+    fingerprint = study.search_fingerprint()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        existing = optuna.load_study(study_name=study.name, storage=storage)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        stored = existing.user_attrs.get(FINGERPRINT_ATTR)
+        if stored is not None and stored != fingerprint:
+            raise StudyError(
+                f"{study.path}: study '{study.name}' in {storage} was made from a different search problem "
+                "(models, method, search, params, payloads or reward changed); give the study a new name, "
+                "or delete its storage to start over. Changing trials, timeout, early_stopping or export is fine."
+            )
+    count = len(existing.trials) if existing is not None else 0
+    result = optuna.create_study(
+        study_name=study.name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=make_sampler(study.sampler, existing_trials=count),
+        pruner=_pruner(study),
+    )
+    result.set_user_attr(FINGERPRINT_ATTR, fingerprint)
+    return result
+
+
+def _pruner(study: StudyFile) -> optuna.pruners.BasePruner:
+    if study.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=max(3, study.sampler.startup_trials // 2))
+    return optuna.pruners.NopPruner()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler or `kill`) behaves like Ctrl-C: the running trial is marked interrupted."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Objective:
+    """The per-trial sequence; failures become FAIL trials with their reason, not a stopped study."""
+
+    def __init__(
+        self, runtime: StudyRuntime, *, store: FileSystemArtifactStore, on_trial: Callable[[dict], None]
+    ) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.on_trial = on_trial
+        self.last_finished = time.perf_counter()
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        # 1. Proposal (the sampler's time is the gap since the last trial ended, incl. Optuna's own work).
+        sampler_seconds = time.perf_counter() - self.last_finished
+        try:
+            values = self.runtime.space.suggest(trial)
+            params = self.runtime.params_for(values)
+            # 2.–4. Merge in place, render and score payload by payload (the pruner may stop here).
+            evaluation = self.runtime.evaluate(params, self.runtime.jobs, report=self._reporter(trial))
+            # 5. Bookkeeping: scores, timings and images for the dashboard and the report.
+            started = time.perf_counter()
+            self._record(trial, evaluation)
+            evaluation.timings["bookkeeping"] = time.perf_counter() - started
+            evaluation.timings["sampler"] = sampler_seconds
+            trial.set_user_attr("timings", {k: round(v, 6) for k, v in evaluation.timings.items()})
+            self.on_trial({"number": trial.number, "value": evaluation.value, "timings": evaluation.timings})
+            return evaluation.value
+        except optuna.TrialPruned:
+            trial.set_user_attr("pruned_after_payloads", True)
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
+        except Exception as error:  # render/reward/merge failures: record, mark FAIL, go on
+            reason = f"{type(error).__name__}: {error}"
+            trial.set_user_attr("fail_reason", reason[:2000])
+            log.warning("trial %d failed: %s", trial.number, reason)
+            raise TrialFailed(reason) from error
+        finally:
+            self.last_finished = time.perf_counter()
+
+    @staticmethod
+    def _reporter(trial: optuna.Trial) -> Callable[[int, float], None]:
+        def report(step: int, value: float) -> None:
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after payload {step}")
+
+        return report
+
+    def _record(self, trial: optuna.Trial, evaluation: Evaluation) -> None:
+        trial.set_user_attr("payload_scores", [round(v, 6) for v in evaluation.payload_scores])
+        trial.set_user_attr("reward_scores", {k: round(v, 6) for k, v in evaluation.reward_scores.items()})
+        image_ids = {}
+        with tempfile.TemporaryDirectory() as folder:
+            for key, image in evaluation.images.items():
+                path = Path(folder) / f"{key}.png"
+                image.save(path, format="PNG", compress_level=1)
+                image_ids[key] = upload_artifact(
+                    artifact_store=self.store, file_path=str(path), study_or_trial=trial, mimetype="image/png"
+                )
+        trial.set_user_attr("images", image_ids)
+
+
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+class ConsecutiveFailures:
+    """Stops a study whose trials keep failing (a broken reward, an out-of-memory GPU) instead of
+    spinning forever: failed trials do not count towards the budget."""
+
+    def __init__(self, *, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.reason = ""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.count = self.count + 1 if trial.state == TrialState.FAIL else 0
+        if self.count >= self.limit:
+            last = trial.user_attrs.get("fail_reason", "unknown")
+            self.reason = f"stopped: {self.count} trials in a row failed; the last because {last}"
+            study.stop()
+
+
+def enqueue_baselines(study: optuna.Study, runtime: StudyRuntime) -> None:
+    """Pure A, pure B and uniform 0.5 (every dimension at low / high / mid) first, on a new study."""
+    if study.trials:
+        return
+    for baseline in runtime.space.baselines():
+        study.enqueue_trial(baseline.values, user_attrs={"baseline": baseline.label})
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=BUDGET_STATES))
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(completed, key=lambda t: (t.value, -t.number)) if completed else None
+
+
+def run_study(
+    study_file: StudyFile,
+    *,
+    extra_trials: int | None = None,
+    timeout: float | None = None,
+    console: Console | None = None,
+    device: str | None = None,
+    export: bool = True,
+) -> RunSummary:
+    """Run (or resume) a study. ``extra_trials``: run exactly that many more, ignoring the budget and
+    early stopping (Optuna's ``n_trials``); else continue to the study's total ``trials``."""
+    from automerge.study.progress import TrialProgress
+
+    console = console or Console()
+    # 1. Storage and resume checks, before any model is loaded.
+    study = open_study(study_file)
+    stopping = (
+        EarlyStopping(
+            patience=study_file.early_stopping.patience, min_delta=study_file.early_stopping.min_delta
+        )
+        if study_file.early_stopping is not None and extra_trials is None
+        else None
+    )
+    remaining = extra_trials if extra_trials is not None else study_file.trials - finished_count(study)
+    already = stopping.decide(study) if stopping is not None else None
+    if already is not None and already.stop:
+        remaining = 0
+        console.print(f"[yellow]{already.reason}[/]; run with --trials N to run N more anyway")
+    elif remaining <= 0:
+        console.print(
+            f"the study's budget of {study_file.trials} trials is reached; use --trials N to run more"
+        )
+    # 2. Resident runtime: sources on the device, pipeline, reward.
+    summary = RunSummary(study_file.name, 0, finished_count(study), None, None, "")
+    interrupted = False
+    runtime: StudyRuntime | None = None
+    try:
+        if remaining > 0:
+            runtime = StudyRuntime(study_file, device=device)
+            study.set_user_attr(MERGE_DEVICE_ATTR, str(runtime.device))
+            enqueue_baselines(study, runtime) if study_file.baselines else None
+            store_dir = artifact_dir(study_file)
+            store_dir.mkdir(parents=True, exist_ok=True)
+            progress = TrialProgress(console, total=remaining, start_best=_best_value(study))
+            objective = Objective(
+                runtime, store=FileSystemArtifactStore(str(store_dir)), on_trial=progress.update
+            )
+            failures = ConsecutiveFailures(limit=MAX_CONSECUTIVE_FAILURES)
+            callbacks: list = [progress.callback, failures]
+            if extra_trials is None:
+                callbacks.append(optuna.study.MaxTrialsCallback(study_file.trials, states=BUDGET_STATES))
+            if stopping is not None:
+                callbacks.append(stopping)
+            with sigterm_as_interrupt(), progress:
+                try:
+                    study.optimize(
+                        objective,
+                        n_trials=extra_trials,  # None: until the budget callback stops the study
+                        timeout=timeout if timeout is not None else study_file.timeout_seconds,
+                        callbacks=callbacks,
+                        catch=(TrialFailed,),
+                        gc_after_trial=False,
+                    )
+                except KeyboardInterrupt:
+                    interrupted = True
+                    console.print(
+                        "[yellow]interrupted: the running trial is marked failed; the study is saved[/]"
+                    )
+            summary.ran = progress.ran
+            summary.timings = progress.timings
+            summary.stop_reason = failures.reason or (stopping.reason if stopping is not None else "")
+        # 3. Export the best trial so far (also after an interruption).
+        best = best_trial(study)
+        summary.completed = finished_count(study)
+        summary.interrupted = interrupted
+        if best is not None:
+            summary.best_trial, summary.best_value = best.number, best.value
+            if export:
+                from automerge.report.exporter import export_study
+
+                summary.export_dir = export_study(study_file, study=study, runtime=runtime, console=console)
+    finally:
+        if runtime is not None:
+            runtime.close()
+    if summary.stop_reason:
+        console.print(f"[green]{summary.stop_reason}[/]")
+    return summary
+
+
+def _best_value(study: optuna.Study) -> float | None:
+    best = best_trial(study)
+    return None if best is None else best.value
+
+
+__all__ = ["RunSummary", "best_trial", "early_stop_decision", "open_study", "run_study"]

@@ -1,0 +1,139 @@
+"""The search space: which method parameters Optuna proposes, per block or per group of blocks.
+
+A dimension is named ``param.BLOCK`` (e.g. ``alpha.IN04``) or ``param.GROUP`` (``alpha.IN_deep``);
+its value applies to every block of the group. Blocks outside the search keep the study's fixed
+``params`` (or the method's default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import optuna
+
+from automerge.arch import VAE_BLOCK, Architecture
+from automerge.errors import ConfigError
+from automerge.merge.methods import MergeMethod
+from automerge.registry import did_you_mean
+from automerge.study.config import SearchParam, StudyFile
+
+RawParams = dict[str, float | dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Dimension:
+    name: str  # "alpha.IN04"
+    param: str
+    blocks: tuple[str, ...]
+    low: float
+    high: float
+    step: float | None
+    log: bool
+
+    def distribution(self) -> optuna.distributions.FloatDistribution:
+        return optuna.distributions.FloatDistribution(self.low, self.high, step=self.step, log=self.log)
+
+    def snap(self, value: float) -> float:
+        """``value`` on the dimension's grid (baselines at the midpoint of a stepped range)."""
+        if self.step is None:
+            return value
+        steps = round((value - self.low) / self.step)
+        return min(self.high, self.low + steps * self.step)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    label: str
+    values: dict[str, float]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    dimensions: tuple[Dimension, ...]
+    fixed: Mapping[str, float | Mapping[str, float]]
+    method: MergeMethod
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, float]:
+        return {
+            d.name: trial.suggest_float(d.name, d.low, d.high, step=d.step, log=d.log)
+            for d in self.dimensions
+        }
+
+    def raw_params(self, values: Mapping[str, float]) -> RawParams:
+        """Method parameters for ``resolve_params``: fixed values, searched blocks overriding them."""
+        raw: RawParams = {}
+        for name, value in self.fixed.items():
+            raw[name] = dict(value) if isinstance(value, Mapping) else {"default": float(value)}
+        for dimension in self.dimensions:
+            target = raw.setdefault(dimension.param, {})
+            assert isinstance(target, dict)
+            for block in dimension.blocks:
+                target[block] = float(values[dimension.name])
+        return raw
+
+    def baselines(self) -> list[Baseline]:
+        """Every dimension at its low end, high end and midpoint (pure A, pure B, uniform 0.5 for
+        weighted_sum's alpha)."""
+        points = (
+            ("low", lambda d: d.low),
+            ("high", lambda d: d.high),
+            ("mid", lambda d: d.snap((d.low + d.high) / 2)),
+        )
+        return [
+            Baseline(self._label(where, pick), {d.name: pick(d) for d in self.dimensions})
+            for where, pick in points
+        ]
+
+    def _label(self, where: str, pick: object) -> str:
+        params = {d.param for d in self.dimensions}
+        if self.method.name == "weighted_sum" and params == {"alpha"}:
+            ends = {d.low for d in self.dimensions} | {d.high for d in self.dimensions}
+            if ends == {0.0, 1.0}:
+                return {"low": "A", "high": "B", "mid": "uniform 0.5"}[where]
+        value = {"low": self.dimensions[0].low, "high": self.dimensions[0].high}.get(where)
+        return f"all {where}" if value is None else f"all {value:g}"
+
+
+def build_space(study: StudyFile, arch: Architecture, method: MergeMethod) -> SearchSpace:
+    """Dimensions for ``study.search`` on ``arch``; block names and parameters are checked here."""
+    source = str(study.path)
+    taken = set(method.param_names())
+    dimensions: list[Dimension] = []
+    for param, search in study.search.items():
+        if param not in taken:
+            raise ConfigError(
+                f"{source}: search.{param}: method '{method.name}' takes no parameter '{param}'"
+                f"{did_you_mean(param, taken)}; it takes: {', '.join(sorted(taken)) or 'none'}"
+            )
+        dimensions.extend(_dimensions(param, search, arch, source=source))
+    _check_ranges(dimensions, method, source=source)
+    return SearchSpace(tuple(dimensions), study.params, method)
+
+
+def _dimensions(param: str, search: SearchParam, arch: Architecture, *, source: str) -> list[Dimension]:
+    def make(name: str, blocks: Sequence[str]) -> Dimension:
+        for block in blocks:
+            if block not in arch.blocks:
+                raise ConfigError(
+                    f"{source}: search.{param}: no block '{block}' in {arch.title}{did_you_mean(block, arch.blocks)}; "
+                    f"blocks are {', '.join(arch.blocks)}"
+                )
+        return Dimension(
+            f"{param}.{name}", param, tuple(blocks), search.low, search.high, search.step, search.log
+        )
+
+    if search.groups is not None:
+        return [make(group, blocks) for group, blocks in search.groups.items()]
+    blocks = arch.merge_blocks if search.blocks == "all" else search.blocks
+    return [make(block, (block,)) for block in blocks if block != VAE_BLOCK or search.blocks != "all"]
+
+
+def _check_ranges(dimensions: Sequence[Dimension], method: MergeMethod, *, source: str) -> None:
+    specs = {spec.name: spec for spec in method.params}
+    for dimension in dimensions:
+        spec = specs[dimension.param]
+        for end in (dimension.low, dimension.high):
+            problem = spec.check(end)
+            if problem is not None:
+                raise ConfigError(f"{source}: search.{dimension.param}: {problem}")

@@ -1,0 +1,182 @@
+"""Weight files: missing, corrupt, sha256 mismatch, and fetching (never from the network in tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from automerge.errors import RewardError
+from automerge.rewards import fetch_reward_weights, load_reward, sha256_file
+from automerge.rewards.tiny import write_tiny_clip_score, write_tiny_imagereward, write_tiny_laion_aesthetic
+
+
+def _edit_manifest(path: Path, **changes: object) -> Path:
+    data = yaml.safe_load(path.read_text())
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 3_000_000)
+    assert sha256_file(path) == hashlib.sha256(b"x" * 3_000_000).hexdigest()
+
+
+def test_missing_weights_file_says_how_to_fetch_it(tmp_path: Path) -> None:
+    manifest = write_tiny_imagereward(tmp_path)
+    (tmp_path / "ImageReward.pt").unlink()
+    expected = (
+        f"{manifest}: weights.model: file {tmp_path / 'ImageReward.pt'} not found; run `automerge rewards fetch "
+        "imagereward` online, or put ImageReward.pt (from the hub repo THUDM/ImageReward) there"
+    )
+    with pytest.raises(RewardError) as caught:
+        load_reward(manifest)
+    assert str(caught.value) == expected
+
+
+def test_missing_weights_folder_without_hub_says_to_put_it_there(tmp_path: Path) -> None:
+    manifest = write_tiny_clip_score(tmp_path)
+    shutil.rmtree(tmp_path / "model")
+    with pytest.raises(
+        RewardError,
+        match=r"weights.model: folder .*model not found; put a transformers CLIPModel folder \(config.json \+ model.safetensors\) there",
+    ):
+        load_reward(manifest)
+
+
+def test_folder_lacking_a_hub_file_says_how_to_fetch_it(tmp_path: Path) -> None:
+    manifest = write_tiny_clip_score(tmp_path)
+    _edit_manifest(
+        manifest,
+        hub={
+            "model": {"repo": "openai/clip-vit-large-patch14", "files": ["config.json", "model.safetensors"]}
+        },
+    )
+    (tmp_path / "model" / "model.safetensors").unlink()
+    with pytest.raises(
+        RewardError,
+        match=r"weights.model: folder .*model lacks model.safetensors; run `automerge rewards fetch clip-score` online",
+    ):
+        load_reward(manifest)
+
+
+def test_file_where_a_folder_is_expected_raises(tmp_path: Path) -> None:
+    manifest = write_tiny_clip_score(tmp_path)
+    shutil.rmtree(tmp_path / "model")
+    (tmp_path / "model").write_bytes(b"")
+    with pytest.raises(RewardError, match="is a file, expected a folder"):
+        load_reward(manifest)
+
+
+def test_garbage_checkpoint_raises_reward_error_naming_the_file(tmp_path: Path) -> None:
+    manifest = write_tiny_imagereward(tmp_path)
+    (tmp_path / "ImageReward.pt").write_bytes(b"\x00garbage bytes, not a checkpoint" * 10)
+    with pytest.raises(RewardError, match=r"ImageReward\.pt: cannot be read as a PyTorch state dict"):
+        load_reward(manifest)
+
+
+def test_checkpoint_that_is_not_a_state_dict_raises(tmp_path: Path) -> None:
+    manifest = write_tiny_laion_aesthetic(tmp_path)
+    torch.save(torch.zeros(3), tmp_path / "head.pth")
+    with pytest.raises(RewardError, match="expected a state dict of tensors"):
+        load_reward(manifest)
+
+
+def test_garbage_safetensors_in_a_model_folder_raises_reward_error(tmp_path: Path) -> None:
+    manifest = write_tiny_clip_score(tmp_path)
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"garbage" * 100)
+    with pytest.raises(RewardError, match=r"model: cannot load a CLIPModel from this folder"):
+        load_reward(manifest)
+
+
+def test_sha256_mismatch_names_file_expected_and_found(tmp_path: Path) -> None:
+    manifest = write_tiny_imagereward(tmp_path)
+    found = sha256_file(tmp_path / "ImageReward.pt")
+    _edit_manifest(manifest, sha256={"model": "0" * 64})
+    with pytest.raises(RewardError) as caught:
+        load_reward(manifest)
+    message = str(caught.value)
+    assert str(tmp_path / "ImageReward.pt") in message
+    assert f"expected {'0' * 64}, found {found}" in message
+
+
+def test_matching_sha256_loads(tmp_path: Path) -> None:
+    manifest = write_tiny_imagereward(tmp_path)
+    _edit_manifest(manifest, sha256={"model": sha256_file(tmp_path / "ImageReward.pt")})
+    assert load_reward(manifest).name == "imagereward"
+
+
+def test_sha256_of_a_file_inside_a_folder_role_is_checked(tmp_path: Path) -> None:
+    manifest = write_tiny_clip_score(tmp_path)
+    _edit_manifest(manifest, sha256={"model/model.safetensors": "f" * 64})
+    with pytest.raises(
+        RewardError, match=r"sha256 mismatch for .*model\.safetensors \(sha256\.model/model\.safetensors\)"
+    ):
+        load_reward(manifest)
+
+
+def test_fetch_offline_says_which_file_to_put_where(tmp_path: Path) -> None:
+    manifest = write_tiny_imagereward(tmp_path)
+    (tmp_path / "ImageReward.pt").unlink()
+    with pytest.raises(
+        RewardError, match=rf"put ImageReward\.pt from THUDM/ImageReward at {tmp_path / 'ImageReward.pt'}"
+    ):
+        fetch_reward_weights(manifest)
+
+
+def _fake_hub(source: Path) -> tuple[list[tuple[str, str]], object]:
+    calls: list[tuple[str, str]] = []
+
+    def download(*, repo_id: str, filename: str, revision: str | None, local_dir: str) -> str:
+        calls.append((repo_id, filename))
+        target = Path(local_dir) / filename
+        shutil.copyfile(source / filename, target)
+        return str(target)
+
+    return calls, download
+
+
+def test_fetch_places_missing_files_and_verifies_sha256(tmp_path: Path) -> None:
+    manifest = write_tiny_imagereward(tmp_path / "hub")
+    source = tmp_path / "hub"
+    digest = sha256_file(source / "ImageReward.pt")
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(manifest, local / "imagereward.yaml")
+    _edit_manifest(local / "imagereward.yaml", sha256={"model": digest})
+    calls, download = _fake_hub(source)
+    fetched = fetch_reward_weights(local / "imagereward.yaml", downloader=download)
+    assert sorted(calls) == [
+        ("THUDM/ImageReward", "ImageReward.pt"),
+        ("THUDM/ImageReward", "med_config.json"),
+        ("google-bert/bert-base-uncased", "vocab.txt"),
+    ]
+    assert sorted(p.name for p in fetched) == ["ImageReward.pt", "med_config.json", "vocab.txt"]
+    assert sha256_file(local / "ImageReward.pt") == digest
+    assert not [p for p in local.iterdir() if p.name.startswith(".fetch-")]  # no scratch left behind
+    calls.clear()
+    fetch_reward_weights(local / "imagereward.yaml", downloader=download)
+    assert calls == []  # present and matching: nothing downloaded again
+
+
+def test_fetch_of_a_file_with_the_wrong_hash_raises(tmp_path: Path) -> None:
+    manifest = write_tiny_imagereward(tmp_path / "hub")
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(manifest, local / "imagereward.yaml")
+    _edit_manifest(local / "imagereward.yaml", sha256={"model": "1" * 64})
+    _, download = _fake_hub(tmp_path / "hub")
+    with pytest.raises(RewardError, match="sha256 mismatch"):
+        fetch_reward_weights(local / "imagereward.yaml", downloader=download)
+
+
+def test_fetch_without_hub_section_raises(tmp_path: Path) -> None:
+    manifest = write_tiny_clip_score(tmp_path)
+    with pytest.raises(RewardError, match="has no `hub` section"):
+        fetch_reward_weights(manifest)

@@ -1,0 +1,124 @@
+"""The optimization loop: budget, resume, early stopping, failures, interruption, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from rich.console import Console
+
+from automerge.study.config import default_storage, load_study_file
+from automerge.study.runner import run_study
+from automerge.study.runtime import StudyRuntime
+
+QUIET = Console(quiet=True)
+
+
+def _trials(study_path: Path) -> list[optuna.trial.FrozenTrial]:
+    study_file = load_study_file(study_path)
+    return optuna.load_study(study_name=study_file.name, storage=default_storage(study_file)).trials
+
+
+def test_a_study_runs_its_budget_with_baselines_first(make_study) -> None:
+    path = make_study(trials=5)
+    summary = run_study(load_study_file(path), console=QUIET, export=False)
+    trials = _trials(path)
+    assert summary.completed == 5 and len(trials) == 5
+    assert [t.user_attrs.get("baseline") for t in trials[:3]] == ["A", "B", "uniform 0.5"]
+    assert trials[0].params == {"alpha.TEXT": 0.0, "alpha.UNET": 0.0}
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert set(trials[3].user_attrs["timings"]) >= {"merge", "render", "score", "sampler", "bookkeeping"}
+    assert len(trials[3].user_attrs["images"]) == 2
+
+
+def test_resume_continues_numbering_and_keeps_completed_trials(make_study) -> None:
+    path = make_study(trials=3)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    first = _trials(path)
+    path = make_study(trials=5)  # a bigger budget is fine on resume
+    run_study(load_study_file(path), console=QUIET, export=False)
+    second = _trials(path)
+    assert [t.number for t in second] == [0, 1, 2, 3, 4]
+    assert [t.value for t in second[:3]] == [t.value for t in first]
+    assert run_study(load_study_file(path), console=QUIET, export=False).ran == 0  # budget reached
+
+
+def test_extra_trials_run_beyond_the_budget(make_study) -> None:
+    path = make_study(trials=3)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    summary = run_study(load_study_file(path), extra_trials=2, console=QUIET, export=False)
+    assert summary.ran == 2 and len(_trials(path)) == 5
+
+
+def test_a_changed_search_space_is_refused_on_resume(make_study) -> None:
+    from automerge.errors import StudyError
+
+    path = make_study(trials=3)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    path = make_study(trials=3, search={"alpha": {"blocks": ["BASE", "IN00"]}})
+    with pytest.raises(StudyError, match="different search problem"):
+        run_study(load_study_file(path), console=QUIET, export=False)
+
+
+def test_early_stopping_really_stops(make_study) -> None:
+    path = make_study(trials=50, early_stopping={"patience": 2, "min_delta": 10.0})
+    summary = run_study(load_study_file(path), console=QUIET, export=False)
+    assert summary.completed == 3  # the first completed trial is the best; 2 more without improvement
+    assert "early stopping" in summary.stop_reason
+    again = run_study(load_study_file(path), console=QUIET, export=False)
+    assert again.ran == 0  # a re-run does not continue a stopped study
+
+
+def test_a_failing_trial_is_marked_failed_and_the_study_goes_on(make_study, monkeypatch) -> None:
+    from automerge.errors import RenderError
+
+    real = StudyRuntime.evaluate
+    calls = {"n": 0}
+
+    def flaky(self, params, jobs, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RenderError("NaN/black image for job p0-i00-s0007 even with the VAE in fp32")
+        return real(self, params, jobs, **kwargs)
+
+    monkeypatch.setattr(StudyRuntime, "evaluate", flaky)
+    path = make_study(trials=3)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    trials = _trials(path)
+    assert [t.state for t in trials] == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+    ]
+    assert "NaN/black image" in trials[1].user_attrs["fail_reason"]
+
+
+def test_interruption_marks_the_trial_and_still_exports(make_study, monkeypatch, tmp_path: Path) -> None:
+    real = StudyRuntime.evaluate
+    calls = {"n": 0}
+
+    def interrupted(self, params, jobs, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, params, jobs, **kwargs)
+
+    monkeypatch.setattr(StudyRuntime, "evaluate", interrupted)
+    path = make_study(trials=5, export={"dir": str(tmp_path / "out")})
+    summary = run_study(load_study_file(path), console=QUIET)
+    assert summary.interrupted
+    trials = _trials(path)
+    assert trials[2].state == TrialState.FAIL and trials[2].user_attrs["fail_reason"] == "interrupted"
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    monkeypatch.setattr(StudyRuntime, "evaluate", real)
+    run_study(load_study_file(path), console=QUIET, export=False)  # resumes to the full budget
+    assert len([t for t in _trials(path) if t.state == TrialState.COMPLETE]) == 5
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "cmaes", "random", "qmc"])
+def test_every_sampler_the_study_file_accepts_runs(sampler: str, make_study) -> None:
+    path = make_study(trials=5, sampler={"name": sampler, "seed": 1, "startup_trials": 3}, baselines=False)
+    assert run_study(load_study_file(path), console=QUIET, export=False).completed == 5
