@@ -109,10 +109,13 @@ def _field_names_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _nested_model(current: Any, part: Any) -> Any:
+    """One step down ``loc``: a field of a model, or (list index / dict key) the same item model."""
     if isinstance(current, type) and issubclass(current, BaseModel):
-        field = current.model_fields.get(str(part))
-        return _unwrap(field.annotation) if field else None
-    return _unwrap(current)  # a list index or dict key inside a container annotation
+        field = current.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is not None:
+            return _unwrap(field.annotation)
+        return current  # an index into list[M] or a key of dict[str, M]: still M
+    return None
 
 
 def _unwrap(annotation: Any) -> Any:
