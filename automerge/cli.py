@@ -150,6 +150,8 @@ def render(
     """Render a payload with a checkpoint or a recipe (merged in memory, no file): look before you optimize."""
     from automerge.commands import render_command
 
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     paths = render_command(model, payload, out, device=device, batch_size=batch_size)
     console.print(f"wrote {len(paths)} images to {out}/")
 

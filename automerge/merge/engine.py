@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -65,6 +66,13 @@ class EngineOptions:
     offload: bool = False
 
 
+def _materialise(name: str, buffer: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A real tensor for a meta buffer: CLIP's ``position_ids`` are 0..n−1; nothing else is expected."""
+    if name.endswith("position_ids"):
+        return torch.arange(buffer.shape[-1], device=device).expand(buffer.shape).contiguous()
+    raise RuntimeError(f"no rule to materialise buffer '{name}' of shape {tuple(buffer.shape)}")
+
+
 class LiveEngine:
     """Holds a plan's sources and live modules; ``apply`` re-merges the changed blocks in place."""
 
@@ -100,8 +108,15 @@ class LiveEngine:
         storage = self.options.source_dtype or self.options.dtype
         where = torch.device("cpu") if self.options.offload else self.device
         pin = self.options.offload and self.device.type == "cuda"
+        first_of_path: dict[Path, str] = {}  # the same file given twice (e.g. a == b) is held once
+        for name, model in self.plan.sources.items():
+            first_of_path.setdefault(model.path.resolve(), name)
         for block in self._blocks.values():
             for name, model in self.plan.sources.items():
+                twin = first_of_path[model.path.resolve()]
+                if twin != name:
+                    block.sources[name] = block.sources[twin]
+                    continue
                 flat = torch.empty(block.numel, dtype=storage, device=where, pin_memory=pin)
                 for slot in block.slots:
                     tensor = model.checkpoint.load(slot.key)
@@ -111,9 +126,8 @@ class LiveEngine:
             block.out = torch.empty(block.numel, dtype=self.options.dtype, device=self.device)
 
     def _bind_modules(self) -> None:
-        """Make every live parameter a view of its block's output buffer."""
-        for name, module in self.modules.items():
-            self.modules[name] = module.to_empty(device=self.device)
+        """Make every live parameter a view of its block's output buffer (the modules were built on
+        the meta device, so no placeholder weights are ever allocated), then materialise buffers."""
         for block in self._blocks.values():
             assert block.out is not None
             for slot in block.slots:
@@ -124,9 +138,14 @@ class LiveEngine:
                     owner = module.get_submodule(path) if path else module
                     setattr(owner, attr, torch.nn.Parameter(target.apply(view), requires_grad=False))
         for module in self.modules.values():
-            for buffer_name, buffer in module.named_buffers():
-                if buffer_name.endswith("position_ids"):
-                    buffer.copy_(torch.arange(buffer.shape[-1], device=self.device).expand_as(buffer))
+            for name, buffer in list(module.named_buffers()):
+                path, _, attr = name.rpartition(".")
+                owner = module.get_submodule(path) if path else module
+                persistent = attr not in owner._non_persistent_buffers_set
+                owner.register_buffer(attr, _materialise(name, buffer, self.device), persistent=persistent)
+            unbound = [name for name, param in module.named_parameters() if param.is_meta]
+            if unbound:  # the key rules and the coverage tests make this a bug, not a user error
+                raise RuntimeError(f"live parameters fed by no checkpoint key: {unbound[:5]}")
 
     # -- merging -----------------------------------------------------------------------------------
 

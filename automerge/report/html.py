@@ -78,24 +78,28 @@ def weights_svg(weights: list[tuple[str, float, float, float]], secret: dict[str
     """One bar per searched dimension (its range scaled to the bar height); the secret as a red tick."""
     if not weights:
         return ""
-    bar, gap, height, pad = 26, 8, 220, 30
+    bar = 40 if len(weights) <= 12 else 22
+    gap, height, pad, label_room = 12, 250, 20, 60
     width = pad + len(weights) * (bar + gap) + pad
+    plot = height - label_room  # bars end here; rotated labels below
     parts = []
     for index, (name, value, low, high) in enumerate(weights):
         span = (high - low) or 1.0
         x = pad + index * (bar + gap)
-        h = (height - 2 * pad) * (value - low) / span
+        h = (plot - pad) * (value - low) / span
         parts.append(
-            f'<rect x="{x}" y="{height - pad - h:.1f}" width="{bar}" height="{h:.1f}" fill="#4f7cac"><title>{_e(name)} = {value:.3f}</title></rect>'
+            f'<rect x="{x}" y="{plot - h:.1f}" width="{bar}" height="{h:.1f}" fill="#4f7cac">'
+            f"<title>{_e(name)} = {value:.3f}</title></rect>"
         )
         if secret and name in secret:
-            y = height - pad - (height - 2 * pad) * (secret[name] - low) / span
+            y = plot - (plot - pad) * (secret[name] - low) / span
             parts.append(
                 f'<line x1="{x - 3}" x2="{x + bar + 3}" y1="{y:.1f}" y2="{y:.1f}" stroke="#c0392b" stroke-width="3"/>'
             )
-        label = name.split(".", 1)[-1]
+        label, cx = name.split(".", 1)[-1], x + bar / 2
         parts.append(
-            f'<text x="{x + bar / 2}" y="{height - 10}" font-size="10" text-anchor="middle">{_e(label)}</text>'
+            f'<text x="{cx}" y="{plot + 12}" font-size="10" text-anchor="end" '
+            f'transform="rotate(-40 {cx} {plot + 12})">{_e(label)}</text>'
         )
     return f'<svg class=chart width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
 
@@ -146,7 +150,9 @@ def render_report(data: ReportData) -> str:
         + (f" · {_e(data.stop_reason)}" if data.stop_reason else "")
         + "</p>",
         "<h2>Baselines</h2>"
-        + _table(["baseline", "trial", "score"], [[_e(label), n, f"{v:.5f}"] for label, n, v in data.baselines]),
+        + _table(
+            ["baseline", "trial", "score"], [[_e(label), n, f"{v:.5f}"] for label, n, v in data.baselines]
+        ),
         "<h2>Best so far</h2>" + curve_svg(data.curve),
         "<h2>Per-block weights of the best trial</h2>"
         + weights_svg(data.weights, data.secret)

@@ -116,6 +116,12 @@ class RenderConfig(Schema):
     batch_size: int = Field(4, ge=1, le=64)
     tokenizer_dir: FileRef | None = None
     compile: bool = False
+    offload: bool = Field(
+        False, description="sources in pinned host memory, streamed per block (24 GB cards)"
+    )
+    source_dtype: Literal["same", "fp16", "bf16"] = Field(
+        "same", description="storage of the resident sources"
+    )
 
 
 class StudyFile(Schema):

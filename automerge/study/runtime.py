@@ -96,7 +96,20 @@ class StudyRuntime:
         # 2. The live engine and the pipeline around its modules.
         self.device = resolve_device(device or study.render.device)
         self.dtype = resolve_dtype(study.render.dtype, self.device)
-        self.engine = LiveEngine(self.plan, EngineOptions(device=str(self.device), dtype=self.dtype))
+        source_dtype = (
+            None
+            if study.render.source_dtype == "same"
+            else resolve_dtype(study.render.source_dtype, self.device)
+        )
+        self.engine = LiveEngine(
+            self.plan,
+            EngineOptions(
+                device=str(self.device),
+                dtype=self.dtype,
+                source_dtype=source_dtype,
+                offload=study.render.offload,
+            ),
+        )
         self.renderer = self._renderer(self.engine)
         # 3. The reward (a reference target is rendered once, here).
         self.reward = self._reward()

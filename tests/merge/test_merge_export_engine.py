@@ -136,3 +136,12 @@ def test_same_recipe_same_weights_for_dare(tiny_models: dict, tmp_path: Path) ->
         files.append(export_merge(plan, tmp_path / f"{i}.safetensors"))
         plan.close()
     assert files[0].read_bytes() == files[1].read_bytes()
+
+
+def test_the_same_file_given_twice_is_held_once(tiny_models: dict) -> None:
+    data = {"models": {"a": str(tiny_models["a"]), "b": str(tiny_models["a"])}, "method": "weighted_sum"}
+    plan = plan_merge(recipe_from_data(data, source="t"), source="t")
+    engine = LiveEngine(plan)
+    for block in engine._blocks.values():
+        assert block.sources["a"].data_ptr() == block.sources["b"].data_ptr()
+    plan.close()

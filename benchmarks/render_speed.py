@@ -1,0 +1,565 @@
+"""Render and score speed (issue 4): images/s batched against one by one, and the reward models' images/s.
+
+For each family (SD1, SDXL) the pipeline is built the way ``automerge render`` builds it
+(``automerge/commands.py``: checkpoint → pure-A ``LiveEngine`` → ``build_pipeline`` → ``Renderer``):
+
+- ``--size tiny``: a tiny checkpoint from ``write_tiny`` (real key layout, tiny widths), at 64² px;
+- ``--size real``: the standard configs of ``automerge.arch`` families with random weights
+  (``build_modules(arch.configs)``), SD1 at 512², SDXL at 1024² — only sensible on a GPU.
+
+The same jobs (``--images`` seeds of one prompt set, equal settings) are rendered one by one
+(``batch_size`` 1) and batched (``--batch-size``, default 4), alternately, after a warm-up of each;
+images/s = images / wall time of ``Renderer.render`` (PIL images returned, so the device is synced).
+Then each reward model scores ``--images`` images: the tiny random models of
+``automerge.rewards.tiny`` (``--size tiny``), or an ImageReward with the official real sizes and
+random weights (``--size real``: ViT-L/16 + 12-layer BERT-base with cross-attention), on images of
+the render size. Medians of ``--reps`` repetitions. Prints a table, writes JSON (atomically)::
+
+    python benchmarks/render_speed.py                                  # tiny, CPU, a few minutes
+    python benchmarks/render_speed.py --device cuda --size real        # the GPU targets
+
+Targets (GPU, real size): batched ≥ 1.3× the images/s of one by one; ImageReward scoring ≤ 10% of
+the SDXL render time per image. Not a test: timings are never asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "render_speed.json"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PROMPTS = ("a lighthouse on a cliff at dusk, oil painting", "portrait of an old fisherman, photo")
+TARGET_BATCH_SPEEDUP = 1.3
+TARGET_IMAGEREWARD_SHARE = 0.10
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    """Image side in pixels per family, and the default number of sampler steps."""
+
+    px: Mapping[str, int]
+    steps: int
+
+
+SIZES: dict[str, SizeSpec] = {
+    "tiny": SizeSpec(px={"sd1": 64, "sdxl": 64}, steps=4),
+    "real": SizeSpec(px={"sd1": 512, "sdxl": 1024}, steps=20),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to run."""
+
+    device: str
+    size: str
+    families: tuple[str, ...]
+    dtype: str
+    images: int
+    batch_size: int
+    steps: int
+    px: int | None  # overrides the size's image side (e.g. a quick check of the real-size code path)
+    reps: int
+    warmup: int
+    threads: int | None
+
+    def side(self, family: str) -> int:
+        return self.px or SIZES[self.size].px[family]
+
+
+@dataclass(frozen=True)
+class Timing:
+    runs_s: tuple[float, ...]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.runs_s)
+
+
+def timed(fn: Callable[[], object], *, device: str) -> float:
+    """Wall seconds of ``fn()``, the device synchronised before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# -- pipelines ------------------------------------------------------------------------------------
+
+
+def tiny_modules(family: str, folder: Path, *, device: str, dtype: torch.dtype) -> Any:
+    """``PipelineModules`` of a tiny checkpoint, merged as "pure A" like ``automerge render`` does."""
+    from automerge.merge.engine import EngineOptions, LiveEngine
+    from automerge.merge.recipe import plan_merge, recipe_from_data
+    from automerge.render.pipeline import PipelineModules
+    from automerge.testing.tiny import write_tiny
+
+    path = write_tiny(family, folder / f"tiny-{family}.safetensors", seed=0)
+    data = {"models": {"a": str(path), "b": str(path)}, "method": "weighted_sum", "params": {"alpha": 0.0}}
+    plan = plan_merge(recipe_from_data(data, source=str(path)), source=str(path))
+    try:
+        engine = LiveEngine(plan, EngineOptions(device=device, dtype=dtype))
+        engine.apply(plan.params)
+    finally:
+        plan.close()  # the engine holds its own copies of the sources
+    return PipelineModules(
+        family=plan.arch.name,
+        unet=engine.modules["unet"],
+        text_encoder=engine.modules["text_encoder"],
+        text_encoder_2=engine.modules.get("text_encoder_2"),
+        vae=engine.modules["vae"],
+        prediction_type=plan.arch.prediction_type,
+    )
+
+
+def real_modules(family: str, *, seed: int = 0) -> Any:
+    """``PipelineModules`` at the family's standard (real) configs, default random init, on the CPU
+    in fp32 (``build_pipeline`` moves and casts them)."""
+    from automerge.arch import ARCHITECTURES
+    from automerge.render.modules import build_modules
+    from automerge.render.pipeline import PipelineModules
+
+    arch = ARCHITECTURES.get(family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        modules = build_modules(arch.configs)
+    return PipelineModules(
+        family=family,
+        unet=modules["unet"],
+        text_encoder=modules["text_encoder"],
+        text_encoder_2=modules.get("text_encoder_2"),
+        vae=modules["vae"],
+        prediction_type=arch.prediction_type,
+    )
+
+
+def make_jobs(count: int, *, side: int, steps: int) -> list[Any]:
+    """``count`` jobs of equal settings (one batch group), seeds 0 … count−1, prompts alternating."""
+    from automerge.render.payload import RenderJob, job_key
+
+    return [
+        RenderJob(
+            key=job_key(0, seed),
+            item=0,
+            seed=seed,
+            prompt=PROMPTS[seed % len(PROMPTS)],
+            negative_prompt="",
+            steps=steps,
+            cfg=7.0,
+            width=side,
+            height=side,
+            scheduler="euler",
+            clip_skip=1,
+            weight=1.0 / count,
+        )
+        for seed in range(count)
+    ]
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    family: str
+    side: int
+    steps: int
+    images: int
+    batch_size: int
+    build_s: float
+    single: Timing  # batch_size 1
+    batched: Timing
+    upcast_vae: int  # images re-decoded in fp32 (fp16 VAE overflow) during the timed runs
+
+    @property
+    def single_images_per_s(self) -> float:
+        return self.images / self.single.median_s
+
+    @property
+    def batched_images_per_s(self) -> float:
+        return self.images / self.batched.median_s
+
+    @property
+    def speedup(self) -> float:
+        return self.batched_images_per_s / self.single_images_per_s
+
+
+def measure_render(family: str, settings: Settings, folder: Path) -> RenderResult:
+    """Build the pipeline, warm up both batch sizes, then time them alternately."""
+    from automerge.render.pipeline import build_pipeline
+    from automerge.render.renderer import Renderer
+
+    dtype = DTYPES[settings.dtype]
+    started = time.perf_counter()
+    if settings.size == "tiny":
+        modules = tiny_modules(family, folder, device=settings.device, dtype=dtype)
+    else:
+        modules = real_modules(family)
+    pipeline = build_pipeline(modules, device=settings.device, dtype=dtype)
+    build_s = time.perf_counter() - started
+    jobs = make_jobs(settings.images, side=settings.side(family), steps=settings.steps)
+    renderers = {
+        size: Renderer(pipeline, batch_size=size, device=settings.device, dtype=dtype)
+        for size in (1, settings.batch_size)
+    }
+    for _ in range(settings.warmup):
+        for renderer in renderers.values():
+            renderer.render(jobs)
+    runs: dict[int, list[float]] = {1: [], settings.batch_size: []}
+    upcast = 0
+    for _ in range(settings.reps):
+        for size, renderer in renderers.items():
+            out: list[Any] = []
+            runs[size].append(
+                timed(lambda r=renderer, o=out: o.extend(r.render(jobs)), device=settings.device)
+            )
+            upcast += sum(image.upcast_vae for image in out)
+    result = RenderResult(
+        family=family,
+        side=settings.side(family),
+        steps=settings.steps,
+        images=settings.images,
+        batch_size=settings.batch_size,
+        build_s=build_s,
+        single=Timing(tuple(runs[1])),
+        batched=Timing(tuple(runs[settings.batch_size])),
+        upcast_vae=upcast,
+    )
+    del pipeline, modules, renderers
+    _release(settings.device)
+    return result
+
+
+def _release(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+# -- rewards --------------------------------------------------------------------------------------
+
+
+def write_real_imagereward(folder: Path, *, seed: int = 0) -> Path:
+    """An ImageReward at the official sizes (ViT-L/16 at 224 px; BERT-base: 12 layers, width 768,
+    12 heads, MLP 3072, cross-attention in every layer) with random weights, in the official layout.
+    The vocabulary is the tiny test one (the embedding size does not change the speed)."""
+    from automerge.rewards.imagereward import BlipVisionSizes, ImageRewardNet, read_med_config
+    from automerge.rewards.tiny import official_imagereward_checkpoint, tiny_med_config, write_bert_vocab
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_bert_vocab(folder / "vocab.txt")
+    vocab_size = len(vocab.read_text(encoding="utf-8").splitlines()) + 2  # + [DEC], [ENC]
+    med = tiny_med_config(vocab_size=vocab_size, hidden_size=768, layers=12)
+    med.update(intermediate_size=3072, num_attention_heads=12, max_position_embeddings=512)
+    med_path = folder / "med_config.json"
+    med_path.write_text(json.dumps(med, indent=2), encoding="utf-8")
+    vision = BlipVisionSizes()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ImageRewardNet(
+            vision.config(), read_med_config(med_path).config(encoder_hidden_size=vision.hidden_size)
+        )
+    torch.save(official_imagereward_checkpoint(net, seed=seed), folder / "ImageReward.pt")
+    manifest = folder / "imagereward.yaml"
+    manifest.write_text(
+        "reward: imagereward\n"
+        "weights: {model: ImageReward.pt, med_config: med_config.json, vocab: vocab.txt}\n"
+        f"options: {{vision: {json.dumps(vision.model_dump())}}}\n",
+        encoding="utf-8",
+    )
+    return manifest
+
+
+def reward_writers(size: str) -> dict[str, Callable[[Path], Path]]:
+    """Manifest writers by display name: every tiny random model, or the real-size ImageReward."""
+    if size == "real":
+        return {"imagereward (real size, random)": write_real_imagereward}
+    from automerge.rewards.tiny import TINY_REWARDS
+
+    return {f"{name} (tiny, random)": write for name, write in TINY_REWARDS.items()}
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    name: str
+    images: int
+    side: int
+    load_s: float
+    score: Timing
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.score.median_s
+
+
+def reward_inputs(count: int, *, side: int) -> tuple[list[Any], list[str], list[str]]:
+    """``count`` random images of ``side``² px, prompts, and keys the tiny reference model has."""
+    from automerge.rewards.tiny import tiny_image
+
+    reference_keys = ("item0-s1", "item1-s2")  # write_reference's defaults
+    images = [tiny_image(index % len(reference_keys), size=(side, side)) for index in range(count)]
+    prompts = [PROMPTS[index % len(PROMPTS)] for index in range(count)]
+    keys = [reference_keys[index % len(reference_keys)] for index in range(count)]
+    return images, prompts, keys
+
+
+def measure_reward(
+    name: str, write: Callable[[Path], Path], settings: Settings, folder: Path, *, side: int
+) -> RewardResult:
+    from automerge.rewards import load_reward
+
+    started = time.perf_counter()
+    manifest = write(folder / name.split()[0])
+    reward = load_reward(manifest, device=settings.device)
+    load_s = time.perf_counter() - started
+    images, prompts, keys = reward_inputs(settings.images, side=side)
+    score = partial(reward.score, images, prompts, keys=keys)
+    del reward
+    for _ in range(settings.warmup):
+        score()
+    runs = [timed(score, device=settings.device) for _ in range(settings.reps)]
+    del score
+    _release(settings.device)
+    return RewardResult(
+        name=name, images=settings.images, side=side, load_s=load_s, score=Timing(tuple(runs))
+    )
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    info = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _verdict(met: bool, *, gpu_target: bool, device: str) -> str:
+    if gpu_target and not device.startswith("cuda"):
+        return "GPU target: not measured here"
+    return "met" if met else "missed"
+
+
+def table_rows(
+    renders: Sequence[RenderResult], rewards: Sequence[RewardResult], *, settings: Settings
+) -> list[tuple[str, ...]]:
+    """(what, images/s, s/image, ratio, target/notes) rows."""
+    scale = "tiny: informational" if settings.size == "tiny" else "real size"
+    if settings.size == "real" and settings.px is not None:
+        scale = f"real configs at {settings.px}²: informational"
+    rows: list[tuple[str, ...]] = []
+    for r in renders:
+        what = f"{r.family} {r.side}², {r.steps} steps, {r.images} images"
+        rows.append(
+            (
+                f"{what}, one by one",
+                f"{r.single_images_per_s:.2f}",
+                f"{1 / r.single_images_per_s:.3f}",
+                "",
+                "",
+            )
+        )
+        verdict = _verdict(r.speedup >= TARGET_BATCH_SPEEDUP, gpu_target=True, device=settings.device)
+        rows.append((
+            f"{what}, batch {r.batch_size}",
+            f"{r.batched_images_per_s:.2f}",
+            f"{1 / r.batched_images_per_s:.3f}",
+            f"{r.speedup:.2f}×",
+            f"≥ {TARGET_BATCH_SPEEDUP}× ({scale}); {verdict}",
+        ))  # fmt: skip
+    for w in rewards:
+        rows.append((f"score: {w.name}, {w.side}² images", f"{w.images_per_s:.2f}", f"{1 / w.images_per_s:.4f}", "", ""))  # fmt: skip
+    sdxl = next((r for r in renders if r.family == "sdxl"), None)
+    imagereward = next((w for w in rewards if w.name.startswith("imagereward")), None)
+    if sdxl is not None and imagereward is not None:
+        share = (1 / imagereward.images_per_s) / (1 / sdxl.batched_images_per_s)
+        verdict = _verdict(share <= TARGET_IMAGEREWARD_SHARE, gpu_target=True, device=settings.device)
+        rows.append((
+            "ImageReward time / SDXL render time, per image",
+            "",
+            "",
+            f"{share:.1%}",
+            f"≤ {TARGET_IMAGEREWARD_SHARE:.0%} ({scale}); {verdict}",
+        ))  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[tuple[str, ...]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("what", "images/s (median)", "s/image", "ratio", "target / notes"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=200).print(table)
+
+
+def _jsonable(value: Any) -> Any:
+    """Dataclasses with their properties, tuples as lists, paths as strings."""
+    if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
+        data = {name: _jsonable(getattr(value, name)) for name in value.__dataclass_fields__}
+        for name, attribute in vars(type(value)).items():
+            if isinstance(attribute, property):
+                data[name] = _jsonable(getattr(value, name))
+        return data
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Atomically: a temporary file in the same folder, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_libraries() -> Any:
+    """diffusers' and transformers' notices and progress bars would interleave with the output."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """Renders per family, then rewards; a table; the results as plain data."""
+    from automerge.errors import RenderError
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    machine = machine_info(settings.device)
+    renders: list[RenderResult] = []
+    rewards: list[RewardResult] = []
+    with tempfile.TemporaryDirectory(prefix="render-speed-") as scratch, _quiet_libraries():
+        folder = Path(scratch)
+        for family in settings.families:
+            print(f"rendering {family} ...", flush=True)
+            try:
+                renders.append(measure_render(family, settings, folder))
+            except RenderError as error:
+                raise SystemExit(
+                    f"{family}: {error}; random real-size weights can overflow fp16: try --dtype bf16"
+                ) from None
+        # Tiny: the tiny reference model's 64² references; real: images of the last family's size.
+        side = 64 if settings.size == "tiny" else settings.side(settings.families[-1])
+        for name, write in reward_writers(settings.size).items():
+            print(f"scoring {name} ...", flush=True)
+            rewards.append(measure_reward(name, write, settings, folder, side=side))
+    machine["load_average_after"] = os.getloadavg()
+    title = f"render and score speed: {settings.size}, {settings.device}, {settings.dtype}"
+    print_table(table_rows(renders, rewards, settings=settings), title)
+    return {"machine": machine, "settings": asdict(settings), "renders": renders, "rewards": rewards}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--size", default="tiny", choices=list(SIZES))
+    parser.add_argument("--families", default="sd1,sdxl", help="comma-separated: sd1, sdxl")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--images", type=int, default=8, help="images per timed run")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, help="sampler steps (default: tiny 4, real 20)")
+    parser.add_argument("--px", type=int, help="override the image side (multiple of 8)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (medians are reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    return parser.parse_args(argv)
+
+
+def settings_from(options: argparse.Namespace) -> Settings:
+    families = tuple(name.strip() for name in options.families.split(",") if name.strip())
+    unknown = [name for name in families if name not in SIZES[options.size].px]
+    if unknown or not families:
+        raise SystemExit(f"--families: unknown {unknown or '(none given)'}; choose from sd1, sdxl")
+    if options.px is not None and (options.px < 64 or options.px % 8):
+        raise SystemExit(f"--px must be a multiple of 8 and at least 64, got {options.px}")
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is available")
+    if min(options.images, options.reps) < 1 or options.batch_size < 2 or options.warmup < 0:
+        raise SystemExit(
+            "--images and --reps must be at least 1, --batch-size at least 2, --warmup at least 0"
+        )
+    dtype = options.dtype or ("fp16" if options.device.startswith("cuda") else "fp32")
+    return Settings(
+        device=options.device,
+        size=options.size,
+        families=families,
+        dtype=dtype,
+        images=options.images,
+        batch_size=options.batch_size,
+        steps=options.steps or SIZES[options.size].steps,
+        px=options.px,
+        reps=options.reps,
+        warmup=options.warmup,
+        threads=options.threads,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    results = run(settings_from(options))
+    write_json(options.json, results)
+    print(f"wrote {options.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
