@@ -26,7 +26,7 @@ def render_command(model: Path, payload_path: Path, out: Path, *, device: str, b
     from automerge.merge.engine import EngineOptions, LiveEngine
     from automerge.merge.recipe import load_recipe, plan_merge, recipe_from_data
     from automerge.render.payload import load_payload
-    from automerge.render.pipeline import PipelineModules, build_pipeline
+    from automerge.render.pipeline import build_pipeline, pipeline_modules
     from automerge.render.renderer import Renderer, save_png
     from automerge.study.runtime import resolve_device, resolve_dtype
 
@@ -46,13 +46,8 @@ def render_command(model: Path, payload_path: Path, out: Path, *, device: str, b
     try:
         engine = LiveEngine(plan, EngineOptions(device=str(target), dtype=dtype))
         engine.apply(plan.params)
-        modules = PipelineModules(
-            family=plan.arch.name,
-            unet=engine.modules["unet"],
-            text_encoder=engine.modules["text_encoder"],
-            text_encoder_2=engine.modules.get("text_encoder_2"),
-            vae=engine.modules["vae"],
-            prediction_type=plan.arch.prediction_type,
+        modules = pipeline_modules(
+            engine.modules, family=plan.arch.name, prediction_type=plan.arch.prediction_type
         )
         pipeline = build_pipeline(modules, device=target, dtype=dtype)
         rendered = Renderer(pipeline, batch_size=batch_size, device=target, dtype=dtype).render(

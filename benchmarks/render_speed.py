@@ -114,7 +114,7 @@ def tiny_modules(family: str, folder: Path, *, device: str, dtype: torch.dtype) 
     """``PipelineModules`` of a tiny checkpoint, merged as "pure A" like ``automerge render`` does."""
     from automerge.merge.engine import EngineOptions, LiveEngine
     from automerge.merge.recipe import plan_merge, recipe_from_data
-    from automerge.render.pipeline import PipelineModules
+    from automerge.render.pipeline import pipeline_modules
     from automerge.testing.tiny import write_tiny
 
     path = write_tiny(family, folder / f"tiny-{family}.safetensors", seed=0)
@@ -125,14 +125,7 @@ def tiny_modules(family: str, folder: Path, *, device: str, dtype: torch.dtype) 
         engine.apply(plan.params)
     finally:
         plan.close()  # the engine holds its own copies of the sources
-    return PipelineModules(
-        family=plan.arch.name,
-        unet=engine.modules["unet"],
-        text_encoder=engine.modules["text_encoder"],
-        text_encoder_2=engine.modules.get("text_encoder_2"),
-        vae=engine.modules["vae"],
-        prediction_type=plan.arch.prediction_type,
-    )
+    return pipeline_modules(engine.modules, family=plan.arch.name, prediction_type=plan.arch.prediction_type)
 
 
 def real_modules(family: str, *, seed: int = 0) -> Any:
@@ -140,20 +133,13 @@ def real_modules(family: str, *, seed: int = 0) -> Any:
     in fp32 (``build_pipeline`` moves and casts them)."""
     from automerge.arch import ARCHITECTURES
     from automerge.render.modules import build_modules
-    from automerge.render.pipeline import PipelineModules
+    from automerge.render.pipeline import pipeline_modules
 
     arch = ARCHITECTURES.get(family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         modules = build_modules(arch.configs)
-    return PipelineModules(
-        family=family,
-        unet=modules["unet"],
-        text_encoder=modules["text_encoder"],
-        text_encoder_2=modules.get("text_encoder_2"),
-        vae=modules["vae"],
-        prediction_type=arch.prediction_type,
-    )
+    return pipeline_modules(modules, family=family, prediction_type=arch.prediction_type)
 
 
 def make_jobs(count: int, *, side: int, steps: int) -> list[Any]:

@@ -79,3 +79,12 @@ def tiny_sdxl_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
         "a": write_tiny("sdxl", folder / "a.safetensors", seed=1, like=base, delta=0.2),
         "b": write_tiny("sdxl", folder / "b.safetensors", seed=2, like=base, delta=0.2),
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_per_worker() -> None:
+    """The suite runs in 2 xdist workers on 2 cores: one torch thread each avoids oversubscription
+    (OpenMP threads spinning against each other made renders tens of times slower)."""
+    import torch
+
+    torch.set_num_threads(1)

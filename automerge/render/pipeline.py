@@ -8,7 +8,7 @@ adds tokenizers (local folder or vendored BPE), a scheduler built from the proje
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,21 @@ class PipelineModules:
     text_encoder_2: CLIPTextModelWithProjection | None  # SDXL only
     vae: AutoencoderKL
     prediction_type: str = "epsilon"  # or "v_prediction" (SD2-768)
+
+
+def pipeline_modules(
+    modules: Mapping[str, torch.nn.Module], *, family: str, prediction_type: str = "epsilon"
+) -> PipelineModules:
+    """``PipelineModules`` from components named as the architectures name them (``unet``,
+    ``text_encoder``, ``text_encoder_2``, ``vae``), e.g. a live engine's ``modules``."""
+    return PipelineModules(
+        family=family,
+        unet=modules["unet"],
+        text_encoder=modules["text_encoder"],
+        text_encoder_2=modules.get("text_encoder_2"),
+        vae=modules["vae"],
+        prediction_type=prediction_type,
+    )
 
 
 Assemble = Callable[[PipelineModules, tuple[CLIPTokenizer, ...], object], DiffusionPipeline]

@@ -121,20 +121,15 @@ class StudyRuntime:
         )
 
     def _renderer(self, engine: LiveEngine):  # noqa: ANN202 - diffusers types stay inside render/
-        from automerge.render.pipeline import PipelineModules, build_pipeline
+        from automerge.render.pipeline import build_pipeline, pipeline_modules
         from automerge.render.renderer import Renderer
 
         modules = engine.modules
-        pipeline_modules = PipelineModules(
-            family=self.plan.arch.name,
-            unet=modules["unet"],
-            text_encoder=modules["text_encoder"],
-            text_encoder_2=modules.get("text_encoder_2"),
-            vae=modules["vae"],
-            prediction_type=self.plan.arch.prediction_type,
+        live = pipeline_modules(
+            modules, family=self.plan.arch.name, prediction_type=self.plan.arch.prediction_type
         )
         pipeline = build_pipeline(
-            pipeline_modules,
+            live,
             tokenizer_dir=self.study.render.tokenizer_dir,
             device=self.device,
             dtype=self.dtype,
