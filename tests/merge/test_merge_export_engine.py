@@ -21,7 +21,7 @@ def _recipe(models: dict[str, Path], method: str, params: dict | None = None, **
     needs_base = METHODS.get(method).needs_base
     names = ["a", "b", "c"] if needs_base else ["a", "b"]
     if METHODS.get(method).max_models is None and not needs_base:
-        names = ["a", "b", "d"]
+        names = ["a", "b", "d" if "d" in models else "c"]
     data = {"models": {n: str(models[n]) for n in names}, "method": method, "params": params or {}, **extra}
     return recipe_from_data(data, source="test.yaml")
 
@@ -42,8 +42,8 @@ def test_every_method_exports_a_loadable_sd1_file_with_a_keys(
         assert method in merged.checkpoint.metadata["automerge.recipe"]
 
 
-@pytest.mark.parametrize("method", ["weighted_sum", "ties", "dare"])
-def test_methods_merge_tiny_sdxl(method: str, tiny_sdxl_models: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_merges_tiny_sdxl(method: str, tiny_sdxl_models: dict, tmp_path: Path) -> None:
     plan = plan_merge(_recipe(tiny_sdxl_models, method), source="t.yaml")
     out = export_merge(plan, tmp_path / "xl.safetensors")
     plan.close()
