@@ -219,7 +219,7 @@ def optimize(
         load_study_file(study), extra_trials=trials, timeout=seconds, console=console, device=device
     )
     if summary.best_trial is not None:
-        console.print(f"best trial {summary.best_trial}: {summary.best_value:.5f}")
+        console.print(f"best trial {summary.best_trial}: {summary.best_value:.6g}")
     if summary.interrupted:
         sys.exit(130)
 

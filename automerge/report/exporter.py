@@ -107,7 +107,7 @@ def export_study(
     finally:
         if runtime is None:
             plan.close()
-    console.print(f"exported trial {trial.number} (score {trial.value:.4f}) to {out}/")
+    console.print(f"exported trial {trial.number} (score {trial.value:.6g}) to {out}/")
     return out
 
 

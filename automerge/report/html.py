@@ -145,13 +145,13 @@ def render_report(data: ReportData) -> str:
         f"<!doctype html><html><head><meta charset=utf-8><title>automerge report: {_e(data.title)}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>automerge · {_e(data.title)}</h1>",
-        f"<p>best trial <b>{data.best_number}</b>, score <b class=good>{data.best_value:.5f}</b> · "
+        f"<p>best trial <b>{data.best_number}</b>, score <b class=good>{data.best_value:.6g}</b> · "
         f"{data.trial_count} trials ({data.completed_count} complete, {data.pruned_count} pruned, {data.failed_count} failed)"
         + (f" · {_e(data.stop_reason)}" if data.stop_reason else "")
         + "</p>",
         "<h2>Baselines</h2>"
         + _table(
-            ["baseline", "trial", "score"], [[_e(label), n, f"{v:.5f}"] for label, n, v in data.baselines]
+            ["baseline", "trial", "score"], [[_e(label), n, f"{v:.6g}"] for label, n, v in data.baselines]
         ),
         "<h2>Best so far</h2>" + curve_svg(data.curve),
         "<h2>Per-block weights of the best trial</h2>"
@@ -176,7 +176,7 @@ def render_report(data: ReportData) -> str:
     if data.validation:
         parts.append(
             "<h2>Validation (held-out payloads)</h2>"
-            + _table(["model", "score"], [[_e(label), f"{value:.5f}"] for label, value in data.validation])
+            + _table(["model", "score"], [[_e(label), f"{value:.6g}"] for label, value in data.validation])
         )
     parts.append("<h2>Images: best vs baselines (same seeds)</h2>" + _grid(data))
     parts.append("</body></html>")

@@ -58,10 +58,10 @@ class TrialProgress:
         stages = " ".join(
             f"{s} {1000 * statistics.median(self.timings[s]):.0f}ms" for s in STAGES if self.timings.get(s)
         )
-        status = f"last {value:.4f} best {self.best:.4f} | {stages}"
+        status = f"last {value:.6g} best {self.best:.6g} | {stages}"
         self._progress.update(self._task, status=status)
         self.console.log(
-            f"trial {info['number']}: {value:.4f} (best {self.best:.4f}) {stages}", highlight=False
+            f"trial {info['number']}: {value:.6g} (best {self.best:.6g}) {stages}", highlight=False
         )
 
     def callback(self, study: optuna.Study, trial: FrozenTrial) -> None:

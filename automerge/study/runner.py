@@ -117,10 +117,11 @@ class Objective:
         self.last_finished = time.perf_counter()
 
     def __call__(self, trial: optuna.Trial) -> float:
-        # 1. Proposal (the sampler's time is the gap since the last trial ended, incl. Optuna's own work).
-        sampler_seconds = time.perf_counter() - self.last_finished
+        # 1. Proposal: the gap since the last trial ended (Optuna's own work) plus the suggest calls,
+        #    where Optuna 5 computes multivariate proposals (GP, CMA-ES, multivariate TPE).
         try:
             values = self.runtime.space.suggest(trial)
+            sampler_seconds = time.perf_counter() - self.last_finished
             params = self.runtime.params_for(values)
             # 2.–4. Merge in place, render and score payload by payload (the pruner may stop here).
             evaluation = self.runtime.evaluate(params, self.runtime.jobs, report=self._reporter(trial))
