@@ -52,33 +52,27 @@ def _block_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny SD1 models: base c, fine-tunes a and b of it (fp16, like real checkpoints), written once."""
-
+def _tiny_family(folder: Path, family: str, fine_tunes: str) -> dict[str, Path]:
+    """Base ``c`` and seeded fine-tunes of it (fp16, like real checkpoints), written once per session."""
     from automerge.testing.tiny import write_tiny
 
-    folder = tmp_path_factory.mktemp("tiny-sd1")
-    base = write_tiny("sd1", folder / "base.safetensors", seed=0)
-    return {
-        "c": base,
-        "a": write_tiny("sd1", folder / "a.safetensors", seed=1, like=base, delta=0.2),
-        "b": write_tiny("sd1", folder / "b.safetensors", seed=2, like=base, delta=0.2),
-        "d": write_tiny("sd1", folder / "d.safetensors", seed=3, like=base, delta=0.2),
-    }
+    base = write_tiny(family, folder / "base.safetensors", seed=0)
+    models = {"c": base}
+    for seed, name in enumerate(fine_tunes, start=1):
+        models[name] = write_tiny(family, folder / f"{name}.safetensors", seed=seed, like=base, delta=0.2)
+    return models
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny SD1 models: base c, fine-tunes a, b and d of it."""
+    return _tiny_family(tmp_path_factory.mktemp("tiny-sd1"), "sd1", "abd")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from automerge.testing.tiny import write_tiny
-
-    folder = tmp_path_factory.mktemp("tiny-sdxl")
-    base = write_tiny("sdxl", folder / "base.safetensors", seed=0)
-    return {
-        "c": base,
-        "a": write_tiny("sdxl", folder / "a.safetensors", seed=1, like=base, delta=0.2),
-        "b": write_tiny("sdxl", folder / "b.safetensors", seed=2, like=base, delta=0.2),
-    }
+    """Tiny SDXL models: base c, fine-tunes a and b of it."""
+    return _tiny_family(tmp_path_factory.mktemp("tiny-sdxl"), "sdxl", "ab")
 
 
 @pytest.fixture(scope="session", autouse=True)

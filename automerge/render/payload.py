@@ -22,6 +22,7 @@ name): the same payload always expands the same way, whatever the process or pla
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -160,14 +161,7 @@ class RenderSettings:
     clip_skip: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps,
-            "cfg": self.cfg,
-            "width": self.width,
-            "height": self.height,
-            "scheduler": self.scheduler,
-            "clip_skip": self.clip_skip,
-        }
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
