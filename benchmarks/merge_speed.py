@@ -10,15 +10,19 @@ header so the standard configs are used) this measures, side by side in one run:
   against its byte share; add_difference and TIES over every block (informational, against the floor
   scaled to their minimum traffic of 3 reads + 1 write);
 - ``export_merge`` (add_difference of a, b, c to fp16) in a fresh subprocess, against the read+write
-  floor (``safe_open(...).get_tensor`` of every key of every source, then ``save_file`` of A's
-  tensors + fsync, as the exporter fsyncs), in the order floor, export, export, floor; peak RssAnon
+  floor (``safe_open(...).get_tensor`` of every key of every source, each copied into one reused
+  buffer so its bytes are really read, then ``save_file`` of A's tensors + fsync, as the exporter
+  fsyncs), in the order floor, export, export, floor after one warm-up floor; peak RssAnon
   (``/proc/self/status``, sampled every 5 ms) of that subprocess against its baseline after imports.
 
 Medians of several repetitions after a warm-up. Prints a table, writes JSON (atomically)::
 
-    python benchmarks/merge_speed.py --quick                 # tiny only, < 30 s
+    python benchmarks/merge_speed.py --quick                 # tiny only, one torch thread, < 30 s
     python benchmarks/merge_speed.py                         # tiny + SD1-size on the CPU
-    python benchmarks/merge_speed.py --device cuda --family sdxl
+    python benchmarks/merge_speed.py --device cuda --family sdxl --workdir /tmp/ms
+
+Real-size sources are written once into ``--workdir`` and reused by later runs (a temporary folder,
+deleted at the end, without it). On a machine that is shared, record the load: the JSON has it.
 
 Not a test: timings are never asserted anywhere.
 """
@@ -827,7 +831,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: tiny only, 2 repetitions (1 for add_difference, TIES), 1 export pair",
+        help="smoke run: tiny only, 2 repetitions (1 for add_difference, TIES), 1 export pair, 1 thread",
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--workdir", type=Path, help="keep (and reuse) the generated sources here")
@@ -855,7 +859,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         export_pairs=1 if quick else args.export_pairs,
         sizes=sizes,
         workdir=args.workdir,
-        threads=args.threads,
+        threads=args.threads if args.threads or not quick else 1,
     )
 
 
