@@ -43,12 +43,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import write_json  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -742,31 +743,6 @@ def print_table(rows: list[tuple[str, ...]], title: str) -> None:
     for row in rows:
         table.add_row(*row)
     Console(width=200).print(table)
-
-
-def _jsonable(value: Any) -> Any:
-    """Dataclasses with their properties (ratio, median), dtypes as names."""
-    if is_dataclass(value) and not isinstance(value, type):
-        data = {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
-        for name, attribute in vars(type(value)).items():
-            if isinstance(attribute, property):
-                data[name] = _jsonable(getattr(value, name))
-        return data
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Atomically: a temporary file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # -- main ------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import write_json  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "render_speed.json"
@@ -415,31 +416,6 @@ def print_table(rows: list[tuple[str, ...]], title: str) -> None:
     for row in rows:
         table.add_row(*row)
     Console(width=200).print(table)
-
-
-def _jsonable(value: Any) -> Any:
-    """Dataclasses with their properties, tuples as lists, paths as strings."""
-    if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
-        data = {name: _jsonable(getattr(value, name)) for name in value.__dataclass_fields__}
-        for name, attribute in vars(type(value)).items():
-            if isinstance(attribute, property):
-                data[name] = _jsonable(getattr(value, name))
-        return data
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Atomically: a temporary file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # -- main -----------------------------------------------------------------------------------------

@@ -138,9 +138,9 @@ def fetch_reward_weights(manifest_path: Path | str, *, downloader: Downloader | 
     if not manifest.hub:
         raise RewardError(f"{manifest_path}: has no `hub` section; put the weights files there by hand")
     if downloader is None:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # network: only `automerge rewards fetch`
 
-        downloader = hf_hub_download
+        downloader = hf_hub_download  # network: the user asked to fetch
     roles = {role.name: role for role in weight_roles(manifest.reward)}
     fetched: list[Path] = []
     for role, source in manifest.hub.items():
