@@ -716,6 +716,16 @@ def table_rows(size: str, live: LiveResult, export: ExportResult | None) -> list
                 f"≤ {TARGET_RATIO}×: {_verdict(export.ratio)}",
             )
         )
+        if first.hash_s is not None and first.merge_only_s is not None:
+            rows.append(
+                (
+                    f"{size}: export parts (first run, timed apart)",
+                    f"sha256 of the sources {_ms(first.hash_s)}",
+                    f"merge loop without writing {_ms(first.merge_only_s)}",
+                    "",
+                    "informational",
+                )
+            )
         rows.append(
             (
                 f"{size}: export peak RssAnon",
@@ -776,8 +786,10 @@ def run(settings: Settings) -> dict[str, Any]:
             print(f"[{size} {settings.family}] live re-merge")
             live = measure_live(sources, settings, size=size)
             loads["before_export"] = load_average()
-            print(f"[{size} {settings.family}] export")
-            export = measure_export(sources, folder, settings)
+            export = None
+            if settings.export_pairs > 0:
+                print(f"[{size} {settings.family}] export")
+                export = measure_export(sources, folder, settings)
             loads["after_export"] = load_average()
             source_bytes = {k: p.stat().st_size for k, p in sources.items()}
             results["sizes"][size] = {
@@ -802,7 +814,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5, help="weighted sum and copy floor repetitions")
     parser.add_argument("--slow-reps", type=int, default=3, help="add_difference repetitions")
     parser.add_argument("--ties-reps", type=int, default=1, help="TIES repetitions at real size (0: skip)")
-    parser.add_argument("--export-pairs", type=int, default=2, help="floor/export pairs (ABBA order)")
+    parser.add_argument(
+        "--export-pairs", type=int, default=2, help="floor/export pairs (ABBA order; 0 skips the export)"
+    )
     parser.add_argument("--sizes", default="tiny,real", help="comma list of tiny, real")
     parser.add_argument(
         "--quick",
