@@ -7,10 +7,10 @@ OpenCLIP tensor, squeezed 1×1 convs, a transposed projection). ``apply(params)`
 blocks whose parameters changed, writing into those buffers: no per-trial allocation of model-sized
 buffers, no copy into the modules, no file.
 
-Per block, the cheapest exact path is used: a method's fused ``inplace`` op on the whole flat block
-(weighted sum: one ``torch.lerp(out=...)``), else the method on the whole flat block when it is
-element-wise, else the method per key (TIES, DARE, slerp, ...: per-tensor statistics, per-key seeds).
-Each path computes exactly what ``export`` computes for the same recipe.
+Per block, the cheapest exact path is used (``merge_into``): a method's fused ``inplace`` op on the
+whole flat block (weighted sum: one ``torch.lerp(out=...)``), else the element-wise method through a
+chunk-sized scratch buffer, else the method per key (TIES, DARE, slerp, ...: per-tensor statistics,
+per-key seeds). The export goes through the same ``merge_into``, so both compute the same bits.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from automerge.arch import Architecture
-from automerge.merge.methods import check_finite, generator_for, merge_tensor
+from automerge.merge.methods import check_finite, generator_for, merge_into
 from automerge.merge.params import BlockParams, changed_blocks
 from automerge.merge.recipe import MergePlan
 from automerge.render.modules import build_modules, live_name
@@ -64,6 +64,7 @@ class EngineOptions:
     dtype: torch.dtype = torch.float32
     source_dtype: torch.dtype | None = None
     offload: bool = False
+    chunk_numel: int | None = None  # elements per chunk of element-wise merges (None: by device)
 
 
 def _materialise(name: str, buffer: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -169,6 +170,8 @@ class LiveEngine:
         return {name: flat.to(self.device, non_blocking=True) for name, flat in block.sources.items()}
 
     def _merge_block(self, block: _Block, params: BlockParams) -> None:
+        """Element-wise methods merge the whole flat block at once; the others go key by key,
+        because their statistics (top-k, norms) and random streams are per key, as in the export."""
         assert block.out is not None
         sources = self._sources_on_device(block)
         if not params.merges(block.name):  # e.g. the VAE when no parameter names it: model A's
@@ -177,37 +180,34 @@ class LiveEngine:
         method, values = self.plan.method, params.for_block(block.name)
         models = [sources[name] for name in self.plan.model_names]
         base = sources[self.plan.base_name] if self.plan.base_name else None
-        same_dtype = (
-            all(t.dtype == block.out.dtype for t in models) and self.plan.compute_dtype == torch.float32
-        )
-        if method.inplace is not None and same_dtype:
-            method.inplace(block.out, models, base, **values)
-        elif method.elementwise and not method.random:
-            block.out.copy_(self._merge(block.name, models, base, values, key=f"block {block.name}"))
-        else:
-            for slot in block.slots:
-                part = slice(slot.offset, slot.offset + slot.numel)
-                merged = self._merge(
-                    slot.key,
-                    [m[part].view(slot.shape) for m in models],
-                    None if base is None else base[part].view(slot.shape),
-                    values,
-                    key=slot.key,
-                )
-                block.out[part].copy_(merged.reshape(-1))
+        if method.elementwise and not method.random:
+            self._merge_into(block.out, models, base, values, key=f"block {block.name}", seed_key="")
+            return
+        for slot in block.slots:
+            part = slice(slot.offset, slot.offset + slot.numel)
+            self._merge_into(
+                block.out[part].view(slot.shape),
+                [m[part].view(slot.shape) for m in models],
+                None if base is None else base[part].view(slot.shape),
+                values,
+                key=slot.key,
+                seed_key=slot.key,
+            )
 
-    def _merge(
+    def _merge_into(
         self,
-        seed_key: str,
+        out: torch.Tensor,
         models: list[torch.Tensor],
         base: torch.Tensor | None,
         values: Mapping[str, float],
         *,
         key: str,
-    ) -> torch.Tensor:
+        seed_key: str,
+    ) -> None:
         method = self.plan.method
         generator = generator_for(seed_key, self.plan.recipe.seed, self.device) if method.random else None
-        return merge_tensor(
+        merge_into(
+            out,
             method,
             models,
             base,
@@ -215,6 +215,7 @@ class LiveEngine:
             params=values,
             generator=generator,
             compute_dtype=self.plan.compute_dtype,
+            chunk_numel=self.options.chunk_numel,
         )
 
     # -- inspection --------------------------------------------------------------------------------

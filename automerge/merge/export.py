@@ -17,7 +17,7 @@ import torch
 import automerge
 from automerge.checkpoints import SafetensorsWriter, TensorInfo, a1111_short_hash, sha256_file
 from automerge.checkpoints.model import CONFIGS_METADATA_KEY, SourceModel
-from automerge.merge.methods import check_finite, generator_for, merge_tensor
+from automerge.merge.methods import check_finite, generator_for, merge_into
 from automerge.merge.recipe import DTYPES, MergePlan
 
 
@@ -38,7 +38,7 @@ def merged_tensors(
                 tensor.to(dtype) if tensor.is_floating_point() and _in_a_block(plan, key, info) else tensor,
             )
             continue
-        yield key, merge_key(plan, key, block=block, device=device).to(dtype)
+        yield key, merge_key(plan, key, block=block, dtype=dtype, device=device)
 
 
 def _in_a_block(plan: MergePlan, key: str, info: TensorInfo) -> bool:
@@ -46,12 +46,17 @@ def _in_a_block(plan: MergePlan, key: str, info: TensorInfo) -> bool:
     return plan.arch.block_of(key, info.dtype) is not None
 
 
-def merge_key(plan: MergePlan, key: str, *, block: str, device: str = "cpu") -> torch.Tensor:
-    """One merged tensor in the plan's compute dtype; sources are checked for NaN/Inf first."""
+def merge_key(
+    plan: MergePlan, key: str, *, block: str, dtype: torch.dtype, device: str = "cpu"
+) -> torch.Tensor:
+    """One merged tensor in ``dtype`` (computed in the plan's compute dtype, like the live engine);
+    sources are checked for NaN/Inf first."""
     models = [_load(plan.sources[name], name, key, device) for name in plan.model_names]
     base = _load(plan.sources[plan.base_name], plan.base_name, key, device) if plan.base_name else None
     generator = generator_for(key, plan.recipe.seed, device) if plan.method.random else None
-    return merge_tensor(
+    out = torch.empty(models[0].shape, dtype=dtype, device=device)
+    merge_into(
+        out,
         plan.method,
         models,
         base,
@@ -60,6 +65,7 @@ def merge_key(plan: MergePlan, key: str, *, block: str, device: str = "cpu") -> 
         generator=generator,
         compute_dtype=plan.compute_dtype,
     )
+    return out
 
 
 def _load(model: SourceModel, name: str, key: str, device: str) -> torch.Tensor:

@@ -101,6 +101,21 @@ def test_live_engine_equals_the_exported_file(method: str, tiny_models: dict, tm
     plan.close()
 
 
+@pytest.mark.parametrize("method", METHODS.names())
+def test_half_precision_engine_in_small_chunks_equals_the_fp16_export(
+    method: str, tiny_models: dict, tmp_path: Path
+) -> None:
+    """fp16 sources and live weights (the GPU setting), chunks far smaller than a block: same bits."""
+    params = {"alpha": PER_BLOCK} if "alpha" in METHODS.get(method).param_names() else {}
+    plan = plan_merge(_recipe(tiny_models, method, params, dtype="fp16", seed=5), source="t")
+    engine = LiveEngine(plan, EngineOptions(device="cpu", dtype=torch.float16, chunk_numel=1000))
+    engine.apply(plan.params)
+    exported = load_file(export_merge(plan, tmp_path / "o.safetensors"))
+    for key in engine.live_keys():
+        assert torch.equal(engine.live_tensor(key), exported[key]), key
+    plan.close()
+
+
 def test_live_parameters_are_views_of_the_merged_weights(tiny_models: dict) -> None:
     plan = plan_merge(_recipe(tiny_models, "weighted_sum", {"alpha": 0.25}), source="t")
     engine = LiveEngine(plan)

@@ -18,11 +18,14 @@ from automerge.merge.methods import (
     METHODS,
     MergeMethod,
     ParamSpec,
+    all_finite,
     check_finite,
     generator_for,
+    merge_into,
     merge_tensor,
     register_method,
 )
+from automerge.merge.methods.task_arithmetic import _top_k
 
 
 def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -160,6 +163,25 @@ def test_dare_matches_direct_drop_and_rescale_by_one_over_density() -> None:
     expected = c.double() + 0.8 * sum(m * (x - c).double() / 0.3 for m, x in zip(masks, [a, b], strict=True))
     result = _run("dare", [a, b], c, seed=5, alpha=0.8, density=0.3)
     torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
+
+
+def _top_k_by_stable_sort(delta: Tensor, density: float) -> Tensor:
+    """The definition: rank |Δ| with a stable descending sort and keep the first ⌊density·n + ½⌋."""
+    flat = delta.flatten()
+    k = min(flat.numel(), int(density * flat.numel() + 0.5))
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[torch.argsort(flat.abs(), descending=True, stable=True)[:k]] = True
+    return torch.where(mask, flat, 0.0).view_as(delta)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.013, 0.5, 0.77, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ties_selection_equals_the_stable_sort_definition_with_many_equal_magnitudes(
+    density: float, dtype: torch.dtype
+) -> None:
+    """Values rounded to few levels make hundreds of |Δ| equal at the threshold, of both signs."""
+    delta = (_randn(37, 29, 3, seed=8) * 4).round().to(dtype) / 8
+    assert torch.equal(_top_k(delta, density), _top_k_by_stable_sort(delta, density))
 
 
 def test_dare_ties_matches_direct_drop_then_sign_election() -> None:
@@ -428,6 +450,82 @@ def test_merge_tensor_upcasts_half_precision_sources(name: str) -> None:
     expected = _call(method, [m.float() for m in half], None if half_base is None else half_base.float())
     assert result.dtype == torch.float32
     assert torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunk_numel", [1, 7, 64, None])
+def test_merge_into_equals_merge_tensor_cast_to_the_output_dtype(
+    name: str, dtype: torch.dtype, chunk_numel: int | None
+) -> None:
+    """Every fast path (fused ``inplace``, ``compute_into``, chunks of any size) gives the same bits."""
+    method = METHODS.get(name)
+    models, base = _sources(method, (5, 3, 3, 3), dtype=dtype)
+    params = method.defaults() | ({"alpha": 0.37} if "alpha" in method.param_names() else {})
+    expected = merge_tensor(method, models, base, key="k", params=params, generator=_gen(9)).to(dtype)
+    out = torch.full_like(expected, math.nan)
+    merge_into(out, method, models, base, key="k", params=params, generator=_gen(9), chunk_numel=chunk_numel)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if METHODS.get(n).compute_into or METHODS.get(n).inplace])
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0, 1.7])
+def test_fast_paths_equal_the_method_function_bit_for_bit(name: str, alpha: float) -> None:
+    method = METHODS.get(name)
+    alpha = min(alpha, method.params[0].high or alpha)
+    models, base = _sources(method, (4099,), dtype=torch.float16)
+    upcast = [m.float() for m in models]
+    expected = method.fn(upcast, None if base is None else base.float(), generator=None, alpha=alpha)
+    if method.compute_into is not None:
+        out = torch.empty(4099)
+        method.compute_into(out, models, base, alpha=alpha)
+        assert torch.equal(out, expected)
+    if method.inplace is not None:
+        out16 = torch.empty(4099, dtype=torch.float16)
+        method.inplace(out16, models, base, alpha=alpha)
+        assert torch.equal(out16, expected.half())
+
+
+def test_merge_into_catches_an_overflow_to_the_output_dtype() -> None:
+    """Finite in fp32, ±Inf in fp16: the result is checked after the cast, not before."""
+    a, b, c = (torch.full((3,), v, dtype=torch.float16) for v in (60000.0, 60000.0, -60000.0))
+    out = torch.empty(3, dtype=torch.float16)
+    with pytest.raises(
+        MergeError, match=r"'add_difference' produced NaN/Inf values for tensor 'k' \(alpha=2\)"
+    ):
+        merge_into(
+            out, METHODS.get("add_difference"), [a, b], c, key="k", params={"alpha": 2.0}, generator=None
+        )
+
+
+def test_all_finite_is_exact_where_the_fast_sum_overflows_or_propagates() -> None:
+    huge = torch.full((4,), 3e38)  # finite values whose float32 sum is +Inf
+    assert all_finite(huge)
+    assert all_finite(torch.arange(5))
+    assert not all_finite(torch.tensor([1.0, math.nan]))
+    assert not all_finite(torch.tensor([math.inf, -math.inf]))  # the sum is NaN, not Inf
+    assert not all_finite(torch.tensor([65504.0, math.inf], dtype=torch.float16))
+
+
+def test_fast_paths_are_only_for_element_wise_methods() -> None:
+    def into(out: Tensor, models: list[Tensor], base: Tensor | None, *, alpha: float) -> None:
+        out.copy_(models[0])
+
+    def method(models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float):
+        """A"""
+        return models[0].clone()
+
+    with pytest.raises(TypeError, match="need an element-wise method"):
+        MergeMethod.from_function(
+            method,
+            name="x",
+            params=(ALPHA,),
+            needs_base=False,
+            min_models=2,
+            max_models=2,
+            random=False,
+            compute_into=into,
+        )
 
 
 # ---------------------------------------------------------------------------------------------

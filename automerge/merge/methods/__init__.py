@@ -12,15 +12,23 @@ from automerge.merge.methods import (  # noqa: F401
     model_stock,
     task_arithmetic,
 )
-from automerge.merge.methods._apply import check_finite, generator_for, merge_tensor
+from automerge.merge.methods._apply import (
+    all_finite,
+    check_finite,
+    generator_for,
+    merge_into,
+    merge_tensor,
+)
 from automerge.merge.methods._spec import METHODS, MergeMethod, ParamSpec, register_method
 
 __all__ = [
     "METHODS",
     "MergeMethod",
     "ParamSpec",
+    "all_finite",
     "check_finite",
     "generator_for",
+    "merge_into",
     "merge_tensor",
     "register_method",
 ]

@@ -76,7 +76,12 @@ class MergeMethod:
     random: bool  # needs a torch.Generator
     formula: str  # one line, shown in `automerge methods` and the docs
     elementwise: bool = False  # each output element depends only on the same element of the inputs
-    inplace: Callable[..., None] | None = None  # fn(out, models, base, **params): one fused pass into out
+    # Optional fast paths; each must give exactly what ``fn`` gives (see ``merge_into``):
+    # inplace(out, models, base, **params): one fused pass, every tensor already in out's dtype;
+    # compute_into(out, models, base, **params): out in the compute dtype, sources in any float
+    # dtype, read without upcast copies (element-wise methods, one chunk at a time).
+    inplace: Callable[..., None] | None = None
+    compute_into: Callable[..., None] | None = None
 
     def param_names(self) -> tuple[str, ...]:
         return tuple(spec.name for spec in self.params)
@@ -98,12 +103,15 @@ class MergeMethod:
         random: bool,
         elementwise: bool = False,
         inplace: Callable[..., None] | None = None,
+        compute_into: Callable[..., None] | None = None,
     ) -> MergeMethod:
         """Check ``fn`` against the declared parameters (a mismatch is a ``TypeError``) and wrap it."""
         _check_signature(fn, name=name, params=params)
         doc = inspect.getdoc(fn)
         if not doc:
             raise TypeError(f"merge method '{name}': the docstring's first line must give the formula")
+        if (inplace or compute_into) and not elementwise:
+            raise TypeError(f"merge method '{name}': inplace and compute_into need an element-wise method")
         if max_models is not None and max_models < min_models:
             raise TypeError(f"merge method '{name}': max_models {max_models} < min_models {min_models}")
         return cls(
@@ -117,6 +125,7 @@ class MergeMethod:
             formula=doc.splitlines()[0],
             elementwise=elementwise,
             inplace=inplace,
+            compute_into=compute_into,
         )
 
 
@@ -133,6 +142,7 @@ def register_method(
     random: bool = False,
     elementwise: bool = False,
     inplace: Callable[..., None] | None = None,
+    compute_into: Callable[..., None] | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator: check ``fn``'s signature against ``params`` and register it in ``METHODS``."""
 
@@ -147,6 +157,7 @@ def register_method(
             random=random,
             elementwise=elementwise,
             inplace=inplace,
+            compute_into=compute_into,
         )
         METHODS.register(name, method)
         return fn

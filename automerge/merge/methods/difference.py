@@ -12,6 +12,19 @@ from automerge.merge.methods._spec import ParamSpec, register_method
 _TRAIN_DIFFERENCE_GAIN = 1.8  # supermerger's constant
 
 
+def _add_difference_into(out: Tensor, models: Sequence[Tensor], base: Tensor | None, *, alpha: float) -> None:
+    """``add_difference`` written into ``out`` (compute dtype) in four passes and no temporaries."""
+    a, b = models
+    assert base is not None
+    if alpha == 0.0:
+        out.copy_(a)
+        return
+    out.copy_(b)
+    out.sub_(base)
+    out.mul_(alpha)
+    out.add_(a)
+
+
 @register_method(
     "add_difference",
     params=(
@@ -25,6 +38,7 @@ _TRAIN_DIFFERENCE_GAIN = 1.8  # supermerger's constant
     ),
     needs_base=True,
     elementwise=True,
+    compute_into=_add_difference_into,
 )
 def add_difference(
     models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float

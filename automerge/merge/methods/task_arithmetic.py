@@ -50,15 +50,25 @@ def _keep_count(density: float, numel: int) -> int:
 
 
 def _top_k(delta: Tensor, density: float) -> Tensor:
-    """Keep the k largest |Δ| (ties broken by position: the earlier element wins), zero the rest."""
+    """Keep the k largest |Δ| (ties broken by position: the earlier element wins), zero the rest.
+
+    The k-th largest |Δ| is found with one selection (``kthvalue``), not a sort: every element
+    above it is kept, and of the elements equal to it, the first k − #above in index order.
+    """
     flat = delta.flatten()
-    k = _keep_count(density, flat.numel())
-    if k == flat.numel():
+    n = flat.numel()
+    k = _keep_count(density, n)
+    if k == n:
         return delta.clone()
-    order = torch.argsort(flat.abs(), descending=True, stable=True)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[:k]] = True
-    return torch.where(mask, flat, 0.0).view_as(delta)
+    if k == 0:
+        return torch.zeros_like(delta)
+    magnitude = flat.abs()
+    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    keep = magnitude > threshold
+    room = k - int(keep.sum())
+    tied = torch.nonzero(magnitude == threshold).squeeze(1)  # ascending positions
+    keep[tied[:room]] = True
+    return torch.where(keep, flat, 0.0).view_as(delta)
 
 
 def _bernoulli(delta: Tensor, keep: Tensor | float, generator: torch.Generator) -> Tensor:
