@@ -175,11 +175,15 @@ def _check_tiling(tensors: Mapping[str, TensorEntry], *, data_bytes: int) -> Non
         raise _HeaderProblem(f"{data_bytes - position} unexpected bytes after the last tensor")
 
 
-def encode_header(infos: Mapping[str, TensorInfo], *, metadata: Mapping[str, str]) -> bytes:
+def encode_header(
+    infos: Mapping[str, TensorInfo], *, metadata: Mapping[str, str], size: int | None = None
+) -> bytes:
     """Length prefix and JSON header for tensors stored back to back in ``infos`` order.
 
     The JSON is compact, ``__metadata__`` first (omitted when empty), padded with spaces so that the
-    data section starts at a multiple of 8 bytes, as the reference implementation writes it.
+    data section starts at a multiple of 8 bytes, as the reference implementation writes it. With
+    ``size``, it is padded to exactly ``size`` bytes instead (to rewrite the header of a written
+    file in place); a header that does not fit raises ``ValueError``.
     """
     document: dict[str, object] = {METADATA_KEY: dict(metadata)} if metadata else {}
     offset = 0
@@ -195,5 +199,10 @@ def encode_header(infos: Mapping[str, TensorInfo], *, metadata: Mapping[str, str
         }
         offset += info.nbytes
     body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    body += b" " * (-len(body) % PREFIX_BYTES)
+    if size is None:
+        body += b" " * (-len(body) % PREFIX_BYTES)
+    elif len(body) + PREFIX_BYTES <= size:
+        body += b" " * (size - PREFIX_BYTES - len(body))
+    else:
+        raise ValueError(f"the header takes {len(body) + PREFIX_BYTES} bytes, more than the {size} reserved")
     return struct.pack("<Q", len(body)) + body

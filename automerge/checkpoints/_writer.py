@@ -97,6 +97,22 @@ class SafetensorsWriter:
             self._file.write(_little_endian_bytes(tensor))
         self._written += 1
 
+    def update_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Replace the metadata before the file is committed (e.g. hashes computed while writing).
+
+        The new header is written over the old one in place, padded with spaces to the same size, so
+        it must not be longer: reserve room by passing placeholders of the final length up front.
+        """
+        if self._file is None:
+            raise ValueError(f"SafetensorsWriter for {self.path} is not open; use it in a `with` block")
+        header = encode_header(self._infos, metadata=_checked_metadata(metadata), size=len(self._header))
+        with self._os_errors():
+            position = self._file.tell()
+            self._file.seek(0)
+            self._file.write(header)
+            self._file.seek(position)
+        self._header = header
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,

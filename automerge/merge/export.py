@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -87,21 +88,35 @@ def output_infos(plan: MergePlan, *, dtype: torch.dtype) -> dict[str, TensorInfo
     return infos
 
 
+def source_digests(plan: MergePlan) -> dict[str, str]:
+    """sha256 of each source file by model letter; "" for a diffusers folder (no single file)."""
+    return {
+        name: sha256_file(model.path) if model.path.is_file() else "" for name, model in plan.sources.items()
+    }
+
+
 def export_metadata(
-    plan: MergePlan, *, extra: Mapping[str, str] | None = None, title: str | None = None
+    plan: MergePlan,
+    *,
+    extra: Mapping[str, str] | None = None,
+    title: str | None = None,
+    digests: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The output header: recipe, sources with hashes, modelspec, version, and caller's ``extra``."""
-    sources = []
-    for name, model in plan.sources.items():
-        digest = sha256_file(model.path) if model.path.is_file() else ""
-        sources.append(
-            {
-                "name": name,
-                "file": model.path.name,
-                "sha256": digest,
-                "autov2": a1111_short_hash(digest) if digest else "",
-            }
-        )
+    """The output header: recipe, sources with hashes, modelspec, version, and caller's ``extra``.
+
+    ``digests``: each source's sha256 by model letter, as ``source_digests`` gives them (computed
+    here when not given).
+    """
+    digests = source_digests(plan) if digests is None else digests
+    sources = [
+        {
+            "name": name,
+            "file": model.path.name,
+            "sha256": digests[name],
+            "autov2": a1111_short_hash(digests[name]) if digests[name] else "",
+        }
+        for name, model in plan.sources.items()
+    ]
     recipe = plan.recipe.to_yaml_dict()
     recipe["models"] = {name: Path(path).name for name, path in recipe["models"].items()}
     metadata = {
@@ -134,10 +149,24 @@ def export_merge(
     extra_metadata: Mapping[str, str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Merge ``plan`` into the safetensors file ``out`` (streamed, atomic); returns ``out``."""
+    """Merge ``plan`` into the safetensors file ``out`` (streamed, atomic); returns ``out``.
+
+    The sources are hashed in background threads while the merge runs; the header is written first
+    with placeholder hashes of the final length and rewritten in place before the file is committed.
+    """
     out_dtype = DTYPES[dtype or plan.recipe.dtype]
-    metadata = export_metadata(plan, extra=extra_metadata, title=title)
-    with SafetensorsWriter(out, output_infos(plan, dtype=out_dtype), metadata=metadata) as writer:
-        for key, tensor in merged_tensors(plan, dtype=out_dtype, device=device):
-            writer.write(key, tensor.cpu())
+    infos = output_infos(plan, dtype=out_dtype)
+    files = {name: model.path for name, model in plan.sources.items() if model.path.is_file()}
+    placeholders = {name: f"{i:064x}" if name in files else "" for i, name in enumerate(plan.sources, 1)}
+    pool = ThreadPoolExecutor(max_workers=max(1, len(files)), thread_name_prefix="automerge-sha256")
+    try:
+        hashing = {name: pool.submit(sha256_file, path) for name, path in files.items()}
+        metadata = export_metadata(plan, extra=extra_metadata, title=title, digests=placeholders)
+        with SafetensorsWriter(out, infos, metadata=metadata) as writer:
+            for key, tensor in merged_tensors(plan, dtype=out_dtype, device=device):
+                writer.write(key, tensor.cpu())
+            digests = {name: hashing[name].result() if name in hashing else "" for name in plan.sources}
+            writer.update_metadata(export_metadata(plan, extra=extra_metadata, title=title, digests=digests))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     return out

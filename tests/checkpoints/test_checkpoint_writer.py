@@ -188,3 +188,28 @@ def test_failed_disk_write_raises_checkpoint_error_and_leaves_no_output(
             monkeypatch.setattr(writer_module, "_little_endian_bytes", disk_full)
             writer.write("b", tensors["b"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_metadata_updated_before_commit_replaces_the_header_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "late.safetensors"
+    tensors = _mixed()
+    with SafetensorsWriter(path, _infos(tensors), metadata={"sha256": "0" * 64, "x": "y"}) as writer:
+        for key, tensor in tensors.items():
+            writer.write(key, tensor)
+        writer.update_metadata({"sha256": "ab" * 32})
+    with safe_open(path, framework="pt") as handle:
+        assert handle.metadata() == {"sha256": "ab" * 32}
+    loaded = load_file(path)
+    assert all(_same(loaded[key].reshape(-1), tensors[key].reshape(-1)) for key in tensors)
+    size, header = _header(path)
+    assert (8 + size) % 8 == 0 and header.endswith(b" ")
+
+
+def test_metadata_update_longer_than_the_reserved_header_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "late.safetensors"
+    with SafetensorsWriter(path, {"t": TensorInfo((2,), torch.float32)}, metadata={"h": ""}) as writer:
+        writer.write("t", torch.ones(2))
+        with pytest.raises(ValueError, match="more than the .* reserved"):
+            writer.update_metadata({"h": "x" * 100})
+    with safe_open(path, framework="pt") as handle:  # the first header is still intact
+        assert handle.metadata() == {"h": ""}
