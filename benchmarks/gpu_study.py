@@ -289,7 +289,7 @@ def write_imagereward(folder: Path, *, device: str, dtype: torch.dtype, seed: in
     random init on ``device``: ``ImageReward.pt`` (official key layout), ``med_config.json``,
     ``vocab.txt`` (30,522 tokens) and ``imagereward.yaml``."""
     from automerge.rewards.imagereward import BlipVisionSizes, ImageRewardNet, read_med_config
-    from automerge.rewards.tiny import (
+    from automerge.testing.tiny_rewards import (
         BERT_WORDS,
         official_imagereward_checkpoint,
         tiny_med_config,
@@ -380,7 +380,7 @@ def _set_manifest(path: Path, **fields: Any) -> Path:
 
 def make_rewards(settings: Settings, folder: Path, *, tiny: bool) -> Path:
     """ImageReward and LAION-aesthetic manifests (tiny or real size) and their composite (reused)."""
-    from automerge.rewards.tiny import write_tiny_imagereward, write_tiny_laion_aesthetic
+    from automerge.testing.tiny_rewards import write_tiny_imagereward, write_tiny_laion_aesthetic
 
     composite = folder / "composite.yaml"
     if composite.is_file():  # written last: the members are complete

@@ -57,7 +57,7 @@ def _write_inputs(folder: Path, *, seed: int) -> dict[str, object]:
     import torch
 
     from automerge.rewards.imagereward import BlipVisionSizes, ImageRewardNet, read_med_config
-    from automerge.rewards.tiny import (
+    from automerge.testing.tiny_rewards import (
         official_imagereward_checkpoint,
         tiny_image,
         tiny_med_config,

@@ -11,7 +11,7 @@ The same jobs (``--images`` seeds of one prompt set, equal settings) are rendere
 (``batch_size`` 1) and batched (``--batch-size``, default 4), alternately, after a warm-up of each;
 images/s = images / wall time of ``Renderer.render`` (PIL images returned, so the device is synced).
 Then each reward model scores ``--images`` images: the tiny random models of
-``automerge.rewards.tiny`` (``--size tiny``), or an ImageReward with the official real sizes and
+``automerge.testing.tiny_rewards`` (``--size tiny``), or an ImageReward with the official real sizes and
 random weights (``--size real``: ViT-L/16 + 12-layer BERT-base with cross-attention), on images of
 the render size. Medians of ``--reps`` repetitions. Prints a table, writes JSON (atomically)::
 
@@ -253,7 +253,7 @@ def write_real_imagereward(folder: Path, *, seed: int = 0) -> Path:
     12 heads, MLP 3072, cross-attention in every layer) with random weights, in the official layout.
     The vocabulary is the tiny test one (the embedding size does not change the speed)."""
     from automerge.rewards.imagereward import BlipVisionSizes, ImageRewardNet, read_med_config
-    from automerge.rewards.tiny import official_imagereward_checkpoint, tiny_med_config, write_bert_vocab
+    from automerge.testing.tiny_rewards import official_imagereward_checkpoint, tiny_med_config, write_bert_vocab
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_bert_vocab(folder / "vocab.txt")
@@ -283,7 +283,7 @@ def reward_writers(size: str) -> dict[str, Callable[[Path], Path]]:
     """Manifest writers by display name: every tiny random model, or the real-size ImageReward."""
     if size == "real":
         return {"imagereward (real size, random)": write_real_imagereward}
-    from automerge.rewards.tiny import TINY_REWARDS
+    from automerge.testing.tiny_rewards import TINY_REWARDS
 
     return {f"{name} (tiny, random)": write for name, write in TINY_REWARDS.items()}
 
@@ -303,7 +303,7 @@ class RewardResult:
 
 def reward_inputs(count: int, *, side: int) -> tuple[list[Any], list[str], list[str]]:
     """``count`` random images of ``side``² px, prompts, and keys the tiny reference model has."""
-    from automerge.rewards.tiny import tiny_image
+    from automerge.testing.tiny_rewards import tiny_image
 
     reference_keys = ("item0-s1", "item1-s2")  # write_reference's defaults
     images = [tiny_image(index % len(reference_keys), size=(side, side)) for index in range(count)]

@@ -19,7 +19,7 @@ from cli_helpers import CliResult, run_cli
 from PIL import Image
 
 from automerge.rewards import load_reward
-from automerge.rewards.tiny import TINY_REWARDS
+from automerge.testing.tiny_rewards import TINY_REWARDS
 
 PROMPTS = ("a photo of a cat", "a red house in the tree")
 PAYLOAD = {

@@ -49,6 +49,7 @@ class _Block:
     numel: int = 0
     sources: dict[str, torch.Tensor] = field(default_factory=dict)  # letter → flat (storage dtype)
     out: torch.Tensor | None = None  # flat (live dtype) on the device; live parameters view it
+    source_magnitude: float = 0.0  # max |x| over every source tensor of the block
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,11 @@ class LiveEngine:
                     continue
                 flat = torch.empty(block.numel, dtype=storage, device=where, pin_memory=pin)
                 for slot in block.slots:
-                    tensor = model.checkpoint.load(slot.key)
-                    check_finite(tensor, model=name, key=slot.key)
-                    flat[slot.offset : slot.offset + slot.numel].copy_(tensor.reshape(-1))
+                    part = flat[slot.offset : slot.offset + slot.numel]
+                    part.copy_(model.checkpoint.load(slot.key).reshape(-1))
+                    # checked as stored: a value beyond fp16's range in an fp32 file is caught too
+                    magnitude = check_finite(part, model=name, key=slot.key)
+                    block.source_magnitude = max(block.source_magnitude, magnitude)
                 block.sources[name] = flat
             block.out = torch.empty(block.numel, dtype=self.options.dtype, device=self.device)
 
@@ -181,7 +184,9 @@ class LiveEngine:
         models = [sources[name] for name in self.plan.model_names]
         base = sources[self.plan.base_name] if self.plan.base_name else None
         if method.elementwise and not method.random:
-            self._merge_into(block.out, models, base, values, key=f"block {block.name}", seed_key="")
+            self._merge_into(
+                block.out, models, base, values, key=f"block {block.name}", seed_key="", block=block
+            )
             return
         for slot in block.slots:
             part = slice(slot.offset, slot.offset + slot.numel)
@@ -192,6 +197,7 @@ class LiveEngine:
                 values,
                 key=slot.key,
                 seed_key=slot.key,
+                block=block,
             )
 
     def _merge_into(
@@ -203,6 +209,7 @@ class LiveEngine:
         *,
         key: str,
         seed_key: str,
+        block: _Block,
     ) -> None:
         method = self.plan.method
         generator = generator_for(seed_key, self.plan.recipe.seed, self.device) if method.random else None
@@ -216,6 +223,7 @@ class LiveEngine:
             generator=generator,
             compute_dtype=self.plan.compute_dtype,
             chunk_numel=self.options.chunk_numel,
+            source_magnitude=block.source_magnitude,
         )
 
     # -- inspection --------------------------------------------------------------------------------

@@ -52,8 +52,10 @@ def merge_key(
 ) -> torch.Tensor:
     """One merged tensor in ``dtype`` (computed in the plan's compute dtype, like the live engine);
     sources are checked for NaN/Inf first."""
-    models = [_load(plan.sources[name], name, key, device) for name in plan.model_names]
-    base = _load(plan.sources[plan.base_name], plan.base_name, key, device) if plan.base_name else None
+    names = [*plan.model_names, *([plan.base_name] if plan.base_name else [])]
+    loaded = {name: _load(plan.sources[name], name, key, device) for name in names}
+    models = [loaded[name][0] for name in plan.model_names]
+    base = loaded[plan.base_name][0] if plan.base_name else None
     generator = generator_for(key, plan.recipe.seed, device) if plan.method.random else None
     out = torch.empty(models[0].shape, dtype=dtype, device=device)
     merge_into(
@@ -65,14 +67,15 @@ def merge_key(
         params=plan.params.for_block(block),
         generator=generator,
         compute_dtype=plan.compute_dtype,
+        source_magnitude=max(magnitude for _, magnitude in loaded.values()),
     )
     return out
 
 
-def _load(model: SourceModel, name: str, key: str, device: str) -> torch.Tensor:
+def _load(model: SourceModel, name: str, key: str, device: str) -> tuple[torch.Tensor, float]:
+    """The source tensor on ``device`` and its max |x|; NaN/Inf raise ``MergeError``."""
     tensor = model.checkpoint.load(key).to(device)
-    check_finite(tensor, model=name, key=key)
-    return tensor
+    return tensor, check_finite(tensor, model=name, key=key)
 
 
 def output_infos(plan: MergePlan, *, dtype: torch.dtype) -> dict[str, TensorInfo]:

@@ -143,15 +143,25 @@ def fetch_reward_weights(manifest_path: Path | str, *, downloader: Downloader | 
         downloader = hf_hub_download  # network: the user asked to fetch
     roles = {role.name: role for role in weight_roles(manifest.reward)}
     fetched: list[Path] = []
+    failures: list[str] = []
     for role, source in manifest.hub.items():
         for name, target in _targets(roles[role], source, manifest.weights[role]):
             key = role if roles[role].kind == "file" else f"{role}/{name}"
             expected = manifest.sha256.get(key)
-            if not _is_current(target, expected):
-                _download(source, name, target, downloader=downloader)
-                if expected is not None:
-                    verify_sha256(target, expected, key=key)
+            try:
+                if not _is_current(target, expected):
+                    _download(source, name, target, downloader=downloader)
+                    if expected is not None:
+                        verify_sha256(target, expected, key=key)
+            except RewardError as error:  # try the others too, then name every failure at once
+                failures.append(str(error))
+                continue
             fetched.append(target)
+    if len(failures) == 1:
+        raise RewardError(failures[0])
+    if failures:
+        total = len(failures) + len(fetched)
+        raise RewardError(f"{len(failures)} of {total} files could not be fetched: " + " | ".join(failures))
     return fetched
 
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from automerge.checkpoints import open_file_checkpoint
 from automerge.checkpoints.model import open_model
+from automerge.errors import MergeError
 from automerge.merge.engine import EngineOptions, LiveEngine
 from automerge.merge.export import export_merge
 from automerge.merge.methods import METHODS
@@ -113,6 +114,23 @@ def test_half_precision_engine_in_small_chunks_equals_the_fp16_export(
     exported = load_file(export_merge(plan, tmp_path / "o.safetensors"))
     for key in engine.live_keys():
         assert torch.equal(engine.live_tensor(key), exported[key]), key
+    plan.close()
+
+
+def test_a_value_beyond_the_storage_dtype_is_refused_naming_model_and_key(
+    tiny_models: dict, tmp_path: Path
+) -> None:
+    """An fp32 file whose value overflows fp16 storage would merge as Inf: it is caught at load."""
+    tensors = load_file(tiny_models["b"])
+    key = next(k for k in tensors if k.startswith("model.diffusion_model.input_blocks.1"))
+    tensors[key] = tensors[key].float()
+    tensors[key].view(-1)[3] = 1e5
+    save_file(tensors, tmp_path / "b32.safetensors")
+    models = {"a": tiny_models["a"], "b": tmp_path / "b32.safetensors"}
+    plan = plan_merge(_recipe(models, "weighted_sum", dtype="fp16"), source="t")
+    with pytest.raises(MergeError, match=rf"model b: tensor '{key}' has NaN/Inf values \(1 of"):
+        LiveEngine(plan, EngineOptions(device="cpu", dtype=torch.float16))
+    LiveEngine(plan, EngineOptions(device="cpu", dtype=torch.float32))  # fp32 storage holds it
     plan.close()
 
 

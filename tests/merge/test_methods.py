@@ -21,6 +21,7 @@ from automerge.merge.methods import (
     all_finite,
     check_finite,
     generator_for,
+    max_magnitude,
     merge_into,
     merge_tensor,
     register_method,
@@ -486,21 +487,44 @@ def test_fast_paths_equal_the_method_function_bit_for_bit(name: str, alpha: floa
         assert torch.equal(out16, expected.half())
 
 
-def test_merge_into_catches_an_overflow_to_the_output_dtype() -> None:
-    """Finite in fp32, ±Inf in fp16: the result is checked after the cast, not before."""
+@pytest.mark.parametrize("name", [n for n in ALL if METHODS.get(n).growth is not None])
+def test_growth_bounds_every_result_element(name: str) -> None:
+    """|result| ≤ growth·max|source| at the top of every parameter range, on heavy-tailed sources."""
+    method = METHODS.get(name)
+    params = {spec.name: spec.high if spec.high is not None else spec.default for spec in method.params}
+    models, base = _sources(method, (20000,))
+    models = [m**3 for m in models]  # heavy tails: a few elements far from the rest
+    base = None if base is None else -(base**3)
+    magnitude = max(t.abs().max().item() for t in [*models, *([] if base is None else [base])])
+    result = _call(method, models, base, params)
+    assert result.abs().max().item() <= method.growth(**params) * magnitude
+
+
+@pytest.mark.parametrize("magnitude", [None, 60000.0])
+def test_merge_into_catches_an_overflow_to_the_output_dtype_with_or_without_a_source_bound(
+    magnitude: float | None,
+) -> None:
     a, b, c = (torch.full((3,), v, dtype=torch.float16) for v in (60000.0, 60000.0, -60000.0))
     out = torch.empty(3, dtype=torch.float16)
-    with pytest.raises(
-        MergeError, match=r"'add_difference' produced NaN/Inf values for tensor 'k' \(alpha=2\)"
-    ):
+    with pytest.raises(MergeError, match="produced NaN/Inf"):
         merge_into(
-            out, METHODS.get("add_difference"), [a, b], c, key="k", params={"alpha": 2.0}, generator=None
+            out,
+            METHODS.get("add_difference"),
+            [a, b],
+            c,
+            key="k",
+            params={"alpha": 2.0},
+            generator=None,
+            source_magnitude=magnitude,
         )
 
 
-def test_all_finite_is_exact_where_the_fast_sum_overflows_or_propagates() -> None:
-    huge = torch.full((4,), 3e38)  # finite values whose float32 sum is +Inf
-    assert all_finite(huge)
+def test_all_finite_and_max_magnitude_see_every_nan_and_inf() -> None:
+    huge = torch.full((4,), 3e38)  # finite values whose float32 sum would be +Inf
+    assert all_finite(huge) and max_magnitude(huge) == pytest.approx(3e38)
+    assert max_magnitude(torch.tensor([-5.0, 2.0])) == 5.0
+    assert math.isnan(max_magnitude(torch.tensor([1.0, math.nan, -math.inf])))
+    assert all_finite(torch.zeros(0))
     assert all_finite(torch.arange(5))
     assert not all_finite(torch.tensor([1.0, math.nan]))
     assert not all_finite(torch.tensor([math.inf, -math.inf]))  # the sum is NaN, not Inf

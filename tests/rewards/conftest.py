@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from automerge.rewards.tiny import TINY_REWARDS, tiny_image
+from automerge.testing.tiny_rewards import TINY_REWARDS, tiny_image
 
 KEYS = ("item0-s1", "item1-s2")  # the keys write_reference writes references for
 PROMPTS = ("a photo of a cat", "a red house in the tree")

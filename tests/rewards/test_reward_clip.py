@@ -14,7 +14,7 @@ from automerge.errors import RewardError
 from automerge.rewards import load_reward
 from automerge.rewards.preprocess import clip_transform
 from automerge.rewards.pretrained import features
-from automerge.rewards.tiny import tiny_image, write_tiny_clip_score, write_tiny_laion_aesthetic
+from automerge.testing.tiny_rewards import tiny_image, write_tiny_clip_score, write_tiny_laion_aesthetic
 
 
 def test_clip_score_is_scaled_cosine_of_image_and_text_embeddings(

@@ -11,7 +11,7 @@ from automerge.errors import RewardError
 from automerge.rewards import CompositeReward, ReferenceReward, Reward, load_reward
 from automerge.rewards.manifest import AffineNormalize
 from automerge.rewards.scoring import ComponentScores, Member, ZScore, combine_components
-from automerge.rewards.tiny import tiny_image, write_reference
+from automerge.testing.tiny_rewards import tiny_image, write_reference
 
 KEYS = ["item0-s1", "item0-s1", "item1-s2"]
 

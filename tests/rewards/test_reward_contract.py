@@ -14,7 +14,7 @@ from PIL import Image
 from automerge.errors import RewardError
 from automerge.rewards import REWARDS, RewardModel, load_reward
 from automerge.rewards.base import RewardPlugin
-from automerge.rewards.tiny import TINY_REWARDS
+from automerge.testing.tiny_rewards import TINY_REWARDS
 
 
 def test_every_registered_plugin_has_a_tiny_model_writer() -> None:

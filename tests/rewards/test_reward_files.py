@@ -12,7 +12,11 @@ import yaml
 
 from automerge.errors import RewardError
 from automerge.rewards import fetch_reward_weights, load_reward, sha256_file
-from automerge.rewards.tiny import write_tiny_clip_score, write_tiny_imagereward, write_tiny_laion_aesthetic
+from automerge.testing.tiny_rewards import (
+    write_tiny_clip_score,
+    write_tiny_imagereward,
+    write_tiny_laion_aesthetic,
+)
 
 
 def _edit_manifest(path: Path, **changes: object) -> Path:
@@ -163,6 +167,30 @@ def test_fetch_places_missing_files_and_verifies_sha256(tmp_path: Path) -> None:
     calls.clear()
     fetch_reward_weights(local / "imagereward.yaml", downloader=download)
     assert calls == []  # present and matching: nothing downloaded again
+
+
+def test_fetch_tries_every_file_and_names_all_that_failed(tmp_path: Path) -> None:
+    manifest = write_tiny_imagereward(tmp_path / "hub")
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(manifest, local / "imagereward.yaml")
+    calls, copy_from_hub = _fake_hub(tmp_path / "hub")
+
+    def offline_for_thudm(*, repo_id: str, filename: str, revision: str | None, local_dir: str) -> str:
+        if repo_id == "THUDM/ImageReward":
+            calls.append((repo_id, filename))
+            raise OSError("offline")
+        return copy_from_hub(repo_id=repo_id, filename=filename, revision=revision, local_dir=local_dir)
+
+    with pytest.raises(RewardError) as caught:
+        fetch_reward_weights(local / "imagereward.yaml", downloader=offline_for_thudm)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("2 of 3 files could not be fetched")
+    assert f"put ImageReward.pt from THUDM/ImageReward at {local / 'ImageReward.pt'}" in message
+    assert f"put med_config.json from THUDM/ImageReward at {local / 'med_config.json'}" in message
+    assert (local / "vocab.txt").is_file()  # the one that could be fetched was fetched
+    assert len(calls) == 3
 
 
 def test_fetch_of_a_file_with_the_wrong_hash_raises(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from automerge.rewards.imagereward import (
     to_official_imagereward_state_dict,
 )
 from automerge.rewards.preprocess import CLIP_MEAN, CLIP_STD, center_crop_box, clip_transform, resized_size
-from automerge.rewards.tiny import (
+from automerge.testing.tiny_rewards import (
     TINY_VISION,
     official_imagereward_checkpoint,
     tiny_image,

@@ -11,7 +11,7 @@ from PIL import Image
 from automerge.errors import RewardError
 from automerge.rewards import ReferenceReward, RewardContext, load_reward
 from automerge.rewards.reference import gaussian_window, negative_mse, ssim
-from automerge.rewards.tiny import tiny_image, write_reference
+from automerge.testing.tiny_rewards import tiny_image, write_reference
 
 
 def _constant(value: float, size: int = 16) -> torch.Tensor:

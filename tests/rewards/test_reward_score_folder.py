@@ -10,7 +10,7 @@ from PIL import Image, PngImagePlugin
 
 from automerge.errors import RewardError
 from automerge.rewards import dumps_scores, score_folder
-from automerge.rewards.tiny import tiny_image, write_reference
+from automerge.testing.tiny_rewards import tiny_image, write_reference
 
 
 def _save(image: Image.Image, path: Path, **chunks: str) -> None:

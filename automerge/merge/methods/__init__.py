@@ -16,6 +16,7 @@ from automerge.merge.methods._apply import (
     all_finite,
     check_finite,
     generator_for,
+    max_magnitude,
     merge_into,
     merge_tensor,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "all_finite",
     "check_finite",
     "generator_for",
+    "max_magnitude",
     "merge_into",
     "merge_tensor",
     "register_method",

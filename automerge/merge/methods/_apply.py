@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -24,29 +25,46 @@ def generator_for(key: str, seed: int, device: torch.device | str) -> torch.Gene
     return generator
 
 
-def all_finite(tensor: Tensor) -> bool:
-    """True when no element is NaN or ±Inf (always True for integer tensors).
+def max_magnitude(tensor: Tensor) -> float:
+    """max |x| over the tensor, NaN when any element is NaN, inf when any is ±Inf (0 when empty).
 
-    Fast path: NaN and Inf propagate through a sum, so a finite float32 (float64 for float64
-    tensors) sum proves every element finite, at a fraction of ``isfinite(t).all()``'s cost. A
-    non-finite sum can also come from huge finite values overflowing; then the exact test decides.
+    One ``aminmax`` pass: min/max reductions propagate NaN and keep ±Inf, and run at memory speed
+    (about 20× faster than ``isfinite(t).all()`` on CPU).
     """
+    if tensor.numel() == 0:
+        return 0.0
     if not tensor.is_floating_point():
-        return True
-    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    if bool(torch.isfinite(tensor.sum(dtype=accumulate))):
-        return True
-    return bool(torch.isfinite(tensor).all())
+        return float(tensor.abs().max())
+    low, high = torch.aminmax(tensor)
+    return float(torch.maximum(low.abs(), high.abs()).float())
 
 
-def check_finite(tensor: Tensor, *, model: str, key: str) -> None:
-    """Raise ``MergeError`` when a source tensor holds NaN or Inf (it would poison the merge)."""
-    if not all_finite(tensor):
+def all_finite(tensor: Tensor) -> bool:
+    """True when no element is NaN or ±Inf (always True for integer tensors)."""
+    return not tensor.is_floating_point() or math.isfinite(max_magnitude(tensor))
+
+
+def check_finite(tensor: Tensor, *, model: str, key: str) -> float:
+    """max |x| of a source tensor; raises ``MergeError`` when it holds NaN or Inf (it would poison
+    the merge)."""
+    magnitude = max_magnitude(tensor) if tensor.is_floating_point() else 0.0
+    if not math.isfinite(magnitude):
         bad = int((~torch.isfinite(tensor)).sum())
         raise MergeError(
             f"model {model}: tensor '{key}' has NaN/Inf values ({bad} of {tensor.numel()}); "
             "the checkpoint is damaged or overflowed when saved, use another copy"
         )
+    return magnitude
+
+
+def result_is_surely_finite(
+    method: MergeMethod, params: Mapping[str, float], dtype: torch.dtype, source_magnitude: float | None
+) -> bool:
+    """True when ``method.growth`` proves |result| ≤ growth·max|source| stays below ``dtype``'s max
+    (with a 1 % margin for rounding), so the output needs no NaN/Inf check."""
+    if source_magnitude is None or method.growth is None or not dtype.is_floating_point:
+        return False
+    return method.growth(**params) * source_magnitude * 1.01 < torch.finfo(dtype).max
 
 
 def merge_tensor(
@@ -97,6 +115,7 @@ def merge_into(
     generator: torch.Generator | None,
     compute_dtype: torch.dtype = torch.float32,
     chunk_numel: int | None = None,
+    source_magnitude: float | None = None,
 ) -> None:
     """``out`` ← ``merge_tensor(...)`` cast to ``out.dtype``, bit for bit, without whole-tensor temporaries.
 
@@ -104,7 +123,9 @@ def merge_into(
     ``out``'s dtype (weighted sum: one ``lerp``); else, for element-wise methods, ``chunk_numel``
     elements at a time through one compute-dtype scratch buffer (``compute_into``, or the method on
     the upcast chunk), which is exact because no element depends on another; else the method on the
-    whole tensor. ``out`` is checked for NaN/Inf after the cast, so an overflow to fp16 is caught too.
+    whole tensor. ``out`` is checked for NaN/Inf after the cast, so an overflow to fp16 is caught too,
+    unless ``source_magnitude`` (max |x| over the finite sources) and the method's ``growth`` bound
+    prove the result finite.
     """
     _check_sources(method, models, base, key=key)
     if tuple(out.shape) != tuple(models[0].shape):
@@ -125,7 +146,7 @@ def merge_into(
             method, models, base, key=key, params=params, generator=generator, compute_dtype=compute_dtype
         )
         out.copy_(result)
-    if not all_finite(out):
+    if not result_is_surely_finite(method, params, out.dtype, source_magnitude) and not all_finite(out):
         raise _non_finite_result(method, key, params)
 
 

@@ -82,6 +82,9 @@ class MergeMethod:
     # dtype, read without upcast copies (element-wise methods, one chunk at a time).
     inplace: Callable[..., None] | None = None
     compute_into: Callable[..., None] | None = None
+    # growth(**params) = g with |result| ≤ g·max|source| element-wise (finite sources); lets the
+    # engine and the export skip the output's NaN/Inf check when g·max|source| fits the dtype.
+    growth: Callable[..., float] | None = None
 
     def param_names(self) -> tuple[str, ...]:
         return tuple(spec.name for spec in self.params)
@@ -104,6 +107,7 @@ class MergeMethod:
         elementwise: bool = False,
         inplace: Callable[..., None] | None = None,
         compute_into: Callable[..., None] | None = None,
+        growth: Callable[..., float] | None = None,
     ) -> MergeMethod:
         """Check ``fn`` against the declared parameters (a mismatch is a ``TypeError``) and wrap it."""
         _check_signature(fn, name=name, params=params)
@@ -126,6 +130,7 @@ class MergeMethod:
             elementwise=elementwise,
             inplace=inplace,
             compute_into=compute_into,
+            growth=growth,
         )
 
 
@@ -143,6 +148,7 @@ def register_method(
     elementwise: bool = False,
     inplace: Callable[..., None] | None = None,
     compute_into: Callable[..., None] | None = None,
+    growth: Callable[..., float] | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator: check ``fn``'s signature against ``params`` and register it in ``METHODS``."""
 
@@ -158,6 +164,7 @@ def register_method(
             elementwise=elementwise,
             inplace=inplace,
             compute_into=compute_into,
+            growth=growth,
         )
         METHODS.register(name, method)
         return fn

@@ -39,6 +39,7 @@ def _add_difference_into(out: Tensor, models: Sequence[Tensor], base: Tensor | N
     needs_base=True,
     elementwise=True,
     compute_into=_add_difference_into,
+    growth=lambda alpha: 1.0 + 2.0 * alpha,  # |A| + α(|B| + |C|)
 )
 def add_difference(
     models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float
@@ -60,6 +61,7 @@ def add_difference(
     params=(ParamSpec("alpha", 1.0, 0.0, 1.0, "strength of the scaled B − C added to A (times 1.8)"),),
     needs_base=True,
     elementwise=True,
+    growth=lambda alpha: 1.0 + 2.0 * _TRAIN_DIFFERENCE_GAIN * alpha,  # scale ≤ 1: |A| + 1.8α(|B| + |C|)
 )
 def train_difference(
     models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float

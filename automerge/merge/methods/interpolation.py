@@ -33,7 +33,12 @@ def _weighted_sum_into(out: Tensor, models: Sequence[Tensor], base: Tensor | Non
 
 
 @register_method(
-    "weighted_sum", params=(ALPHA,), needs_base=False, elementwise=True, inplace=_weighted_sum_into
+    "weighted_sum",
+    params=(ALPHA,),
+    needs_base=False,
+    elementwise=True,
+    inplace=_weighted_sum_into,
+    growth=lambda alpha: 1.0,  # a convex combination lies between A and B
 )
 def weighted_sum(
     models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float
