@@ -253,7 +253,11 @@ def write_real_imagereward(folder: Path, *, seed: int = 0) -> Path:
     12 heads, MLP 3072, cross-attention in every layer) with random weights, in the official layout.
     The vocabulary is the tiny test one (the embedding size does not change the speed)."""
     from automerge.rewards.imagereward import BlipVisionSizes, ImageRewardNet, read_med_config
-    from automerge.testing.tiny_rewards import official_imagereward_checkpoint, tiny_med_config, write_bert_vocab
+    from automerge.testing.tiny_rewards import (
+        official_imagereward_checkpoint,
+        tiny_med_config,
+        write_bert_vocab,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_bert_vocab(folder / "vocab.txt")

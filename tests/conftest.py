@@ -27,6 +27,12 @@ def _is_loopback(address: object) -> bool:
 
 
 @pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sha256 cache goes to a per-session folder, never to the user's ~/.cache."""
+    monkeypatch.setenv("AUTOMERGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "automerge-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _block_network(monkeypatch: pytest.MonkeyPatch) -> None:
     real_connect = socket.socket.connect
     real_connect_ex = socket.socket.connect_ex

@@ -5,7 +5,7 @@ only, ``load`` one tensor at a time on the CPU.
 """
 
 from automerge.checkpoints._base import Checkpoint, TensorInfo
-from automerge.checkpoints._hashing import a1111_short_hash, sha256_file
+from automerge.checkpoints._hashing import a1111_short_hash, cached_sha256, sha256_file, warm_hash_cache
 from automerge.checkpoints._open import open_file_checkpoint
 from automerge.checkpoints._pickle_reader import open_pickle_checkpoint
 from automerge.checkpoints._safetensors_reader import open_safetensors
@@ -16,9 +16,11 @@ __all__ = [
     "SafetensorsWriter",
     "TensorInfo",
     "a1111_short_hash",
+    "cached_sha256",
     "open_file_checkpoint",
     "open_pickle_checkpoint",
     "open_safetensors",
     "save_safetensors",
     "sha256_file",
+    "warm_hash_cache",
 ]

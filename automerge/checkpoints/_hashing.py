@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import string
+import tempfile
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from automerge.errors import CheckpointError
 
 CHUNK_BYTES = 1 << 20  # 1 MiB
 _SHORT_HASH_DIGITS = 10
+CACHE_DIR_VARIABLE = "AUTOMERGE_CACHE_DIR"
+_cache_lock = threading.Lock()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -32,3 +39,76 @@ def a1111_short_hash(sha256_hex: str) -> str:
     if len(sha256_hex) != 64 or any(c not in string.hexdigits for c in sha256_hex):
         raise ValueError(f"expected a 64-digit hex sha256, got {sha256_hex!r}")
     return sha256_hex[:_SHORT_HASH_DIGITS].lower()
+
+
+def hash_cache_path() -> Path:
+    """``$AUTOMERGE_CACHE_DIR/sha256.json``, else ``$XDG_CACHE_HOME/automerge/…``, else ``~/.cache/automerge/…``."""
+    folder = os.environ.get(CACHE_DIR_VARIABLE)
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        folder = Path(base) / "automerge"
+    return Path(folder) / "sha256.json"
+
+
+def cached_sha256(path: str | Path) -> str:
+    """``sha256_file`` through a cache keyed by absolute path, size and mtime (as A1111's cache.json
+    keeps model hashes), so a multi-GB checkpoint is hashed once until it changes.
+
+    The cache is only a shortcut: when it cannot be read or written the file is simply hashed.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
+    with _cache_lock:
+        entry = _read_cache().get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and _is_sha256(entry.get("sha256")):
+        return entry["sha256"]
+    digest = sha256_file(path)
+    with _cache_lock:
+        cache = _read_cache()
+        cache[key] = {"stamp": stamp, "sha256": digest}
+        _write_cache(cache)
+    return digest
+
+
+def warm_hash_cache(paths: Iterable[Path]) -> threading.Thread:
+    """Hash ``paths`` into the cache in a background daemon thread (e.g. while a study runs)."""
+
+    def work() -> None:
+        for path in paths:
+            try:
+                cached_sha256(path)
+            except (OSError, CheckpointError):
+                pass  # the export hashes it again and reports the error then
+
+    thread = threading.Thread(target=work, name="automerge-hash-cache", daemon=True)
+    thread.start()
+    return thread
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in string.hexdigits for c in value)
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(hash_cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(cache: dict) -> None:
+    """Temporary file + rename, so a reader never sees half a cache; failures leave it as it was."""
+    target = hash_cache_path()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".sha256-", suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            json.dump(cache, file)
+        os.replace(temp, target)
+    except OSError:
+        Path(temp).unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import automerge
-from automerge.checkpoints import SafetensorsWriter, TensorInfo, a1111_short_hash, sha256_file
+from automerge.checkpoints import SafetensorsWriter, TensorInfo, a1111_short_hash, cached_sha256
 from automerge.checkpoints.model import CONFIGS_METADATA_KEY, SourceModel
 from automerge.merge.methods import check_finite, generator_for, merge_into
 from automerge.merge.recipe import DTYPES, MergePlan
@@ -94,7 +94,8 @@ def output_infos(plan: MergePlan, *, dtype: torch.dtype) -> dict[str, TensorInfo
 def source_digests(plan: MergePlan) -> dict[str, str]:
     """sha256 of each source file by model letter; "" for a diffusers folder (no single file)."""
     return {
-        name: sha256_file(model.path) if model.path.is_file() else "" for name, model in plan.sources.items()
+        name: cached_sha256(model.path) if model.path.is_file() else ""
+        for name, model in plan.sources.items()
     }
 
 
@@ -154,8 +155,9 @@ def export_merge(
 ) -> Path:
     """Merge ``plan`` into the safetensors file ``out`` (streamed, atomic); returns ``out``.
 
-    The sources are hashed in background threads while the merge runs; the header is written first
-    with placeholder hashes of the final length and rewritten in place before the file is committed.
+    The sources are hashed (through the hash cache) in background threads while the merge runs; the
+    header is written first with placeholder hashes of the final length and rewritten in place
+    before the file is committed.
     """
     out_dtype = DTYPES[dtype or plan.recipe.dtype]
     infos = output_infos(plan, dtype=out_dtype)
@@ -163,7 +165,7 @@ def export_merge(
     placeholders = {name: f"{i:064x}" if name in files else "" for i, name in enumerate(plan.sources, 1)}
     pool = ThreadPoolExecutor(max_workers=max(1, len(files)), thread_name_prefix="automerge-sha256")
     try:
-        hashing = {name: pool.submit(sha256_file, path) for name, path in files.items()}
+        hashing = {name: pool.submit(cached_sha256, path) for name, path in files.items()}
         metadata = export_metadata(plan, extra=extra_metadata, title=title, digests=placeholders)
         with SafetensorsWriter(out, infos, metadata=metadata) as writer:
             for key, tensor in merged_tensors(plan, dtype=out_dtype, device=device):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from automerge.checkpoints import warm_hash_cache
 from automerge.errors import ConfigError, StudyError
 from automerge.merge.engine import EngineOptions, LiveEngine
 from automerge.merge.params import BlockParams, resolve_params
@@ -101,6 +102,8 @@ class StudyRuntime:
             if study.render.source_dtype == "same"
             else resolve_dtype(study.render.source_dtype, self.device)
         )
+        # The export's metadata names each source's sha256: hash them while the study runs.
+        warm_hash_cache(dict.fromkeys(m.path for m in self.plan.sources.values() if m.path.is_file()))
         self.engine = LiveEngine(
             self.plan,
             EngineOptions(
