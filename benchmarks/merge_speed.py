@@ -12,8 +12,10 @@ header so the standard configs are used) this measures, side by side in one run:
 - ``export_merge`` (add_difference of a, b, c to fp16) in a fresh subprocess, against the read+write
   floor (``safe_open(...).get_tensor`` of every key of every source, each copied into one reused
   buffer so its bytes are really read, then ``save_file`` of A's tensors + fsync, as the exporter
-  fsyncs), in the order floor, export, export, floor after one warm-up floor; peak RssAnon
-  (``/proc/self/status``, sampled every 5 ms) of that subprocess against its baseline after imports.
+  fsyncs). After one warm-up floor, triples of floor, cold export (empty sha256 cache, as the first
+  ``automerge export`` of new files) and warm export (sources already hashed, as at the end of
+  ``automerge optimize``) run in ABBA order; peak RssAnon (``/proc/self/status``, sampled every 5 ms)
+  of that subprocess against its baseline after imports.
 
 Medians of several repetitions after a warm-up. Prints a table, writes JSON (atomically)::
 
@@ -35,6 +37,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,9 +57,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from automerge.arch import ARCHITECTURES, reference_keys
-from automerge.checkpoints import SafetensorsWriter, TensorInfo, open_safetensors
+from automerge.checkpoints import SafetensorsWriter, TensorInfo, cached_sha256, open_safetensors, sha256_file
+from automerge.checkpoints._hashing import CACHE_DIR_VARIABLE
 from automerge.merge.engine import EngineOptions, LiveEngine
-from automerge.merge.export import export_merge, export_metadata, merged_tensors
+from automerge.merge.export import export_merge, merged_tensors
 from automerge.merge.params import BlockParams, resolve_params
 from automerge.merge.recipe import MergePlan, plan_merge, recipe_from_data
 from automerge.testing.tiny import write_tiny
@@ -535,14 +539,23 @@ class ExportRun:
     anon_peak_bytes: int  # during export_merge
     samples: int
     device_peak_bytes: int | None
-    hash_s: float | None = None  # export_metadata alone (sha256 of every source)
+    hash_cache: str  # "cold": an empty sha256 cache (first export of these files); "warm": filled
+    hash_s: float | None = None  # sha256 of every source, uncached
     merge_only_s: float | None = None  # merged_tensors without writing
 
 
 def run_export_child(
-    sources: Mapping[str, Path], out: Path, *, device: str, breakdown: bool, threads: int | None
+    sources: Mapping[str, Path],
+    out: Path,
+    *,
+    device: str,
+    breakdown: bool,
+    threads: int | None,
+    cache_dir: Path,
+    hash_cache: str,
 ) -> ExportRun:
-    """``export_child`` in a fresh interpreter, so its RssAnon holds no engine buffers."""
+    """``export_child`` in a fresh interpreter, so its RssAnon holds no engine buffers; its sha256
+    cache is ``cache_dir`` (``AUTOMERGE_CACHE_DIR``)."""
     payload = json.dumps(
         {
             "sources": {k: str(v) for k, v in sources.items()},
@@ -550,11 +563,13 @@ def run_export_child(
             "device": device,
             "breakdown": breakdown,
             "threads": threads,
+            "hash_cache": hash_cache,
         }
     )
     completed = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--export-child", payload],
         capture_output=True, text=True, check=False, cwd=ROOT,
+        env={**os.environ, CACHE_DIR_VARIABLE: str(cache_dir)},
     )  # fmt: skip
     if completed.returncode != 0:
         raise RuntimeError(f"export subprocess failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
@@ -577,13 +592,21 @@ def export_child(payload: Mapping[str, Any]) -> ExportRun:
     out.unlink()
     hash_s = merge_only_s = None
     if payload["breakdown"]:
-        hash_s = timed(lambda: export_metadata(plan), device=device)
+        hash_s = timed(lambda: [sha256_file(path) for path in sources.values()], device=device)
         merge_only_s = timed(
             lambda: _drain(merged_tensors(plan, dtype=torch.float16, device=device)), device=device
         )
     plan.close()
     return ExportRun(
-        export_s, written, baseline, sampler.peak, sampler.samples, _device_peak(device), hash_s, merge_only_s
+        export_s,
+        written,
+        baseline,
+        sampler.peak,
+        sampler.samples,
+        _device_peak(device),
+        payload["hash_cache"],
+        hash_s,
+        merge_only_s,
     )
 
 
@@ -602,13 +625,27 @@ class ExportResult:
     def floor(self) -> Timing:
         return Timing.of([run.total_s for run in self.floors])
 
-    @property
-    def export(self) -> Timing:
-        return Timing.of([run.export_s for run in self.exports])
+    def export(self, hash_cache: str) -> Timing:
+        return Timing.of([run.export_s for run in self.exports if run.hash_cache == hash_cache])
+
+    def ratio(self, hash_cache: str) -> float:
+        return self.export(hash_cache).median_s / self.floor.median_s
 
     @property
-    def ratio(self) -> float:
-        return self.export.median_s / self.floor.median_s
+    def export_cold(self) -> Timing:
+        return self.export("cold")
+
+    @property
+    def export_warm(self) -> Timing:
+        return self.export("warm")
+
+    @property
+    def ratio_cold(self) -> float:
+        return self.ratio("cold")
+
+    @property
+    def ratio_warm(self) -> float:
+        return self.ratio("warm")
 
     @property
     def anon_peak_bytes(self) -> int:
@@ -616,29 +653,55 @@ class ExportResult:
 
 
 def measure_export(sources: Mapping[str, Path], folder: Path, settings: Settings) -> ExportResult:
-    """Warm the page cache with one floor read, then floor/export pairs in ABBA order."""
+    """Warm the page cache with one floor read, then floor / cold export / warm export triples in
+    ABBA order. A cold export starts from an empty sha256 cache (``automerge export`` of new files);
+    a warm one finds the sources hashed (the end of ``automerge optimize``, whose study hashed them
+    in the background)."""
     out = folder / "merge-speed-export.safetensors"
     read_write_floor(sources, out)  # warm-up: every source byte in the page cache, writer warmed
+    warm_cache = folder / "hash-cache-warm"
+    shutil.rmtree(warm_cache, ignore_errors=True)
+    with _environment(CACHE_DIR_VARIABLE, str(warm_cache)):
+        for path in sources.values():
+            cached_sha256(path)
     result = ExportResult([], [], [])
     for pair in range(settings.export_pairs):
-        order = ("floor", "export") if pair % 2 == 0 else ("export", "floor")
+        order = ("floor", "cold", "warm") if pair % 2 == 0 else ("warm", "cold", "floor")
         for what in order:
             if what == "floor":
                 result.floors.append(read_write_floor(sources, out))
-            else:
-                run = run_export_child(
-                    sources,
-                    out,
-                    device=settings.device,
-                    breakdown=not result.exports,
-                    threads=settings.threads,
-                )
-                result.exports.append(run)
-            result.order.append(what)
-            print(
-                f"  {what}: {(result.floors[-1].total_s if what == 'floor' else result.exports[-1].export_s):.2f} s"
+                result.order.append(what)
+                print(f"  floor: {result.floors[-1].total_s:.2f} s")
+                continue
+            cache_dir = warm_cache if what == "warm" else folder / f"hash-cache-cold-{pair}"
+            shutil.rmtree(folder / f"hash-cache-cold-{pair}", ignore_errors=True)
+            run = run_export_child(
+                sources,
+                out,
+                device=settings.device,
+                breakdown=not result.exports,
+                threads=settings.threads,
+                cache_dir=cache_dir,
+                hash_cache=what,
             )
+            shutil.rmtree(folder / f"hash-cache-cold-{pair}", ignore_errors=True)
+            result.exports.append(run)
+            result.order.append(what)
+            print(f"  export, {what} sha256 cache: {run.export_s:.2f} s")
     return result
+
+
+@contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -707,15 +770,16 @@ def table_rows(size: str, live: LiveResult, export: ExportResult | None) -> list
         )
     if export is not None:
         first = export.exports[0]
-        rows.append(
-            (
-                f"{size}: export add_difference fp16 (3 sources)",
-                _ms(export.export.median_s),
-                f"{_ms(export.floor.median_s)} (read {export.floors[0].bytes_read / GB:.2f} GB + write {export.floors[0].bytes_written / GB:.2f} GB + fsync)",
-                f"{export.ratio:.2f}×",
-                f"≤ {TARGET_RATIO}×: {_verdict(export.ratio)}",
+        for hash_cache in ("cold", "warm"):
+            rows.append(
+                (
+                    f"{size}: export add_difference fp16 (3 sources), {hash_cache} sha256 cache",
+                    _ms(export.export(hash_cache).median_s),
+                    f"{_ms(export.floor.median_s)} (read {export.floors[0].bytes_read / GB:.2f} GB + write {export.floors[0].bytes_written / GB:.2f} GB + fsync)",
+                    f"{export.ratio(hash_cache):.2f}×",
+                    f"≤ {TARGET_RATIO}×: {_verdict(export.ratio(hash_cache))}",
+                )
             )
-        )
         if first.hash_s is not None and first.merge_only_s is not None:
             rows.append(
                 (

@@ -213,3 +213,55 @@ def test_metadata_update_longer_than_the_reserved_header_is_refused(tmp_path: Pa
             writer.update_metadata({"h": "x" * 100})
     with safe_open(path, framework="pt") as handle:  # the first header is still intact
         assert handle.metadata() == {"h": ""}
+
+
+def test_a_write_failing_in_the_writer_thread_is_reported_and_leaves_no_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"previous export")
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(4)}
+    calls: list[int] = []
+
+    def fails_on_the_second_call(file: object, data: memoryview) -> None:
+        calls.append(data.nbytes)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_module, "_write_all", fails_on_the_second_call)
+    with pytest.raises(CheckpointError, match=r"cannot write .*m\.safetensors: No space left on device"):
+        with SafetensorsWriter(path, _infos(tensors), metadata={}) as writer:
+            for key, tensor in tensors.items():
+                writer.write(key, tensor)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    assert path.read_bytes() == b"previous export"
+
+
+def test_writeback_is_started_over_consecutive_runs_of_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ranges: list[tuple[int, int]] = []
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 10_000)
+    monkeypatch.setattr(
+        writer_module, "_start_writeback", lambda file, start, end: ranges.append((start, end))
+    )
+    monkeypatch.setattr(writer_module, "MAX_PENDING_BYTES", 5_000)  # the caller waits on the thread
+    tensors = {f"t{i}": torch.randn(1500 + i, generator=torch.Generator().manual_seed(i)) for i in range(20)}
+    path = tmp_path / "big.safetensors"
+    save_safetensors(path, tensors)
+    header_end = 8 + _header(path)[0]
+    assert ranges[0][0] == header_end
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(end - start >= 10_000 for start, end in ranges)
+    assert path.stat().st_size - ranges[-1][1] < 10_000
+    loaded = load_file(path)
+    assert all(torch.equal(loaded[key], tensor) for key, tensor in tensors.items())
+
+
+def test_real_writeback_hints_leave_the_file_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 4096)
+    tensors = {f"t{i}": torch.randn(3000, generator=torch.Generator().manual_seed(i)) for i in range(8)}
+    path = tmp_path / "hinted.safetensors"
+    save_safetensors(path, tensors, metadata={"k": "v"})
+    loaded = load_file(path)
+    assert all(torch.equal(loaded[key], tensor) for key, tensor in tensors.items())

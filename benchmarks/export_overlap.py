@@ -1,0 +1,159 @@
+"""Export I/O overlap (issue 3 follow-up): what the safetensors writer's background thread and its
+early writeback buy, side by side in one run.
+
+``export_merge`` (add_difference of the SD1-size sources a, b, c to fp16, sources already hashed) in
+three writer configurations, in rotating order, against the read+write floor of ``merge_speed``:
+
+- ``serial``: every tensor written before the next is merged (``MAX_PENDING_BYTES = 0``), the whole
+  file flushed by the final fsync (no early writeback): the writer as it was before;
+- ``thread``: writes queued to the background thread (up to ``MAX_PENDING_BYTES``), no early writeback;
+- ``serial+writeback``: no thread, early writeback;
+- ``thread+writeback``: as shipped, the kernel also asked to write back every ``WRITEBACK_BYTES``.
+
+Prints a table and writes JSON::
+
+    python benchmarks/export_overlap.py --workdir /tmp/merge-speed-work   # reuses merge_speed's sources
+
+Not a test: timings are never asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _common import write_json  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from merge_speed import load_average, machine_info, make_plan, make_sources, read_write_floor
+
+from automerge.checkpoints import _writer, cached_sha256
+from automerge.checkpoints._hashing import CACHE_DIR_VARIABLE
+from automerge.merge.export import export_merge
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "export_overlap.json"
+NO_WRITEBACK = 1 << 62
+VARIANTS = {
+    "serial": {"MAX_PENDING_BYTES": 0, "WRITEBACK_BYTES": NO_WRITEBACK},
+    "thread": {"MAX_PENDING_BYTES": _writer.MAX_PENDING_BYTES, "WRITEBACK_BYTES": NO_WRITEBACK},
+    "serial+writeback": {"MAX_PENDING_BYTES": 0, "WRITEBACK_BYTES": _writer.WRITEBACK_BYTES},
+    "thread+writeback": {
+        "MAX_PENDING_BYTES": _writer.MAX_PENDING_BYTES,
+        "WRITEBACK_BYTES": _writer.WRITEBACK_BYTES,
+    },
+}
+
+
+@dataclass
+class Result:
+    floors_s: list[float] = field(default_factory=list)
+    exports_s: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in VARIANTS})
+    order: list[str] = field(default_factory=list)
+
+    @property
+    def floor_median_s(self) -> float:
+        return statistics.median(self.floors_s)
+
+    @property
+    def medians_s(self) -> dict[str, float]:
+        return {name: statistics.median(runs) for name, runs in self.exports_s.items()}
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        return {name: median / self.floor_median_s for name, median in self.medians_s.items()}
+
+
+@contextmanager
+def writer_settings(settings: dict[str, int]) -> Iterator[None]:
+    old = {name: getattr(_writer, name) for name in settings}
+    for name, value in settings.items():
+        setattr(_writer, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(_writer, name, value)
+
+
+def timed_export(sources: dict[str, Path], out: Path, variant: str) -> float:
+    plan = make_plan(sources, "add_difference", {"alpha": 0.5})
+    gc.collect()
+    with writer_settings(VARIANTS[variant]):
+        started = time.perf_counter()
+        export_merge(plan, out, dtype="fp16")
+        seconds = time.perf_counter() - started
+    plan.close()
+    out.unlink()
+    return seconds
+
+
+def measure(sources: dict[str, Path], folder: Path, reps: int) -> Result:
+    out = folder / "export-overlap.safetensors"
+    for path in sources.values():
+        cached_sha256(path)  # warm: this measures the writer, not the hashing
+    read_write_floor(sources, out)  # warm-up: page cache, writer
+    result = Result()
+    names = list(VARIANTS)
+    for rep in range(reps):
+        result.floors_s.append(read_write_floor(sources, out).total_s)
+        result.order.append("floor")
+        print(f"  floor: {result.floors_s[-1]:.2f} s")
+        for variant in names[rep % len(names) :] + names[: rep % len(names)]:
+            result.exports_s[variant].append(timed_export(sources, out, variant))
+            result.order.append(variant)
+            print(f"  {variant}: {result.exports_s[variant][-1]:.2f} s")
+    result.floors_s.append(read_write_floor(sources, out).total_s)
+    result.order.append("floor")
+    return result
+
+
+def print_table(result: Result) -> None:
+    print(f"{'writer':<18} {'median':>9} {'runs':<24} {'/ floor':>8}")
+    print(f"{'floor (read+write)':<18} {result.floor_median_s:>8.2f}s {_runs(result.floors_s):<24}")
+    for name, median in result.medians_s.items():
+        print(f"{name:<18} {median:>8.2f}s {_runs(result.exports_s[name]):<24} {result.ratios[name]:>7.2f}×")
+
+
+def _runs(runs: list[float]) -> str:
+    return ", ".join(f"{r:.2f}" for r in runs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, help="folder for the SD1-size sources (reused)")
+    parser.add_argument("--reps", type=int, default=3, help="exports per variant")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="export-overlap-") as temp:
+        folder = args.workdir or Path(temp)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ[CACHE_DIR_VARIABLE] = str(folder / "hash-cache-overlap")
+        sources = make_sources("real", "sd1", folder, device="cpu")
+        load_before = load_average()
+        result = measure(sources, folder, args.reps)
+        data: dict[str, Any] = {
+            "machine": machine_info("cpu"),
+            "load_average": {"before": load_before, "after": load_average()},
+            "result": result,
+            "writer": {
+                "max_pending_bytes": _writer.MAX_PENDING_BYTES,
+                "writeback_bytes": _writer.WRITEBACK_BYTES,
+            },
+        }
+    print_table(result)
+    data["wall_s"] = time.perf_counter() - started
+    write_json(args.json, data)
+    print(f"wrote {args.json} ({data['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
