@@ -2,18 +2,17 @@
 written one at a time into a temporary file in the destination folder, which replaces the destination only
 when every tensor has been written.
 
-The bytes go to the file from one background thread, so the caller computes the next tensor while the
-last is written, and the kernel is asked to start writing back every ``WRITEBACK_BYTES`` so that the
-final fsync does not find the whole file still dirty in the page cache."""
+The kernel is asked to start writing back every ``WRITEBACK_BYTES`` as they are written, so that disk
+writes overlap the merge and the final fsync does not find the whole file still dirty in the page
+cache (measured: benchmarks/export_overlap.py). A background writer thread was measured too and gained
+nothing on top, so writes stay on the caller's thread."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import sys
-from collections import deque
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +24,6 @@ from automerge.checkpoints._base import TensorInfo
 from automerge.checkpoints._safetensors_header import encode_header
 from automerge.errors import CheckpointError, ConfigError
 
-MAX_PENDING_BYTES = 128 << 20  # written by the caller but not yet by the thread: bounds the extra memory
 WRITEBACK_BYTES = 64 << 20  # start the kernel's writeback of each run of this many bytes
 
 
@@ -85,10 +83,7 @@ class SafetensorsWriter:
         self._entered = self._broken = False
         self._tmp: Path | None = None
         self._file: BinaryIO | None = None
-        self._thread: ThreadPoolExecutor | None = None
-        self._pending: deque[tuple[Future[None], int]] = deque()
-        self._pending_bytes = 0
-        self._position = self._written_back = 0  # file offsets, advanced by the thread
+        self._position = self._written_back = 0  # file offsets
 
     def __enter__(self) -> Self:
         if self._entered:
@@ -105,7 +100,6 @@ class SafetensorsWriter:
             self._discard()
             raise
         self._position = self._written_back = len(self._header)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="automerge-writer")
         return self
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -122,27 +116,12 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path}: tensor '{key}' is {got}, announced as {expected}")
         with self._os_errors():
             data = _little_endian_bytes(tensor)
-            self._wait_for_pending(MAX_PENDING_BYTES - data.nbytes)
-            assert self._thread is not None
-            self._pending.append((self._thread.submit(self._append, data), data.nbytes))
-            self._pending_bytes += data.nbytes
+            _write_all(self._file, data)
+            self._position += data.nbytes
+            if self._position - self._written_back >= WRITEBACK_BYTES:
+                _start_writeback(self._file, self._written_back, self._position)
+                self._written_back = self._position
         self._written += 1
-
-    def _append(self, data: memoryview) -> None:
-        """In the writer thread: the bytes, then writeback of every full ``WRITEBACK_BYTES`` run."""
-        assert self._file is not None
-        _write_all(self._file, data)
-        self._position += data.nbytes
-        if self._position - self._written_back >= WRITEBACK_BYTES:
-            _start_writeback(self._file, self._written_back, self._position)
-            self._written_back = self._position
-
-    def _wait_for_pending(self, limit: int = 0) -> None:
-        """Block until at most ``limit`` bytes wait to be written; a failed write raises here."""
-        while self._pending and self._pending_bytes > max(limit, 0):
-            future, size = self._pending.popleft()
-            self._pending_bytes -= size
-            future.result()
 
     def update_metadata(self, metadata: Mapping[str, str]) -> None:
         """Replace the metadata before the file is committed (e.g. hashes computed while writing).
@@ -154,7 +133,6 @@ class SafetensorsWriter:
             raise ValueError(f"SafetensorsWriter for {self.path} is not open; use it in a `with` block")
         header = encode_header(self._infos, metadata=_checked_metadata(metadata), size=len(self._header))
         with self._os_errors():
-            self._wait_for_pending()
             position = self._file.tell()
             self._file.seek(0)
             self._file.write(header)
@@ -197,7 +175,6 @@ class SafetensorsWriter:
             )
         assert self._file is not None and self._tmp is not None
         with self._os_errors():
-            self._wait_for_pending()
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
@@ -207,10 +184,6 @@ class SafetensorsWriter:
             _fsync_folder(self.path.parent)
 
     def _discard(self) -> None:
-        if self._thread is not None:  # pending writes are dropped, the one running is waited for
-            self._thread.shutdown(wait=True, cancel_futures=True)
-            self._thread = None
-            self._pending.clear()
         if self._file is not None:
             self._file.close()
             self._file = None
