@@ -263,13 +263,18 @@ def main() -> None:
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except Exception as error:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
+    except Exception as error:
+        if _is_usage_error(error):
+            error.show()  # type: ignore[attr-defined]
+            sys.exit(error.exit_code)  # type: ignore[attr-defined]
         raise
+
+
+def _is_usage_error(error: Exception) -> bool:
+    """A click-style usage error (unknown option, bad value, missing argument), which carries its
+    message and exit code. Matched by shape: recent typer raises its own vendored copy of click's
+    exception classes, older typer raises click's."""
+    return callable(getattr(error, "show", None)) and isinstance(getattr(error, "exit_code", None), int)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,24 @@ def test_truncated_checkpoint_is_an_error(
     assert result.code == 2 and "cut.safetensors" in result.err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tiny", "sd1", "-o", "x.safetensors"], "No such option: -o"),
+        (["inspect"], "Missing argument"),
+        (["no-such-command"], "No such command"),
+        (["tiny", "sd1", "x.safetensors", "--seed", "many"], "Invalid value for '--seed'"),
+    ],
+)
+def test_usage_errors_are_a_short_message_and_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(capsys, *args)
+    assert result.code == 2
+    assert message in result.err and "Traceback" not in result.err
+    assert "--help" in result.err  # the usage line points at the help
+
+
 def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from automerge.errors import CheckpointError
 
