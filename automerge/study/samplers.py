@@ -16,11 +16,7 @@ SAMPLERS: Registry[SamplerFactory] = Registry("sampler")
 
 
 def _tpe(config: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=config.startup_trials, multivariate=True
-        )
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.startup_trials, multivariate=True)
 
 
 def _gp(config: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:
@@ -48,4 +44,8 @@ for _name, _factory in (("tpe", _tpe), ("gp", _gp), ("cmaes", _cmaes), ("random"
 
 
 def make_sampler(config: SamplerConfig, *, existing_trials: int) -> optuna.samplers.BaseSampler:
-    return SAMPLERS.get(config.name)(config, config.seed + existing_trials)
+    """The sampler, built without Optuna's ExperimentalWarning: TPE's ``multivariate``, GP's
+    ``deterministic_objective`` and QMC are chosen on purpose, and the warning would print on every run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return SAMPLERS.get(config.name)(config, config.seed + existing_trials)

@@ -1,0 +1,52 @@
+"""What importing automerge does to other libraries' logging: one misleading notice dropped, nothing else."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+import automerge  # noqa: F401  (the import installs the filter)
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def import_utils_log() -> tuple[logging.Logger, _Collect]:
+    logger = logging.getLogger("transformers.utils.import_utils")
+    handler = _Collect()
+    logger.addHandler(handler)
+    yield logger, handler
+    logger.removeHandler(handler)
+
+
+def test_the_torchvision_fallback_notice_is_dropped_and_other_warnings_kept(
+    import_utils_log: tuple[logging.Logger, _Collect],
+) -> None:
+    logger, handler = import_utils_log
+    logger.warning(
+        "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` "
+        "for backward compatibility. Install torchvision to use the default backend, or import "
+        "`CLIPImageProcessorPil` directly to silence this warning."
+    )
+    logger.warning("some other import problem")
+    assert handler.messages == ["some other import problem"]
+
+
+def test_importing_the_diffusers_pipeline_prints_no_torchvision_notice() -> None:
+    """In a fresh interpreter: transformers warns once per process, so an earlier import would hide it."""
+    code = "import automerge; from diffusers import StableDiffusionPipeline; print('imported')"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
+    assert "requires torchvision" not in done.stderr
