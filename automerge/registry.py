@@ -37,12 +37,15 @@ class Registry(Generic[T]):
 
         return wrap
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, *, where: str | None = None) -> T:
+        """The entry called ``name``; else a ``ConfigError`` that starts with ``where`` (e.g. the file
+        and field that named it) and suggests the closest name."""
         try:
             return self._entries[name]
         except KeyError:
+            prefix = f"{where}: " if where else ""
             raise ConfigError(
-                f"unknown {self.what} '{name}'{did_you_mean(name, self._entries.keys())}; "
+                f"{prefix}unknown {self.what} '{name}'{did_you_mean(name, self._entries.keys())}; "
                 f"known: {', '.join(sorted(self._entries))}"
             ) from None
 

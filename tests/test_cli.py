@@ -148,7 +148,10 @@ def _mismatched(tiny_models: dict, tmp_path: Path) -> str:
 
 
 BAD_RECIPES = [
-    ({"method": "weighted_summ"}, "did you mean 'weighted_sum'"),
+    (
+        {"method": "weighted_summ"},
+        "recipe.yaml: field 'method': unknown merge method 'weighted_summ' (did you mean 'weighted_sum'?)",
+    ),
     (
         {"method": "weighted_sum", "params": {"alfa": 0.5}},
         "takes no parameter 'alfa' (did you mean 'alpha'?)",

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import Field
 
-from automerge.config import Schema, parse_file
+from automerge.config import FileRef, Schema, parse_file
 from automerge.errors import ConfigError
 
 
@@ -27,6 +28,7 @@ class Doc(Schema):
         ("named: {a: {stpe: 2}}", "unknown key 'named.a.stpe' (did you mean 'step'?)"),
         ("paht: y", "unknown key 'paht' (did you mean 'path'?)"),
         ("items: [{step: many}]", "field 'items.0.step'"),
+        ("items: [3]", "field 'items.0': expected a mapping with keys step; found 3"),
         ("items: [", "invalid YAML"),
     ],
 )
@@ -36,6 +38,37 @@ def test_errors_name_the_file_and_field(text: str, message: str, tmp_path: Path)
     with pytest.raises(ConfigError) as error:
         parse_file(Doc, path)
     assert str(path) in str(error.value) and message in str(error.value)
+
+
+class Inline(Schema):
+    folder: str | None = None
+    metric: str = "ssim"
+
+
+class Either(Schema):
+    """A field that takes a file path or an inline mapping, like a study's ``reward``."""
+
+    source: FileRef | Inline = Field(default_factory=Inline)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("source: {foldr: x}", "unknown key 'source.foldr' (did you mean 'folder'?)"),
+        ("source: {metric: [1]}", "field 'source.metric': Input should be a valid string"),
+        ("source: 5", "field 'source': expected a file path or a mapping with keys folder, metric; found 5"),
+    ],
+)
+def test_errors_in_a_union_field_name_the_branch_the_input_took(
+    text: str, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "doc.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        parse_file(Either, path)
+    text_of_error = str(error.value)
+    assert message in text_of_error, text_of_error
+    assert "function-after" not in text_of_error and "Inline" not in text_of_error.split(":")[1]
 
 
 def test_yaml_is_loaded_safely(tmp_path: Path) -> None:

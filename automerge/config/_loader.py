@@ -75,8 +75,14 @@ def parse_file(model: type[M], path: Path | str) -> M:
 
 
 def _describe(error: ValidationError, model: type[BaseModel], source: Path | str) -> str:
-    first = error.errors(include_url=False)[0]
-    loc = tuple(first["loc"])
+    """One line for the most useful error: in a field that takes one of several forms (a path or a
+    mapping), the form the input got furthest in; an unknown key before a missing one."""
+    located = [(_clean_loc(model, tuple(e["loc"])), e) for e in error.errors(include_url=False)]
+    top = located[0][0][:1]
+    related = [(loc, e) for loc, e in located if loc[:1] == top]
+    depth = max(len(loc) for loc, _ in related)
+    deepest = [(loc, e) for loc, e in related if len(loc) == depth]
+    loc, first = min(deepest, key=lambda item: item[1]["type"] != "extra_forbidden")
     field = ".".join(str(part) for part in loc) or "(top level)"
     found = first.get("input")
     if first["type"] == "extra_forbidden":
@@ -86,9 +92,78 @@ def _describe(error: ValidationError, model: type[BaseModel], source: Path | str
         return f"{source}: unknown key '{field}'{hint}{allowed}"
     if first["type"] == "missing":
         return f"{source}: field '{field}' is required"
+    if len(deepest) > 1 and all(tuple(e["loc"]) != loc for _, e in deepest):  # every form failed here
+        forms = " or ".join(dict.fromkeys(_expected(model, loc, e) for _, e in deepest))
+        return f"{source}: field '{field}': expected {forms}; found {_short(found)}"
+    if first["type"] == "model_type":
+        return f"{source}: field '{field}': expected {_expected(model, loc, first)}; found {_short(found)}"
     message = first["msg"]
     message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     return f"{source}: field '{field}': {message}; found {_short(found)}"
+
+
+_EXPECTED_BY_ERROR = {
+    "path_type": "a file path",
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+}
+
+
+def _expected(model: type[BaseModel], loc: tuple[Any, ...], error: Any) -> str:
+    """What one form of a field takes, e.g. "a file path", "a mapping with keys folder, metric"."""
+    if error["type"] == "model_type":
+        members = [*_forms_at(model, loc), *filter(None, [_field_model_at(model, loc)])]
+        name = (error.get("ctx") or {}).get("class_name")
+        keys = next((list(m.model_fields) for m in members if m.__name__ == name), [])
+        return f"a mapping with keys {', '.join(keys)}" if keys else "a mapping"
+    return _EXPECTED_BY_ERROR.get(error["type"], error["msg"])
+
+
+def _clean_loc(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``loc`` without pydantic's tags for the branches of a union (a model's class name, or a
+    schema such as ``function-after[...]``), which mean nothing to the author of the file."""
+    cleaned: list[Any] = []
+    for part in loc:
+        is_schema = isinstance(part, str) and ("[" in part or "(" in part)
+        is_branch = isinstance(part, str) and any(
+            m.__name__ == part for m in _forms_at(model, tuple(cleaned))
+        )
+        if not (is_schema or is_branch):
+            cleaned.append(part)
+    return tuple(cleaned)
+
+
+def _forms_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[type[BaseModel]]:
+    """The model classes that the field at ``loc`` accepts (e.g. ``FileRef | Inline`` → [Inline])."""
+    if not loc:
+        return []
+    parent = _field_model_at(model, loc[:-1])
+    if parent is None:
+        return []
+    field = parent.model_fields.get(str(loc[-1]))
+    return _models_in(field.annotation) if field is not None else []
+
+
+def _field_model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    current: Any = model
+    for part in loc:
+        current = _nested_model(current, part)
+        if current is None:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) or () for m in _models_in(arg)]
 
 
 def _short(value: Any) -> str:

@@ -134,7 +134,7 @@ def method_roles(method: MergeMethod, names: list[str], *, source: str) -> tuple
 
 def plan_merge(recipe: Recipe, *, source: str) -> MergePlan:
     """Check everything about ``recipe`` and open its sources (lazily: headers only)."""
-    method = METHODS.get(recipe.method)
+    method = METHODS.get(recipe.method, where=f"{source}: field 'method'")
     model_names, base_name = method_roles(method, list(recipe.models), source=source)
     sources: dict[str, SourceModel] = {}
     try:
