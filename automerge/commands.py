@@ -23,6 +23,7 @@ def resolve_reward_manifest(name: str) -> Path:
 
 def render_command(model: Path, payload_path: Path, out: Path, *, device: str, batch_size: int) -> list[Path]:
     """Render a payload with a checkpoint (as 'pure A') or a recipe merged in memory."""
+    from automerge.config import writable_folder
     from automerge.merge.engine import EngineOptions, LiveEngine
     from automerge.merge.recipe import load_recipe, plan_merge, recipe_from_data
     from automerge.render.payload import load_payload
@@ -31,6 +32,7 @@ def render_command(model: Path, payload_path: Path, out: Path, *, device: str, b
     from automerge.study.runtime import resolve_device, resolve_dtype
 
     payload = load_payload(payload_path)
+    writable_folder(out, fix="pass another folder with -o DIR")
     if model.suffix in (".yaml", ".yml"):
         recipe, source = load_recipe(model), str(model)
     else:
@@ -62,11 +64,11 @@ def serve_dashboard(study_path: Path, *, host: str, port: int, console: Console)
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
+    from automerge.config import writable_folder
     from automerge.study.config import artifact_dir, default_storage, load_study_file
 
     study = load_study_file(study_path)
-    store_dir = artifact_dir(study)
-    store_dir.mkdir(parents=True, exist_ok=True)
+    store_dir = writable_folder(artifact_dir(study), fix="check the permissions of the study file's folder")
     console.print(f"optuna-dashboard on http://{host}:{port}/ (storage {default_storage(study)})")
     optuna_dashboard.run_server(
         default_storage(study), host=host, port=port, artifact_store=FileSystemArtifactStore(str(store_dir))

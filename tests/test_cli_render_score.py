@@ -294,6 +294,15 @@ def test_batch_size_below_1_is_one_line_error(
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_folder_that_cannot_be_created_is_one_line_error(
+    models: dict[str, Path], payload: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = _one_line_error(run_cli(capsys, "render", models["sd1"], payload, "-o", blocker / "pngs"))
+    assert "a-file/pngs" in line and "-o" in line
+
+
 @pytest.fixture(scope="module")
 def tiny_imagereward(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ImageReward folder (file roles: model, med_config, vocab); tests copy its manifest."""

@@ -71,7 +71,8 @@ def parse_model(model: type[M], data: Any, *, source: Path | str, base_dir: Path
 def parse_file(model: type[M], path: Path | str) -> M:
     """Load a YAML file and validate it into ``model``, paths resolved relative to the file."""
     path = Path(path)
-    return parse_model(model, load_yaml(path), source=path, base_dir=path.parent)
+    # Absolute, so that a path from the file stays right wherever it is later used or written.
+    return parse_model(model, load_yaml(path), source=path, base_dir=path.absolute().parent)
 
 
 def _describe(error: ValidationError, model: type[BaseModel], source: Path | str) -> str:

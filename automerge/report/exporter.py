@@ -18,6 +18,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
+from automerge.config import writable_folder
 from automerge.errors import StudyError
 from automerge.merge.export import export_merge
 from automerge.merge.params import resolve_params
@@ -43,6 +44,22 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def export_folder_fix(out_dir: Path | None) -> str:
+    return (
+        "pass another folder with -o DIR" if out_dir else "set export.dir in the study file, or pass -o DIR"
+    )
+
+
+def path_relative_to(path: Path, folder: Path) -> str:
+    """``path`` as a file in ``folder`` should name it (paths in a file are relative to the file), so
+    the folder and the models can move together; absolute where no relative path exists (another
+    Windows drive)."""
+    try:
+        return Path(os.path.relpath(path.absolute(), folder.absolute())).as_posix()
+    except ValueError:
+        return str(path.absolute())
 
 
 def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
@@ -72,7 +89,7 @@ def export_study(
     """Write recipe.yaml, model.safetensors and report.html for one trial; returns the folder."""
     console = console or Console()
     trial = choose_trial(study, trial_number)
-    out = Path(out_dir or export_dir(study_file))
+    out = writable_folder(Path(out_dir or export_dir(study_file)), fix=export_folder_fix(out_dir))
     plan = (
         runtime.plan
         if runtime is not None
@@ -83,8 +100,9 @@ def export_study(
         raw = space.raw_params(trial.params)
         params = resolve_params(plan.method, raw, blocks=plan.arch.blocks, source=str(study_file.path))
         # 1. The recipe, loadable by `automerge merge`.
-        recipe = study_recipe(study_file, raw)
-        write_text_atomic(out / "recipe.yaml", yaml.safe_dump(recipe.to_yaml_dict(), sort_keys=False))
+        recipe = study_recipe(study_file, raw).to_yaml_dict()
+        recipe["models"] = {name: path_relative_to(Path(p), out) for name, p in recipe["models"].items()}
+        write_text_atomic(out / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
         # 2. The checkpoint, streamed from the sources (on the device the study merged on).
         device = study.user_attrs.get(MERGE_DEVICE_ATTR, "cpu")
         metadata = {

@@ -184,7 +184,13 @@ def _is_current(target: Path, expected: str | None) -> bool:
 
 def _download(source: HubSource, name: str, target: Path, *, downloader: Downloader) -> None:
     """Download one hub file into a temporary folder beside ``target``, then move it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RewardError(
+            f"cannot create folder {target.parent} for {name}: {error.strerror or error}; "
+            "point the manifest's weights at a writable folder"
+        ) from None
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as scratch:
         try:
             # network: the only place automerge downloads reward weights (`automerge rewards fetch`)

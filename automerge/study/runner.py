@@ -22,8 +22,9 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
+from automerge.config import writable_folder
 from automerge.errors import AutomergeError, StudyError
-from automerge.study.config import StudyFile, artifact_dir, default_storage
+from automerge.study.config import StudyFile, artifact_dir, default_storage, export_dir
 from automerge.study.runtime import Evaluation, StudyRuntime
 from automerge.study.samplers import make_sampler
 from automerge.study.stopping import EarlyStopping, early_stop_decision
@@ -239,6 +240,10 @@ def run_study(
         console.print(
             f"the study's budget of {study_file.trials} trials is reached; use --trials N to run more"
         )
+    # The folders the run writes to, before hours of trials that could not be saved at the end.
+    writable_folder(artifact_dir(study_file), fix="check the permissions of the study file's folder")
+    if export:
+        writable_folder(export_dir(study_file), fix="set export.dir in the study file")
     # 2. Resident runtime: sources on the device, pipeline, reward.
     summary = RunSummary(study_file.name, 0, finished_count(study), None, None, "")
     interrupted = False
@@ -249,7 +254,6 @@ def run_study(
             study.set_user_attr(MERGE_DEVICE_ATTR, str(runtime.device))
             enqueue_baselines(study, runtime) if study_file.baselines else None
             store_dir = artifact_dir(study_file)
-            store_dir.mkdir(parents=True, exist_ok=True)
             progress = TrialProgress(console, total=remaining, start_best=_best_value(study))
             objective = Objective(
                 runtime, store=FileSystemArtifactStore(str(store_dir)), on_trial=progress.update

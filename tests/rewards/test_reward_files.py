@@ -208,3 +208,18 @@ def test_fetch_without_hub_section_raises(tmp_path: Path) -> None:
     manifest = write_tiny_clip_score(tmp_path)
     with pytest.raises(RewardError, match="has no `hub` section"):
         fetch_reward_weights(manifest)
+
+
+def test_fetch_into_a_folder_that_cannot_be_created_names_it(tmp_path: Path) -> None:
+    manifest = write_tiny_imagereward(tmp_path / "hub")
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "a-file").write_text("")
+    shutil.copy(manifest, local / "imagereward.yaml")
+    weights = {"model": "a-file/ImageReward.pt", "med_config": "med_config.json", "vocab": "vocab.txt"}
+    _edit_manifest(local / "imagereward.yaml", weights=weights)
+    _, download = _fake_hub(tmp_path / "hub")
+    with pytest.raises(RewardError) as caught:
+        fetch_reward_weights(local / "imagereward.yaml", downloader=download)
+    assert f"cannot create folder {local / 'a-file'} for ImageReward.pt" in str(caught.value)
+    assert (local / "vocab.txt").is_file()  # the others were still fetched

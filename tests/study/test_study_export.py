@@ -52,3 +52,60 @@ def test_export_command_picks_a_trial(make_study, tmp_path: Path, capsys) -> Non
     study = optuna.load_study(study_name=study_file.name, storage=default_storage(study_file))
     assert (tmp_path / "t1" / "recipe.yaml").exists()
     assert study.trials[1].number == 1
+
+
+def test_the_exported_recipe_loads_from_any_folder_when_the_study_was_named_relatively(
+    make_study, tmp_path: Path, tiny_models: dict[str, Path], monkeypatch
+) -> None:
+    """`automerge optimize studies/x.yaml` from a project root: the models are relative to the study
+    file, and the recipe written to out/ must still find them (its paths are relative to itself)."""
+    import shutil
+
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    for letter in "ab":
+        shutil.copy(tiny_models[letter], project / "models" / f"{letter}.safetensors")
+    path = make_study(trials=2, models={"a": "../models/a.safetensors", "b": "../models/b.safetensors"})
+    (project / "studies").mkdir()
+    study_path = project / "studies" / "study.yaml"
+    shutil.move(path, study_path)
+    monkeypatch.chdir(project)
+    summary = run_study(load_study_file(Path("studies/study.yaml")), console=QUIET)
+    recipe_path = summary.export_dir / "recipe.yaml"
+    monkeypatch.chdir(tmp_path)  # another working directory: only the recipe's own folder counts
+    recipe = load_recipe(recipe_path)
+    assert {name: p.resolve() for name, p in recipe.models.items()} == {
+        letter: (project / "models" / f"{letter}.safetensors").resolve() for letter in "ab"
+    }
+    written = (recipe_path.read_text()).split("method:")[0]
+    assert str(project) not in written  # relative to the recipe: the project folder can move
+    plan_merge(recipe, source=str(recipe_path)).close()
+
+
+def test_an_export_folder_that_cannot_be_created_fails_before_any_trial(make_study, tmp_path: Path) -> None:
+    from automerge.errors import ConfigError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = make_study(trials=2, export={"dir": str(blocker / "out")})
+    try:
+        run_study(load_study_file(path), console=QUIET)
+    except ConfigError as error:
+        assert "a-file/out" in str(error) and "export.dir" in str(error)
+    else:
+        raise AssertionError("an uncreatable export folder was not reported")
+    study_file = load_study_file(path)
+    study = optuna.load_study(study_name=study_file.name, storage=default_storage(study_file))
+    assert study.trials == []  # nothing ran: the run would only have failed at its end
+
+
+def test_export_command_names_an_uncreatable_output_folder(make_study, tmp_path: Path, capsys) -> None:
+    from cli_helpers import run_cli as run
+
+    path = make_study(trials=2)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run(capsys, "export", path, "-o", blocker / "out")
+    assert result.code == 2
+    assert "a-file/out" in result.err and "-o" in result.err and "Traceback" not in result.err
