@@ -18,7 +18,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
-from automerge.config import writable_folder
+from automerge.config import relative_path, writable_folder
 from automerge.errors import StudyError
 from automerge.merge.export import export_merge
 from automerge.merge.params import resolve_params
@@ -50,16 +50,6 @@ def export_folder_fix(out_dir: Path | None) -> str:
     return (
         "pass another folder with -o DIR" if out_dir else "set export.dir in the study file, or pass -o DIR"
     )
-
-
-def path_relative_to(path: Path, folder: Path) -> str:
-    """``path`` as a file in ``folder`` should name it (paths in a file are relative to the file), so
-    the folder and the models can move together; absolute where no relative path exists (another
-    Windows drive)."""
-    try:
-        return Path(os.path.relpath(path.absolute(), folder.absolute())).as_posix()
-    except ValueError:
-        return str(path.absolute())
 
 
 def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
@@ -101,7 +91,7 @@ def export_study(
         params = resolve_params(plan.method, raw, blocks=plan.arch.blocks, source=str(study_file.path))
         # 1. The recipe, loadable by `automerge merge`.
         recipe = study_recipe(study_file, raw).to_yaml_dict()
-        recipe["models"] = {name: path_relative_to(Path(p), out) for name, p in recipe["models"].items()}
+        recipe["models"] = {name: relative_path(Path(p), out) for name, p in recipe["models"].items()}
         write_text_atomic(out / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
         # 2. The checkpoint, streamed from the sources (on the device the study merged on).
         device = study.user_attrs.get(MERGE_DEVICE_ATTR, "cpu")

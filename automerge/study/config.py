@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from automerge.config import FileRef, Schema, parse_file
+from automerge.config import FileRef, Schema, load_yaml, parse_file, parse_model, relative_path
 from automerge.errors import ConfigError
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?")
@@ -124,8 +124,27 @@ class RenderConfig(Schema):
     )
 
 
+SEARCH_FIELDS = {"models", "method", "search", "params", "seed", "payloads", "reward", "generate"}
+
+
+def _sha256_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _relative_paths(value: Any, folder: Path) -> Any:
+    if isinstance(value, Path):
+        return relative_path(value, folder)
+    if isinstance(value, dict):
+        return {key: _relative_paths(item, folder) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_relative_paths(item, folder) for item in value]
+    return value
+
+
 class StudyFile(Schema):
     """A study file, validated; paths resolved relative to it."""
+
+    _fingerprint_0_1_0: str | None = PrivateAttr(None)
 
     name: str = Field(min_length=1, max_length=200)
     models: dict[str, FileRef]
@@ -178,18 +197,24 @@ class StudyFile(Schema):
 
     def search_fingerprint(self) -> str:
         """sha256 of what defines the search problem; the trial budget, timeout, stopping, export and
-        storage may change between runs, these may not."""
-        data = self.model_dump(
-            mode="json",
-            include={"models", "method", "search", "params", "seed", "payloads", "reward", "generate"},
-        )
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        storage may change between runs, these may not. Paths count relative to the study file's
+        folder, so a study resumes from any working directory and after its project folder moved."""
+        assert self.path is not None
+        return _sha256_json(_relative_paths(self.model_dump(include=SEARCH_FIELDS), self.path.parent))
+
+    @property
+    def accepted_fingerprints(self) -> set[str]:
+        """``search_fingerprint`` and the one automerge 0.1.0 stored for the same file (its paths as
+        resolved against the study path as typed), so that older studies still resume."""
+        return {self.search_fingerprint(), *filter(None, [self._fingerprint_0_1_0])}
 
 
 def load_study_file(path: Path | str) -> StudyFile:
     """Parse and check a study file: files it names must exist (generated models excepted)."""
     path = Path(path)
     study = parse_file(StudyFile, path).model_copy(update={"path": path.resolve()})
+    as_typed = parse_model(StudyFile, load_yaml(path), source=path, base_dir=path.parent)  # 0.1.0's paths
+    study._fingerprint_0_1_0 = _sha256_json(as_typed.model_dump(mode="json", include=SEARCH_FIELDS))
     for name, model in study.models.items():
         if name not in study.generate and not model.exists():
             raise ConfigError(f"{path}: models.{name}: {model} does not exist")

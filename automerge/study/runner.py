@@ -63,7 +63,7 @@ def open_study(study: StudyFile, *, existing_trials_hint: int = 0) -> optuna.Stu
         existing = None
     if existing is not None:
         stored = existing.user_attrs.get(FINGERPRINT_ATTR)
-        if stored is not None and stored != fingerprint:
+        if stored is not None and stored not in study.accepted_fingerprints:
             raise StudyError(
                 f"{study.path}: study '{study.name}' in {storage} was made from a different search problem "
                 "(models, method, search, params, payloads or reward changed); give the study a new name, "

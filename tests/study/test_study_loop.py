@@ -122,3 +122,62 @@ def test_interruption_marks_the_trial_and_still_exports(make_study, monkeypatch,
 def test_every_sampler_the_study_file_accepts_runs(sampler: str, make_study) -> None:
     path = make_study(trials=5, sampler={"name": sampler, "seed": 1, "startup_trials": 3}, baselines=False)
     assert run_study(load_study_file(path), console=QUIET, export=False).completed == 5
+
+
+def _project(make_study, tmp_path: Path, tiny_models: dict[str, Path]) -> Path:
+    """project/models/{a,b}.safetensors and project/studies/study.yaml naming them relatively."""
+    import shutil
+
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    (project / "studies").mkdir()
+    for letter in "ab":
+        shutil.copy(tiny_models[letter], project / "models" / f"{letter}.safetensors")
+    path = make_study(trials=1, models={"a": "../models/a.safetensors", "b": "../models/b.safetensors"})
+    shutil.move(path, project / "studies" / "study.yaml")
+    return project
+
+
+def test_a_study_resumes_from_another_working_directory_and_after_its_project_moved(
+    make_study, tmp_path: Path, tiny_models: dict[str, Path], monkeypatch
+) -> None:
+    import shutil
+
+    project = _project(make_study, tmp_path, tiny_models)
+    monkeypatch.chdir(project)
+    run_study(load_study_file(Path("studies/study.yaml")), console=QUIET, export=False)
+    moved = tmp_path / "renamed-project"
+    shutil.move(project, moved)  # the sqlite storage sits beside the study file and moves with it
+    monkeypatch.chdir(moved / "studies")
+    summary = run_study(load_study_file(Path("study.yaml")), extra_trials=1, console=QUIET, export=False)
+    assert summary.ran == 1 and summary.completed == 2
+
+
+def test_a_study_fingerprinted_by_0_1_0_still_resumes(
+    make_study, tmp_path: Path, tiny_models: dict[str, Path], monkeypatch
+) -> None:
+    """automerge 0.1.0 hashed the paths as resolved against the study path as typed
+    (``studies/../models/a.safetensors``); such a study resumes and gets the new fingerprint."""
+    import hashlib
+    import json
+
+    from automerge.config import load_yaml, parse_model
+    from automerge.study.config import StudyFile
+    from automerge.study.runner import FINGERPRINT_ATTR
+
+    project = _project(make_study, tmp_path, tiny_models)
+    monkeypatch.chdir(project)
+    typed = Path("studies/study.yaml")
+    run_study(load_study_file(typed), console=QUIET, export=False)
+    old = parse_model(StudyFile, load_yaml(typed), source=typed, base_dir=typed.parent)
+    fields = {"models", "method", "search", "params", "seed", "payloads", "reward", "generate"}
+    legacy = hashlib.sha256(
+        json.dumps(old.model_dump(mode="json", include=fields), sort_keys=True).encode()
+    ).hexdigest()
+    study_file = load_study_file(typed)
+    storage = optuna.load_study(study_name=study_file.name, storage=default_storage(study_file))
+    storage.set_user_attr(FINGERPRINT_ATTR, legacy)
+    summary = run_study(load_study_file(typed), extra_trials=1, console=QUIET, export=False)
+    assert summary.ran == 1
+    storage = optuna.load_study(study_name=study_file.name, storage=default_storage(study_file))
+    assert storage.user_attrs[FINGERPRINT_ATTR] == study_file.search_fingerprint() != legacy
