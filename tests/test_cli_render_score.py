@@ -400,4 +400,4 @@ def test_rewards_fetch_unknown_name_lists_the_known_manifests(
     monkeypatch.chdir(tmp_path)
     _fetchable_manifest(tmp_path)
     line = _one_line_error(run_cli(capsys, "rewards", "fetch", "imagerewrd"))
-    assert "rewards/imagerewrd.yaml" in line and "tinyir" in line
+    assert "no reward manifest 'imagerewrd'" in line and "tinyir" in line

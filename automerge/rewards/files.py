@@ -144,15 +144,24 @@ def fetch_reward_weights(manifest_path: Path | str, *, downloader: Downloader | 
     roles = {role.name: role for role in weight_roles(manifest.reward)}
     fetched: list[Path] = []
     failures: list[str] = []
+    unreachable = False
     for role, source in manifest.hub.items():
         for name, target in _targets(roles[role], source, manifest.weights[role]):
             key = role if roles[role].kind == "file" else f"{role}/{name}"
             expected = manifest.sha256.get(key)
             try:
                 if not _is_current(target, expected):
+                    if unreachable:  # each try offline costs huggingface_hub's retries (~20 s)
+                        raise RewardError(
+                            f"{name} not tried (the hub was unreachable): put {name} from {source.repo} at {target}"
+                        )
                     _download(source, name, target, downloader=downloader)
                     if expected is not None:
                         verify_sha256(target, expected, key=key)
+            except HubUnreachableError as error:
+                failures.append(str(error))
+                unreachable = True
+                continue
             except RewardError as error:  # try the others too, then name every failure at once
                 failures.append(str(error))
                 continue
@@ -182,6 +191,18 @@ def _is_current(target: Path, expected: str | None) -> bool:
     return expected is None or sha256_file(target) == expected
 
 
+class HubUnreachableError(RewardError):
+    """The hub could not be reached at all (offline, DNS, timeout): no use trying other files."""
+
+
+def _is_unreachable(error: Exception) -> bool:
+    """A connection failure rather than a problem with one file. huggingface_hub raises
+    ``LocalEntryNotFoundError`` when it cannot connect and the file is not in its cache."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    return isinstance(error, ConnectionError | TimeoutError | LocalEntryNotFoundError)
+
+
 def _download(source: HubSource, name: str, target: Path, *, downloader: Downloader) -> None:
     """Download one hub file into a temporary folder beside ``target``, then move it into place."""
     try:
@@ -199,7 +220,7 @@ def _download(source: HubSource, name: str, target: Path, *, downloader: Downloa
             )
         except Exception as error:  # huggingface_hub raises many types: offline, HTTP, missing entry…
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise RewardError(
+            raise (HubUnreachableError if _is_unreachable(error) else RewardError)(
                 f"cannot download {name} from the hub repo {source.repo} ({type(error).__name__}: {reason}); "
                 f"when online run the fetch again, or put {name} from {source.repo} at {target}"
             ) from None

@@ -223,3 +223,30 @@ def test_fetch_into_a_folder_that_cannot_be_created_names_it(tmp_path: Path) -> 
         fetch_reward_weights(local / "imagereward.yaml", downloader=download)
     assert f"cannot create folder {local / 'a-file'} for ImageReward.pt" in str(caught.value)
     assert (local / "vocab.txt").is_file()  # the others were still fetched
+
+
+def test_an_unreachable_hub_is_tried_once_not_once_per_file(tmp_path: Path) -> None:
+    """Offline, huggingface_hub retries each file for ~20 s: after the first connection failure the
+    other files are not tried, and every missing file is still named with where to put it."""
+    manifest = write_tiny_imagereward(tmp_path / "hub")
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(manifest, local / "imagereward.yaml")
+    calls: list[str] = []
+
+    def offline(*, repo_id: str, filename: str, revision: str | None, local_dir: str) -> str:
+        calls.append(filename)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    with pytest.raises(RewardError) as caught:
+        fetch_reward_weights(local / "imagereward.yaml", downloader=offline)
+    message = str(caught.value)
+    assert len(calls) == 1
+    assert message.startswith("3 of 3 files could not be fetched")
+    for name, repo in [
+        ("ImageReward.pt", "THUDM/ImageReward"),
+        ("med_config.json", "THUDM/ImageReward"),
+        ("vocab.txt", "google-bert/bert-base-uncased"),
+    ]:
+        assert f"put {name} from {repo} at {local / name}" in message
+    assert message.count("not tried") == 2
