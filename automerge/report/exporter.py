@@ -46,12 +46,6 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def export_folder_fix(out_dir: Path | None) -> str:
-    return (
-        "pass another folder with -o DIR" if out_dir else "set export.dir in the study file, or pass -o DIR"
-    )
-
-
 def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
@@ -79,7 +73,8 @@ def export_study(
     """Write recipe.yaml, model.safetensors and report.html for one trial; returns the folder."""
     console = console or Console()
     trial = choose_trial(study, trial_number)
-    out = writable_folder(Path(out_dir or export_dir(study_file)), fix=export_folder_fix(out_dir))
+    fix = "pass another folder with -o DIR" if out_dir else "set export.dir in the study file, or pass -o DIR"
+    out = writable_folder(Path(out_dir or export_dir(study_file)), fix=fix)
     plan = (
         runtime.plan
         if runtime is not None

@@ -149,21 +149,21 @@ def fetch_reward_weights(manifest_path: Path | str, *, downloader: Downloader | 
         for name, target in _targets(roles[role], source, manifest.weights[role]):
             key = role if roles[role].kind == "file" else f"{role}/{name}"
             expected = manifest.sha256.get(key)
-            try:
-                if not _is_current(target, expected):
-                    if unreachable:  # each try offline costs huggingface_hub's retries (~20 s)
-                        raise RewardError(
-                            f"{name} not tried (the hub was unreachable): put {name} from {source.repo} at {target}"
-                        )
-                    _download(source, name, target, downloader=downloader)
-                    if expected is not None:
-                        verify_sha256(target, expected, key=key)
-            except HubUnreachableError as error:
-                failures.append(str(error))
-                unreachable = True
+            if _is_current(target, expected):
+                fetched.append(target)
                 continue
+            if unreachable:  # each try offline costs huggingface_hub's retries (~20 s)
+                failures.append(
+                    f"{name} not tried (the hub was unreachable): put {name} from {source.repo} at {target}"
+                )
+                continue
+            try:
+                _download(source, name, target, downloader=downloader)
+                if expected is not None:
+                    verify_sha256(target, expected, key=key)
             except RewardError as error:  # try the others too, then name every failure at once
                 failures.append(str(error))
+                unreachable = isinstance(error, HubUnreachableError)
                 continue
             fetched.append(target)
     if len(failures) == 1:
@@ -198,7 +198,7 @@ class HubUnreachableError(RewardError):
 def _is_unreachable(error: Exception) -> bool:
     """A connection failure rather than a problem with one file. huggingface_hub raises
     ``LocalEntryNotFoundError`` when it cannot connect and the file is not in its cache."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError  # network: none, only the exception class
 
     return isinstance(error, ConnectionError | TimeoutError | LocalEntryNotFoundError)
 

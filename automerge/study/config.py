@@ -131,20 +131,10 @@ def _sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _relative_paths(value: Any, folder: Path) -> Any:
-    if isinstance(value, Path):
-        return relative_path(value, folder)
-    if isinstance(value, dict):
-        return {key: _relative_paths(item, folder) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_relative_paths(item, folder) for item in value]
-    return value
-
-
 class StudyFile(Schema):
     """A study file, validated; paths resolved relative to it."""
 
-    _fingerprint_0_1_0: str | None = PrivateAttr(None)
+    _typed_path: Path | None = PrivateAttr(None)  # the path as given on the command line
 
     name: str = Field(min_length=1, max_length=200)
     models: dict[str, FileRef]
@@ -200,21 +190,23 @@ class StudyFile(Schema):
         storage may change between runs, these may not. Paths count relative to the study file's
         folder, so a study resumes from any working directory and after its project folder moved."""
         assert self.path is not None
-        return _sha256_json(_relative_paths(self.model_dump(include=SEARCH_FIELDS), self.path.parent))
+        return _sha256_json(as_plain(self.model_dump(include=SEARCH_FIELDS), relative_to=self.path.parent))
 
-    @property
-    def accepted_fingerprints(self) -> set[str]:
-        """``search_fingerprint`` and the one automerge 0.1.0 stored for the same file (its paths as
-        resolved against the study path as typed), so that older studies still resume."""
-        return {self.search_fingerprint(), *filter(None, [self._fingerprint_0_1_0])}
+    def fingerprint_0_1_0(self) -> str | None:
+        """The fingerprint automerge 0.1.0 stored for this file (its paths resolved against the study
+        path as typed), so that older studies still resume; None when the file was not loaded from disk."""
+        if self._typed_path is None:
+            return None
+        typed = self._typed_path
+        as_typed = parse_model(StudyFile, load_yaml(typed), source=typed, base_dir=typed.parent)
+        return _sha256_json(as_typed.model_dump(mode="json", include=SEARCH_FIELDS))
 
 
 def load_study_file(path: Path | str) -> StudyFile:
     """Parse and check a study file: files it names must exist (generated models excepted)."""
     path = Path(path)
     study = parse_file(StudyFile, path).model_copy(update={"path": path.resolve()})
-    as_typed = parse_model(StudyFile, load_yaml(path), source=path, base_dir=path.parent)  # 0.1.0's paths
-    study._fingerprint_0_1_0 = _sha256_json(as_typed.model_dump(mode="json", include=SEARCH_FIELDS))
+    study._typed_path = path
     for name, model in study.models.items():
         if name not in study.generate and not model.exists():
             raise ConfigError(f"{path}: models.{name}: {model} does not exist")
@@ -251,12 +243,12 @@ def export_dir(study: StudyFile) -> Path:
     return study.export.dir or study.path.parent / "out" / study.name
 
 
-def as_plain(value: Any) -> Any:
-    """Pydantic/Path values → YAML-safe plain data."""
+def as_plain(value: Any, *, relative_to: Path | None = None) -> Any:
+    """Pydantic/Path values → YAML-safe plain data; paths relative to ``relative_to`` when given."""
     if isinstance(value, Path):
-        return str(value)
+        return str(value) if relative_to is None else relative_path(value, relative_to)
     if isinstance(value, dict):
-        return {k: as_plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [as_plain(v) for v in value]
+        return {k: as_plain(v, relative_to=relative_to) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_plain(v, relative_to=relative_to) for v in value]
     return value

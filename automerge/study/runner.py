@@ -63,7 +63,7 @@ def open_study(study: StudyFile, *, existing_trials_hint: int = 0) -> optuna.Stu
         existing = None
     if existing is not None:
         stored = existing.user_attrs.get(FINGERPRINT_ATTR)
-        if stored is not None and stored not in study.accepted_fingerprints:
+        if stored is not None and stored != fingerprint and stored != study.fingerprint_0_1_0():
             raise StudyError(
                 f"{study.path}: study '{study.name}' in {storage} was made from a different search problem "
                 "(models, method, search, params, payloads or reward changed); give the study a new name, "
@@ -241,7 +241,9 @@ def run_study(
             f"the study's budget of {study_file.trials} trials is reached; use --trials N to run more"
         )
     # The folders the run writes to, before hours of trials that could not be saved at the end.
-    writable_folder(artifact_dir(study_file), fix="check the permissions of the study file's folder")
+    store_dir = writable_folder(
+        artifact_dir(study_file), fix="check the permissions of the study file's folder"
+    )
     if export:
         writable_folder(export_dir(study_file), fix="set export.dir in the study file")
     # 2. Resident runtime: sources on the device, pipeline, reward.
@@ -253,7 +255,6 @@ def run_study(
             runtime = StudyRuntime(study_file, device=device)
             study.set_user_attr(MERGE_DEVICE_ATTR, str(runtime.device))
             enqueue_baselines(study, runtime) if study_file.baselines else None
-            store_dir = artifact_dir(study_file)
             progress = TrialProgress(console, total=remaining, start_best=_best_value(study))
             objective = Objective(
                 runtime, store=FileSystemArtifactStore(str(store_dir)), on_trial=progress.update
