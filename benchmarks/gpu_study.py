@@ -689,7 +689,7 @@ def recorded(result: PhaseResult, what: str) -> Iterator[None]:
     """Run a step; an exception is recorded (and printed) instead of ending the benchmark."""
     try:
         yield
-    except Exception as error:  # a benchmark keeps going: the other steps and phases still report
+    except Exception as error:  # noqa: BLE001 - a benchmark keeps going: the other steps and phases still report
         traceback.print_exc()
         result.errors.append(f"{what}: {type(error).__name__}: {str(error)[:500]}")
 

@@ -90,7 +90,7 @@ def load_state_dict(path: Path, *, what: str) -> dict[str, torch.Tensor]:
     arbitrary unpickling). Any read failure becomes one ``RewardError`` line naming the file."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError… on bad files
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError… on bad files
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RewardError(f"{path}: cannot be read as a PyTorch state dict ({what}): {reason}") from None
     if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
@@ -218,7 +218,7 @@ def _download(source: HubSource, name: str, target: Path, *, downloader: Downloa
             local = downloader(
                 repo_id=source.repo, filename=name, revision=source.revision, local_dir=scratch
             )
-        except Exception as error:  # huggingface_hub raises many types: offline, HTTP, missing entry…
+        except Exception as error:  # noqa: BLE001 - huggingface_hub raises many types: offline, HTTP, missing entry…
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise (HubUnreachableError if _is_unreachable(error) else RewardError)(
                 f"cannot download {name} from the hub repo {source.repo} ({type(error).__name__}: {reason}); "

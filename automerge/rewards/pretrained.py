@@ -26,7 +26,7 @@ def load_pretrained(
     vision-only reward does not use)."""
     try:
         model, info = model_class.from_pretrained(folder, local_files_only=True, output_loading_info=True)
-    except Exception as error:  # transformers/safetensors raise OSError, ValueError, SafetensorError…
+    except Exception as error:  # noqa: BLE001 - transformers/safetensors raise OSError, ValueError, SafetensorError…
         raise RewardError(
             f"{folder}: cannot load a {model_class.__name__} from this folder ({_reason(error)})"
         ) from None
@@ -45,7 +45,7 @@ def load_local(loader: Any, folder: Path, *, what: str) -> Any:
     """``loader.from_pretrained(folder, local_files_only=True)`` for a tokenizer or image processor."""
     try:
         return loader.from_pretrained(folder, local_files_only=True)
-    except Exception as error:  # missing files surface as OSError/ValueError/TypeError depending on the class
+    except Exception as error:  # noqa: BLE001 - missing files surface as OSError/ValueError/TypeError depending on the class
         raise RewardError(f"{folder}: cannot load the {what} from this folder ({_reason(error)})") from None
 
 
