@@ -1,4 +1,5 @@
-"""What importing automerge does to other libraries' logging: one misleading notice dropped, nothing else."""
+"""What automerge does to other libraries' logging: one misleading notice dropped, by the subpackages that
+load those libraries (render, rewards), nothing else, and nothing at ``import automerge``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-import automerge  # noqa: F401  (the import installs the filter)
+import automerge.render  # noqa: F401  (the import installs the filter)
 
 
 class _Collect(logging.Handler):
@@ -44,9 +45,22 @@ def test_the_torchvision_fallback_notice_is_dropped_and_other_warnings_kept(
 
 def test_importing_the_diffusers_pipeline_prints_no_torchvision_notice() -> None:
     """In a fresh interpreter: transformers warns once per process, so an earlier import would hide it."""
-    code = "import automerge; from diffusers import StableDiffusionPipeline; print('imported')"
+    code = "import automerge.render; from diffusers import StableDiffusionPipeline; print('imported')"
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0 and "imported" in done.stdout, done.stderr[-2000:]
     assert "requires torchvision" not in done.stderr
+
+
+def test_importing_automerge_alone_touches_no_logger_and_loads_no_library() -> None:
+    code = (
+        "import logging, sys, automerge\n"
+        "print(logging.getLogger('transformers.utils.import_utils').filters, "
+        "[m for m in ('torch', 'diffusers', 'transformers', 'optuna') if m in sys.modules])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[] []"

@@ -6,12 +6,12 @@ import hashlib
 import json
 import os
 import string
-import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 from automerge.errors import CheckpointError
+from automerge.files import write_text_atomic
 
 CHUNK_BYTES = 1 << 20  # 1 MiB
 _SHORT_HASH_DIGITS = 10
@@ -99,16 +99,10 @@ def _read_cache() -> dict:
 
 
 def _write_cache(cache: dict) -> None:
-    """Temporary file + rename, so a reader never sees half a cache; failures leave it as it was."""
+    """Atomically, so a reader never sees half a cache; failures leave it as it was."""
     target = hash_cache_path()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=target.parent, prefix=".sha256-", suffix=".tmp")
+        write_text_atomic(target, json.dumps(cache))
     except OSError:
         return
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(cache, file)
-        os.replace(temp, target)
-    except OSError:
-        Path(temp).unlink(missing_ok=True)

@@ -10,7 +10,6 @@ nothing on top, so writes stay on the caller's thread."""
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ import torch
 from automerge.checkpoints._base import TensorInfo
 from automerge.checkpoints._safetensors_header import encode_header
 from automerge.errors import CheckpointError, ConfigError
+from automerge.files import commit_temp, create_temp_beside
 
 WRITEBACK_BYTES = 64 << 20  # start the kernel's writeback of each run of this many bytes
 
@@ -92,7 +92,7 @@ class SafetensorsWriter:
         folder = self.path.parent
         if not folder.is_dir():
             raise ConfigError(f"cannot write {self.path}: folder {folder} does not exist; create it first")
-        self._file = self._create_temp(folder)
+        self._file = self._create_temp()
         try:
             with self._os_errors():
                 self._file.write(self._header)
@@ -151,18 +151,13 @@ class SafetensorsWriter:
         finally:
             self._discard()
 
-    def _create_temp(self, folder: Path) -> BinaryIO:
-        """``O_EXCL`` creation with mode 0o666 so the final file gets the umask's usual permissions."""
-        while True:
-            self._tmp = folder / f".{self.path.name}.tmp-{secrets.token_hex(4)}"
-            try:
-                fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                self._tmp = None
-                raise CheckpointError(f"cannot write {self.path}: {exc.strerror}") from None
-            return os.fdopen(fd, "wb")
+    def _create_temp(self) -> BinaryIO:
+        """The temporary file beside the destination (mode 0o666 before the umask)."""
+        try:
+            self._tmp, file = create_temp_beside(self.path)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write {self.path}: {exc.strerror}") from None
+        return file
 
     def _commit(self) -> None:
         if self._broken:
@@ -175,13 +170,9 @@ class SafetensorsWriter:
             )
         assert self._file is not None and self._tmp is not None
         with self._os_errors():
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-            os.replace(self._tmp, self.path)
+            file, self._file = self._file, None
+            commit_temp(self._tmp, file, self.path)
             self._tmp = None
-            _fsync_folder(self.path.parent)
 
     def _discard(self) -> None:
         if self._file is not None:
@@ -199,17 +190,6 @@ class SafetensorsWriter:
         except OSError as exc:
             self._broken = True
             raise CheckpointError(f"cannot write {self.path}: {exc.strerror or exc}") from None
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Persist the rename itself (POSIX); folders cannot be opened this way on Windows."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_safetensors(

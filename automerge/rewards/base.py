@@ -24,8 +24,6 @@ from automerge.registry import Registry
 if TYPE_CHECKING:
     from automerge.rewards.manifest import RewardManifest
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @runtime_checkable
 class RewardModel(Protocol):

@@ -3,7 +3,6 @@ safe state-dict reading (``torch.load(weights_only=True)``) and the one networke
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -12,20 +11,10 @@ from pathlib import Path
 
 import torch
 
+from automerge.checkpoints import sha256_file
 from automerge.errors import RewardError
 from automerge.rewards.base import WeightRole
 from automerge.rewards.manifest import HubSource, RewardManifest, weight_roles
-
-_CHUNK = 1 << 20  # 1 MiB
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _where_from(manifest: RewardManifest, role: WeightRole, manifest_path: Path) -> str:

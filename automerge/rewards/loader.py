@@ -9,8 +9,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from automerge.dtypes import TORCH_DTYPES
 from automerge.errors import RewardError
-from automerge.rewards.base import DTYPES, REWARDS, LoadRequest, RewardContext, RewardModel
+from automerge.rewards.base import REWARDS, LoadRequest, RewardContext, RewardModel
 from automerge.rewards.files import resolve_weights
 from automerge.rewards.manifest import CompositeManifest, RewardManifest, parse_options, read_manifest
 from automerge.rewards.scoring import CompositeReward, Member, Reward
@@ -44,7 +45,7 @@ def _load_single(
         options=parse_options(manifest, manifest_path),
         weights=resolve_weights(manifest, manifest_path),
         device=torch.device(device or manifest.device),
-        dtype=DTYPES[manifest.dtype],
+        dtype=TORCH_DTYPES[manifest.dtype],
         context=context,
     )
     model: RewardModel = REWARDS.get(manifest.reward).load(request)

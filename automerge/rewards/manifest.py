@@ -23,6 +23,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from automerge.config import FileRef, Schema, load_yaml, parse_model
+from automerge.dtypes import DtypeName
 from automerge.registry import did_you_mean
 from automerge.rewards.base import REWARDS, WeightRole
 
@@ -88,7 +89,7 @@ class RewardManifest(Schema):
     sha256: dict[str, str] = Field(default_factory=dict)
     hub: dict[str, HubSource] = Field(default_factory=dict)
     device: str = "cpu"
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    dtype: DtypeName = "fp32"
     batch_size: int = Field(default=8, ge=1)
     normalize: Normalize = Field(default_factory=NoNormalize)
     options: dict[str, Any] = Field(default_factory=dict)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -10,8 +9,9 @@ import pytest
 import torch
 import yaml
 
+from automerge.checkpoints import sha256_file
 from automerge.errors import RewardError
-from automerge.rewards import fetch_reward_weights, load_reward, sha256_file
+from automerge.rewards import fetch_reward_weights, load_reward
 from automerge.testing.tiny_rewards import (
     write_tiny_clip_score,
     write_tiny_imagereward,
@@ -24,12 +24,6 @@ def _edit_manifest(path: Path, **changes: object) -> Path:
     data.update(changes)
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
-    path = tmp_path / "f.bin"
-    path.write_bytes(b"x" * 3_000_000)
-    assert sha256_file(path) == hashlib.sha256(b"x" * 3_000_000).hexdigest()
 
 
 def test_missing_weights_file_says_how_to_fetch_it(tmp_path: Path) -> None:

@@ -10,13 +10,14 @@ import torch
 import yaml
 
 from automerge.errors import RewardError
-from automerge.rewards import load_reward, remap_imagereward_state_dict
+from automerge.rewards import load_reward
 from automerge.rewards.imagereward import (
     IMAGEREWARD_MEAN,
     IMAGEREWARD_STD,
     ImageRewardNet,
     load_bert_tokenizer,
     read_med_config,
+    remap_imagereward_state_dict,
     to_official_imagereward_state_dict,
 )
 from automerge.rewards.preprocess import CLIP_MEAN, CLIP_STD, center_crop_box, clip_transform, resized_size

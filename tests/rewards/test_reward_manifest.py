@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from automerge.errors import ConfigError
-from automerge.rewards import AffineNormalize, CompositeManifest, RewardManifest, read_manifest
+from automerge.rewards import CompositeManifest, RewardManifest, read_manifest
+from automerge.rewards.manifest import AffineNormalize
 
 IMAGEREWARD = """\
 reward: imagereward
