@@ -1,58 +1,39 @@
-"""Architecture descriptions: block layouts and key rules as data plus a few small functions.
+"""``Architecture``: one model family as the rest of the package sees it, built from its data file.
 
 An ``Architecture`` says, for every tensor key of an original-layout (A1111 / LDM / sgm) checkpoint,
 which MBW block it belongs to (or that it is unmerged), and which parameters of the live diffusers
-modules it becomes (``Target``s), so that the live engine and the exporter agree on every tensor.
+modules it becomes (``Target``s), so that the live engine and the exporter agree on every tensor. It
+also carries the configs of its live modules (real and tiny), its reference key table, how its
+pipeline is assembled and what tells its checkpoints apart.
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from automerge.arch._targets import BlockRule, KeyRule, Target
 from automerge.registry import Registry
+
+if TYPE_CHECKING:
+    from automerge.arch._schema import Detection, PipelineSpec, ReferencePart
 
 VAE_BLOCK = "VAE"
 EMA_PREFIX = "model_ema."
 
 
-class View(enum.Enum):
-    """How a diffusers parameter is derived from its original tensor (always a view, never a copy)."""
-
-    SAME = "same"  # identical tensor
-    ROWS = "rows"  # chunk `index` of `chunks` equal chunks along dim 0 (fused q/k/v split)
-    SQUEEZE = "squeeze"  # 1×1 conv weight [o, i, 1, 1] or [o, i, 1] → linear [o, i]
-    TRANSPOSE = "transpose"  # 2-D transpose (OpenCLIP text_projection)
-
-
-@dataclass(frozen=True)
-class Target:
-    """One diffusers parameter fed by an original tensor: ``component`` module, parameter ``name``."""
-
-    component: str
-    name: str
-    view: View = View.SAME
-    index: int = 0
-    chunks: int = 1
-
-    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The diffusers parameter as a view of the original ``tensor``."""
-        if self.view is View.SAME:
-            return tensor
-        if self.view is View.ROWS:
-            rows = tensor.shape[0] // self.chunks
-            return tensor[self.index * rows : (self.index + 1) * rows]
-        if self.view is View.SQUEEZE:
-            return tensor.reshape(tensor.shape[0], tensor.shape[1]) if tensor.ndim > 2 else tensor
-        return tensor.t()
-
-
-KeyRule = Callable[[str], tuple[Target, ...]]
-"""Maps a key with its component prefix removed to its diffusers targets (empty: not used live)."""
+def mbw_blocks(levels_in: int, levels_out: int) -> tuple[str, ...]:
+    """BASE, IN00.., M00, OUT00.., VAE in supermerger's order."""
+    return (
+        ("BASE",)
+        + tuple(f"IN{i:02d}" for i in range(levels_in))
+        + ("M00",)
+        + tuple(f"OUT{i:02d}" for i in range(levels_out))
+        + (VAE_BLOCK,)
+    )
 
 
 @dataclass(frozen=True)
@@ -62,7 +43,7 @@ class Component:
     name: str  # "unet" | "text_encoder" | "text_encoder_2" | "vae"
     prefix: str  # original-layout key prefix, e.g. "model.diffusion_model."
     rule: KeyRule
-    block: Callable[[str], str | None]  # key without prefix → MBW block, None for unmerged
+    block: BlockRule  # key without prefix → MBW block, None for unmerged
 
 
 @dataclass(frozen=True)
@@ -75,6 +56,10 @@ class Architecture:
     blocks: tuple[str, ...]  # MBW blocks in user order, VAE last
     components: tuple[Component, ...]
     configs: Mapping[str, Mapping[str, Any]]  # standard (real-size) config per component
+    tiny_configs: Mapping[str, Mapping[str, Any]]  # same topology at tiny widths (`automerge tiny`)
+    reference: tuple[ReferencePart, ...]  # where its reference key table comes from
+    pipeline: PipelineSpec
+    detection: Detection
     prediction_type: str = "epsilon"
     aliases: tuple[tuple[str, str], ...] = field(default=())  # legacy key prefixes → canonical
 

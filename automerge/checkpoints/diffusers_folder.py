@@ -9,15 +9,15 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from automerge.arch import ARCHITECTURES, Architecture, Target, View, reference_keys
+from automerge.arch import ARCHITECTURES, Target, View, detect_folder_architecture, reference_keys
 from automerge.checkpoints._base import Checkpoint, TensorInfo, unknown_key_error
 from automerge.checkpoints._open import open_file_checkpoint
-from automerge.errors import CheckpointError, UnsupportedModelError
+from automerge.errors import CheckpointError
 
-_COMPONENT_DIRS = ("unet", "text_encoder", "text_encoder_2", "vae")
 _WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
     "model.safetensors",
@@ -26,7 +26,19 @@ _WEIGHT_NAMES = (
     "diffusion_pytorch_model.bin",
     "pytorch_model.bin",
 )
-_CLASS_BY_DIR = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+_TEXT_MODEL_OPTIONS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "projection_dim",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 def is_diffusers_folder(path: Path) -> bool:
@@ -50,37 +62,21 @@ def _read_config(folder: Path) -> dict:
         raise CheckpointError(f"{path}: missing or invalid config.json ({error})") from None
 
 
-def _detect(root: Path, configs: Mapping[str, dict]) -> Architecture:
-    if "text_encoder" not in configs and "text_encoder_2" in configs:
-        raise UnsupportedModelError(f"{root}: SDXL refiner checkpoints are not supported yet")
-    if configs["unet"].get("in_channels", 4) != 4:
-        raise UnsupportedModelError(f"{root}: inpainting / instruct-pix2pix UNets are not supported yet")
-    if "text_encoder_2" in configs:
-        return ARCHITECTURES.get("sdxl")
-    hidden = configs.get("text_encoder", {}).get("hidden_size", 768)
-    return ARCHITECTURES.get("sd2" if hidden == 1024 else "sd1")
+def _component_dirs() -> list[str]:
+    """The sub-folders a diffusers folder may have: every component of every family, in family order."""
+    names = [component.name for _, arch in ARCHITECTURES.items() for component in arch.components]
+    return list(dict.fromkeys(names))
 
 
-def _live_config(name: str, config: dict) -> dict:
-    """A component's config.json as the live-module config (``_class`` + constructor options)."""
-    if name in _CLASS_BY_DIR:
+def _live_config(config: Mapping[str, Any], family_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A component's config.json as the live-module config (``_class`` + constructor options): a
+    diffusers config keeps every option, a transformers one (it names its ``model_type``) only the
+    text-model options; the class is the family's unless the file names its own."""
+    if "model_type" not in config:
         options = {k: v for k, v in config.items() if not k.startswith("_")}
-        return {"_class": _CLASS_BY_DIR[name], **options}
-    architectures = config.get("architectures") or ["CLIPTextModel"]
-    keep = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "max_position_embeddings",
-        "hidden_act",
-        "projection_dim",
-        "bos_token_id",
-        "eos_token_id",
-        "pad_token_id",
-    )
-    return {"_class": architectures[0], **{k: config[k] for k in keep if k in config}}
+        return {"_class": family_config["_class"], **options}
+    architectures = config.get("architectures") or [family_config["_class"]]
+    return {"_class": architectures[0], **{k: config[k] for k in _TEXT_MODEL_OPTIONS if k in config}}
 
 
 @dataclass(frozen=True)
@@ -94,9 +90,13 @@ class DiffusersFolderCheckpoint(Checkpoint):
     def __init__(self, root: Path) -> None:
         self.path = Path(root)
         self.metadata: Mapping[str, str] = {}
-        folder_configs = {d: _read_config(self.path / d) for d in _COMPONENT_DIRS if (self.path / d).is_dir()}
-        self.arch = _detect(self.path, folder_configs)
-        self.configs = {name: _live_config(name, cfg) for name, cfg in folder_configs.items()}
+        folder_configs = {
+            d: _read_config(self.path / d) for d in _component_dirs() if (self.path / d).is_dir()
+        }
+        self.arch = detect_folder_architecture(folder_configs, source=str(self.path))
+        self.configs = {
+            name: _live_config(config, self.arch.configs[name]) for name, config in folder_configs.items()
+        }
         self._files = {name: open_file_checkpoint(_weights_file(self.path / name)) for name in folder_configs}
         self._sources: dict[str, _Source] = {}
         for ref in reference_keys(self.arch.name):

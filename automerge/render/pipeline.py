@@ -2,8 +2,10 @@
 
 The merge engine hands over its live UNet, text encoder(s) and VAE as ``PipelineModules``; this module
 adds tokenizers (local folder or vendored BPE), a scheduler built from the project's own config
-(``schedulers.py``), SDPA attention, and returns a ``StableDiffusionPipeline`` (SD1, SD2) or
-``StableDiffusionXLPipeline`` (SDXL) with no safety checker, watermarker or progress bars.
+(``schedulers.py``), SDPA attention, and returns the diffusers pipeline that the family's data file names
+(``pipeline.diffusers_class``: ``StableDiffusionPipeline`` for SD1/SD2, ``StableDiffusionXLPipeline`` for
+SDXL) with no safety checker, watermarker or progress bars. The tokenizers' sub-folders and padding
+tokens come from the same data file.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from automerge.arch import ARCHITECTURES, Architecture
 from automerge.errors import ConfigError
-from automerge.registry import Registry
 from automerge.render.schedulers import PREDICTION_TYPES, make_scheduler
-from automerge.render.tokenizers import PAD_EOS, PAD_ZERO, TokenizerCache
+from automerge.render.tokenizers import TokenizerCache
 
 DEFAULT_SCHEDULER = "euler"  # replaced per batch by the Renderer with each job's scheduler
 
@@ -62,16 +64,6 @@ def pipeline_modules(
 Assemble = Callable[[PipelineModules, tuple[CLIPTokenizer, ...], object], DiffusionPipeline]
 
 
-@dataclass(frozen=True)
-class _Family:
-    """How a family's pipeline is put together."""
-
-    assemble: Assemble
-    pad_tokens: tuple[str, ...]  # one per text encoder, as in the official diffusers repositories
-    tokenizer_folders: tuple[str, ...]  # sub-folders of a diffusers model folder
-    needs_text_encoder_2: bool
-
-
 def _stable_diffusion(
     modules: PipelineModules, tokenizers: tuple[CLIPTokenizer, ...], scheduler: object
 ) -> DiffusionPipeline:
@@ -102,17 +94,11 @@ def _stable_diffusion_xl(
     )
 
 
-PIPELINE_FAMILIES: Registry[_Family] = Registry("pipeline family")
-PIPELINE_FAMILIES.register("sd1", _Family(_stable_diffusion, (PAD_EOS,), ("tokenizer",), False))
-PIPELINE_FAMILIES.register("sd2", _Family(_stable_diffusion, (PAD_ZERO,), ("tokenizer",), False))
-PIPELINE_FAMILIES.register(
-    "sdxl", _Family(_stable_diffusion_xl, (PAD_EOS, PAD_ZERO), ("tokenizer", "tokenizer_2"), True)
-)
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """fp16 on a GPU (bf16 is the caller's choice), fp32 on the CPU."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+PIPELINE_CLASSES: dict[str, Assemble] = {
+    "StableDiffusionPipeline": _stable_diffusion,
+    "StableDiffusionXLPipeline": _stable_diffusion_xl,
+}
+"""A family data file's ``pipeline.diffusers_class`` → how that diffusers pipeline is assembled."""
 
 
 def build_pipeline(
@@ -131,14 +117,16 @@ def build_pipeline(
     to share between pipelines of one process. ``compile_unet``: ``torch.compile`` the UNet in place.
     """
     # 1. Check the modules against their family before any work.
-    family = PIPELINE_FAMILIES.get(modules.family)
-    _check_modules(modules, family)
+    arch = ARCHITECTURES.get(modules.family)
+    assemble = _assembler(arch)
+    _check_modules(modules, arch)
     # 2. Tokenizers, scheduler, pipeline.
     cache = tokenizers if tokenizers is not None else TokenizerCache()
-    folders = _tokenizer_folders(family, tokenizer_dir)
-    built = tuple(cache.get(folder=f, pad_token=p) for f, p in zip(folders, family.pad_tokens, strict=True))
+    folders = _tokenizer_folders(arch, tokenizer_dir)
+    pads = [tokenizer.pad_token for tokenizer in arch.pipeline.tokenizers.values()]
+    built = tuple(cache.get(folder=f, pad_token=p) for f, p in zip(folders, pads, strict=True))
     scheduler = make_scheduler(DEFAULT_SCHEDULER, prediction_type=modules.prediction_type)
-    pipeline = family.assemble(modules, built, scheduler)
+    pipeline = assemble(modules, built, scheduler)
     # 3. Device, dtype, inference mode, attention, progress bars.
     for module in (modules.unet, modules.text_encoder, modules.text_encoder_2, modules.vae):
         if module is not None:
@@ -217,30 +205,43 @@ def prompt_inputs(
     return build(pipeline, prompts, negative_prompts, clip_skip)
 
 
-def _check_modules(modules: PipelineModules, family: _Family) -> None:
+def _assembler(arch: Architecture) -> Assemble:
+    name = arch.pipeline.diffusers_class
+    if name not in PIPELINE_CLASSES:
+        raise ConfigError(
+            f"family '{arch.name}': pipeline class '{name}' is not one automerge builds; "
+            f"known: {', '.join(PIPELINE_CLASSES)}"
+        )
+    return PIPELINE_CLASSES[name]
+
+
+def _check_modules(modules: PipelineModules, arch: Architecture) -> None:
     if modules.prediction_type not in PREDICTION_TYPES:
         raise ValueError(
             f"prediction_type must be one of {PREDICTION_TYPES}, got {modules.prediction_type!r}"
         )
-    if family.needs_text_encoder_2 != (modules.text_encoder_2 is not None):
-        need = "needs" if family.needs_text_encoder_2 else "takes no"
+    needs_text_encoder_2 = any(component.name == "text_encoder_2" for component in arch.components)
+    if needs_text_encoder_2 != (modules.text_encoder_2 is not None):
+        need = "needs" if needs_text_encoder_2 else "takes no"
         raise ValueError(f"family '{modules.family}' {need} text_encoder_2")
 
 
-def _tokenizer_folders(family: _Family, tokenizer_dir: Path | None) -> tuple[Path | None, ...]:
+def _tokenizer_folders(arch: Architecture, tokenizer_dir: Path | None) -> tuple[Path | None, ...]:
     """Where each text encoder's tokenizer is saved (``None`` = build from the vendored BPE)."""
+    names = [tokenizer.folder for tokenizer in arch.pipeline.tokenizers.values()]
     if tokenizer_dir is None:
-        return (None,) * len(family.tokenizer_folders)
+        return (None,) * len(names)
     tokenizer_dir = Path(tokenizer_dir)
     if not tokenizer_dir.is_dir():
         raise ConfigError(f"tokenizer_dir {tokenizer_dir}: folder not found")
-    subfolders = tuple(tokenizer_dir / name for name in family.tokenizer_folders)
+    subfolders = tuple(tokenizer_dir / name for name in names)
     if all(folder.is_dir() for folder in subfolders):
         return subfolders
     if len(subfolders) == 1:
         return (tokenizer_dir,)
     missing = ", ".join(f"{f.name}/" for f in subfolders if not f.is_dir())
+    wanted = " and ".join(f"{name}/" for name in names)
     raise ConfigError(
-        f"tokenizer_dir {tokenizer_dir}: has no {missing}; SDXL needs a diffusers model folder with "
-        "tokenizer/ and tokenizer_2/"
+        f"tokenizer_dir {tokenizer_dir}: has no {missing}; {arch.title} needs a diffusers model folder "
+        f"with {wanted}"
     )

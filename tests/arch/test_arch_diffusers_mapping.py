@@ -8,7 +8,7 @@ modules (built on the meta device) exactly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pytest
 import torch
@@ -19,9 +19,24 @@ from diffusers.loaders.single_file_utils import (
     convert_open_clip_checkpoint,
 )
 
-from automerge.arch import ARCHITECTURES, Architecture, reference_keys, tiny_configs
+from automerge.arch import ARCHITECTURES, Architecture, Component, reference_keys
+from automerge.arch._loader import FAMILIES
+from automerge.arch._schema import FamilyFile
+from automerge.config import parse_file
 from automerge.render.modules import build_module, build_modules, live_name
-from automerge.testing.tiny import make_tiny_state_dict
+from automerge.tiny import make_tiny_state_dict
+
+Converter = Callable[[Component, Mapping[str, object], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+# diffusers' own converter for each key rule of ours (the rule names of the family data files)
+CONVERTERS: dict[str, Converter] = {
+    "unet": lambda component, config, tagged: convert_ldm_unet_checkpoint(tagged, dict(config)),
+    "vae": lambda component, config, tagged: convert_ldm_vae_checkpoint(tagged, dict(config)),
+    "clip": lambda component, config, tagged: convert_ldm_clip_checkpoint(tagged),
+    "open_clip": lambda component, config, tagged: convert_open_clip_checkpoint(
+        build_module(config, meta=True), tagged, prefix=component.prefix
+    ),
+}
 
 
 def _tagged(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,24 +55,17 @@ def _tagged(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _diffusers_conversion(
     arch: Architecture, tagged: dict[str, torch.Tensor]
 ) -> dict[str, dict[str, torch.Tensor]]:
-    configs = tiny_configs(arch)
-    converted = {
-        "unet": convert_ldm_unet_checkpoint(tagged, dict(configs["unet"])),
-        "vae": convert_ldm_vae_checkpoint(tagged, dict(configs["vae"])),
+    """Each component converted by the diffusers function for its key rule (named in its data file)."""
+    rules = {
+        spec.name: spec.keys.rule
+        for spec in parse_file(FamilyFile, FAMILIES / f"{arch.name}.yaml").components
     }
-    if arch.name == "sd2":
-        text_model = build_module(configs["text_encoder"], meta=True)
-        converted["text_encoder"] = convert_open_clip_checkpoint(
-            text_model, tagged, prefix="cond_stage_model.model."
+    return {
+        component.name: CONVERTERS[rules[component.name]](
+            component, arch.tiny_configs[component.name], tagged
         )
-    else:
-        converted["text_encoder"] = convert_ldm_clip_checkpoint(tagged)
-    if arch.name == "sdxl":
-        text_model = build_module(configs["text_encoder_2"], meta=True)
-        converted["text_encoder_2"] = convert_open_clip_checkpoint(
-            text_model, tagged, prefix="conditioner.embedders.1.model."
-        )
-    return converted
+        for component in arch.components
+    }
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -107,5 +115,5 @@ def test_tiny_shapes_fit_the_tiny_live_modules(family: str) -> None:
     arch = ARCHITECTURES.get(family)
     state = make_tiny_state_dict(arch, seed=0)
     _check_live_coverage(
-        arch, {k: tuple(v.shape) for k, v in state.items()}, build_modules(tiny_configs(arch), meta=True)
+        arch, {k: tuple(v.shape) for k, v in state.items()}, build_modules(arch.tiny_configs, meta=True)
     )

@@ -17,9 +17,10 @@ from diffusers.models.autoencoders.vae import Decoder
 from PIL import Image
 from tiny_modules import tiny_sd1_modules, tiny_sdxl_modules, tiny_vae
 
+from automerge.arch import ARCHITECTURES
 from automerge.errors import ConfigError, RenderError
 from automerge.render.payload import RenderJob, job_key
-from automerge.render.pipeline import build_pipeline, clip_hidden_states
+from automerge.render.pipeline import PIPELINE_CLASSES, build_pipeline, clip_hidden_states
 from automerge.render.renderer import RenderedImage, Renderer, batches, decode_latents, save_png
 from automerge.render.schedulers import SCHEDULERS, SD_NOISE_SCHEDULE, make_scheduler
 
@@ -143,8 +144,19 @@ def test_modules_that_do_not_fit_their_family_are_rejected() -> None:
     modules = tiny_sd1_modules()
     with pytest.raises(ValueError, match="family 'sdxl' needs text_encoder_2"):
         build_pipeline(dataclasses.replace(modules, family="sdxl"), device=CPU, dtype=FP32)
-    with pytest.raises(ConfigError, match=r"unknown pipeline family 'sd3'"):
+    with pytest.raises(ConfigError, match=r"unknown architecture 'sd3'"):
         build_pipeline(dataclasses.replace(modules, family="sd3"), device=CPU, dtype=FP32)
+    with pytest.raises(ConfigError, match=r"unknown architecture 'sdlx' \(did you mean 'sdxl'\?\)"):
+        build_pipeline(dataclasses.replace(modules, family="sdlx"), device=CPU, dtype=FP32)
+
+
+@pytest.mark.parametrize("family", ARCHITECTURES.names())
+def test_every_family_names_a_pipeline_render_builds_with_one_tokenizer_per_text_encoder(family: str) -> None:
+    arch = ARCHITECTURES.get(family)
+    text_encoders = [c.name for c in arch.components if c.name.startswith("text_encoder")]
+
+    assert arch.pipeline.diffusers_class in PIPELINE_CLASSES
+    assert list(arch.pipeline.tokenizers) == text_encoders
 
 
 # ---- rendering --------------------------------------------------------------------------------
@@ -246,7 +258,7 @@ import sys, torch
 sys.path.insert(0, {here!r})
 from tiny_modules import tiny_sd1_modules
 from test_render_pipeline import MIXED_JOBS
-from automerge.render.pipeline import build_pipeline, clip_hidden_states
+from automerge.render.pipeline import PIPELINE_CLASSES, build_pipeline, clip_hidden_states
 from automerge.render.renderer import Renderer, save_png
 pipeline = build_pipeline(tiny_sd1_modules(), device="cpu", dtype=torch.float32)
 for rendered in Renderer(pipeline, device="cpu", dtype=torch.float32).render(MIXED_JOBS):
