@@ -4,8 +4,10 @@ that runs against every registered method (a new method is tested the moment it 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Annotated
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from automerge.errors import MergeError
 from automerge.merge.methods import (
     METHODS,
     MergeMethod,
+    Param,
     ParamSpec,
     all_finite,
     check_finite,
@@ -26,7 +29,7 @@ from automerge.merge.methods import (
     merge_tensor,
     register_method,
 )
-from automerge.merge.methods.task_arithmetic import _top_k
+from automerge.merge.methods.task_arithmetic import TaskArithmetic, _top_k
 
 
 def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -41,8 +44,8 @@ def _run(
     name: str, models: Sequence[Tensor], base: Tensor | None, *, seed: int = 0, **params: float
 ) -> Tensor:
     method = METHODS.get(name)
-    generator = _gen(seed) if method.random else None
-    return method.fn(list(models), base, generator=generator, **(method.defaults() | params))
+    randomness = {"generator": _gen(seed)} if method.random else {}
+    return method.fn(list(models), base, **(method.defaults() | params), **randomness)
 
 
 def _f64(*tensors: Tensor) -> list[Tensor]:
@@ -182,7 +185,7 @@ def test_ties_selection_equals_the_stable_sort_definition_with_many_equal_magnit
 ) -> None:
     """Values rounded to few levels make hundreds of |Δ| equal at the threshold, of both signs."""
     delta = (_randn(37, 29, 3, seed=8) * 4).round().to(dtype) / 8
-    assert torch.equal(_top_k(delta, density), _top_k_by_stable_sort(delta, density))
+    assert torch.equal(_top_k(delta, density=density), _top_k_by_stable_sort(delta, density))
 
 
 def test_dare_ties_matches_direct_drop_then_sign_election() -> None:
@@ -351,8 +354,8 @@ def _sources(
 def _call(
     method: MergeMethod, models: list[Tensor], base: Tensor | None, params: dict[str, float] | None = None
 ):
-    generator = _gen(9) if method.random else None
-    return method.fn(models, base, generator=generator, **(params or method.defaults()))
+    randomness = {"generator": _gen(9)} if method.random else {}
+    return method.fn(models, base, **(params or method.defaults()), **randomness)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -425,10 +428,11 @@ def test_any_number_methods_accept_four_models(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [name for name, method in METHODS.items() if not method.random])
-def test_deterministic_methods_ignore_the_generator(name: str) -> None:
+def test_deterministic_methods_take_no_generator_and_merge_tensor_passes_none(name: str) -> None:
     method = METHODS.get(name)
+    assert "generator" not in inspect.signature(method.fn).parameters
     models, base = _sources(method, (6,))
-    with_generator = method.fn(models, base, generator=_gen(1), **method.defaults())
+    with_generator = merge_tensor(method, models, base, key="k", params=method.defaults(), generator=_gen(1))
     assert torch.equal(with_generator, _call(method, models, base))
 
 
@@ -476,7 +480,7 @@ def test_fast_paths_equal_the_method_function_bit_for_bit(name: str, alpha: floa
     alpha = min(alpha, method.params[0].high or alpha)
     models, base = _sources(method, (4099,), dtype=torch.float16)
     upcast = [m.float() for m in models]
-    expected = method.fn(upcast, None if base is None else base.float(), generator=None, alpha=alpha)
+    expected = method.fn(upcast, None if base is None else base.float(), alpha=alpha)
     if method.compute_into is not None:
         out = torch.empty(4099)
         method.compute_into(out, models, base, alpha=alpha)
@@ -531,86 +535,264 @@ def test_all_finite_and_max_magnitude_see_every_nan_and_inf() -> None:
     assert not all_finite(torch.tensor([65504.0, math.inf], dtype=torch.float16))
 
 
+Weight = Annotated[float, Param(0.0, 1.0, "a weight")]
+
+
 def test_fast_paths_are_only_for_element_wise_methods() -> None:
     def into(out: Tensor, models: list[Tensor], base: Tensor | None, *, alpha: float) -> None:
         out.copy_(models[0])
 
-    def method(models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float):
+    def method(models: list[Tensor], base: Tensor | None, *, alpha: Weight = 0.5):
         """A"""
         return models[0].clone()
 
     with pytest.raises(TypeError, match="need an element-wise method"):
-        MergeMethod.from_function(
-            method,
-            name="x",
-            params=(ALPHA,),
-            needs_base=False,
-            min_models=2,
-            max_models=2,
-            random=False,
-            compute_into=into,
-        )
+        MergeMethod.from_function(method, name="x", needs_base=False, compute_into=into)
 
 
 # ---------------------------------------------------------------------------------------------
-# Registration, merge_tensor, check_finite, generator_for
+# Registration: the signature is the spec
 # ---------------------------------------------------------------------------------------------
 
-ALPHA = ParamSpec("alpha", 0.5, 0.0, 1.0, "a weight")
 
-
-def _formula_only(
-    models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alfa: float
-):
-    """A + α"""
-    return models[0] + alfa
-
-
-def test_registering_a_function_whose_keywords_differ_from_its_param_specs_raises_type_error() -> None:
-    with pytest.raises(TypeError, match=r"\['alfa', 'generator'\] do not match .*\['alpha'\]"):
-        MergeMethod.from_function(
-            _formula_only,
-            name="bad",
-            params=(ALPHA,),
-            needs_base=False,
-            min_models=2,
-            max_models=2,
-            random=False,
-        )
-
-
-def test_registering_a_function_without_docstring_or_with_signature_defaults_raises_type_error() -> None:
-    def no_doc(models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float):
-        return models[0]
-
-    def with_default(
-        models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha=0.5
+def test_param_specs_are_derived_from_the_signature_in_order() -> None:
+    def scaled(
+        models: list[Tensor],
+        base: Tensor | None,
+        *,
+        alpha: Weight = 0.25,
+        steps: Annotated[int, Param(1, None, "how many")] = 3,
+        beta: Annotated[float, Param(doc="required, unbounded")],
     ):
-        """A"""
-        return models[0]
+        """A·α·β"""
+        return models[0] * alpha * beta
 
-    for fn, message in [(no_doc, "docstring"), (with_default, "defaults in the ParamSpecs")]:
-        with pytest.raises(TypeError, match=message):
-            MergeMethod.from_function(
-                fn, name="bad", params=(ALPHA,), needs_base=False, min_models=2, max_models=2, random=False
-            )
+    method = MergeMethod.from_function(scaled, name="scaled", needs_base=False)
+    assert method.params == (
+        ParamSpec("alpha", 0.25, 0.0, 1.0, "a weight"),
+        ParamSpec("steps", 3.0, 1.0, None, "how many", integer=True),
+        ParamSpec("beta", None, None, None, "required, unbounded"),
+    )
+    assert method.formula == "A·α·β" and not method.random
+    assert method.defaults() == {"alpha": 0.25, "steps": 3.0}
+
+
+def test_a_method_is_random_exactly_when_it_takes_a_generator() -> None:
+    def noisy(models: list[Tensor], base: Tensor | None, *, alpha: Weight = 0.5, generator: torch.Generator):
+        """A + α·noise"""
+        return models[0] + alpha * torch.randn(models[0].shape, generator=generator)
+
+    method = MergeMethod.from_function(noisy, name="noisy", needs_base=False)
+    assert method.random and method.param_names() == ("alpha",)
+
+
+def _untyped_param(models: list[Tensor], base: Tensor | None, *, alfa: float = 0.5):
+    """A"""
+    return models[0]
+
+
+def _unannotated_param(models: list[Tensor], base: Tensor | None, *, alpha=0.5):
+    """A"""
+    return models[0]
+
+
+def _string_param(models: list[Tensor], base: Tensor | None, *, mode: Annotated[str, Param()] = "a"):
+    """A"""
+    return models[0]
+
+
+def _non_numeric_default(models: list[Tensor], base: Tensor | None, *, alpha: Weight = "half"):  # type: ignore[assignment]
+    """A"""
+    return models[0]
+
+
+def _default_out_of_range(models: list[Tensor], base: Tensor | None, *, alpha: Weight = 2.0):
+    """A"""
+    return models[0]
+
+
+def _positional_param(models: list[Tensor], base: Tensor | None, alpha: Weight = 0.5):
+    """A"""
+    return models[0]
+
+
+def _one_positional(models: list[Tensor], *, alpha: Weight = 0.5):
+    """A"""
+    return models[0]
+
+
+def _var_keyword(models: list[Tensor], base: Tensor | None, **params: float):
+    """A"""
+    return models[0]
+
+
+def _var_positional(models: list[Tensor], base: Tensor | None, *more: Tensor):
+    """A"""
+    return models[0]
+
+
+def _optional_generator(
+    models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None = None
+):
+    """A"""
+    return models[0]
+
+
+def _no_docstring(models: list[Tensor], base: Tensor | None, *, alpha: Weight = 0.5):
+    return models[0]
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (_untyped_param, r"parameter 'alfa' needs a type Annotated\[float, Param\(low, high, doc\)\]"),
+        (_unannotated_param, "parameter 'alpha' needs a type Annotated.*, got no annotation"),
+        (_string_param, "parameter 'mode' needs a type Annotated"),
+        (_non_numeric_default, "parameter 'alpha' has a non-numeric default 'half'"),
+        (_default_out_of_range, r"parameter 'alpha': default must be in \[0, 1\], got 2"),
+        (_positional_param, r"must take \(models, base, \*, <param>"),
+        (_one_positional, r"must take \(models, base, \*, <param>"),
+        (_var_keyword, r"must take \(models, base, \*, <param>.*\*\*params"),
+        (_var_positional, r"must take \(models, base, \*, <param>.*\*more"),
+        (_optional_generator, r"a random method takes `generator: torch.Generator` without a default"),
+        (_no_docstring, "the docstring's first line must give the formula"),
+    ],
+)
+def test_a_declaration_that_cannot_be_derived_raises_type_error_naming_method_and_parameter(
+    fn: Callable[..., Tensor], message: str
+) -> None:
+    name = fn.__name__
+    with pytest.raises(TypeError, match=rf"merge method 'bad' \([\w.]*test_methods\.{name}\): {message}"):
+        register_method("bad", needs_base=False)(fn)
+    assert "bad" not in METHODS
 
 
 def test_registering_a_method_name_twice_raises() -> None:
-    def weighted_sum(
-        models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float
-    ):
+    def weighted_sum(models: list[Tensor], base: Tensor | None, *, alpha: Weight = 0.5):
         """A"""
         return models[0]
 
     with pytest.raises(ValueError, match="'weighted_sum' is registered twice"):
-        register_method("weighted_sum", params=(ALPHA,), needs_base=False)(weighted_sum)
+        register_method("weighted_sum", needs_base=False)(weighted_sum)
     assert METHODS.get("weighted_sum").fn is not weighted_sum
 
 
 def test_param_spec_with_default_outside_its_range_is_a_programming_error() -> None:
     with pytest.raises(TypeError, match=r"must be in \[0, 1\], got 2"):
         ParamSpec("alpha", 2.0, 0.0, 1.0, "")
+
+
+# Every method's parameters, as recipes and studies rely on them: (name, default, low, high, integer).
+DECLARED = {
+    "add_difference": [("alpha", 1.0, 0.0, 2.0, False)],
+    "dare": [("alpha", 1.0, 0.0, 2.0, False), ("density", 0.5, 0.0, 1.0, False)],
+    "dare_ties": [("alpha", 1.0, 0.0, 2.0, False), ("density", 0.5, 0.0, 1.0, False)],
+    "della": [
+        ("alpha", 1.0, 0.0, 2.0, False),
+        ("density", 0.5, 0.0, 1.0, False),
+        ("epsilon", 0.1, 0.0, 1.0, False),
+    ],
+    "geometric_median": [("max_iter", 100.0, 1.0, 1000.0, True)],
+    "model_stock": [("alpha", 1.0, 0.0, 2.0, False)],
+    "slerp": [("alpha", 0.5, 0.0, 1.0, False)],
+    "ties": [("alpha", 1.0, 0.0, 2.0, False), ("density", 0.5, 0.0, 1.0, False)],
+    "train_difference": [("alpha", 1.0, 0.0, 1.0, False)],
+    "weighted_sum": [("alpha", 0.5, 0.0, 1.0, False)],
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_method_declares_its_documented_parameters(name: str) -> None:
+    specs = METHODS.get(name).params
+    assert [(s.name, s.default, s.low, s.high, s.integer) for s in specs] == DECLARED[name]
+    assert all(isinstance(s.default, float) for s in specs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task-arithmetic variants: configured instances of one generalized callable
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "random"),
+    [
+        ("ties", ("alpha", "density"), False),
+        ("dare", ("alpha", "density"), True),
+        ("dare_ties", ("alpha", "density"), True),
+        ("della", ("alpha", "density", "epsilon"), True),
+    ],
+)
+def test_task_arithmetic_variants_derive_their_specs_from_the_composed_signature(
+    name: str, params: tuple[str, ...], random: bool
+) -> None:
+    method = METHODS.get(name)
+    assert isinstance(method.fn, TaskArithmetic)
+    signature = inspect.signature(method.fn)
+    assert list(signature.parameters) == ["models", "base", *params, *(["generator"] if random else [])]
+    assert method.param_names() == params and method.random is random
+
+
+def test_each_task_arithmetic_variant_keeps_its_own_formula_and_reference() -> None:
+    variants = {name: METHODS.get(name) for name in ("ties", "dare", "dare_ties", "della")}
+    assert len({method.formula for method in variants.values()}) == 4
+    assert variants["ties"].formula.startswith("C + α·disjoint_mean(top_k(Δi, density))")
+    assert variants["dare"].formula.startswith("C + α·Σ (mask_i·Δi / density)")
+    assert "Yadav et al. 2023" in inspect.getdoc(variants["ties"].fn)
+    assert "Deep et al. 2024" in inspect.getdoc(variants["della"].fn)
+
+
+def test_a_new_task_arithmetic_variant_is_one_configured_instance() -> None:
+    """Top-k without sign election: the sum of the kept deltas."""
+    variant = TaskArithmetic("top_k_sum", sparsify=_top_k, elect=False, doc="C + α·Σ top_k(Δi, density)")
+    method = MergeMethod.from_function(variant, name="top_k_sum", needs_base=True, max_models=None)
+    c = torch.zeros(4)
+    deltas = [torch.tensor([3.0, -1.0, 2.0, 0.5]), torch.tensor([-1.0, -2.0, 1.5, 0.1])]
+    result = merge_tensor(method, deltas, c, key="k", params={"alpha": 0.5, "density": 0.5}, generator=None)
+    torch.testing.assert_close(result, 0.5 * torch.tensor([3.0, -2.0, 3.5, 0.0]))
+
+
+def _sloppy_sparsifier(delta: Tensor, *, density: float = 0.5) -> Tensor:
+    return delta
+
+
+def test_a_sparsifier_parameter_without_param_metadata_fails_registration() -> None:
+    variant = TaskArithmetic("sloppy", sparsify=_sloppy_sparsifier, elect=True, doc="C")
+    with pytest.raises(
+        TypeError, match=r"'sloppy' \(TaskArithmetic\('sloppy'.*parameter 'density' needs a type"
+    ):
+        MergeMethod.from_function(variant, name="sloppy", needs_base=True)
+
+
+def _two_positional_sparsifier(delta: Tensor, density: Weight = 0.5) -> Tensor:
+    return delta
+
+
+def _alpha_sparsifier(delta: Tensor, *, alpha: Weight = 0.5) -> Tensor:
+    return delta
+
+
+def _variadic_sparsifier(*deltas: Tensor, density: Weight = 0.5) -> Tensor:
+    return deltas[0]
+
+
+@pytest.mark.parametrize(
+    ("sparsify", "message"),
+    [
+        (_two_positional_sparsifier, r"must take \(delta, \*, <param>"),
+        (_variadic_sparsifier, r"must take \(delta, \*, <param>"),
+        (_alpha_sparsifier, r"parameter names \['alpha'\] are taken"),
+    ],
+)
+def test_a_sparsifier_takes_the_delta_and_keywords_of_its_own(
+    sparsify: Callable[..., Tensor], message: str
+) -> None:
+    with pytest.raises(TypeError, match=rf"sparsifier {sparsify.__name__}: {message}"):
+        TaskArithmetic("bad", sparsify=sparsify, elect=True, doc="C")
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_tensor, check_finite, generator_for
+# ---------------------------------------------------------------------------------------------
 
 
 def test_merge_tensor_rejects_a_non_finite_result_naming_method_and_key() -> None:

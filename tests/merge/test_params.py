@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
-import torch
 from torch import Tensor
 
 from automerge.errors import ConfigError
-from automerge.merge.methods import METHODS, MergeMethod, ParamSpec
+from automerge.merge.methods import METHODS, MergeMethod, Param
 from automerge.merge.params import BlockParams, changed_blocks, resolve_params
 
 BLOCKS = ["BASE", *[f"IN{i:02d}" for i in range(12)], "M00", *[f"OUT{i:02d}" for i in range(12)], "VAE"]
@@ -30,20 +29,12 @@ def _fails(name: str, raw: dict[str, Any], message: str) -> None:
 
 def _required_beta_method() -> MergeMethod:
     def needs_beta(
-        models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None, beta: float
+        models: list[Tensor], base: Tensor | None, *, beta: Annotated[float, Param(doc="required, unbounded")]
     ):
         """A·β"""
         return models[0] * beta
 
-    return MergeMethod.from_function(
-        needs_beta,
-        name="needs_beta",
-        params=(ParamSpec("beta", None, None, None, "required, unbounded"),),
-        needs_base=False,
-        min_models=2,
-        max_models=2,
-        random=False,
-    )
+    return MergeMethod.from_function(needs_beta, name="needs_beta", needs_base=False)
 
 
 def test_a_number_applies_to_every_block_except_vae() -> None:
@@ -96,13 +87,11 @@ def test_unknown_parameter_is_named_with_a_suggestion_and_the_valid_names() -> N
 
 
 def test_unknown_parameter_of_a_method_without_parameters_says_so() -> None:
-    def plain(models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None) -> Tensor:
+    def plain(models: list[Tensor], base: Tensor | None) -> Tensor:
         """A"""
         return models[0].clone()
 
-    method = MergeMethod.from_function(
-        plain, name="plain", params=(), needs_base=False, min_models=2, max_models=2, random=False
-    )
+    method = MergeMethod.from_function(plain, name="plain", needs_base=False)
     with pytest.raises(ConfigError, match="takes no parameter 'alpha'; it takes no parameters"):
         resolve_params(method, {"alpha": 1.0}, blocks=BLOCKS, source=SOURCE)
 

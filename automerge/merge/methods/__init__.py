@@ -1,7 +1,9 @@
 """Merge methods: pure tensor functions with metadata, in the ``METHODS`` registry.
 
-A new method is one function in one file, decorated with ``register_method`` (which checks its
-signature against its ``ParamSpec``s at import time), plus one line in the import list below.
+A new method is one function in one file whose signature is its spec,
+``fn(models, base, *, alpha: Annotated[float, Param(0.0, 1.0, "doc")] = 0.5)``, decorated with
+``register_method`` (which derives its ``ParamSpec``s at import time), plus one line in the import
+list below. Variants of one algorithm are configured instances (``task_arithmetic.TaskArithmetic``).
 """
 
 # The built-in methods: each module registers its methods in METHODS when imported.
@@ -20,11 +22,12 @@ from automerge.merge.methods._apply import (
     merge_into,
     merge_tensor,
 )
-from automerge.merge.methods._spec import METHODS, MergeMethod, ParamSpec, register_method
+from automerge.merge.methods._spec import METHODS, MergeMethod, Param, ParamSpec, register_method
 
 __all__ = [
     "METHODS",
     "MergeMethod",
+    "Param",
     "ParamSpec",
     "all_finite",
     "check_finite",

@@ -79,13 +79,16 @@ def merge_tensor(
 ) -> Tensor:
     """``method.fn`` on the sources upcast to ``compute_dtype``; the result stays in ``compute_dtype``.
 
+    ``generator`` is passed to random methods only (``method.random``); the others take none.
+
     Raises ``MergeError`` naming the method and ``key`` for sources that cannot be merged (missing
     base, wrong count, different shapes, non-float) and for a result with NaN/Inf values.
     """
     _check_sources(method, models, base, key=key)
     upcast = [model.to(compute_dtype) for model in models]
     upcast_base = None if base is None else base.to(compute_dtype)
-    result = method.fn(upcast, upcast_base, generator=generator, **params)
+    randomness = {"generator": generator} if method.random else {}  # only random methods take one
+    result = method.fn(upcast, upcast_base, **params, **randomness)
     if not all_finite(result):
         raise _non_finite_result(method, key, params)
     return result
@@ -175,7 +178,7 @@ def _merge_elementwise_chunks(
         else:
             upcast = [model.to(compute_dtype) for model in chunk_models]
             upcast_base = None if chunk_base is None else chunk_base.to(compute_dtype)
-            result = method.fn(upcast, upcast_base, generator=None, **params)
+            result = method.fn(upcast, upcast_base, **params)  # not random: no generator
         flat_out[part].copy_(result)
 
 

@@ -1,23 +1,40 @@
-"""What a merge method is: a pure tensor function plus metadata, checked when it is registered.
+"""What a merge method is: a pure tensor function whose signature is its parameter spec.
 
 A method function has the signature
-``fn(models, base, *, generator, **params) -> Tensor``: ``models`` = [A, B, ...] (the non-base
-sources in order), ``base`` = C or None, all of one float dtype and shape; it returns a new tensor of
-that dtype and shape and never modifies or returns an input. Parameter defaults and ranges live in
-the ``ParamSpec``s only; the function's first docstring line is the formula shown to users.
+``fn(models, base, *, <param>: Annotated[float, Param(low, high, doc)] = default, ...) -> Tensor``:
+``models`` = [A, B, ...] (the non-base sources in order), ``base`` = C or None, all of one float
+dtype and shape; it returns a new tensor of that dtype and shape and never modifies or returns an
+input. Integer parameters are ``Annotated[int, Param(...)]``; a method is random exactly when it
+takes the keyword ``generator: torch.Generator``. ``register_method`` derives the ``ParamSpec``s
+from the signature (as sd-mecha does with typed parameters), so defaults and ranges are written
+once; the function's first docstring line is the formula shown to users.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from automerge.registry import Registry
+
+_GENERATOR = "generator"
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter's range [low, high] (inclusive, None = unbounded) and its one-line doc,
+    attached to its type: ``Annotated[float, Param(0.0, 1.0, "share of B")]``."""
+
+    low: float | None = None
+    high: float | None = None
+    doc: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,7 +90,7 @@ class MergeMethod:
     needs_base: bool  # the base model C is required
     min_models: int  # number of non-base models
     max_models: int | None  # None = any number
-    random: bool  # needs a torch.Generator
+    random: bool  # takes a torch.Generator
     formula: str  # one line, shown in `automerge methods` and the docs
     elementwise: bool = False  # each output element depends only on the same element of the inputs
     # Optional fast paths; each must give exactly what ``fn`` gives (see ``merge_into``):
@@ -99,29 +116,29 @@ class MergeMethod:
         fn: Callable[..., Tensor],
         *,
         name: str,
-        params: Sequence[ParamSpec],
         needs_base: bool,
-        min_models: int,
-        max_models: int | None,
-        random: bool,
+        min_models: int = 2,
+        max_models: int | None = 2,
         elementwise: bool = False,
         inplace: Callable[..., None] | None = None,
         compute_into: Callable[..., None] | None = None,
         growth: Callable[..., float] | None = None,
     ) -> MergeMethod:
-        """Check ``fn`` against the declared parameters (a mismatch is a ``TypeError``) and wrap it."""
-        _check_signature(fn, name=name, params=params)
+        """``fn`` with its ``ParamSpec``s and randomness derived from its signature; a declaration
+        that cannot be derived, or inconsistent metadata, is a ``TypeError``."""
+        where = f"merge method '{name}' ({_qualified_name(fn)})"
+        params, random = _derive_params(fn, where=where)
         doc = inspect.getdoc(fn)
         if not doc:
-            raise TypeError(f"merge method '{name}': the docstring's first line must give the formula")
+            raise TypeError(f"{where}: the docstring's first line must give the formula")
         if (inplace or compute_into) and not elementwise:
-            raise TypeError(f"merge method '{name}': inplace and compute_into need an element-wise method")
+            raise TypeError(f"{where}: inplace and compute_into need an element-wise method")
         if max_models is not None and max_models < min_models:
-            raise TypeError(f"merge method '{name}': max_models {max_models} < min_models {min_models}")
+            raise TypeError(f"{where}: max_models {max_models} < min_models {min_models}")
         return cls(
             name=name,
             fn=fn,
-            params=tuple(params),
+            params=params,
             needs_base=needs_base,
             min_models=min_models,
             max_models=max_models,
@@ -140,27 +157,23 @@ METHODS: Registry[MergeMethod] = Registry("merge method")
 def register_method(
     name: str,
     *,
-    params: Sequence[ParamSpec] = (),
     needs_base: bool,
     min_models: int = 2,
     max_models: int | None = 2,
-    random: bool = False,
     elementwise: bool = False,
     inplace: Callable[..., None] | None = None,
     compute_into: Callable[..., None] | None = None,
     growth: Callable[..., float] | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Decorator: check ``fn``'s signature against ``params`` and register it in ``METHODS``."""
+    """Decorator: derive ``fn``'s parameters from its signature and register it in ``METHODS``."""
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         method = MergeMethod.from_function(
             fn,
             name=name,
-            params=params,
             needs_base=needs_base,
             min_models=min_models,
             max_models=max_models,
-            random=random,
             elementwise=elementwise,
             inplace=inplace,
             compute_into=compute_into,
@@ -172,34 +185,88 @@ def register_method(
     return wrap
 
 
-def _check_signature(fn: Callable[..., Tensor], *, name: str, params: Sequence[ParamSpec]) -> None:
-    """``fn(models, base, *, generator, <one keyword per ParamSpec, no defaults>)``."""
-    sig = inspect.signature(fn)
-    positional = [
-        p.name
-        for p in sig.parameters.values()
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    keyword = {p.name: p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    variadic = [p.name for p in sig.parameters.values() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    where = f"merge method '{name}' ({fn.__module__}.{fn.__qualname__})"
+def _derive_params(fn: Callable[..., Tensor], *, where: str) -> tuple[tuple[ParamSpec, ...], bool]:
+    """(the ``ParamSpec`` of each keyword parameter in order, whether ``fn`` takes a generator)."""
+    signature = _signature(fn, where=where)
+    parameters = list(signature.parameters.values())
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    variadic = [p.name for p in parameters if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if positional != ["models", "base"] or variadic:
-        raise TypeError(f"{where}: must take (models, base, *, generator, ...), takes {sig}")
-    declared = [spec.name for spec in params]
-    if len(set(declared)) != len(declared) or "generator" in declared:
-        raise TypeError(f"{where}: parameter names must be unique and not 'generator': {declared}")
-    if set(keyword) != {"generator", *declared}:
         raise TypeError(
-            f"{where}: keyword parameters {sorted(keyword)} do not match the declared "
-            f"ParamSpecs {sorted(declared)} + ['generator']"
+            f"{where}: must take (models, base, *, <param>: Annotated[float, Param(...)] = default, ...), "
+            f"takes {signature}"
         )
-    with_default = [
-        p for p in keyword if p != "generator" and keyword[p].default is not inspect.Parameter.empty
-    ]
-    if with_default:
+    keywords = [p for p in parameters if p.kind is p.KEYWORD_ONLY]
+    for parameter in keywords:
+        if parameter.name == _GENERATOR:
+            _check_generator(parameter, where=where)
+    specs = tuple(_param_spec(p, where=where) for p in keywords if p.name != _GENERATOR)
+    return specs, len(specs) < len(keywords)
+
+
+def _signature(fn: Callable[..., Tensor], *, where: str) -> inspect.Signature:
+    """``fn``'s signature with its string annotations evaluated (modules use postponed annotations)."""
+    try:
+        return inspect.signature(fn, eval_str=True)
+    except NameError as error:
+        raise TypeError(f"{where}: cannot evaluate its annotations ({error})") from None
+
+
+def _check_generator(parameter: inspect.Parameter, *, where: str) -> None:
+    if parameter.annotation is not torch.Generator or parameter.default is not parameter.empty:
         raise TypeError(
-            f"{where}: give defaults in the ParamSpecs only, not in the signature: {with_default}"
+            f"{where}: a random method takes `generator: torch.Generator` without a default "
+            f"(the engine seeds one per key), got `{parameter}`"
         )
+
+
+def _param_spec(parameter: inspect.Parameter, *, where: str) -> ParamSpec:
+    """The ``ParamSpec`` of ``<name>: Annotated[float | int, Param(low, high, doc)] = default``."""
+    kind, param = _annotated_param(parameter.annotation)
+    if param is None:
+        raise TypeError(
+            f"{where}: parameter '{parameter.name}' needs a type Annotated[float, Param(low, high, doc)] "
+            f"(or Annotated[int, ...]), got {_annotation_text(parameter.annotation)}"
+        )
+    default = None if parameter.default is parameter.empty else parameter.default
+    if default is not None and (isinstance(default, bool) or not isinstance(default, int | float)):
+        raise TypeError(f"{where}: parameter '{parameter.name}' has a non-numeric default {default!r}")
+    try:
+        return ParamSpec(
+            name=parameter.name,
+            default=_as_float(default),
+            low=_as_float(param.low),
+            high=_as_float(param.high),
+            doc=param.doc,
+            integer=kind is int,
+        )
+    except TypeError as error:
+        raise TypeError(f"{where}: {error}") from None
+
+
+def _annotated_param(annotation: Any) -> tuple[type | None, Param | None]:
+    """(float or int, its ``Param``) for ``Annotated[float | int, Param(...)]``, else (None, None)."""
+    if typing.get_origin(annotation) is not Annotated:
+        return None, None
+    kind, *metadata = typing.get_args(annotation)
+    params = [item for item in metadata if isinstance(item, Param)]
+    if kind not in (float, int) or len(params) != 1:
+        return None, None
+    return kind, params[0]
+
+
+def _annotation_text(annotation: Any) -> str:
+    return "no annotation" if annotation is inspect.Parameter.empty else repr(annotation)
+
+
+def _as_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _qualified_name(fn: Callable[..., Any]) -> str:
+    """``module.function`` for functions, the ``repr`` for configured callables (instances)."""
+    qualname = getattr(fn, "__qualname__", None)
+    return f"{fn.__module__}.{qualname}" if qualname else repr(fn)
 
 
 def require_generator(generator: torch.Generator | None, *, method: str) -> torch.Generator:

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
-from automerge.merge.methods._spec import ParamSpec, register_method
+from automerge.merge.methods._spec import Param, register_method
 
 _DISTANCE_FLOOR = 1e-8  # ε in the weights 1/max(‖Mi − m‖, ε): a model at m gets a large, finite weight
 _RELATIVE_TOLERANCE = 1e-7  # stop when ‖m_new − m‖ ≤ tol·‖m‖
 
 
-@register_method(
-    "geometric_median",
-    params=(ParamSpec("max_iter", 100.0, 1.0, 1000.0, "Weiszfeld iterations at most", integer=True),),
-    needs_base=False,
-    max_models=None,
-)
+@register_method("geometric_median", needs_base=False, max_models=None)
 def geometric_median(
-    models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, max_iter: float
+    models: Sequence[Tensor],
+    base: Tensor | None,
+    *,
+    max_iter: Annotated[int, Param(1, 1000, "Weiszfeld iterations at most")] = 100,
 ) -> Tensor:
     """Weiszfeld: m ← Σ wi·Mi / Σ wi, wi = 1/max(‖Mi − m‖, 1e-8), from the mean, ≤ max_iter steps
 
@@ -30,7 +29,7 @@ def geometric_median(
     points = torch.stack(list(models))  # (N, *shape)
     flat = points.reshape(len(points), -1)  # (N, n)
     median = flat.mean(dim=0)  # (n,)
-    for _ in range(int(max_iter)):
+    for _ in range(int(max_iter)):  # the config layer passes whole numbers as floats
         distances = torch.linalg.vector_norm(flat - median, dim=1).clamp(min=_DISTANCE_FLOOR)  # (N,)
         weights = 1.0 / distances
         updated = (weights @ flat) / weights.sum()

@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
-from automerge.merge.methods._spec import ParamSpec, register_method
+from automerge.merge.methods._spec import Param, register_method
 
-ALPHA = ParamSpec("alpha", 0.5, 0.0, 1.0, "share of B: 0 gives A, 1 gives B (supermerger's alpha)")
+ShareOfB = Annotated[float, Param(0.0, 1.0, "share of B: 0 gives A, 1 gives B (supermerger's alpha)")]
 
 _COLINEAR_DOT = 0.9995  # |cos ω| above this: slerp falls back to lerp (mergekit's DOT_THRESHOLD)
 
 
-def _endpoint(a: Tensor, b: Tensor, alpha: float) -> Tensor | None:
-    """A or B bit-exactly (as a copy) at α = 0 or 1; float rounding in lerp does not guarantee it."""
-    if alpha == 0.0:
-        return a.clone()
-    if alpha == 1.0:
-        return b.clone()
-    return None
+def _lerp_into(out: Tensor, models: Sequence[Tensor], base: Tensor | None, *, alpha: float) -> None:
+    """out ← (1−α)·A + α·B in one pass (``torch.lerp``), A or B bit-exactly at α = 0 or 1.
 
-
-def _weighted_sum_into(out: Tensor, models: Sequence[Tensor], base: Tensor | None, *, alpha: float) -> None:
-    """One pass into ``out`` (same dtype as A and B): the live engine's fast path, = ``weighted_sum``."""
+    The one kernel of weighted sum: ``weighted_sum`` allocates ``out`` and calls it, and the live
+    engine calls it directly on tensors already in ``out``'s dtype. The endpoints are copies because
+    float rounding in lerp does not guarantee them.
+    """
     a, b = models
     if alpha in (0.0, 1.0):
         out.copy_(a if alpha == 0.0 else b)
@@ -34,29 +31,24 @@ def _weighted_sum_into(out: Tensor, models: Sequence[Tensor], base: Tensor | Non
 
 @register_method(
     "weighted_sum",
-    params=(ALPHA,),
     needs_base=False,
     elementwise=True,
-    inplace=_weighted_sum_into,
+    inplace=_lerp_into,
     growth=lambda alpha: 1.0,  # a convex combination lies between A and B
 )
-def weighted_sum(
-    models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float
-) -> Tensor:
+def weighted_sum(models: Sequence[Tensor], base: Tensor | None, *, alpha: ShareOfB = 0.5) -> Tensor:
     """(1−α)·A + α·B
 
     torch.lerp, α = share of B as in supermerger and A1111 (ComfyUI's ratio is 1−α). α = 0 gives A
     and α = 1 gives B bit-exactly.
     """
-    a, b = models
-    exact = _endpoint(a, b, alpha)
-    return exact if exact is not None else torch.lerp(a, b, alpha)
+    out = torch.empty_like(models[0])
+    _lerp_into(out, models, base, alpha=alpha)
+    return out
 
 
-@register_method("slerp", params=(ALPHA,), needs_base=False)
-def slerp(
-    models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float
-) -> Tensor:
+@register_method("slerp", needs_base=False)
+def slerp(models: Sequence[Tensor], base: Tensor | None, *, alpha: ShareOfB = 0.5) -> Tensor:
     """(sin((1−α)ω)·Â + sin(αω)·B̂)/sin ω · lerp(‖A‖, ‖B‖, α), ω = arccos(Â·B̂) on flattened tensors
 
     As in sd-mecha and mergekit: Â, B̂ are the unit vectors of the whole flattened tensors; when
@@ -64,10 +56,9 @@ def slerp(
     α = 0 gives A and α = 1 gives B bit-exactly. Branch-free (no device sync): the two cases are
     two pairs of scalar coefficients chosen with torch.where.
     """
+    if alpha in (0.0, 1.0):
+        return weighted_sum(models, base, alpha=alpha)  # A or B bit-exactly
     a, b = models
-    exact = _endpoint(a, b, alpha)
-    if exact is not None:
-        return exact
     norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)  # () each
     safe_a = torch.where(norm_a > 0, norm_a, torch.ones_like(norm_a))
     safe_b = torch.where(norm_b > 0, norm_b, torch.ones_like(norm_b))

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import combinations
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
-from automerge.merge.methods._spec import ParamSpec, register_method
+from automerge.merge.methods._spec import Param, register_method
 
 _NORM_FLOOR = 1e-12  # a zero delta has cosine 0 with every other delta
 
 
-@register_method(
-    "model_stock",
-    params=(ParamSpec("alpha", 1.0, 0.0, 2.0, "scale of t·mean(Δi); 1 is Model Stock as published"),),
-    needs_base=True,
-    max_models=None,
-)
+@register_method("model_stock", needs_base=True, max_models=None)
 def model_stock(
-    models: Sequence[Tensor], base: Tensor | None, *, generator: torch.Generator | None, alpha: float
+    models: Sequence[Tensor],
+    base: Tensor | None,
+    *,
+    alpha: Annotated[float, Param(0.0, 2.0, "scale of t·mean(Δi); 1 is Model Stock as published")] = 1.0,
 ) -> Tensor:
     """C + α·t·mean(Δi), t = N·cosθ / (1 + (N−1)·cosθ), cosθ = mean pairwise cosine of the flattened Δi
 

@@ -1,8 +1,12 @@
 """Task arithmetic on the deltas Δi = Mi − C: TIES, DARE, DARE-TIES and DELLA.
 
-One generalized function (mergekit's GeneralizedTaskArithmeticMerge): sparsify each Δi, then
-either sum them or elect a sign per element and take the disjoint mean, and add α times the
-result to C. The registered methods differ only in the sparsifier and the combination.
+One generalized callable, ``TaskArithmetic`` (mergekit's GeneralizedTaskArithmeticMerge): sparsify
+each Δi, then either sum them or elect a sign per element and take the disjoint mean, and add α
+times the result to C. The registered methods are configured instances that differ only in the
+sparsifier (top-k, Bernoulli drop, DELLA's rank-dependent drop) and ``elect``. A sparsifier
+``sparsify(delta, *, <param>: Annotated[float, Param(...)] = default, ...)`` declares its own
+parameters, and ``generator: torch.Generator`` when it is random; an instance's signature is α
+followed by them, from which ``register_method`` derives the method's parameters.
 
 Sparsifiers work on the whole tensor flattened (one ranking per tensor). Random ones draw only
 from the given generator, in model order, so equal generator states give equal results; CPU and
@@ -11,29 +15,81 @@ CUDA generators produce different streams.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
-from automerge.merge.methods._spec import ParamSpec, register_method, require_generator
+from automerge.merge.methods._spec import Param, register_method, require_generator
 
-ALPHA = ParamSpec("alpha", 1.0, 0.0, 2.0, "scale of the merged delta added to C")
-DENSITY = ParamSpec(
-    "density", 0.5, 0.0, 1.0, "fraction of each delta kept (0 keeps nothing: the result is C)"
-)
-EPSILON = ParamSpec("epsilon", 0.1, 0.0, 1.0, "spread of DELLA's keep probability across magnitude ranks")
+Scale = Annotated[float, Param(0.0, 2.0, "scale of the merged delta added to C")]
+Density = Annotated[float, Param(0.0, 1.0, "fraction of each delta kept (0 keeps nothing: the result is C)")]
+Epsilon = Annotated[float, Param(0.0, 1.0, "spread of DELLA's keep probability across magnitude ranks")]
 
-Sparsifier = Callable[[Tensor], Tensor]
+Sparsifier = Callable[..., Tensor]  # sparsify(delta, **params) -> delta with elements zeroed (rescaled)
 
 
-def _merge(
-    models: Sequence[Tensor], base: Tensor, *, alpha: float, sparsify: Sparsifier, elect: bool
-) -> Tensor:
-    """C + α·combine(sparsify(Mi − C)); combine = disjoint mean after sign election, or sum."""
-    deltas = torch.stack([sparsify(model - base) for model in models])  # (N, *shape)
-    merged = _disjoint_mean(deltas) if elect else deltas.sum(dim=0)
-    return base + alpha * merged
+class TaskArithmetic:
+    """C + α·combine(sparsify(Mi − C)); combine = disjoint mean after sign election, or sum.
+
+    A configured instance is a merge method: its ``__signature__`` is ``(models, base, *, alpha,
+    <the sparsifier's keyword parameters>)`` and its docstring is ``doc`` (the variant's formula
+    line, then its reference).
+    """
+
+    __signature__: inspect.Signature
+
+    def __init__(self, name: str, *, sparsify: Sparsifier, elect: bool, doc: str) -> None:
+        self.name = name
+        self.sparsify = sparsify
+        self.elect = elect
+        self.__doc__ = doc
+        self.__signature__ = _compose_signature(sparsify)
+
+    def __call__(
+        self, models: Sequence[Tensor], base: Tensor | None, *, alpha: Scale = 1.0, **sparsify_params: Any
+    ) -> Tensor:
+        """The merge; ``sparsify_params`` are the sparsifier's (see ``__signature__``)."""
+        assert base is not None
+        if "generator" in self.__signature__.parameters:
+            require_generator(sparsify_params.get("generator"), method=self.name)
+        sparse = [self.sparsify(model - base, **sparsify_params) for model in models]
+        deltas = torch.stack(sparse)  # (N, *shape)
+        merged = _disjoint_mean(deltas) if self.elect else deltas.sum(dim=0)
+        return base + alpha * merged
+
+    def __repr__(self) -> str:
+        return f"TaskArithmetic({self.name!r}, sparsify={self.sparsify.__name__}, elect={self.elect})"
+
+
+def _compose_signature(sparsify: Sparsifier) -> inspect.Signature:
+    """``TaskArithmetic.__call__``'s ``(models, base, *, alpha)`` + ``sparsify``'s keyword parameters."""
+    merge = inspect.signature(TaskArithmetic.__call__, eval_str=True)
+    head = [p for p in merge.parameters.values() if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+    own = inspect.signature(sparsify, eval_str=True)
+    parameters = list(own.parameters.values())
+    keywords = parameters[1:]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if (
+        not parameters
+        or parameters[0].kind not in positional
+        or any(p.kind is not p.KEYWORD_ONLY for p in keywords)
+    ):
+        raise TypeError(
+            f"sparsifier {sparsify.__name__}: must take (delta, *, <param>: Annotated[float, Param(...)] "
+            f"= default, ...), takes {own}"
+        )
+    clash = {p.name for p in head} & {p.name for p in keywords}
+    if clash:
+        raise TypeError(f"sparsifier {sparsify.__name__}: parameter names {sorted(clash)} are taken")
+    return merge.replace(parameters=[*head, *keywords])
+
+
+def _register(variant: TaskArithmetic) -> TaskArithmetic:
+    register_method(variant.name, needs_base=True, max_models=None)(variant)
+    return variant
 
 
 def _disjoint_mean(deltas: Tensor) -> Tensor:
@@ -44,12 +100,15 @@ def _disjoint_mean(deltas: Tensor) -> Tensor:
     return torch.where(agree, deltas, 0.0).sum(dim=0) / count
 
 
+# -- sparsifiers ------------------------------------------------------------------------------------
+
+
 def _keep_count(density: float, numel: int) -> int:
     """k = ⌊density·n + ½⌋: the nearest whole number of elements, halves rounded up."""
     return min(numel, int(density * numel + 0.5))
 
 
-def _top_k(delta: Tensor, density: float) -> Tensor:
+def _top_k(delta: Tensor, *, density: Density = 0.5) -> Tensor:
     """Keep the k largest |Δ| (ties broken by position: the earlier element wins), zero the rest.
 
     The k-th largest |Δ| is found with one selection (``kthvalue``), not a sort: every element
@@ -71,7 +130,19 @@ def _top_k(delta: Tensor, density: float) -> Tensor:
     return torch.where(keep, flat, 0.0).view_as(delta)
 
 
-def _bernoulli(delta: Tensor, keep: Tensor | float, generator: torch.Generator) -> Tensor:
+def _bernoulli_drop(delta: Tensor, *, density: Density = 0.5, generator: torch.Generator) -> Tensor:
+    """DARE: keep each element with probability density, divide the survivors by density."""
+    return _drop(delta, density, generator)
+
+
+def _della_drop(
+    delta: Tensor, *, density: Density = 0.5, epsilon: Epsilon = 0.1, generator: torch.Generator
+) -> Tensor:
+    """DELLA: keep each element with its rank-dependent probability p, divide the survivors by p."""
+    return _drop(delta, _della_keep(delta, density, epsilon), generator)
+
+
+def _drop(delta: Tensor, keep: Tensor | float, generator: torch.Generator) -> Tensor:
     """Keep each element with probability ``keep`` and divide survivors by it (expectation kept)."""
     draw = torch.rand(delta.shape, generator=generator, dtype=delta.dtype, device=delta.device)
     survives = draw < keep  # never where keep == 0, so the division there is never selected
@@ -95,85 +166,60 @@ def _della_keep(delta: Tensor, density: float, epsilon: float) -> Tensor:
     return keep.clamp(0.0, 1.0).view_as(delta)  # the clamp only absorbs rounding
 
 
-@register_method("ties", params=(ALPHA, DENSITY), needs_base=True, max_models=None)
-def ties(
-    models: Sequence[Tensor],
-    base: Tensor | None,
-    *,
-    generator: torch.Generator | None,
-    alpha: float,
-    density: float,
-) -> Tensor:
-    """C + α·disjoint_mean(top_k(Δi, density)), sign elected as sign(Σ kept Δi)
+# -- the registered variants ------------------------------------------------------------------------
 
-    TIES-merging (Yadav et al. 2023) as in mergekit's "ties" and sd-mecha's ties_sum: per tensor
-    keep the ⌊density·n + ½⌋ largest |Δi| (ties by position), elect the sign of the sum, average
-    the kept Δi of that sign (0 where the sum is exactly 0 or none agree; mergekit elects + there).
-    """
-    assert base is not None
-    return _merge(models, base, alpha=alpha, sparsify=lambda d: _top_k(d, density), elect=True)
+ties = _register(
+    TaskArithmetic(
+        "ties",
+        sparsify=_top_k,
+        elect=True,
+        doc="""C + α·disjoint_mean(top_k(Δi, density)), sign elected as sign(Σ kept Δi)
 
+        TIES-merging (Yadav et al. 2023) as in mergekit's "ties" and sd-mecha's ties_sum: per tensor
+        keep the ⌊density·n + ½⌋ largest |Δi| (ties by position), elect the sign of the sum, average
+        the kept Δi of that sign (0 where the sum is exactly 0 or none agree; mergekit elects + there).
+        """,
+    )
+)
 
-@register_method("dare", params=(ALPHA, DENSITY), needs_base=True, max_models=None, random=True)
-def dare(
-    models: Sequence[Tensor],
-    base: Tensor | None,
-    *,
-    generator: torch.Generator | None,
-    alpha: float,
-    density: float,
-) -> Tensor:
-    """C + α·Σ (mask_i·Δi / density), mask_i ~ Bernoulli(density) per element
+dare = _register(
+    TaskArithmetic(
+        "dare",
+        sparsify=_bernoulli_drop,
+        elect=False,
+        doc="""C + α·Σ (mask_i·Δi / density), mask_i ~ Bernoulli(density) per element
 
-    DARE (Yu et al. 2023), mergekit's "dare_linear" without weight normalisation: survivors are
-    rescaled by 1/density (keep probability), as in sd-mecha and the paper — not to the original
-    L1 norm (mergekit's optional rescale_norm).
-    """
-    assert base is not None
-    gen = require_generator(generator, method="dare")
-    return _merge(models, base, alpha=alpha, sparsify=lambda d: _bernoulli(d, density, gen), elect=False)
+        DARE (Yu et al. 2023), mergekit's "dare_linear" without weight normalisation: survivors are
+        rescaled by 1/density (keep probability), as in sd-mecha and the paper — not to the original
+        L1 norm (mergekit's optional rescale_norm).
+        """,
+    )
+)
 
+dare_ties = _register(
+    TaskArithmetic(
+        "dare_ties",
+        sparsify=_bernoulli_drop,
+        elect=True,
+        doc="""C + α·disjoint_mean(mask_i·Δi / density), mask_i ~ Bernoulli(density), sign = sign(Σ)
 
-@register_method("dare_ties", params=(ALPHA, DENSITY), needs_base=True, max_models=None, random=True)
-def dare_ties(
-    models: Sequence[Tensor],
-    base: Tensor | None,
-    *,
-    generator: torch.Generator | None,
-    alpha: float,
-    density: float,
-) -> Tensor:
-    """C + α·disjoint_mean(mask_i·Δi / density), mask_i ~ Bernoulli(density), sign = sign(Σ)
+        mergekit's "dare_ties" (sd-mecha's ties_sum_with_dropout): DARE's drop-and-rescale by
+        1/density, then TIES sign election on the sum and the mean of the agreeing survivors.
+        """,
+    )
+)
 
-    mergekit's "dare_ties" (sd-mecha's ties_sum_with_dropout): DARE's drop-and-rescale by
-    1/density, then TIES sign election on the sum and the mean of the agreeing survivors.
-    """
-    assert base is not None
-    gen = require_generator(generator, method="dare_ties")
-    return _merge(models, base, alpha=alpha, sparsify=lambda d: _bernoulli(d, density, gen), elect=True)
+della = _register(
+    TaskArithmetic(
+        "della",
+        sparsify=_della_drop,
+        elect=True,
+        doc="""C + α·disjoint_mean(mask_i·Δi / p_i), p_i = density + ε'·(r/n − (n+1)/2n), ε' = min(ε, 2·density, 2·(1−density))
 
-
-@register_method("della", params=(ALPHA, DENSITY, EPSILON), needs_base=True, max_models=None, random=True)
-def della(
-    models: Sequence[Tensor],
-    base: Tensor | None,
-    *,
-    generator: torch.Generator | None,
-    alpha: float,
-    density: float,
-    epsilon: float,
-) -> Tensor:
-    """C + α·disjoint_mean(mask_i·Δi / p_i), p_i = density + ε'·(r/n − (n+1)/2n), ε' = min(ε, 2·density, 2·(1−density))
-
-    DELLA-merging (Deep et al. 2024; mergekit's "della", sd-mecha's della_eps): drop with a keep
-    probability that grows with the magnitude rank r (1 = smallest |Δ|, per tensor), rescale each
-    survivor by 1/p_i (the paper; sd-mecha divides every survivor by density), then TIES sign
-    election. ε is capped at ε' so that every p_i lies in [0, 1] around density.
-    """
-    assert base is not None
-    gen = require_generator(generator, method="della")
-
-    def sparsify(delta: Tensor) -> Tensor:
-        return _bernoulli(delta, _della_keep(delta, density, epsilon), gen)
-
-    return _merge(models, base, alpha=alpha, sparsify=sparsify, elect=True)
+        DELLA-merging (Deep et al. 2024; mergekit's "della", sd-mecha's della_eps): drop with a keep
+        probability that grows with the magnitude rank r (1 = smallest |Δ|, per tensor), rescale each
+        survivor by 1/p_i (the paper; sd-mecha divides every survivor by density), then TIES sign
+        election. ε is capped at ε' so that every p_i lies in [0, 1] around density.
+        """,
+    )
+)
