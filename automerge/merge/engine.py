@@ -1,11 +1,12 @@
-"""The live engine: sources resident on the device, merged in place into the live modules' weights.
+"""The live engine: sources resident on the device, merged in place into the live weights.
 
 Layout. For every block, each source's tensors are packed into one flat buffer (``sources[name][block]``)
-and the merged weights into one flat output buffer; the live modules' parameters are *views* of the
-output buffers (through the same key rules the exporter and the loader use: q/k/v rows of a fused
-OpenCLIP tensor, squeezed 1×1 convs, a transposed projection). ``apply(params)`` re-merges only the
+and the merged weights into one flat output buffer. ``live_parameters()`` gives every parameter of the
+live diffusers modules as a *view* of those output buffers (through the same key rules the exporter and
+the loader use: q/k/v rows of a fused OpenCLIP tensor, squeezed 1×1 convs, a transposed projection);
+``render.modules.bind_modules`` builds the modules around them. ``apply(params)`` re-merges only the
 blocks whose parameters changed, writing into those buffers: no per-trial allocation of model-sized
-buffers, no copy into the modules, no file.
+buffers, no copy into the modules, no file. The engine holds tensors only; it builds no modules.
 
 Per block, the cheapest exact path is used (``merge_into``): a method's fused ``inplace`` op on the
 whole flat block (weighted sum: one ``torch.lerp(out=...)``), else the element-wise method through a
@@ -15,7 +16,6 @@ per-key seeds). The export goes through the same ``merge_into``, so both compute
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +25,7 @@ import torch
 from automerge.arch import Architecture
 from automerge.merge.methods import check_finite, generator_for, merge_into
 from automerge.merge.params import BlockParams, changed_blocks
-from automerge.merge.recipe import MergePlan
-from automerge.render.modules import build_modules, live_name
+from automerge.merge.plan import MergePlan
 
 
 @dataclass(frozen=True)
@@ -68,27 +67,17 @@ class EngineOptions:
     chunk_numel: int | None = None  # elements per chunk of element-wise merges (None: by device)
 
 
-def _materialise(name: str, buffer: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A real tensor for a meta buffer: CLIP's ``position_ids`` are 0..n−1; nothing else is expected."""
-    if name.endswith("position_ids"):
-        return torch.arange(buffer.shape[-1], device=device).expand(buffer.shape).contiguous()
-    raise RuntimeError(f"no rule to materialise buffer '{name}' of shape {tuple(buffer.shape)}")
-
-
 class LiveEngine:
-    """Holds a plan's sources and live modules; ``apply`` re-merges the changed blocks in place."""
+    """Holds a plan's sources and merged weights; ``apply`` re-merges the changed blocks in place."""
 
     def __init__(self, plan: MergePlan, options: EngineOptions | None = None) -> None:
         self.plan = plan
         self.options = options or EngineOptions()
         self.device = torch.device(self.options.device)
         self.arch: Architecture = plan.arch
-        self.modules = build_modules(plan.primary.configs, meta=True)
         self._blocks = self._layout()
         self._load_sources()
-        self._bind_modules()
         self._applied: BlockParams | None = None
-        self.last_merge_seconds = 0.0
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -129,33 +118,10 @@ class LiveEngine:
                 block.sources[name] = flat
             block.out = torch.empty(block.numel, dtype=self.options.dtype, device=self.device)
 
-    def _bind_modules(self) -> None:
-        """Make every live parameter a view of its block's output buffer (the modules were built on
-        the meta device, so no placeholder weights are ever allocated), then materialise buffers."""
-        for block in self._blocks.values():
-            assert block.out is not None
-            for slot in block.slots:
-                view = block.out[slot.offset : slot.offset + slot.numel].view(slot.shape)
-                for target in self.arch.targets(slot.key):
-                    module = self.modules[target.component]
-                    path, _, attr = live_name(module, target.name).rpartition(".")
-                    owner = module.get_submodule(path) if path else module
-                    setattr(owner, attr, torch.nn.Parameter(target.apply(view), requires_grad=False))
-        for module in self.modules.values():
-            for name, buffer in list(module.named_buffers()):
-                path, _, attr = name.rpartition(".")
-                owner = module.get_submodule(path) if path else module
-                persistent = attr not in owner._non_persistent_buffers_set
-                owner.register_buffer(attr, _materialise(name, buffer, self.device), persistent=persistent)
-            unbound = [name for name, param in module.named_parameters() if param.is_meta]
-            if unbound:  # the key rules and the coverage tests make this a bug, not a user error
-                raise RuntimeError(f"live parameters fed by no checkpoint key: {unbound[:5]}")
-
     # -- merging -----------------------------------------------------------------------------------
 
     def apply(self, params: BlockParams) -> set[str]:
         """Re-merge the blocks whose parameters changed since the last ``apply``; returns them."""
-        started = time.perf_counter()
         todo = changed_blocks(self._applied, params) & set(self._blocks)
         if self._applied is None:
             todo = set(self._blocks)
@@ -164,7 +130,6 @@ class LiveEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._applied = params
-        self.last_merge_seconds = time.perf_counter() - started
         return todo
 
     def _sources_on_device(self, block: _Block) -> dict[str, torch.Tensor]:
@@ -212,7 +177,7 @@ class LiveEngine:
         block: _Block,
     ) -> None:
         method = self.plan.method
-        generator = generator_for(seed_key, self.plan.recipe.seed, self.device) if method.random else None
+        generator = generator_for(seed_key, self.plan.seed, self.device) if method.random else None
         merge_into(
             out,
             method,
@@ -226,15 +191,31 @@ class LiveEngine:
             source_magnitude=block.source_magnitude,
         )
 
-    # -- inspection --------------------------------------------------------------------------------
+    # -- the live weights --------------------------------------------------------------------------
+
+    def live_parameters(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{component: {diffusers parameter name: view of the merged weights}}`` for every live
+        parameter; bound into modules, they follow every ``apply``."""
+        views: dict[str, dict[str, torch.Tensor]] = {}
+        for block in self._blocks.values():
+            for slot in block.slots:
+                for target in self.arch.targets(slot.key):
+                    views.setdefault(target.component, {})[target.name] = target.apply(
+                        self._view(block, slot)
+                    )
+        return views
+
+    @staticmethod
+    def _view(block: _Block, slot: _Slot) -> torch.Tensor:
+        assert block.out is not None
+        return block.out[slot.offset : slot.offset + slot.numel].view(slot.shape)
 
     def live_tensor(self, key: str) -> torch.Tensor:
         """The current merged value of original-layout ``key`` (a view; for tests and export checks)."""
         for block in self._blocks.values():
             for slot in block.slots:
                 if slot.key == key:
-                    assert block.out is not None
-                    return block.out[slot.offset : slot.offset + slot.numel].view(slot.shape)
+                    return self._view(block, slot)
         raise KeyError(key)
 
     def live_keys(self) -> list[str]:

@@ -15,11 +15,17 @@ from pathlib import Path
 
 import torch
 
-import automerge
-from automerge.checkpoints import SafetensorsWriter, TensorInfo, a1111_short_hash, cached_sha256
-from automerge.checkpoints.model import CONFIGS_METADATA_KEY, SourceModel
+from automerge._version import __version__
+from automerge.checkpoints import (
+    CONFIGS_METADATA_KEY,
+    SafetensorsWriter,
+    SourceModel,
+    TensorInfo,
+    a1111_short_hash,
+    cached_sha256,
+)
 from automerge.merge.methods import check_finite, generator_for, merge_into
-from automerge.merge.recipe import DTYPES, MergePlan
+from automerge.merge.plan import MergePlan
 
 
 def merged_tensors(
@@ -56,7 +62,7 @@ def merge_key(
     loaded = {name: _load(plan.sources[name], name, key, device) for name in names}
     models = [loaded[name][0] for name in plan.model_names]
     base = loaded[plan.base_name][0] if plan.base_name else None
-    generator = generator_for(key, plan.recipe.seed, device) if plan.method.random else None
+    generator = generator_for(key, plan.seed, device) if plan.method.random else None
     out = torch.empty(models[0].shape, dtype=dtype, device=device)
     merge_into(
         out,
@@ -121,10 +127,9 @@ def export_metadata(
         }
         for name, model in plan.sources.items()
     ]
-    recipe = plan.recipe.to_yaml_dict()
-    recipe["models"] = {name: Path(path).name for name, path in recipe["models"].items()}
+    recipe = plan.recipe().to_yaml_dict(model_path=lambda path: path.name)
     metadata = {
-        "automerge.version": automerge.__version__,
+        "automerge.version": __version__,
         "automerge.recipe": json.dumps(recipe, sort_keys=True),
         "automerge.sources": json.dumps(sources),
         "sd_merge_models": json.dumps(
@@ -148,18 +153,19 @@ def export_merge(
     plan: MergePlan,
     out: Path,
     *,
-    dtype: str | None = None,
+    dtype: torch.dtype | None = None,
     device: str = "cpu",
     extra_metadata: Mapping[str, str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Merge ``plan`` into the safetensors file ``out`` (streamed, atomic); returns ``out``.
+    """Merge ``plan`` into the safetensors file ``out`` (streamed, atomic) in ``dtype`` (default: the
+    plan's); returns ``out``.
 
     The sources are hashed (through the hash cache) in background threads while the merge runs; the
     header is written first with placeholder hashes of the final length and rewritten in place
     before the file is committed.
     """
-    out_dtype = DTYPES[dtype or plan.recipe.dtype]
+    out_dtype = dtype or plan.dtype
     infos = output_infos(plan, dtype=out_dtype)
     files = {name: model.path for name, model in plan.sources.items() if model.path.is_file()}
     placeholders = {name: f"{i:064x}" if name in files else "" for i, name in enumerate(plan.sources, 1)}

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from automerge.arch import VAE_BLOCK
 from automerge.errors import ConfigError
 from automerge.merge.methods import MergeMethod, ParamSpec
 from automerge.registry import did_you_mean
 
-BlockValue = float | Mapping[str, float]  # as parsed from YAML
-VAE_BLOCK = "VAE"
+BlockValue = float | Mapping[str, float]  # as written in YAML: one number, or {default, BLOCK: number}
 DEFAULT_KEY = "default"
 
 
@@ -39,6 +39,33 @@ class BlockParams:
         if not self.merges(block):
             raise KeyError(f"block '{block}' is not merged (merged: {', '.join(self.blocks)})")
         return {name: per_block[block] for name, per_block in self.values.items()}
+
+    def with_values(self, updates: Mapping[str, Mapping[str, float]]) -> BlockParams:
+        """These parameters with ``updates[param][block]`` replaced (merged blocks of known
+        parameters only: the caller checked the values, e.g. a search space against its spec)."""
+        values = {name: dict(per_block) for name, per_block in self.values.items()}
+        for name, per_block in updates.items():
+            for block, value in per_block.items():
+                if block not in values[name]:
+                    raise KeyError(f"block '{block}' is not merged (merged: {', '.join(self.blocks)})")
+                values[name][block] = value
+        return BlockParams(
+            values=MappingProxyType({name: MappingProxyType(v) for name, v in values.items()}),
+            blocks=self.blocks,
+        )
+
+    def as_recipe(self) -> dict[str, float | dict[str, float]]:
+        """The parameters as a recipe writes them, reading back to equal ``BlockParams``: one number
+        where every merged block has the same value and the VAE is not merged, else every merged
+        block by name."""
+        recipe: dict[str, float | dict[str, float]] = {}
+        for name, per_block in self.values.items():
+            distinct = set(per_block.values())
+            if len(distinct) == 1 and not self.merges(VAE_BLOCK):
+                recipe[name] = distinct.pop()
+            else:
+                recipe[name] = {block: per_block[block] for block in self.blocks}
+        return recipe
 
 
 def resolve_params(

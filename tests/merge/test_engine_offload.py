@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from automerge.merge.engine import EngineOptions, LiveEngine
-from automerge.merge.params import resolve_params
-from automerge.merge.recipe import MergePlan, plan_merge, recipe_from_data
+from automerge.merge import EngineOptions, LiveEngine, MergePlan, plan_merge, recipe_from_data, resolve_params
 
 # One method per merge path of the engine: fused in-place op, element-wise on the flat block,
 # per key with a seeded generator.
@@ -74,10 +72,10 @@ def test_offload_keeps_sources_in_host_memory_and_live_weights_on_the_device(
     try:
         engine = LiveEngine(plan, EngineOptions(dtype=torch.float16, offload=True))
         engine.apply(plan.params)
-        unet = engine.modules["unet"]
+        unet = engine.live_parameters()["unet"]
         live = engine.live_tensor("model.diffusion_model.input_blocks.0.0.weight")
-        assert unet.conv_in.weight.data_ptr() == live.data_ptr()
-        assert all(p.dtype == torch.float16 for p in unet.parameters())
+        assert unet["conv_in.weight"].data_ptr() == live.data_ptr()
+        assert all(p.dtype == torch.float16 for p in unet.values())
         blocks = engine._blocks.values()
         assert all(flat.device.type == "cpu" for b in blocks for flat in b.sources.values())
     finally:

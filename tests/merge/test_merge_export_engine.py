@@ -8,14 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from automerge.checkpoints import open_file_checkpoint
-from automerge.checkpoints.model import open_model
+from automerge.checkpoints import open_file_checkpoint, open_model
 from automerge.errors import MergeError
-from automerge.merge.engine import EngineOptions, LiveEngine
-from automerge.merge.export import export_merge
-from automerge.merge.methods import METHODS
-from automerge.merge.params import resolve_params
-from automerge.merge.recipe import Recipe, plan_merge, recipe_from_data
+from automerge.merge import (
+    METHODS,
+    EngineOptions,
+    LiveEngine,
+    Recipe,
+    export_merge,
+    plan_merge,
+    recipe_from_data,
+    resolve_params,
+)
 
 
 def _recipe(models: dict[str, Path], method: str, params: dict | None = None, **extra: object) -> Recipe:
@@ -138,14 +142,32 @@ def test_live_parameters_are_views_of_the_merged_weights(tiny_models: dict) -> N
     plan = plan_merge(_recipe(tiny_models, "weighted_sum", {"alpha": 0.25}), source="t")
     engine = LiveEngine(plan)
     engine.apply(plan.params)
-    unet = engine.modules["unet"]
+    conv_in = engine.live_parameters()["unet"]["conv_in.weight"]
     live = engine.live_tensor("model.diffusion_model.input_blocks.0.0.weight")
-    assert unet.conv_in.weight.data_ptr() == live.data_ptr()
+    assert conv_in.data_ptr() == live.data_ptr()
     new = resolve_params(plan.method, {"alpha": 0.75}, blocks=plan.arch.blocks, source="t")
     engine.apply(new)
     a = load_file(tiny_models["a"])["model.diffusion_model.input_blocks.0.0.weight"].float()
     b = load_file(tiny_models["b"])["model.diffusion_model.input_blocks.0.0.weight"].float()
-    assert torch.equal(unet.conv_in.weight, torch.lerp(a, b, 0.75))
+    assert torch.equal(conv_in, torch.lerp(a, b, 0.75))
+    plan.close()
+
+
+def test_every_live_parameter_of_every_component_is_a_view_into_one_block_buffer(
+    tiny_sdxl_models: dict,
+) -> None:
+    """Fused OpenCLIP q/k/v rows, squeezed convs and the transposed projection share the merged storage."""
+    plan = plan_merge(_recipe(tiny_sdxl_models, "weighted_sum"), source="t")
+    engine = LiveEngine(plan)
+    buffers = {block.out.untyped_storage().data_ptr() for block in engine._blocks.values()}
+    parameters = engine.live_parameters()
+    assert set(parameters) == {"unet", "text_encoder", "text_encoder_2", "vae"}
+    for named in parameters.values():
+        for tensor in named.values():
+            assert tensor.untyped_storage().data_ptr() in buffers
+    q = parameters["text_encoder_2"]["text_model.encoder.layers.0.self_attn.q_proj.weight"]
+    fused = engine.live_tensor("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight")
+    assert q.data_ptr() == fused.data_ptr() and q.shape[0] * 3 == fused.shape[0]
     plan.close()
 
 

@@ -1,0 +1,180 @@
+"""``MergePlan``: a checked merge — open sources (headers only), their family, the method, resolved
+per-block parameters, seed and dtypes — from which the live engine and the export both work.
+
+Everything is checked (method, model roles, parameters per block, families, shapes) before any tensor is
+merged or any file written. ``plan_merge`` plans a recipe file; ``open_plan`` plans typed values (a study
+uses it directly); ``plan_checkpoint`` plans one checkpoint as itself (for rendering it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from automerge.arch import Architecture
+from automerge.checkpoints import SourceModel, open_model
+from automerge.dtypes import TORCH_DTYPES, dtype_name
+from automerge.errors import ConfigError, MergeError
+from automerge.merge.methods import METHODS, MergeMethod
+from automerge.merge.params import BlockParams, BlockValue, resolve_params
+from automerge.merge.recipe import Recipe
+
+BASE_NAME = "c"
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """A checked merge: open sources, their family, the method and resolved per-block parameters."""
+
+    method: MergeMethod
+    arch: Architecture
+    sources: Mapping[str, SourceModel]  # by letter, "a" first
+    model_names: tuple[str, ...]  # the non-base models in order (a, b, d, ...)
+    base_name: str | None
+    params: BlockParams
+    seed: int  # seeds random methods per tensor key
+    dtype: torch.dtype  # of the exported checkpoint
+    compute_dtype: torch.dtype  # of the merge math
+    source: str  # where the plan came from, for messages
+
+    @property
+    def primary(self) -> SourceModel:
+        return self.sources["a"]
+
+    def merged_block(self, key: str, dtype: torch.dtype) -> str | None:
+        """The block ``key`` is merged in under this plan's parameters; None: copied from A."""
+        block = self.arch.block_of(key, dtype)
+        return block if block is not None and self.params.merges(block) else None
+
+    def with_params(self, params: BlockParams) -> MergePlan:
+        """The same sources and method with other parameters (e.g. a trial's)."""
+        return dataclasses.replace(self, params=params)
+
+    def recipe(self) -> Recipe:
+        """This plan as a recipe (for recipe.yaml and the checkpoint header): planning it again gives
+        the same merge."""
+        return Recipe(
+            models={name: model.path for name, model in self.sources.items()},
+            method=self.method.name,
+            params=self.params.as_recipe(),
+            seed=self.seed,
+            dtype=dtype_name(self.dtype),
+            compute_dtype=dtype_name(self.compute_dtype),
+        )
+
+    def close(self) -> None:
+        for model in self.sources.values():
+            model.close()
+
+
+def method_roles(method: MergeMethod, names: list[str], *, source: str) -> tuple[tuple[str, ...], str | None]:
+    """Split model letters into (non-base models, base) for ``method``; errors say what to change."""
+    base = BASE_NAME if method.needs_base else None
+    if method.needs_base and BASE_NAME not in names:
+        raise ConfigError(
+            f"{source}: method '{method.name}' needs a base model: add 'c: path/to/base.safetensors' to models"
+        )
+    models = tuple(name for name in names if name != base)
+    if len(models) < method.min_models:
+        raise ConfigError(
+            f"{source}: method '{method.name}' needs at least {method.min_models} models besides the base"
+        )
+    if method.max_models is not None and len(models) > method.max_models:
+        extra = ", ".join(models[method.max_models :])
+        hint = " (it takes no base model)" if not method.needs_base and BASE_NAME in names else ""
+        raise ConfigError(
+            f"{source}: method '{method.name}' merges {method.max_models} models; remove {extra}{hint}"
+        )
+    return models, base
+
+
+def open_plan(
+    models: Mapping[str, Path],
+    method: str,
+    *,
+    params: Mapping[str, BlockValue],
+    seed: int = 0,
+    dtype: str = "fp16",
+    compute_dtype: str = "fp32",
+    source: str,
+) -> MergePlan:
+    """Check everything and open the sources (lazily: headers only); ``source`` names the file (and
+    field) the values came from in every error."""
+    merge_method = METHODS.get(method, where=f"{source}: field 'method'")
+    model_names, base_name = method_roles(merge_method, list(models), source=source)
+    opened: dict[str, SourceModel] = {}
+    try:
+        for name, path in sorted(models.items()):
+            opened[name] = open_model(path)
+        arch = _common_arch(opened)
+        plan = MergePlan(
+            method=merge_method,
+            arch=arch,
+            sources=opened,
+            model_names=model_names,
+            base_name=base_name,
+            params=resolve_params(merge_method, params, blocks=arch.blocks, source=source),
+            seed=seed,
+            dtype=TORCH_DTYPES[dtype],
+            compute_dtype=TORCH_DTYPES[compute_dtype],
+            source=source,
+        )
+        check_shapes(plan)
+    except BaseException:
+        for model in opened.values():
+            model.close()
+        raise
+    return plan
+
+
+def plan_merge(recipe: Recipe, *, source: str) -> MergePlan:
+    """The plan of a recipe (``source``: the recipe's file, for messages)."""
+    return open_plan(
+        recipe.models,
+        recipe.method,
+        params=recipe.params,
+        seed=recipe.seed,
+        dtype=recipe.dtype,
+        compute_dtype=recipe.compute_dtype,
+        source=source,
+    )
+
+
+def plan_checkpoint(path: Path, *, source: str | None = None) -> MergePlan:
+    """One checkpoint as itself: a weighted sum of A and A with α = 0 (the file is held once)."""
+    return open_plan(
+        {"a": path, "b": path}, "weighted_sum", params={"alpha": 0.0}, source=source or str(path)
+    )
+
+
+def _common_arch(sources: Mapping[str, SourceModel]) -> Architecture:
+    families = {name: model.arch.name for name, model in sources.items()}
+    if len(set(families.values())) > 1:
+        shown = ", ".join(f"{name} is {family}" for name, family in families.items())
+        raise MergeError(f"models of different families cannot be merged: {shown}")
+    return sources["a"].arch
+
+
+def check_shapes(plan: MergePlan) -> None:
+    """Every merged key of A must exist with the same shape in every other source."""
+    primary = plan.primary.checkpoint
+    others = {name: set(model.checkpoint.keys()) for name, model in plan.sources.items() if name != "a"}
+    for key in primary.keys():
+        info = primary.info(key)
+        if plan.merged_block(key, info.dtype) is None:
+            continue
+        for name, model in plan.sources.items():
+            if name == "a":
+                continue
+            if key not in others[name]:
+                raise MergeError(f"model {name} ({model.path.name}) has no tensor '{key}' that model a has")
+            other = model.checkpoint.info(key).shape
+            if other != info.shape:
+                raise MergeError(
+                    f"shape mismatch for '{key}': model a has {list(info.shape)}, model {name} has {list(other)}; "
+                    "these checkpoints are not of the same architecture size"
+                )
