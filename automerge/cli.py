@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, TypeVar
 
 import typer
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from automerge.errors import AutomergeError, ConfigError
+
+M = TypeVar("M", bound=BaseModel)
 
 app = typer.Typer(
     name="automerge",
@@ -49,8 +52,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Family, layout, dtypes, parameters per MBW block and unmerged keys (reads headers only)."""
-    from automerge.checkpoints.model import open_model
-    from automerge.checkpoints.summary import summarize
+    from automerge.checkpoints import open_model, summarize
 
     with open_model(path) as model:
         summary = summarize(model)
@@ -76,14 +78,14 @@ def tiny(
     family: Annotated[str, typer.Argument(help="sd1 | sd2 | sdxl")],
     out: Annotated[Path, typer.Argument(help="Output .safetensors path.")],
     seed: Annotated[int, typer.Option(help="Random-init seed.")] = 0,
-    like: Annotated[Optional[Path], typer.Option(help="Make a fine-tune of this tiny model.")] = None,  # noqa: UP045
+    like: Annotated[Path | None, typer.Option(help="Make a fine-tune of this tiny model.")] = None,
     delta: Annotated[
         float, typer.Option(help="With --like: noise scale relative to each tensor's std.")
     ] = 0.05,
     dtype: Annotated[str, typer.Option(help="fp16 | bf16 | fp32")] = "fp16",
 ) -> None:
     """Write a deterministic tiny checkpoint with the real key layout of a family (a few MB)."""
-    from automerge.testing.tiny import write_tiny
+    from automerge.tiny import write_tiny
 
     path = write_tiny(family, out, seed=seed, like=like, delta=delta, dtype=dtype)
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -96,22 +98,20 @@ def tiny(
 def merge(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML: models, method, params, seed, dtype.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output .safetensors path.")],
-    dtype: Annotated[Optional[str], typer.Option(help="fp16 | bf16 | fp32 (default: the recipe's).")] = None,  # noqa: UP045
+    dtype: Annotated[str | None, typer.Option(help="fp16 | bf16 | fp32 (default: the recipe's).")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda: where the math runs.")] = "cpu",
 ) -> None:
     """Merge a recipe into a checkpoint, streamed key by key (A1111/ComfyUI load it as is)."""
-    from automerge.merge.export import export_merge
-    from automerge.merge.recipe import DTYPES, load_recipe, plan_merge
+    from automerge.dtypes import torch_dtype
+    from automerge.merge import export_merge, load_recipe, plan_merge
 
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    out_dtype = None if dtype is None else torch_dtype(dtype, where="--dtype")
     if out.suffix != ".safetensors":
         raise ConfigError(f"-o {out}: the output must be a .safetensors file")
-    parsed = load_recipe(recipe)
-    plan = plan_merge(parsed, source=str(recipe))
+    plan = plan_merge(load_recipe(recipe), source=str(recipe))
     try:
         with console.status(f"merging {plan.method.name} of {len(plan.sources)} models"):
-            export_merge(plan, out, dtype=dtype, device=device)
+            export_merge(plan, out, dtype=out_dtype, device=device)
     finally:
         plan.close()
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {plan.arch.title})")
@@ -120,7 +120,7 @@ def merge(
 @app.command()
 def methods() -> None:
     """List the merge methods with their formulas and parameters."""
-    from automerge.merge.methods import METHODS
+    from automerge.merge import METHODS
 
     table = Table(title="merge methods")
     for column in ("method", "formula", "parameters", "models"):
@@ -149,10 +149,10 @@ def render(
 ) -> None:
     """Render a payload with a checkpoint or a recipe (merged in memory, no file): look before you optimize."""
     from automerge.commands import render_command
+    from automerge.render import RenderConfig
 
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    paths = render_command(model, payload, out, device=device, batch_size=batch_size)
+    config = _from_options(RenderConfig, device=device, batch_size=batch_size)
+    paths = render_command(model, payload, out, config=config)
     console.print(f"wrote {len(paths)} images to {out}/")
 
 
@@ -161,7 +161,7 @@ def score(
     reward: Annotated[Path, typer.Argument(help="Reward manifest YAML (rewards/*.yaml).")],
     folder: Annotated[Path, typer.Argument(help="Folder of PNGs written by `automerge render`.")],
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="Override the manifest's device.")] = None,  # noqa: UP045
+    device: Annotated[str | None, typer.Option(help="Override the manifest's device.")] = None,
 ) -> None:
     """Score a folder of rendered PNGs (prompts read from their text chunks)."""
     from automerge.rewards import dumps_scores, score_folder
@@ -199,15 +199,14 @@ def optimize(
     study: Annotated[Path, typer.Argument(help="Study YAML (studies/*.yaml).")],
     trials: Annotated[
         int | None, typer.Option(help="Run N more trials now, ignoring the budget and early stopping.")
-    ] = None,  # noqa: UP045
+    ] = None,
     timeout: Annotated[
         str | None, typer.Option(help="Stop starting trials after this long (8h, 90m).")
-    ] = None,  # noqa: UP045
-    device: Annotated[Optional[str], typer.Option(help="Override the study's render.device.")] = None,  # noqa: UP045
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="Override the study's render.device.")] = None,
 ) -> None:
     """Optimize per-block merge weights; resumes where the last run stopped; exports the best trial."""
-    from automerge.study.config import load_study_file, parse_duration
-    from automerge.study.runner import run_study
+    from automerge.study import load_study_file, parse_duration, run_study
 
     if trials is not None and trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
@@ -227,13 +226,11 @@ def optimize(
 @app.command()
 def export(
     study: Annotated[Path, typer.Argument(help="Study YAML.")],
-    trial: Annotated[Optional[int], typer.Option(help="Trial number (default: the best).")] = None,  # noqa: UP045
-    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder.")] = None,  # noqa: UP045
+    trial: Annotated[int | None, typer.Option(help="Trial number (default: the best).")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder.")] = None,
 ) -> None:
     """Write recipe.yaml, model.safetensors and report.html for the best (or a given) trial."""
-    from automerge.report.exporter import export_study
-    from automerge.study.config import load_study_file
-    from automerge.study.runner import open_study
+    from automerge.study import export_study, load_study_file, open_study
 
     study_file = load_study_file(study)
     export_study(study_file, study=open_study(study_file), trial_number=trial, out_dir=out, console=console)
@@ -249,6 +246,17 @@ def dashboard(
     from automerge.commands import serve_dashboard
 
     serve_dashboard(study, host=host, port=port, console=console)
+
+
+def _from_options(model: type[M], **options: object) -> M:
+    """``model`` built from command-line options, whose checks are then the options' checks (one
+    default and one range per setting); an error names the option, e.g. ``--batch-size``."""
+    try:
+        return model(**options)
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-")
+        raise ConfigError(f"{option}: {first['msg']}; got {first.get('input')!r}") from None
 
 
 def main() -> None:

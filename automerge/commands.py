@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from automerge.errors import ConfigError
+from automerge.files import writable_folder
 from automerge.registry import did_you_mean
+
+if TYPE_CHECKING:
+    from automerge.render import RenderConfig
 
 
 def resolve_reward_manifest(name: str) -> Path:
@@ -27,51 +32,29 @@ def resolve_reward_manifest(name: str) -> Path:
     )
 
 
-def render_command(model: Path, payload_path: Path, out: Path, *, device: str, batch_size: int) -> list[Path]:
-    """Render a payload with a checkpoint (as 'pure A') or a recipe merged in memory."""
-    from automerge.config import writable_folder
-    from automerge.merge.engine import EngineOptions, LiveEngine
-    from automerge.merge.recipe import load_recipe, plan_merge, recipe_from_data
-    from automerge.render.payload import load_payload
-    from automerge.render.pipeline import build_pipeline, pipeline_modules
-    from automerge.render.renderer import Renderer, save_png
-    from automerge.study.runtime import resolve_device, resolve_dtype
+def render_command(model: Path, payload_path: Path, out: Path, *, config: RenderConfig) -> list[Path]:
+    """Render a payload with a checkpoint (as itself) or a recipe merged in memory; the PNGs' paths."""
+    from automerge.merge import load_recipe, plan_checkpoint, plan_merge
+    from automerge.render import RenderSession, load_payload, save_png
 
     payload = load_payload(payload_path)
     writable_folder(out, fix="pass another folder with -o DIR")
-    if model.suffix in (".yaml", ".yml"):
-        recipe, source = load_recipe(model), str(model)
-    else:
-        data = {
-            "models": {"a": str(model), "b": str(model)},
-            "method": "weighted_sum",
-            "params": {"alpha": 0.0},
-        }
-        recipe, source = recipe_from_data(data, source=str(model)), str(model)
-    target = resolve_device(device)
-    dtype = resolve_dtype("auto", target)
-    plan = plan_merge(recipe, source=source)
+    is_recipe = model.suffix in (".yaml", ".yml")
+    plan = plan_merge(load_recipe(model), source=str(model)) if is_recipe else plan_checkpoint(model)
     try:
-        engine = LiveEngine(plan, EngineOptions(device=str(target), dtype=dtype))
-        engine.apply(plan.params)
-        modules = pipeline_modules(
-            engine.modules, family=plan.arch.name, prediction_type=plan.arch.prediction_type
-        )
-        pipeline = build_pipeline(modules, device=target, dtype=dtype)
-        rendered = Renderer(pipeline, batch_size=batch_size, device=target, dtype=dtype).render(
-            payload.jobs()
-        )
-        return [save_png(image, out) for image in rendered]
+        session = RenderSession(plan, config)
+        session.apply()
+        return [save_png(image, out) for image in session.render(payload.jobs())]
     finally:
         plan.close()
 
 
 def serve_dashboard(study_path: Path, *, host: str, port: int, console: Console) -> None:
+    """optuna-dashboard on the study's storage, with the trials' images from its artifact store."""
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
-    from automerge.config import writable_folder
-    from automerge.study.config import artifact_dir, default_storage, load_study_file
+    from automerge.study import artifact_dir, default_storage, load_study_file
 
     study = load_study_file(study_path)
     store_dir = writable_folder(artifact_dir(study), fix="check the permissions of the study file's folder")

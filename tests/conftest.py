@@ -60,7 +60,7 @@ def _block_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _tiny_family(folder: Path, family: str, fine_tunes: str) -> dict[str, Path]:
     """Base ``c`` and seeded fine-tunes of it (fp16, like real checkpoints), written once per session."""
-    from automerge.testing.tiny import write_tiny
+    from automerge.tiny import write_tiny
 
     base = write_tiny(family, folder / "base.safetensors", seed=0)
     models = {"c": base}

@@ -10,7 +10,7 @@ import yaml
 from cli_helpers import run_cli
 from safetensors.torch import load_file, save_file
 
-from automerge.testing.tiny import write_tiny
+from automerge.tiny import write_tiny
 
 
 def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from PIL.PngImagePlugin import PngInfo
 
 from automerge.errors import RenderError
+from automerge.files import atomic_writer
 from automerge.render.payload import RenderJob, RenderSettings
 from automerge.render.pipeline import prompt_inputs
 from automerge.render.schedulers import make_scheduler
@@ -63,8 +62,7 @@ class Renderer:
         device: torch.device | str,
         dtype: torch.dtype,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        """``batch_size``: images per pipeline call (≥ 1; ``RenderConfig`` checks it)."""
         self.pipeline = pipeline
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -189,21 +187,13 @@ def png_text(rendered: RenderedImage) -> dict[str, str]:
 
 
 def save_png(rendered: RenderedImage, folder: Path) -> Path:
-    """Write ``folder/<key>.png`` atomically (temp file in ``folder`` + ``os.replace``)."""
+    """Write ``folder/<key>.png`` atomically, its settings in PNG text chunks."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     for name, value in png_text(rendered).items():
         info.add_text(name, value)  # Pillow writes iTXt (UTF-8) when the text is not latin-1
     target = folder / f"{rendered.job.key}.png"
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=f".{rendered.job.key}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            rendered.image.save(file, format="PNG", pnginfo=info)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(target) as file:
+        rendered.image.save(file, format="PNG", pnginfo=info)
     return target

@@ -10,7 +10,7 @@ import torch
 from automerge.arch import ARCHITECTURES, reference_keys
 from automerge.checkpoints import open_file_checkpoint
 from automerge.checkpoints.model import open_model
-from automerge.testing.tiny import write_tiny
+from automerge.tiny import write_tiny
 
 
 def _required_keys(family: str) -> set[str]:

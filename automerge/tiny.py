@@ -1,4 +1,4 @@
-"""Tiny checkpoints with the real topology of a family (every key name of a real single-file
+"""``automerge tiny``: checkpoints with the real topology of a family (every key name of a real single-file
 checkpoint, tiny widths), written in the original layout like a real file, a few MB.
 
 The live modules are built from tiny configs with a seeded default init, then written back into the
@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 
-from automerge.arch import ARCHITECTURES, Architecture, Target, View, reference_keys, tiny_configs
-from automerge.checkpoints import TensorInfo, open_file_checkpoint, save_safetensors
-from automerge.checkpoints.model import CONFIGS_METADATA_KEY
+from automerge.arch import ARCHITECTURES, Architecture, Target, View, reference_keys
+from automerge.checkpoints import CONFIGS_METADATA_KEY, open_file_checkpoint, save_safetensors
+from automerge.dtypes import torch_dtype
 from automerge.errors import ConfigError
 from automerge.render.modules import build_modules, live_name
 
 _SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _key_seed(seed: int, key: str) -> int:
@@ -73,7 +72,7 @@ def _fallback_shape(key: str, known: Mapping[str, torch.Tensor]) -> tuple[int, .
 
 def make_tiny_state_dict(arch: Architecture, *, seed: int) -> dict[str, torch.Tensor]:
     """Every non-EMA key of a real ``arch`` checkpoint, at tiny widths, float32."""
-    configs = tiny_configs(arch)
+    configs = arch.tiny_configs
     torch.manual_seed(seed)
     modules = build_modules(configs)
     live = {name: _canonical_state(module) for name, module in modules.items()}
@@ -132,8 +131,7 @@ def write_tiny(
     dtype: str = "fp16",
 ) -> Path:
     """Write a tiny checkpoint of ``family`` (or a perturbed copy of ``like``) to ``path``."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    target = torch_dtype(dtype, where="--dtype")
     arch = ARCHITECTURES.get(family)
     if like is not None:
         with open_file_checkpoint(like) as base:
@@ -142,9 +140,8 @@ def write_tiny(
             configs = json.loads(base.metadata[CONFIGS_METADATA_KEY])
             tensors = perturb({k: base.load(k).float() for k in base.keys()}, seed=seed, delta=delta)
     else:
-        configs = tiny_configs(arch)
+        configs = dict(arch.tiny_configs)
         tensors = make_tiny_state_dict(arch, seed=seed)
-    target = DTYPES[dtype]
     tensors = {
         k: v.to(target) if k not in _SCHEDULE_KEYS and v.dtype.is_floating_point else v
         for k, v in tensors.items()
@@ -158,6 +155,3 @@ def write_tiny(
     }
     save_safetensors(path, tensors, metadata=metadata)
     return path
-
-
-__all__ = ["CONFIGS_METADATA_KEY", "TensorInfo", "make_tiny_state_dict", "perturb", "write_tiny"]
