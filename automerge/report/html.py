@@ -1,4 +1,5 @@
-"""report.html: one self-contained page (inline SVG charts, images as data URIs, no scripts or CDNs)."""
+"""report.html: one self-contained page (inline SVG charts, images as data URIs, no scripts or CDNs),
+drawn from a ``ReportData`` that the study gathers; nothing here knows about Optuna or studies."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ th{background:#f5f7f9} td:first-child,th:first-child{text-align:left}
 
 @dataclass
 class ReportData:
+    """What the report shows: the exported trial, the best, the trial counts, images, charts."""
+
     title: str
+    exported_number: int
+    exported_value: float
     best_number: int
     best_value: float
     trial_count: int
@@ -138,14 +143,23 @@ def _recovery(data: ReportData) -> str:
     )
 
 
+def _headline(data: ReportData) -> str:
+    """``best trial 7, score 0.91``; for another exported trial, the best is named too."""
+    exported = f"trial <b>{data.exported_number}</b>, score <b class=good>{data.exported_value:.6g}</b>"
+    if data.exported_number == data.best_number:
+        return f"best {exported}"
+    return f"exported {exported} (the best is trial {data.best_number}, score {data.best_value:.6g})"
+
+
 def render_report(data: ReportData) -> str:
+    """The whole page as one HTML string."""
     stages = sorted(data.timings.items(), key=lambda kv: -kv[1])
     total = sum(data.timings.values()) or 1.0
     parts = [
         f"<!doctype html><html><head><meta charset=utf-8><title>automerge report: {_e(data.title)}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>automerge · {_e(data.title)}</h1>",
-        f"<p>best trial <b>{data.best_number}</b>, score <b class=good>{data.best_value:.6g}</b> · "
+        f"<p>{_headline(data)} · "
         f"{data.trial_count} trials ({data.completed_count} complete, {data.pruned_count} pruned, {data.failed_count} failed)"
         + (f" · {_e(data.stop_reason)}" if data.stop_reason else "")
         + "</p>",
@@ -154,10 +168,10 @@ def render_report(data: ReportData) -> str:
             ["baseline", "trial", "score"], [[_e(label), n, f"{v:.6g}"] for label, n, v in data.baselines]
         ),
         "<h2>Best so far</h2>" + curve_svg(data.curve),
-        "<h2>Per-block weights of the best trial</h2>"
+        f"<h2>Per-block weights of trial {data.exported_number}</h2>"
         + weights_svg(data.weights, data.secret)
         + (
-            "<p class=muted>bars: best trial · red ticks: the hidden target's weights</p>"
+            f"<p class=muted>bars: trial {data.exported_number} · red ticks: the hidden target's weights</p>"
             if data.secret
             else ""
         ),
@@ -178,6 +192,6 @@ def render_report(data: ReportData) -> str:
             "<h2>Validation (held-out payloads)</h2>"
             + _table(["model", "score"], [[_e(label), f"{value:.6g}"] for label, value in data.validation])
         )
-    parts.append("<h2>Images: best vs baselines (same seeds)</h2>" + _grid(data))
+    parts.append(f"<h2>Images: trial {data.exported_number} vs baselines (same seeds)</h2>" + _grid(data))
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -15,8 +15,14 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from automerge.config import FileRef, Schema, load_yaml, parse_file, parse_model, relative_path
-from automerge.errors import ConfigError
+from automerge.arch import ARCHITECTURES
+from automerge.config import FileRef, Schema, parse_file
+from automerge.dtypes import DtypeName
+from automerge.errors import ConfigError, StudyError
+from automerge.files import relative_path
+from automerge.merge.recipe import check_model_letters
+from automerge.registry import did_you_mean
+from automerge.render.config import RenderConfig
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?")
 
@@ -58,9 +64,21 @@ class SearchParam(Schema):
 
 
 class SamplerConfig(Schema):
-    name: Literal["tpe", "gp", "cmaes", "random", "qmc"] = "gp"
+    name: str = Field("gp", description="a registered sampler: tpe, gp, cmaes, random, qmc")
     seed: int = 0
     startup_trials: int = Field(10, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_sampler(cls, name: str) -> str:
+        from automerge.study.samplers import SAMPLERS  # the registry imports this module's types
+
+        if name not in SAMPLERS:
+            known = SAMPLERS.names()
+            raise ValueError(
+                f"unknown sampler '{name}'{did_you_mean(name, known)}; known: {', '.join(known)}"
+            )
+        return name
 
 
 class EarlyStoppingConfig(Schema):
@@ -70,16 +88,26 @@ class EarlyStoppingConfig(Schema):
 
 class ExportConfig(Schema):
     dir: FileRef | None = None
-    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    dtype: DtypeName = "fp16"
 
 
 class TinyModelSpec(Schema):
     """A tiny model made on first use (demo, tests, benchmarks): ``automerge tiny`` in a field."""
 
-    tiny: Literal["sd1", "sd2", "sdxl"]
+    tiny: str = Field(description="the family: sd1, sd2, sdxl, ... (any registered architecture)")
     seed: int = 0
     like: str | None = Field(None, description="letter of another generated model to fine-tune from")
     delta: float = Field(0.05, gt=0)
+
+    @field_validator("tiny")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        if family not in ARCHITECTURES:
+            known = ARCHITECTURES.names()
+            raise ValueError(
+                f"unknown family '{family}'{did_you_mean(family, known)}; known: {', '.join(known)}"
+            )
+        return family
 
 
 class ReferenceTarget(Schema):
@@ -110,20 +138,6 @@ class InlineReward(Schema):
     reference: InlineReference
 
 
-class RenderConfig(Schema):
-    device: str = "auto"
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    batch_size: int = Field(4, ge=1, le=64)
-    tokenizer_dir: FileRef | None = None
-    compile: bool = False
-    offload: bool = Field(
-        False, description="sources in pinned host memory, streamed per block (24 GB cards)"
-    )
-    source_dtype: Literal["same", "fp16", "bf16"] = Field(
-        "same", description="storage of the resident sources"
-    )
-
-
 SEARCH_FIELDS = {"models", "method", "search", "params", "seed", "payloads", "reward", "generate"}
 
 
@@ -134,7 +148,7 @@ def _sha256_json(data: Any) -> str:
 class StudyFile(Schema):
     """A study file, validated; paths resolved relative to it."""
 
-    _typed_path: Path | None = PrivateAttr(None)  # the path as given on the command line
+    _path: Path | None = PrivateAttr(None)  # the file, set by load_study_file
 
     name: str = Field(min_length=1, max_length=200)
     models: dict[str, FileRef]
@@ -156,17 +170,17 @@ class StudyFile(Schema):
     export: ExportConfig = ExportConfig()
     render: RenderConfig = RenderConfig()
 
-    path: Path | None = Field(None, exclude=True, description="set by the loader")
-
     @field_validator("models")
     @classmethod
     def _model_letters(cls, models: dict[str, Path]) -> dict[str, Path]:
-        for name in models:
-            if not re.fullmatch(r"[a-z]", name):
-                raise ValueError(f"model names are single letters a, b, c, ...; got '{name}'")
-        if "a" not in models or "b" not in models:
-            raise ValueError("models a and b are required")
-        return dict(sorted(models.items()))
+        return check_model_letters(models)
+
+    @property
+    def path(self) -> Path:
+        """The study file (absolute), as ``load_study_file`` read it."""
+        if self._path is None:
+            raise StudyError("this StudyFile was not read from a file; load it with load_study_file(path)")
+        return self._path
 
     @field_validator("search")
     @classmethod
@@ -189,24 +203,14 @@ class StudyFile(Schema):
         """sha256 of what defines the search problem; the trial budget, timeout, stopping, export and
         storage may change between runs, these may not. Paths count relative to the study file's
         folder, so a study resumes from any working directory and after its project folder moved."""
-        assert self.path is not None
         return _sha256_json(as_plain(self.model_dump(include=SEARCH_FIELDS), relative_to=self.path.parent))
-
-    def fingerprint_0_1_0(self) -> str | None:
-        """The fingerprint automerge 0.1.0 stored for this file (its paths resolved against the study
-        path as typed), so that older studies still resume; None when the file was not loaded from disk."""
-        if self._typed_path is None:
-            return None
-        typed = self._typed_path
-        as_typed = parse_model(StudyFile, load_yaml(typed), source=typed, base_dir=typed.parent)
-        return _sha256_json(as_typed.model_dump(mode="json", include=SEARCH_FIELDS))
 
 
 def load_study_file(path: Path | str) -> StudyFile:
     """Parse and check a study file: files it names must exist (generated models excepted)."""
     path = Path(path)
-    study = parse_file(StudyFile, path).model_copy(update={"path": path.resolve()})
-    study._typed_path = path
+    study = parse_file(StudyFile, path)
+    study._path = path.resolve()
     for name, model in study.models.items():
         if name not in study.generate and not model.exists():
             raise ConfigError(f"{path}: models.{name}: {model} does not exist")
@@ -228,18 +232,16 @@ def default_storage(study: StudyFile) -> str:
     """``sqlite:///<study dir>/<study file stem>.db`` unless the study names an Optuna RDB URL."""
     if study.storage:
         return study.storage
-    assert study.path is not None
     return f"sqlite:///{study.path.with_suffix('.db')}"
 
 
 def artifact_dir(study: StudyFile) -> Path:
     """The file-system artifact store (trial images) next to the storage."""
-    assert study.path is not None
     return study.path.parent / f"{study.path.stem}-artifacts"
 
 
 def export_dir(study: StudyFile) -> Path:
-    assert study.path is not None
+    """``export.dir``, else ``out/<study name>`` beside the study file."""
     return study.export.dir or study.path.parent / "out" / study.name
 
 

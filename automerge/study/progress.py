@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Self
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -18,10 +19,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-STAGES = ("sampler", "merge", "render", "score", "bookkeeping")
+from automerge.study.records import FAIL_REASON, STAGES
+from automerge.study.runtime import Evaluation
 
 
 class TrialProgress:
+    """A live progress bar plus one log line per trial; ``update`` and ``callback`` feed it."""
+
     def __init__(self, console: Console, *, total: int, start_best: float | None) -> None:
         self.console = console
         self.total = total
@@ -42,33 +46,31 @@ class TrialProgress:
         self._task = self._progress.add_task("trials", total=total, status="")
         self._started = time.perf_counter()
 
-    def __enter__(self) -> TrialProgress:
+    def __enter__(self) -> Self:
         self._progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._progress.__exit__(*exc)
 
-    def update(self, info: dict) -> None:
+    def update(self, number: int, evaluation: Evaluation) -> None:
         """Called by the objective for a completed evaluation."""
-        for stage, seconds in info["timings"].items():
+        for stage, seconds in evaluation.timings.items():
             self.timings.setdefault(stage, []).append(seconds)
-        value = info["value"]
+        value = evaluation.value
         self.best = value if self.best is None else max(self.best, value)
         stages = " ".join(
             f"{s} {1000 * statistics.median(self.timings[s]):.0f}ms" for s in STAGES if self.timings.get(s)
         )
         status = f"last {value:.6g} best {self.best:.6g} | {stages}"
         self._progress.update(self._task, status=status)
-        self.console.log(
-            f"trial {info['number']}: {value:.6g} (best {self.best:.6g}) {stages}", highlight=False
-        )
+        self.console.log(f"trial {number}: {value:.6g} (best {self.best:.6g}) {stages}", highlight=False)
 
     def callback(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.ran += 1
         if trial.state == TrialState.FAIL:
             self.console.log(
-                f"trial {trial.number} failed: {trial.user_attrs.get('fail_reason', '?')}", highlight=False
+                f"trial {trial.number} failed: {trial.user_attrs.get(FAIL_REASON, '?')}", highlight=False
             )
         elif trial.state == TrialState.PRUNED:
             self.console.log(f"trial {trial.number} pruned", highlight=False)

@@ -1,42 +1,36 @@
 """``automerge optimize``: create or resume the Optuna study, run trials until the budget, the timeout
 or early stopping, survive failing trials and Ctrl-C/SIGTERM, then export the best trial.
 
-Per trial: the sampler proposes → the engine merges in place → render → score → Optuna is told;
-per-payload intermediate values let a pruner stop bad trials early. Each trial keeps its scores,
-timings and images (as Optuna artifacts, shown by optuna-dashboard).
+Per trial (``objective.py``): the sampler proposes → the engine merges in place → render → score →
+Optuna is told; per-payload intermediate values let a pruner stop bad trials early. Each trial keeps
+its scores, timings and images (as Optuna artifacts, shown by optuna-dashboard).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-from optuna.trial import FrozenTrial, TrialState
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.trial import FrozenTrial
 from rich.console import Console
 
-from automerge.config import writable_folder
-from automerge.errors import AutomergeError, StudyError
+from automerge.errors import StudyError
+from automerge.files import writable_folder
+from automerge.study import records
 from automerge.study.config import StudyFile, artifact_dir, default_storage, export_dir
-from automerge.study.runtime import Evaluation, StudyRuntime
+from automerge.study.export import export_study
+from automerge.study.objective import Objective, TrialFailed
+from automerge.study.progress import TrialProgress
+from automerge.study.runtime import StudyRuntime
 from automerge.study.samplers import make_sampler
-from automerge.study.stopping import EarlyStopping, early_stop_decision
+from automerge.study.stopping import ConsecutiveFailures, EarlyStopping
 
-FINGERPRINT_ATTR = "automerge.fingerprint"
-MERGE_DEVICE_ATTR = "automerge.merge_device"
-BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
-log = logging.getLogger("automerge.study")
-
-
-class TrialFailed(AutomergeError):
-    """A trial's render or reward failed; the study marks it FAIL and goes on."""
+MAX_CONSECUTIVE_FAILURES = 5
 
 
 @dataclass
@@ -52,7 +46,7 @@ class RunSummary:
     timings: dict[str, list[float]] = field(default_factory=dict)
 
 
-def open_study(study: StudyFile, *, existing_trials_hint: int = 0) -> optuna.Study:
+def open_study(study: StudyFile) -> optuna.Study:
     """Create or resume the study in its storage; a changed search problem is refused."""
     storage = default_storage(study)
     fingerprint = study.search_fingerprint()
@@ -62,8 +56,8 @@ def open_study(study: StudyFile, *, existing_trials_hint: int = 0) -> optuna.Stu
     except KeyError:
         existing = None
     if existing is not None:
-        stored = existing.user_attrs.get(FINGERPRINT_ATTR)
-        if stored is not None and stored != fingerprint and stored != study.fingerprint_0_1_0():
+        stored = existing.user_attrs.get(records.FINGERPRINT)
+        if stored is not None and stored != fingerprint:
             raise StudyError(
                 f"{study.path}: study '{study.name}' in {storage} was made from a different search problem "
                 "(models, method, search, params, payloads or reward changed); give the study a new name, "
@@ -78,7 +72,7 @@ def open_study(study: StudyFile, *, existing_trials_hint: int = 0) -> optuna.Stu
         sampler=make_sampler(study.sampler, existing_trials=count),
         pruner=_pruner(study),
     )
-    result.set_user_attr(FINGERPRINT_ATTR, fingerprint)
+    result.set_user_attr(records.FINGERPRINT, fingerprint)
     return result
 
 
@@ -106,106 +100,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class Objective:
-    """The per-trial sequence; failures become FAIL trials with their reason, not a stopped study."""
-
-    def __init__(
-        self, runtime: StudyRuntime, *, store: FileSystemArtifactStore, on_trial: Callable[[dict], None]
-    ) -> None:
-        self.runtime = runtime
-        self.store = store
-        self.on_trial = on_trial
-        self.last_finished = time.perf_counter()
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        # 1. Proposal: the gap since the last trial ended (Optuna's own work) plus the suggest calls,
-        #    where Optuna 5 computes multivariate proposals (GP, CMA-ES, multivariate TPE).
-        try:
-            values = self.runtime.space.suggest(trial)
-            sampler_seconds = time.perf_counter() - self.last_finished
-            params = self.runtime.params_for(values)
-            # 2.–4. Merge in place, render and score payload by payload (the pruner may stop here).
-            evaluation = self.runtime.evaluate(params, self.runtime.jobs, report=self._reporter(trial))
-            # 5. Bookkeeping: scores, timings and images for the dashboard and the report.
-            started = time.perf_counter()
-            self._record(trial, evaluation)
-            evaluation.timings["bookkeeping"] = time.perf_counter() - started
-            evaluation.timings["sampler"] = sampler_seconds
-            trial.set_user_attr("timings", {k: round(v, 6) for k, v in evaluation.timings.items()})
-            self.on_trial({"number": trial.number, "value": evaluation.value, "timings": evaluation.timings})
-            return evaluation.value
-        except optuna.TrialPruned:
-            trial.set_user_attr("pruned_after_payloads", True)
-            raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted")
-            raise
-        except Exception as error:  # render/reward/merge failures: record, mark FAIL, go on
-            reason = f"{type(error).__name__}: {error}"
-            trial.set_user_attr("fail_reason", reason[:2000])
-            log.warning("trial %d failed: %s", trial.number, reason)
-            raise TrialFailed(reason) from error
-        finally:
-            self.last_finished = time.perf_counter()
-
-    @staticmethod
-    def _reporter(trial: optuna.Trial) -> Callable[[int, float], None]:
-        def report(step: int, value: float) -> None:
-            trial.report(value, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after payload {step}")
-
-        return report
-
-    def _record(self, trial: optuna.Trial, evaluation: Evaluation) -> None:
-        trial.set_user_attr("payload_scores", [round(v, 6) for v in evaluation.payload_scores])
-        trial.set_user_attr("reward_scores", {k: round(v, 6) for k, v in evaluation.reward_scores.items()})
-        image_ids = {}
-        with tempfile.TemporaryDirectory() as folder:
-            for key, image in evaluation.images.items():
-                path = Path(folder) / f"{key}.png"
-                image.save(path, format="PNG", compress_level=1)
-                image_ids[key] = upload_artifact(
-                    artifact_store=self.store, file_path=str(path), study_or_trial=trial, mimetype="image/png"
-                )
-        trial.set_user_attr("images", image_ids)
-
-
-MAX_CONSECUTIVE_FAILURES = 5
-
-
-class ConsecutiveFailures:
-    """Stops a study whose trials keep failing (a broken reward, an out-of-memory GPU) instead of
-    spinning forever: failed trials do not count towards the budget."""
-
-    def __init__(self, *, limit: int) -> None:
-        self.limit = limit
-        self.count = 0
-        self.reason = ""
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.count = self.count + 1 if trial.state == TrialState.FAIL else 0
-        if self.count >= self.limit:
-            last = trial.user_attrs.get("fail_reason", "unknown")
-            self.reason = f"stopped: {self.count} trials in a row failed; the last because {last}"
-            study.stop()
-
-
 def enqueue_baselines(study: optuna.Study, runtime: StudyRuntime) -> None:
     """Pure A, pure B and uniform 0.5 (every dimension at low / high / mid) first, on a new study."""
     if study.trials:
         return
     for baseline in runtime.space.baselines():
-        study.enqueue_trial(baseline.values, user_attrs={"baseline": baseline.label})
+        study.enqueue_trial(baseline.values, user_attrs=records.baseline_attrs(baseline.label))
 
 
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=BUDGET_STATES))
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max(completed, key=lambda t: (t.value, -t.number)) if completed else None
+    return len(study.get_trials(deepcopy=False, states=records.BUDGET_STATES))
 
 
 def run_study(
@@ -219,8 +123,6 @@ def run_study(
 ) -> RunSummary:
     """Run (or resume) a study. ``extra_trials``: run exactly that many more, ignoring the budget and
     early stopping (Optuna's ``n_trials``); else continue to the study's total ``trials``."""
-    from automerge.study.progress import TrialProgress
-
     console = console or Console()
     # 1. Storage and resume checks, before any model is loaded.
     study = open_study(study_file)
@@ -253,16 +155,19 @@ def run_study(
     try:
         if remaining > 0:
             runtime = StudyRuntime(study_file, device=device)
-            study.set_user_attr(MERGE_DEVICE_ATTR, str(runtime.device))
-            enqueue_baselines(study, runtime) if study_file.baselines else None
+            study.set_user_attr(records.MERGE_DEVICE, str(runtime.device))
+            if study_file.baselines:
+                enqueue_baselines(study, runtime)
             progress = TrialProgress(console, total=remaining, start_best=_best_value(study))
             objective = Objective(
                 runtime, store=FileSystemArtifactStore(str(store_dir)), on_trial=progress.update
             )
             failures = ConsecutiveFailures(limit=MAX_CONSECUTIVE_FAILURES)
-            callbacks: list = [progress.callback, failures]
+            callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [progress.callback, failures]
             if extra_trials is None:
-                callbacks.append(optuna.study.MaxTrialsCallback(study_file.trials, states=BUDGET_STATES))
+                callbacks.append(
+                    optuna.study.MaxTrialsCallback(study_file.trials, states=records.BUDGET_STATES)
+                )
             if stopping is not None:
                 callbacks.append(stopping)
             with sigterm_as_interrupt(), progress:
@@ -284,14 +189,12 @@ def run_study(
             summary.timings = progress.timings
             summary.stop_reason = failures.reason or (stopping.reason if stopping is not None else "")
         # 3. Export the best trial so far (also after an interruption).
-        best = best_trial(study)
+        best = records.best_trial(study.get_trials(deepcopy=False))
         summary.completed = finished_count(study)
         summary.interrupted = interrupted
         if best is not None:
             summary.best_trial, summary.best_value = best.number, best.value
             if export:
-                from automerge.report.exporter import export_study
-
                 summary.export_dir = export_study(study_file, study=study, runtime=runtime, console=console)
     finally:
         if runtime is not None:
@@ -302,8 +205,5 @@ def run_study(
 
 
 def _best_value(study: optuna.Study) -> float | None:
-    best = best_trial(study)
+    best = records.best_trial(study.get_trials(deepcopy=False))
     return None if best is None else best.value
-
-
-__all__ = ["RunSummary", "best_trial", "early_stop_decision", "open_study", "run_study"]

@@ -1,25 +1,29 @@
-"""Everything a study keeps resident: the live engine (sources on the device), the pipeline around
-its modules, the payload jobs, the reward. Built once per run; trials only call ``evaluate``."""
+"""Everything a study keeps resident: the merge plan, the search space, the payload jobs, the render
+session (sources on the device, the pipeline around the live weights) and the reward. Built once per
+run; trials only call ``evaluate``."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from automerge.checkpoints import warm_hash_cache
-from automerge.errors import ConfigError, StudyError
-from automerge.merge.engine import EngineOptions, LiveEngine
-from automerge.merge.params import BlockParams, resolve_params
-from automerge.merge.recipe import MergePlan, plan_merge, recipe_from_data
-from automerge.render.payload import RenderJob, load_payload
-from automerge.study.config import InlineReward, StudyFile, as_plain
+from automerge.errors import StudyError
+from automerge.merge import BlockParams, MergePlan, open_plan, plan_checkpoint, resolve_params
+from automerge.render import RenderJob, load_payload
+from automerge.render.session import RenderSession
+from automerge.rewards import CompositeReward, ReferenceReward, Reward, load_reward
+from automerge.study.config import InlineReward, StudyFile
 from automerge.study.space import SearchSpace, build_space
+from automerge.tiny import write_tiny
+
+Report = Callable[[int, float], None]
+"""``report(payload index, score so far)`` after each payload; may raise ``optuna.TrialPruned``."""
 
 
 @dataclass(frozen=True)
@@ -43,13 +47,10 @@ class Evaluation:
     reward_scores: dict[str, float]  # mean raw score per reward component
     images: dict[str, Image.Image]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    raw: dict[str, list[float]] = field(default_factory=dict)
 
 
 def generate_models(study: StudyFile) -> None:
     """Write the study's ``generate:`` tiny models that do not exist yet (``like`` ones after their base)."""
-    from automerge.testing.tiny import write_tiny
-
     pending = dict(study.generate)
     while pending:
         for name, spec in list(pending.items()):
@@ -63,18 +64,20 @@ def generate_models(study: StudyFile) -> None:
             del pending[name]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"render.device is '{name}' but no CUDA GPU is available; use 'cpu' or 'auto'")
-    return torch.device(name)
+def open_study_plan(study: StudyFile) -> MergePlan:
+    """The study's merge (its models, method, fixed params, seed and export dtype), checked and open."""
+    return open_plan(
+        study.models,
+        study.method,
+        params=study.params,
+        seed=study.seed,
+        dtype=study.export.dtype,
+        source=str(study.path),
+    )
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+def study_jobs(payloads: Sequence[Path]) -> list[StudyJob]:
+    return [StudyJob(i, job) for i, path in enumerate(payloads) for job in load_payload(path).jobs()]
 
 
 class StudyRuntime:
@@ -84,108 +87,58 @@ class StudyRuntime:
         # 1. Sources (headers only), search space and payloads: every check before any tensor loads.
         generate_models(study)
         self.study = study
-        self.plan: MergePlan = plan_merge(study_recipe(study, study.params), source=str(study.path))
-        self.space: SearchSpace = build_space(study, self.plan.arch, self.plan.method)
-        self.jobs = [
-            StudyJob(i, job) for i, path in enumerate(study.payloads) for job in load_payload(path).jobs()
-        ]
-        self.validation_jobs = [
-            StudyJob(i, job)
-            for i, path in enumerate(study.validation_payloads)
-            for job in load_payload(path).jobs()
-        ]
-        # 2. The live engine and the pipeline around its modules.
-        self.device = resolve_device(device or study.render.device)
-        self.dtype = resolve_dtype(study.render.dtype, self.device)
-        source_dtype = (
-            None
-            if study.render.source_dtype == "same"
-            else resolve_dtype(study.render.source_dtype, self.device)
-        )
-        # The export's metadata names each source's sha256: hash them while the study runs.
-        warm_hash_cache(dict.fromkeys(m.path for m in self.plan.sources.values() if m.path.is_file()))
-        self.engine = LiveEngine(
-            self.plan,
-            EngineOptions(
-                device=str(self.device),
-                dtype=self.dtype,
-                source_dtype=source_dtype,
-                offload=study.render.offload,
-            ),
-        )
-        self.renderer = self._renderer(self.engine)
-        # 3. The reward (a reference target is rendered once, here).
-        self.reward = self._reward()
+        self.plan = open_study_plan(study)
+        try:
+            self.space: SearchSpace = build_space(study, self.plan.arch, self.plan.method)
+            self.jobs = study_jobs(study.payloads)
+            self.validation_jobs = study_jobs(study.validation_payloads)
+            # 2. The export's metadata names each source's sha256: hash them while the study runs.
+            warm_hash_cache(dict.fromkeys(m.path for m in self.plan.sources.values() if m.path.is_file()))
+            # 3. The render session: sources on the device, the pipeline around the live weights.
+            self.config = (
+                study.render if device is None else study.render.model_copy(update={"device": device})
+            )
+            self.session = RenderSession(self.plan, self.config)
+            self.device = self.session.device
+            # 4. The reward (a reference target is rendered once, here).
+            self.reward = self._reward()
+        except BaseException:
+            self.plan.close()
+            raise
 
-    def params_for(self, values: Mapping[str, float]) -> BlockParams:
-        raw = self.space.raw_params(values)
-        return resolve_params(
-            self.plan.method, raw, blocks=self.plan.arch.blocks, source=str(self.study.path)
-        )
-
-    def _renderer(self, engine: LiveEngine):  # noqa: ANN202 - diffusers types stay inside render/
-        from automerge.render.pipeline import build_pipeline, pipeline_modules
-        from automerge.render.renderer import Renderer
-
-        modules = engine.modules
-        live = pipeline_modules(
-            modules, family=self.plan.arch.name, prediction_type=self.plan.arch.prediction_type
-        )
-        pipeline = build_pipeline(
-            live,
-            tokenizer_dir=self.study.render.tokenizer_dir,
-            device=self.device,
-            dtype=self.dtype,
-            compile_unet=self.study.render.compile,
-        )
-        return Renderer(
-            pipeline, batch_size=self.study.render.batch_size, device=self.device, dtype=self.dtype
-        )
-
-    def _reward(self):  # noqa: ANN202
-        from automerge.rewards import ReferenceReward, Reward, load_reward
-
+    def _reward(self) -> Reward | CompositeReward:
         reward = self.study.reward
         if isinstance(reward, Path):
             return load_reward(reward, device=str(self.device))
         assert isinstance(reward, InlineReward)
         reference = reward.reference
         if reference.folder is not None:
-            model = ReferenceReward(metric=reference.metric, directory=reference.folder)
-        elif reference.target is not None:
+            return Reward(ReferenceReward(metric=reference.metric, directory=reference.folder))
+        if reference.target is not None:
             params = resolve_params(
                 self.plan.method,
                 reference.target.params,
                 blocks=self.plan.arch.blocks,
                 source=str(self.study.path),
             )
-            model = ReferenceReward.from_images(
-                self.render_images(params, self.jobs), metric=reference.metric
-            )
+            images = self.render_images(params, self.jobs)
         else:
             assert reference.checkpoint is not None
-            model = ReferenceReward.from_images(
-                self._render_checkpoint(reference.checkpoint), metric=reference.metric
-            )
-        return Reward(model)
+            images = self._render_checkpoint(reference.checkpoint)
+        return Reward(ReferenceReward.from_images(images, metric=reference.metric))
 
     def _render_checkpoint(self, checkpoint: Path) -> dict[str, Image.Image]:
-        """Reference images rendered once from another checkpoint, with its own short-lived engine."""
-        data = {
-            "models": {"a": str(checkpoint), "b": str(checkpoint)},
-            "method": "weighted_sum",
-            "params": {"alpha": 0.0},
-        }
-        plan = plan_merge(recipe_from_data(data, source=str(checkpoint)), source=str(checkpoint))
+        """Reference images rendered once from another checkpoint, with its own short-lived session."""
+        plan = plan_checkpoint(checkpoint)
         try:
             if plan.arch.name != self.plan.arch.name:
                 raise StudyError(
                     f"{self.study.path}: reward.reference.checkpoint {checkpoint} is {plan.arch.name}, "
                     f"the study's models are {self.plan.arch.name}"
                 )
-            engine = LiveEngine(plan, EngineOptions(device=str(self.device), dtype=self.dtype))
-            engine.apply(plan.params)
-            rendered = self._renderer(engine).render([job.job for job in self.jobs])
+            session = RenderSession(plan, self.config)
+            session.apply()
+            rendered = session.render([job.job for job in self.jobs])
             return {job.key: image.image for job, image in zip(self.jobs, rendered, strict=True)}
         finally:
             plan.close()
@@ -193,16 +146,18 @@ class StudyRuntime:
     # -- trials ------------------------------------------------------------------------------------
 
     def render_images(self, params: BlockParams, jobs: Sequence[StudyJob]) -> dict[str, Image.Image]:
-        self.engine.apply(params)
-        rendered = self.renderer.render([job.job for job in jobs])
+        self.session.apply(params)
+        rendered = self.session.render([job.job for job in jobs])
         return {job.key: image.image for job, image in zip(jobs, rendered, strict=True)}
 
-    def evaluate(self, params: BlockParams, jobs: Sequence[StudyJob], *, report=None) -> Evaluation:  # noqa: ANN001
+    def evaluate(
+        self, params: BlockParams, jobs: Sequence[StudyJob], *, report: Report | None = None
+    ) -> Evaluation:
         """Merge in place, render and score ``jobs`` payload by payload; ``report(step, value)`` after
         each payload may raise to prune. Value = Σ weight·score / Σ weight over every image."""
         timings = {"merge": 0.0, "render": 0.0, "score": 0.0}
         started = time.perf_counter()
-        self.engine.apply(params)
+        self.session.apply(params)
         timings["merge"] = time.perf_counter() - started
         images: dict[str, Image.Image] = {}
         weighted, total_weight, payload_scores = 0.0, 0.0, []
@@ -210,7 +165,7 @@ class StudyRuntime:
         for payload in sorted({job.payload for job in jobs}):
             group = [job for job in jobs if job.payload == payload]
             started = time.perf_counter()
-            rendered = self.renderer.render([job.job for job in group])
+            rendered = self.session.render([job.job for job in group])
             timings["render"] += time.perf_counter() - started
             started = time.perf_counter()
             result = self.reward.score(
@@ -233,19 +188,7 @@ class StudyRuntime:
         if not math.isfinite(value):
             raise StudyError(f"the trial score is {value} (a reward returned a non-finite value)")
         reward_scores = {name: sum(values) / len(values) for name, values in raw.items()}
-        return Evaluation(value, payload_scores, reward_scores, images, timings, raw)
+        return Evaluation(value, payload_scores, reward_scores, images, timings)
 
     def close(self) -> None:
         self.plan.close()
-
-
-def study_recipe(study: StudyFile, params: Mapping) -> object:
-    """A merge recipe of the study's models and method with ``params`` (a full per-block map)."""
-    data = {
-        "models": {name: str(path) for name, path in study.models.items()},
-        "method": study.method,
-        "params": as_plain(dict(params)),
-        "seed": study.seed,
-        "dtype": study.export.dtype,
-    }
-    return recipe_from_data(data, source=str(study.path), base_dir=None)

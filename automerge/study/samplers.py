@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import optuna
 
 from automerge.registry import Registry
-from automerge.study.config import SamplerConfig
 
-SamplerFactory = Callable[[SamplerConfig, int], optuna.samplers.BaseSampler]
+if TYPE_CHECKING:
+    from automerge.study.config import SamplerConfig
+
+SamplerFactory = Callable[["SamplerConfig", int], optuna.samplers.BaseSampler]
 SAMPLERS: Registry[SamplerFactory] = Registry("sampler")
 
 

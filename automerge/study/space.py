@@ -1,8 +1,11 @@
-"""The search space: which method parameters Optuna proposes, per block or per group of blocks.
+"""The search space: which method parameters Optuna proposes, per block or per group of blocks, and
+how a proposal becomes the ``BlockParams`` the engine merges.
 
-A dimension is named ``param.BLOCK`` (e.g. ``alpha.IN04``) or ``param.GROUP`` (``alpha.IN_deep``);
-its value applies to every block of the group. Blocks outside the search keep the study's fixed
-``params`` (or the method's default).
+A dimension is named ``param.BLOCK`` (e.g. ``alpha.IN04``) or ``param.GROUP`` (``alpha.IN_deep``); its
+value applies to every block of the group. Blocks outside the search keep the study's fixed ``params``
+(or the method's default). Everything is checked once, when the space is built: parameter names,
+block names, ranges against the method's spec, and the fixed parameters (resolved into ``template``);
+a proposal then only overwrites the searched values of that template.
 """
 
 from __future__ import annotations
@@ -14,15 +17,15 @@ import optuna
 
 from automerge.arch import VAE_BLOCK, Architecture
 from automerge.errors import ConfigError
-from automerge.merge.methods import MergeMethod
+from automerge.merge import BlockParams, MergeMethod, resolve_params
 from automerge.registry import did_you_mean
 from automerge.study.config import SearchParam, StudyFile
-
-RawParams = dict[str, float | dict[str, float]]
 
 
 @dataclass(frozen=True)
 class Dimension:
+    """One value Optuna proposes: method parameter ``param`` for every block of ``blocks``."""
+
     name: str  # "alpha.IN04"
     param: str
     blocks: tuple[str, ...]
@@ -30,9 +33,6 @@ class Dimension:
     high: float
     step: float | None
     log: bool
-
-    def distribution(self) -> optuna.distributions.FloatDistribution:
-        return optuna.distributions.FloatDistribution(self.low, self.high, step=self.step, log=self.log)
 
     def snap(self, value: float) -> float:
         """``value`` on the dimension's grid (baselines at the midpoint of a stepped range)."""
@@ -51,7 +51,7 @@ class Baseline:
 @dataclass(frozen=True)
 class SearchSpace:
     dimensions: tuple[Dimension, ...]
-    fixed: Mapping[str, float | Mapping[str, float]]
+    template: BlockParams  # the fixed parameters; searched values are overwritten per proposal
     method: MergeMethod
 
     def suggest(self, trial: optuna.Trial) -> dict[str, float]:
@@ -60,17 +60,13 @@ class SearchSpace:
             for d in self.dimensions
         }
 
-    def raw_params(self, values: Mapping[str, float]) -> RawParams:
-        """Method parameters for ``resolve_params``: fixed values, searched blocks overriding them."""
-        raw: RawParams = {}
-        for name, value in self.fixed.items():
-            raw[name] = dict(value) if isinstance(value, Mapping) else {"default": float(value)}
+    def block_params(self, values: Mapping[str, float]) -> BlockParams:
+        """The parameters of a proposal (Optuna's values by dimension name, e.g. a trial's ``params``)."""
+        updates: dict[str, dict[str, float]] = {}
         for dimension in self.dimensions:
-            target = raw.setdefault(dimension.param, {})
-            assert isinstance(target, dict)
-            for block in dimension.blocks:
-                target[block] = float(values[dimension.name])
-        return raw
+            value = float(values[dimension.name])
+            updates.setdefault(dimension.param, {}).update(dict.fromkeys(dimension.blocks, value))
+        return self.template.with_values(updates)
 
     def baselines(self) -> list[Baseline]:
         """Every dimension at its low end, high end and midpoint (pure A, pure B, uniform 0.5 for
@@ -81,11 +77,10 @@ class SearchSpace:
             ("mid", lambda d: d.snap((d.low + d.high) / 2)),
         )
         return [
-            Baseline(self._label(where, pick), {d.name: pick(d) for d in self.dimensions})
-            for where, pick in points
+            Baseline(self._label(where), {d.name: pick(d) for d in self.dimensions}) for where, pick in points
         ]
 
-    def _label(self, where: str, pick: object) -> str:
+    def _label(self, where: str) -> str:
         params = {d.param for d in self.dimensions}
         if self.method.name == "weighted_sum" and params == {"alpha"}:
             ends = {d.low for d in self.dimensions} | {d.high for d in self.dimensions}
@@ -96,7 +91,7 @@ class SearchSpace:
 
 
 def build_space(study: StudyFile, arch: Architecture, method: MergeMethod) -> SearchSpace:
-    """Dimensions for ``study.search`` on ``arch``; block names and parameters are checked here."""
+    """Dimensions for ``study.search`` on family ``arch`` and ``method``, every check done here."""
     source = str(study.path)
     taken = set(method.param_names())
     dimensions: list[Dimension] = []
@@ -108,7 +103,21 @@ def build_space(study: StudyFile, arch: Architecture, method: MergeMethod) -> Se
             )
         dimensions.extend(_dimensions(param, search, arch, source=source))
     _check_ranges(dimensions, method, source=source)
-    return SearchSpace(tuple(dimensions), study.params, method)
+    return SearchSpace(tuple(dimensions), _template(study, arch, method, dimensions), method)
+
+
+def _template(
+    study: StudyFile, arch: Architecture, method: MergeMethod, dimensions: Sequence[Dimension]
+) -> BlockParams:
+    """The study's fixed ``params`` with every searched block named (at its low end, a valid value), so
+    the merged blocks — the VAE only when a map names it — are those of every proposal."""
+    raw = {
+        name: dict(value) if isinstance(value, dict) else {"default": value}
+        for name, value in study.params.items()
+    }
+    for dimension in dimensions:
+        raw.setdefault(dimension.param, {}).update(dict.fromkeys(dimension.blocks, dimension.low))
+    return resolve_params(method, raw, blocks=arch.blocks, source=str(study.path))
 
 
 def _dimensions(param: str, search: SearchParam, arch: Architecture, *, source: str) -> list[Dimension]:

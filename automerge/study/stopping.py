@@ -1,8 +1,9 @@
-"""Early stopping that really stops: patience on the best value with a minimum improvement.
+"""When a study stops by itself: early stopping that really stops (patience on the best value with a
+minimum improvement), and a run of failing trials.
 
-Stateless: computed from the study's completed trials, so it survives resume and gives the same
-answer whoever asks. As an Optuna callback it calls ``study.stop()``. (Optuna's Terminator is
-deprecated since 4.9 and is not used.)
+Early stopping is stateless: computed from the study's completed trials, so it survives resume and
+gives the same answer whoever asks. Both are Optuna callbacks that call ``study.stop()``. (Optuna's
+Terminator is deprecated since 4.9 and is not used.)
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from automerge.study import records
+
 
 @dataclass(frozen=True)
 class StopDecision:
     stop: bool
     best_trial: int | None
-    since_best: int  # completed trials since the last improvement by more than min_delta
     reason: str
 
 
@@ -40,7 +42,7 @@ def early_stop_decision(trials: list[FrozenTrial], *, patience: int, min_delta: 
         if stop
         else ""
     )
-    return StopDecision(stop, best_trial, since, reason)
+    return StopDecision(stop, best_trial, reason)
 
 
 class EarlyStopping:
@@ -60,5 +62,22 @@ class EarlyStopping:
         decision = self.decide(study)
         if decision.stop:
             self.reason = decision.reason
-            study.set_user_attr("automerge.stopped", decision.reason)
+            study.set_user_attr(records.STOPPED, decision.reason)
+            study.stop()
+
+
+class ConsecutiveFailures:
+    """Stops a study whose trials keep failing (a broken reward, an out-of-memory GPU) instead of
+    spinning forever: failed trials do not count towards the budget."""
+
+    def __init__(self, *, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.reason = ""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.count = self.count + 1 if trial.state == TrialState.FAIL else 0
+        if self.count >= self.limit:
+            last = trial.user_attrs.get(records.FAIL_REASON, "unknown")
+            self.reason = f"stopped: {self.count} trials in a row failed; the last because {last}"
             study.stop()

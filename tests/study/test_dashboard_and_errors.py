@@ -14,8 +14,7 @@ import pytest
 from cli_helpers import run_cli
 from rich.console import Console
 
-from automerge.study.config import load_study_file
-from automerge.study.runner import run_study
+from automerge.study import load_study_file, run_study
 
 
 def _free_port() -> int:

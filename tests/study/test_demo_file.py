@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from automerge.arch import ARCHITECTURES
-from automerge.merge.methods import METHODS
-from automerge.study.config import load_study_file
+from automerge.merge import METHODS
+from automerge.study import load_study_file
 from automerge.study.space import build_space
 
 STUDIES = Path(__file__).parents[2] / "studies"

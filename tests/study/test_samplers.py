@@ -21,3 +21,12 @@ def test_every_sampler_builds_without_experimental_warnings(name: str) -> None:
     assert [
         str(w.message) for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)
     ] == []
+
+
+def test_a_misspelled_sampler_names_the_registered_ones() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(
+        ValidationError, match=r"unknown sampler 'tpee' \(did you mean 'tpe'\?\); known: cmaes, gp"
+    ):
+        SamplerConfig(name="tpee")

@@ -9,10 +9,8 @@ import optuna
 from rich.console import Console
 from safetensors import safe_open
 
-from automerge.merge.recipe import load_recipe, plan_merge
-from automerge.study.config import default_storage, load_study_file
-from automerge.study.runner import run_study
-from automerge.study.runtime import StudyRuntime
+from automerge.merge import load_recipe, plan_merge
+from automerge.study import StudyRuntime, default_storage, load_study_file, run_study
 
 QUIET = Console(quiet=True)
 

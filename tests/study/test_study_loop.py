@@ -9,9 +9,7 @@ import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
-from automerge.study.config import default_storage, load_study_file
-from automerge.study.runner import run_study
-from automerge.study.runtime import StudyRuntime
+from automerge.study import StudyRuntime, default_storage, load_study_file, run_study
 
 QUIET = Console(quiet=True)
 
@@ -151,33 +149,3 @@ def test_a_study_resumes_from_another_working_directory_and_after_its_project_mo
     monkeypatch.chdir(moved / "studies")
     summary = run_study(load_study_file(Path("study.yaml")), extra_trials=1, console=QUIET, export=False)
     assert summary.ran == 1 and summary.completed == 2
-
-
-def test_a_study_fingerprinted_by_0_1_0_still_resumes(
-    make_study, tmp_path: Path, tiny_models: dict[str, Path], monkeypatch
-) -> None:
-    """automerge 0.1.0 hashed the paths as resolved against the study path as typed
-    (``studies/../models/a.safetensors``); such a study resumes and gets the new fingerprint."""
-    import hashlib
-    import json
-
-    from automerge.config import load_yaml, parse_model
-    from automerge.study.config import StudyFile
-    from automerge.study.runner import FINGERPRINT_ATTR
-
-    project = _project(make_study, tmp_path, tiny_models)
-    monkeypatch.chdir(project)
-    typed = Path("studies/study.yaml")
-    run_study(load_study_file(typed), console=QUIET, export=False)
-    old = parse_model(StudyFile, load_yaml(typed), source=typed, base_dir=typed.parent)
-    fields = {"models", "method", "search", "params", "seed", "payloads", "reward", "generate"}
-    legacy = hashlib.sha256(
-        json.dumps(old.model_dump(mode="json", include=fields), sort_keys=True).encode()
-    ).hexdigest()
-    study_file = load_study_file(typed)
-    storage = optuna.load_study(study_name=study_file.name, storage=default_storage(study_file))
-    storage.set_user_attr(FINGERPRINT_ATTR, legacy)
-    summary = run_study(load_study_file(typed), extra_trials=1, console=QUIET, export=False)
-    assert summary.ran == 1
-    storage = optuna.load_study(study_name=study_file.name, storage=default_storage(study_file))
-    assert storage.user_attrs[FINGERPRINT_ATTR] == study_file.search_fingerprint() != legacy

@@ -1,0 +1,218 @@
+"""``automerge export``: a study's best (or a chosen) trial as ``recipe.yaml``, ``model.safetensors``
+and a self-contained ``report.html``; at the end of a run, or at any time, also while a study runs.
+
+The trial's parameters become a ``MergePlan`` through the search space (no re-parsed recipe), so the
+recipe, the checkpoint and its header describe the same merge; the report's data is gathered here and
+drawn by ``automerge.report``.
+"""
+
+from __future__ import annotations
+
+import base64
+import statistics
+from pathlib import Path
+
+import optuna
+import torch
+import yaml
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+
+from automerge.errors import StudyError
+from automerge.files import relative_path, writable_folder, write_text_atomic
+from automerge.merge import MergePlan, export_merge, resolve_params
+from automerge.report import ReportData, render_report
+from automerge.study import records
+from automerge.study.config import InlineReward, StudyFile, artifact_dir, export_dir
+from automerge.study.records import TrialRecord
+from automerge.study.runtime import StudyRuntime, open_study_plan
+from automerge.study.space import SearchSpace, build_space
+
+
+def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
+    """Trial ``number`` (it must be complete), or the best when ``number`` is None."""
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = records.best_trial(completed)
+    if best is None:
+        raise StudyError(f"study '{study.study_name}' has no completed trial to export yet")
+    if number is None:
+        return best
+    for trial in completed:
+        if trial.number == number:
+            return trial
+    raise StudyError(
+        f"study '{study.study_name}': trial {number} is not a completed trial; "
+        f"completed: {', '.join(str(t.number) for t in completed[:20])}"
+    )
+
+
+def export_study(
+    study_file: StudyFile,
+    *,
+    study: optuna.Study,
+    runtime: StudyRuntime | None = None,
+    trial_number: int | None = None,
+    out_dir: Path | None = None,
+    console: Console | None = None,
+) -> Path:
+    """Write recipe.yaml, model.safetensors and report.html for one trial; returns the folder.
+    ``runtime``: the running study's (its open sources are reused, validation payloads scored)."""
+    console = console or Console()
+    trial = choose_trial(study, trial_number)
+    fix = "pass another folder with -o DIR" if out_dir else "set export.dir in the study file, or pass -o DIR"
+    out = writable_folder(Path(out_dir or export_dir(study_file)), fix=fix)
+    plan = runtime.plan if runtime is not None else open_study_plan(study_file)
+    try:
+        space = runtime.space if runtime is not None else build_space(study_file, plan.arch, plan.method)
+        trial_plan = plan.with_params(space.block_params(trial.params))
+        # 1. The recipe, loadable by `automerge merge` from anywhere (paths relative to itself).
+        recipe = trial_plan.recipe().to_yaml_dict(model_path=lambda path: relative_path(path, out))
+        write_text_atomic(out / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+        # 2. The checkpoint, streamed from the sources (on the device the study merged on).
+        _export_checkpoint(trial_plan, out / "model.safetensors", study_file, study, trial, console)
+        # 3. The report.
+        data = report_data(study_file, study, trial, space, plan=plan, runtime=runtime)
+        write_text_atomic(out / "report.html", render_report(data))
+    finally:
+        if runtime is None:
+            plan.close()
+    console.print(f"exported trial {trial.number} (score {trial.value:.6g}) to {out}/")
+    return out
+
+
+def _export_checkpoint(
+    plan: MergePlan,
+    path: Path,
+    study_file: StudyFile,
+    study: optuna.Study,
+    trial: FrozenTrial,
+    console: Console,
+) -> None:
+    device = study.user_attrs.get(records.MERGE_DEVICE, "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"
+    metadata = {
+        "automerge.study": study_file.name,
+        "automerge.trial": str(trial.number),
+        "automerge.score": repr(trial.value),
+    }
+    with console.status(f"exporting trial {trial.number} to {path}"):
+        export_merge(
+            plan,
+            path,
+            device=device,
+            extra_metadata=metadata,
+            title=f"{study_file.name} trial {trial.number}",
+        )
+
+
+def report_data(
+    study_file: StudyFile,
+    study: optuna.Study,
+    exported: FrozenTrial,
+    space: SearchSpace,
+    *,
+    plan: MergePlan,
+    runtime: StudyRuntime | None,
+) -> ReportData:
+    """Everything report.html shows, from the study's trial records."""
+    trials = records.records(study)
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = TrialRecord.of(records.best_trial(study.get_trials(deepcopy=False)) or exported)
+    chosen = TrialRecord.of(exported)
+    baselines = [t for t in completed if t.baseline is not None]
+    columns = [(f"exported (trial {chosen.number})", chosen)] + [
+        (t.label, t) for t in baselines if t.number != chosen.number
+    ]
+    return ReportData(
+        title=study_file.name,
+        exported_number=chosen.number,
+        exported_value=float(exported.value),
+        best_number=best.number,
+        best_value=float(best.value or 0.0),
+        trial_count=len(trials),
+        completed_count=len(completed),
+        failed_count=sum(t.state == TrialState.FAIL for t in trials),
+        pruned_count=sum(t.state == TrialState.PRUNED for t in trials),
+        stop_reason=str(study.user_attrs.get(records.STOPPED, "")),
+        columns=[label for label, _ in columns],
+        grid=_image_grid(
+            [record for _, record in columns], FileSystemArtifactStore(str(artifact_dir(study_file)))
+        ),
+        curve=[(t.number, float(t.value)) for t in completed if t.value is not None],
+        weights=[(d.name, float(chosen.params[d.name]), d.low, d.high) for d in space.dimensions],
+        secret=_secret_weights(study_file, space, plan),
+        importances=_importances(study),
+        timings=_timing_medians(completed),
+        baselines=[(t.label, t.number, float(t.value or 0.0)) for t in baselines],
+        validation=_validation(
+            runtime,
+            space,
+            [(f"exported (trial {chosen.number})", chosen), *((t.label, t) for t in baselines)],
+        ),
+    )
+
+
+def _image_grid(columns: list[TrialRecord], store: FileSystemArtifactStore) -> dict[str, list[str | None]]:
+    """Image key → one data URI (or None) per column."""
+    grid: dict[str, list[str | None]] = {}
+    for column, record in enumerate(columns):
+        for key, artifact_id in record.images.items():
+            grid.setdefault(key, [None] * len(columns))[column] = _artifact_data_uri(store, artifact_id)
+    return grid
+
+
+def _artifact_data_uri(store: FileSystemArtifactStore, artifact_id: str) -> str | None:
+    """The stored PNG as a data URI; None (a gap in the grid, not a failed export) when it is gone."""
+    try:
+        with store.open_reader(artifact_id) as reader:
+            return "data:image/png;base64," + base64.b64encode(reader.read()).decode()
+    except (ArtifactNotFound, OSError):
+        return None
+
+
+def _secret_weights(study_file: StudyFile, space: SearchSpace, plan: MergePlan) -> dict[str, float] | None:
+    """For hidden-target studies (the demo): the target's value of each searched dimension (the mean
+    over the dimension's blocks)."""
+    reward = study_file.reward
+    if not isinstance(reward, InlineReward) or reward.reference.target is None:
+        return None
+    target = resolve_params(
+        plan.method, reward.reference.target.params, blocks=plan.arch.blocks, source=str(study_file.path)
+    )
+    return {
+        d.name: statistics.fmean(target.values[d.param][block] for block in d.blocks)
+        for d in space.dimensions
+        if all(target.merges(block) for block in d.blocks)
+    }
+
+
+def _importances(study: optuna.Study) -> dict[str, float]:
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 4:
+        return {}
+    try:
+        return dict(optuna.importance.get_param_importances(study))
+    except (RuntimeError, ValueError):
+        return {}
+
+
+def _timing_medians(trials: list[TrialRecord]) -> dict[str, float]:
+    stages: dict[str, list[float]] = {}
+    for trial in trials:
+        for stage, seconds in trial.timings.items():
+            stages.setdefault(stage, []).append(seconds)
+    return {stage: statistics.median(values) for stage, values in stages.items()}
+
+
+def _validation(
+    runtime: StudyRuntime | None, space: SearchSpace, rows: list[tuple[str, TrialRecord]]
+) -> list[tuple[str, float]]:
+    """Held-out payloads, scored once for each row's trial (needs the live runtime)."""
+    if runtime is None or not runtime.validation_jobs:
+        return []
+    return [
+        (label, runtime.evaluate(space.block_params(trial.params), runtime.validation_jobs).value)
+        for label, trial in rows
+    ]

@@ -1,0 +1,96 @@
+"""The per-trial sequence, as a numbered straight line: propose → merge in place → render → score →
+record. A failing trial becomes a FAIL trial with its reason, not a stopped study."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+from automerge.errors import AutomergeError
+from automerge.study import records
+from automerge.study.runtime import Evaluation, Report, StudyRuntime
+
+log = logging.getLogger("automerge.study")
+
+
+class TrialFailed(AutomergeError):
+    """A trial's merge, render or reward failed; the study marks it FAIL and goes on."""
+
+
+class Objective:
+    """Optuna's objective: one trial of a study, timed stage by stage."""
+
+    def __init__(
+        self,
+        runtime: StudyRuntime,
+        *,
+        store: FileSystemArtifactStore,
+        on_trial: Callable[[int, Evaluation], None],
+    ) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.on_trial = on_trial  # called with (trial number, evaluation) after each completed trial
+        self.last_finished = time.perf_counter()
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            # 1. Proposal: the gap since the last trial ended (Optuna's own work) plus the suggest calls,
+            #    where Optuna 5 computes multivariate proposals (GP, CMA-ES, multivariate TPE).
+            values = self.runtime.space.suggest(trial)
+            sampler_seconds = time.perf_counter() - self.last_finished
+            params = self.runtime.space.block_params(values)
+            # 2.–4. Merge in place, render and score payload by payload (the pruner may stop here).
+            evaluation = self.runtime.evaluate(params, self.runtime.jobs, report=_reporter(trial))
+            # 5. Bookkeeping: scores, timings and images for the dashboard and the report.
+            started = time.perf_counter()
+            records.write_evaluation(
+                trial,
+                payload_scores=evaluation.payload_scores,
+                reward_scores=evaluation.reward_scores,
+                images=self._upload_images(trial, evaluation),
+            )
+            evaluation.timings["bookkeeping"] = time.perf_counter() - started
+            evaluation.timings["sampler"] = sampler_seconds
+            records.write_timings(trial, evaluation.timings)
+            self.on_trial(trial.number, evaluation)
+            return evaluation.value
+        except optuna.TrialPruned:
+            records.write_pruned(trial)
+            raise
+        except KeyboardInterrupt:
+            records.write_failure(trial, records.INTERRUPTED)
+            raise
+        except Exception as error:  # merge/render/reward failures: record, mark FAIL, go on
+            reason = f"{type(error).__name__}: {error}"
+            records.write_failure(trial, reason)
+            log.warning("trial %d failed: %s", trial.number, reason)
+            raise TrialFailed(reason) from error
+        finally:
+            self.last_finished = time.perf_counter()
+
+    def _upload_images(self, trial: optuna.Trial, evaluation: Evaluation) -> dict[str, str]:
+        """Each image as an Optuna artifact of the trial (optuna-dashboard shows them); key → id."""
+        ids = {}
+        with tempfile.TemporaryDirectory() as folder:
+            for key, image in evaluation.images.items():
+                path = Path(folder) / f"{key}.png"
+                image.save(path, format="PNG", compress_level=1)
+                ids[key] = upload_artifact(
+                    artifact_store=self.store, file_path=str(path), study_or_trial=trial, mimetype="image/png"
+                )
+        return ids
+
+
+def _reporter(trial: optuna.Trial) -> Report:
+    def report(step: int, value: float) -> None:
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after payload {step}")
+
+    return report

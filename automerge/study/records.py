@@ -1,0 +1,121 @@
+"""What automerge stores on Optuna trials and studies, and reads back typed: the one owner of the
+attribute names.
+
+The objective writes a trial's scores, stage timings and image artifact ids (``write_evaluation``) or
+why it failed (``write_failure``); export, report, progress and the benchmarks read them back as a
+``TrialRecord``. Best-trial selection is here once (``best_trial``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+STAGES = ("sampler", "merge", "render", "score", "bookkeeping")
+"""The stages of a trial, in order; ``timings`` holds seconds per stage."""
+
+# Trial attributes (shown as user attributes in optuna-dashboard).
+TIMINGS = "timings"
+FAIL_REASON = "fail_reason"
+IMAGES = "images"
+BASELINE = "baseline"
+PAYLOAD_SCORES = "payload_scores"
+REWARD_SCORES = "reward_scores"
+PRUNED_AFTER_PAYLOADS = "pruned_after_payloads"
+
+# Study attributes.
+FINGERPRINT = "automerge.fingerprint"
+MERGE_DEVICE = "automerge.merge_device"
+STOPPED = "automerge.stopped"
+
+INTERRUPTED = "interrupted"
+"""The fail reason of a trial stopped by Ctrl-C or SIGTERM."""
+
+BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+"""Trials that count toward a study's ``trials`` budget."""
+
+_DIGITS = 6  # stored scores and timings are rounded to this many decimals
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as automerge reads it back."""
+
+    number: int
+    state: TrialState
+    value: float | None
+    params: Mapping[str, float]  # Optuna's values by dimension name ("alpha.IN04")
+    baseline: str | None = None  # "A", "B", "uniform 0.5", ... for the enqueued baselines
+    timings: Mapping[str, float] = field(default_factory=dict)  # seconds per stage
+    images: Mapping[str, str] = field(default_factory=dict)  # image key → artifact id
+    payload_scores: tuple[float, ...] = ()
+    reward_scores: Mapping[str, float] = field(default_factory=dict)  # mean raw score per reward
+    fail_reason: str | None = None
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> TrialRecord:
+        attrs = trial.user_attrs
+        return cls(
+            number=trial.number,
+            state=trial.state,
+            value=trial.value if trial.state == TrialState.COMPLETE else None,
+            params=MappingProxyType(dict(trial.params)),
+            baseline=attrs.get(BASELINE),
+            timings=MappingProxyType({k: float(v) for k, v in attrs.get(TIMINGS, {}).items()}),
+            images=MappingProxyType(dict(attrs.get(IMAGES, {}))),
+            payload_scores=tuple(float(v) for v in attrs.get(PAYLOAD_SCORES, ())),
+            reward_scores=MappingProxyType({k: float(v) for k, v in attrs.get(REWARD_SCORES, {}).items()}),
+            fail_reason=attrs.get(FAIL_REASON),
+        )
+
+    @property
+    def label(self) -> str:
+        """The baseline's name ("A", "uniform 0.5"), else ``trial N``."""
+        return self.baseline or f"trial {self.number}"
+
+
+def records(study: optuna.Study, *, states: Iterable[TrialState] | None = None) -> list[TrialRecord]:
+    """The study's trials (optionally of some states) as records, by number."""
+    wanted = tuple(states) if states is not None else None
+    return [TrialRecord.of(t) for t in study.get_trials(deepcopy=False, states=wanted)]
+
+
+def best_trial(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
+    """The completed trial with the highest value, the earliest on ties; None when none completed."""
+    completed = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    return max(completed, key=lambda t: (t.value, -t.number)) if completed else None
+
+
+def baseline_attrs(label: str) -> dict[str, str]:
+    """The attributes of an enqueued baseline trial."""
+    return {BASELINE: label}
+
+
+def write_evaluation(
+    trial: optuna.Trial,
+    *,
+    payload_scores: Iterable[float],
+    reward_scores: Mapping[str, float],
+    images: Mapping[str, str],
+) -> None:
+    """A completed evaluation's scores and image artifact ids."""
+    trial.set_user_attr(PAYLOAD_SCORES, [round(v, _DIGITS) for v in payload_scores])
+    trial.set_user_attr(REWARD_SCORES, {k: round(v, _DIGITS) for k, v in reward_scores.items()})
+    trial.set_user_attr(IMAGES, dict(images))
+
+
+def write_timings(trial: optuna.Trial, timings: Mapping[str, float]) -> None:
+    trial.set_user_attr(TIMINGS, {k: round(v, _DIGITS) for k, v in timings.items()})
+
+
+def write_failure(trial: optuna.Trial, reason: str) -> None:
+    """Why the trial failed (truncated to 2000 characters), or ``INTERRUPTED``."""
+    trial.set_user_attr(FAIL_REASON, reason[:2000])
+
+
+def write_pruned(trial: optuna.Trial) -> None:
+    trial.set_user_attr(PRUNED_AFTER_PAYLOADS, True)

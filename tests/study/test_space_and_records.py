@@ -1,0 +1,96 @@
+"""The search space maps Optuna's values straight to ``BlockParams`` through a template checked once;
+trial records are read back typed; the best trial is chosen in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from automerge.arch import ARCHITECTURES
+from automerge.errors import ConfigError
+from automerge.merge import METHODS, resolve_params
+from automerge.study import TrialRecord, best_trial, load_study_file, records
+from automerge.study.space import build_space
+
+SD1 = ARCHITECTURES.get("sd1")
+
+
+def _study(tmp_path: Path, tiny_models: dict[str, Path], **changes: object) -> Path:
+    payload = tmp_path / "payload.yaml"
+    payload.write_text(
+        yaml.safe_dump(
+            {"defaults": {"steps": 2, "width": 64, "height": 64, "seeds": [1]}, "items": [{"prompt": "x"}]}
+        )
+    )
+    reward = {"reference": {"metric": "mse", "folder": str(tmp_path)}}
+    data = {
+        "name": "s",
+        "models": {name: str(tiny_models[name]) for name in "abc"},
+        "method": "ties",
+        "search": {"density": {"groups": {"IN": ["IN00", "IN01"], "OUT": ["OUT11"]}}},
+        "params": {"alpha": {"default": 0.5, "M00": 0.9}},
+        "payloads": [str(payload)],
+        "reward": reward,
+        **changes,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_proposal_gives_the_parameters_the_recipe_form_would(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    study = load_study_file(_study(tmp_path, tiny_models))
+    method = METHODS.get("ties")
+    space = build_space(study, SD1, method)
+    got = space.block_params({"density.IN": 0.2, "density.OUT": 0.7})
+    raw = {"alpha": {"default": 0.5, "M00": 0.9}, "density": {"IN00": 0.2, "IN01": 0.2, "OUT11": 0.7}}
+    assert got == resolve_params(method, raw, blocks=SD1.blocks, source="t")
+    assert got.for_block("IN02") == {"alpha": 0.5, "density": 0.5}  # the method's default elsewhere
+    assert not got.merges("VAE")
+
+
+def test_a_searched_vae_is_merged_in_every_proposal(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    search = {"density": {"blocks": ["VAE", "BASE"]}}
+    space = build_space(
+        load_study_file(_study(tmp_path, tiny_models, search=search)), SD1, METHODS.get("ties")
+    )
+    params = space.block_params({"density.VAE": 0.3, "density.BASE": 0.4})
+    assert params.merges("VAE") and params.for_block("VAE")["density"] == 0.3
+
+
+def test_fixed_params_are_checked_once_when_the_space_is_built(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    study = load_study_file(_study(tmp_path, tiny_models, params={"alpha": {"IN99": 0.5}}))
+    with pytest.raises(ConfigError, match="names block 'IN99'"):
+        build_space(study, SD1, METHODS.get("ties"))
+
+
+def _trial(study: optuna.Study, value: float | None, **attrs: object) -> None:
+    trial = study.ask()
+    trial.suggest_float("alpha.BASE", 0.0, 1.0)
+    for key, item in attrs.items():
+        trial.set_user_attr(key, item)
+    if value is None:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    else:
+        study.tell(trial, value)
+
+
+def test_records_read_back_what_the_objective_wrote_and_ties_go_to_the_earliest() -> None:
+    study = optuna.create_study(direction="maximize")
+    _trial(study, 0.5, **records.baseline_attrs("A"))
+    _trial(study, None, **{records.FAIL_REASON: "RenderError: NaN"})
+    _trial(study, 0.9, **{records.TIMINGS: {"merge": 0.25}, records.IMAGES: {"p0-i00-s0001": "id"}})
+    _trial(study, 0.9)
+    first, failed, best, tied = [TrialRecord.of(t) for t in study.trials]
+    assert first.baseline == "A" and first.label == "A" and best.label == "trial 2"
+    assert failed.value is None and failed.fail_reason == "RenderError: NaN"
+    assert best.timings == {"merge": 0.25} and best.images == {"p0-i00-s0001": "id"}
+    assert best_trial(study.trials).number == 2
+    assert best_trial([]) is None
