@@ -44,10 +44,20 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             prefix = f"{where}: " if where else ""
-            raise ConfigError(
-                f"{prefix}unknown {self.what} '{name}'{did_you_mean(name, self._entries.keys())}; "
-                f"known: {', '.join(sorted(self._entries))}"
-            ) from None
+            raise ConfigError(prefix + self._unknown(name)) from None
+
+    def require(self, name: str) -> str:
+        """``name`` when it is registered, else a ``ValueError`` suggesting the closest name: for
+        pydantic validators, whose errors then name the file and the field."""
+        if name not in self._entries:
+            raise ValueError(self._unknown(name))
+        return name
+
+    def _unknown(self, name: str) -> str:
+        return (
+            f"unknown {self.what} '{name}'{did_you_mean(name, self._entries.keys())}; "
+            f"known: {', '.join(sorted(self._entries))}"
+        )
 
     def names(self) -> list[str]:
         return sorted(self._entries)

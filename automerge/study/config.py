@@ -21,7 +21,6 @@ from automerge.dtypes import DtypeName
 from automerge.errors import ConfigError, StudyError
 from automerge.files import relative_path
 from automerge.merge.recipe import check_model_letters
-from automerge.registry import did_you_mean
 from automerge.render.config import RenderConfig
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?")
@@ -73,12 +72,7 @@ class SamplerConfig(Schema):
     def _known_sampler(cls, name: str) -> str:
         from automerge.study.samplers import SAMPLERS  # the registry imports this module's types
 
-        if name not in SAMPLERS:
-            known = SAMPLERS.names()
-            raise ValueError(
-                f"unknown sampler '{name}'{did_you_mean(name, known)}; known: {', '.join(known)}"
-            )
-        return name
+        return SAMPLERS.require(name)
 
 
 class EarlyStoppingConfig(Schema):
@@ -102,12 +96,7 @@ class TinyModelSpec(Schema):
     @field_validator("tiny")
     @classmethod
     def _known_family(cls, family: str) -> str:
-        if family not in ARCHITECTURES:
-            known = ARCHITECTURES.names()
-            raise ValueError(
-                f"unknown family '{family}'{did_you_mean(family, known)}; known: {', '.join(known)}"
-            )
-        return family
+        return ARCHITECTURES.require(family)
 
 
 class ReferenceTarget(Schema):

@@ -15,35 +15,17 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.autoencoders.vae import Decoder
 from PIL import Image
-from tiny_modules import tiny_sd1_modules, tiny_sdxl_modules, tiny_vae
+from tiny_modules import job, tiny_sd1_modules, tiny_sdxl_modules, tiny_vae
 
 from automerge.arch import ARCHITECTURES
 from automerge.errors import ConfigError, RenderError
-from automerge.render.payload import RenderJob, job_key
+from automerge.render.payload import RenderJob
 from automerge.render.pipeline import PIPELINE_CLASSES, build_pipeline, clip_hidden_states
 from automerge.render.renderer import RenderedImage, Renderer, batches, decode_latents, save_png
 from automerge.render.schedulers import SCHEDULERS, SD_NOISE_SCHEDULE, make_scheduler
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 HERE = Path(__file__).resolve().parent
-
-
-def job(item: int, seed: int, **changes: object) -> RenderJob:
-    base = RenderJob(
-        key=job_key(item, seed),
-        item=item,
-        seed=seed,
-        prompt=["a lighthouse at dusk", "an old fisherman", "red apples"][item % 3],
-        negative_prompt="blurry" if item % 2 else "",
-        steps=3,
-        cfg=5.0,
-        width=64,
-        height=64,
-        scheduler="euler",
-        clip_skip=1,
-        weight=1.0,
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 MIXED_JOBS = [

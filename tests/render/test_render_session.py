@@ -8,25 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from tiny_modules import job
 
 from automerge.errors import ConfigError
 from automerge.merge import plan_checkpoint, plan_merge, recipe_from_data, resolve_params
-from automerge.render import RenderConfig, RenderJob, RenderSession
+from automerge.render import RenderConfig, RenderSession
 
-JOB = RenderJob(
-    key="i00-s0001",
-    item=0,
-    seed=1,
-    prompt="a red house",
-    negative_prompt="",
-    steps=2,
-    cfg=1.0,
-    width=64,
-    height=64,
-    scheduler="euler",
-    clip_skip=1,
-    weight=1.0,
-)
+JOB = job(0, 1, steps=2, cfg=1.0)
 CPU = RenderConfig(device="cpu")
 
 

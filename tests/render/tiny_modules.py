@@ -1,4 +1,5 @@
-"""Tiny, seeded diffusers / transformers modules of the real SD1 and SDXL architectures, for render tests.
+"""Tiny, seeded diffusers / transformers modules of the real SD1 and SDXL architectures, and render jobs
+for them, for render tests.
 
 The text encoders keep the real 49,408-token vocabulary so the real CLIP tokenizer's ids fit; the VAE
 keeps four levels (downscale factor 8) so latent shapes are the real ones (64 px → 8×8 latents).
@@ -6,12 +7,14 @@ keeps four levels (downscale factor 8) so latent shapes are the real ones (64 px
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from automerge.render.payload import RenderJob, job_key
 from automerge.render.pipeline import PipelineModules
 
 HIDDEN = 16
@@ -99,3 +102,22 @@ def tiny_sdxl_modules(seed: int = 0) -> PipelineModules:
             text_encoder_2=CLIPTextModelWithProjection(_text_config()),
             vae=tiny_vae(),
         )
+
+
+def job(item: int, seed: int, **changes: object) -> RenderJob:
+    """A 64-px, 3-step render job for ``item`` at ``seed``; ``changes`` override its fields."""
+    base = RenderJob(
+        key=job_key(item, seed),
+        item=item,
+        seed=seed,
+        prompt=["a lighthouse at dusk", "an old fisherman", "red apples"][item % 3],
+        negative_prompt="blurry" if item % 2 else "",
+        steps=3,
+        cfg=5.0,
+        width=64,
+        height=64,
+        scheduler="euler",
+        clip_skip=1,
+        weight=1.0,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
