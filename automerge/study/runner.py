@@ -126,72 +126,28 @@ def run_study(
     console = console or Console()
     # 1. Storage and resume checks, before any model is loaded.
     study = open_study(study_file)
-    stopping = (
-        EarlyStopping(
-            patience=study_file.early_stopping.patience, min_delta=study_file.early_stopping.min_delta
-        )
-        if study_file.early_stopping is not None and extra_trials is None
-        else None
-    )
-    remaining = extra_trials if extra_trials is not None else study_file.trials - finished_count(study)
-    already = stopping.decide(study) if stopping is not None else None
-    if already is not None and already.stop:
-        remaining = 0
-        console.print(f"[yellow]{already.reason}[/]; run with --trials N to run N more anyway")
-    elif remaining <= 0:
-        console.print(
-            f"the study's budget of {study_file.trials} trials is reached; use --trials N to run more"
-        )
-    # The folders the run writes to, before hours of trials that could not be saved at the end.
-    store_dir = writable_folder(
-        artifact_dir(study_file), fix="check the permissions of the study file's folder"
+    stopping = _early_stopping(study_file) if extra_trials is None else None
+    remaining = _remaining_trials(study, study_file, extra_trials, stopping, console)
+    # 2. The folders the run writes to, before hours of trials that could not be saved at the end.
+    store = FileSystemArtifactStore(
+        str(writable_folder(artifact_dir(study_file), fix="check the permissions of the study file's folder"))
     )
     if export:
         writable_folder(export_dir(study_file), fix="set export.dir in the study file")
-    # 2. Resident runtime: sources on the device, pipeline, reward.
     summary = RunSummary(study_file.name, 0, finished_count(study), None, None, "")
-    interrupted = False
     runtime: StudyRuntime | None = None
     try:
+        # 3. The resident runtime (sources on the device, pipeline, reward), then the trials.
         if remaining > 0:
             runtime = StudyRuntime(study_file, device=device)
             study.set_user_attr(records.MERGE_DEVICE, str(runtime.device))
             if study_file.baselines:
                 enqueue_baselines(study, runtime)
-            progress = TrialProgress(console, total=remaining, start_best=_best_value(study))
-            objective = Objective(
-                runtime, store=FileSystemArtifactStore(str(store_dir)), on_trial=progress.update
-            )
-            failures = ConsecutiveFailures(limit=MAX_CONSECUTIVE_FAILURES)
-            callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [progress.callback, failures]
-            if extra_trials is None:
-                callbacks.append(
-                    optuna.study.MaxTrialsCallback(study_file.trials, states=records.BUDGET_STATES)
-                )
-            if stopping is not None:
-                callbacks.append(stopping)
-            with sigterm_as_interrupt(), progress:
-                try:
-                    study.optimize(
-                        objective,
-                        n_trials=extra_trials,  # None: until the budget callback stops the study
-                        timeout=timeout if timeout is not None else study_file.timeout_seconds,
-                        callbacks=callbacks,
-                        catch=(TrialFailed,),
-                        gc_after_trial=False,
-                    )
-                except KeyboardInterrupt:
-                    interrupted = True
-                    console.print(
-                        "[yellow]interrupted: the running trial is marked failed; the study is saved[/]"
-                    )
-            summary.ran = progress.ran
-            summary.timings = progress.timings
-            summary.stop_reason = failures.reason or (stopping.reason if stopping is not None else "")
-        # 3. Export the best trial so far (also after an interruption).
+            timeout = timeout if timeout is not None else study_file.timeout_seconds
+            _optimize(study, runtime, summary, store, remaining, extra_trials, timeout, stopping, console)
+        # 4. Export the best trial so far (also after an interruption).
         best = records.best_trial(study.get_trials(deepcopy=False))
         summary.completed = finished_count(study)
-        summary.interrupted = interrupted
         if best is not None:
             summary.best_trial, summary.best_value = best.number, best.value
             if export:
@@ -202,6 +158,71 @@ def run_study(
     if summary.stop_reason:
         console.print(f"[green]{summary.stop_reason}[/]")
     return summary
+
+
+def _early_stopping(study_file: StudyFile) -> EarlyStopping | None:
+    config = study_file.early_stopping
+    return None if config is None else EarlyStopping(patience=config.patience, min_delta=config.min_delta)
+
+
+def _remaining_trials(
+    study: optuna.Study,
+    study_file: StudyFile,
+    extra_trials: int | None,
+    stopping: EarlyStopping | None,
+    console: Console,
+) -> int:
+    """Trials to run now: ``extra_trials``, else what is left of the budget (0 once stopped early)."""
+    if extra_trials is not None:
+        return extra_trials
+    decision = stopping.decide(study) if stopping is not None else None
+    if decision is not None and decision.stop:
+        console.print(f"[yellow]{decision.reason}[/]; run with --trials N to run N more anyway")
+        return 0
+    remaining = study_file.trials - finished_count(study)
+    if remaining <= 0:
+        console.print(
+            f"the study's budget of {study_file.trials} trials is reached; use --trials N to run more"
+        )
+    return remaining
+
+
+def _optimize(
+    study: optuna.Study,
+    runtime: StudyRuntime,
+    summary: RunSummary,
+    store: FileSystemArtifactStore,
+    remaining: int,
+    extra_trials: int | None,
+    timeout: float | None,
+    stopping: EarlyStopping | None,
+    console: Console,
+) -> None:
+    """Optuna's loop with the progress display and the stopping callbacks; fills ``summary``."""
+    progress = TrialProgress(console, total=remaining, start_best=_best_value(study))
+    failures = ConsecutiveFailures(limit=MAX_CONSECUTIVE_FAILURES)
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [progress.callback, failures]
+    if extra_trials is None:  # None: run until the budget callback stops the study
+        callbacks.append(optuna.study.MaxTrialsCallback(runtime.study.trials, states=records.BUDGET_STATES))
+    if stopping is not None:
+        callbacks.append(stopping)
+    objective = Objective(runtime, store=store, on_trial=progress.update)
+    with sigterm_as_interrupt(), progress:
+        try:
+            study.optimize(
+                objective,
+                n_trials=extra_trials,
+                timeout=timeout,
+                callbacks=callbacks,
+                catch=(TrialFailed,),
+                gc_after_trial=False,
+            )
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            console.print("[yellow]interrupted: the running trial is marked failed; the study is saved[/]")
+    summary.ran = progress.ran
+    summary.timings = progress.timings
+    summary.stop_reason = failures.reason or (stopping.reason if stopping is not None else "")
 
 
 def _best_value(study: optuna.Study) -> float | None:
