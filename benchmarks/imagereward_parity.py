@@ -1,10 +1,11 @@
 """ImageReward parity: this port (transformers 5 BLIP classes) against the reference package.
 
-Builds one random ImageReward checkpoint in the official layout (full ViT-L/16 vision tower, as the
-reference hard-codes it; a 2-layer BERT text encoder of width 768, as the reference's 768-wide head
-needs), scores the same PNGs and prompts with the reference ``image-reward`` package (run in its own
-virtual environment under transformers 4.55) and with ``automerge.rewards``, and prints the largest
-absolute difference. Without ``--reference-venv`` it prints how to create that environment.
+Builds one random ImageReward checkpoint in the official layout with
+``automerge.testing.write_random_imagereward`` (full ViT-L/16 vision tower, as the reference
+hard-codes it; a 2-layer BERT text encoder of width 768, as the reference's 768-wide head needs),
+scores the same PNGs and prompts with the reference ``image-reward`` package (run in its own virtual
+environment under transformers 4.55) and with ``automerge.rewards``, and prints the largest absolute
+difference. Without ``--reference-venv`` it prints how to create that environment.
 
     python benchmarks/imagereward_parity.py --reference-venv /tmp/imagereward-ref
 """
@@ -54,30 +55,11 @@ PROMPTS = ["a photo of a cat", "a red house in the tree", "the blue dog on a hou
 
 def _write_inputs(folder: Path, *, seed: int) -> dict[str, object]:
     """Checkpoint, med_config, vocab, manifest and PNGs of differing sizes; returns the child's args."""
-    import torch
+    from automerge.testing import BertSizes, tiny_image, write_random_imagereward
 
-    from automerge.rewards.imagereward import BlipVisionSizes, ImageRewardNet, read_med_config
-    from automerge.testing.tiny_rewards import (
-        official_imagereward_checkpoint,
-        tiny_image,
-        tiny_med_config,
-        write_bert_vocab,
-    )
-
-    vocab = write_bert_vocab(folder / "vocab.txt")
-    med = folder / "med_config.json"
-    med.write_text(json.dumps(tiny_med_config(vocab_size=21, hidden_size=768, layers=2)), encoding="utf-8")
-    vision = BlipVisionSizes()  # the official ViT-L/16 at 224 px
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = ImageRewardNet(
-            vision.config(), read_med_config(med).config(encoder_hidden_size=vision.hidden_size)
-        )
-    torch.save(official_imagereward_checkpoint(net, seed=seed), folder / "ImageReward.pt")
-    (folder / "imagereward.yaml").write_text(
-        "reward: imagereward\nweights: {model: ImageReward.pt, med_config: med_config.json, vocab: vocab.txt}\n",
-        encoding="utf-8",
-    )
+    # The official ViT-L/16 at 224 px (the default); a 2-layer BERT of width 768, the tiny vocabulary.
+    text = BertSizes(hidden_size=768, layers=2, heads=4, intermediate_size=1536, max_positions=40)
+    write_random_imagereward(folder, text=text, seed=seed)
     images = []
     for index, size in enumerate([(256, 256), (300, 227), (227, 400)]):
         path = folder / f"image{index}.png"
@@ -85,8 +67,8 @@ def _write_inputs(folder: Path, *, seed: int) -> dict[str, object]:
         images.append(str(path))
     return {
         "checkpoint": str(folder / "ImageReward.pt"),
-        "med_config": str(med),
-        "vocab": str(vocab),
+        "med_config": str(folder / "med_config.json"),
+        "vocab": str(folder / "vocab.txt"),
         "images": images,
         "prompts": PROMPTS,
     }

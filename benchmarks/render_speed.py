@@ -1,19 +1,21 @@
 """Render and score speed (issue 4): images/s batched against one by one, and the reward models' images/s.
 
-For each family (SD1, SDXL) the pipeline is built the way ``automerge render`` builds it
-(``automerge/commands.py``: checkpoint → pure-A ``LiveEngine`` → ``build_pipeline`` → ``Renderer``):
+For each family (SD1, SDXL) the pipeline is built the way ``automerge render`` builds it:
 
-- ``--size tiny``: a tiny checkpoint from ``write_tiny`` (real key layout, tiny widths), at 64² px;
+- ``--size tiny``: a tiny checkpoint from ``write_tiny`` (real key layout, tiny widths) as "pure A"
+  (``plan_checkpoint``) in a ``RenderSession`` (live engine → modules → pipeline), at 64² px;
 - ``--size real``: the standard configs of ``automerge.arch`` families with random weights
-  (``build_modules(arch.configs)``), SD1 at 512², SDXL at 1024² — only sensible on a GPU.
+  (``build_modules(arch.configs)`` → ``pipeline_modules`` → ``build_pipeline``), SD1 at 512², SDXL at
+  1024² — only sensible on a GPU.
 
 The same jobs (``--images`` seeds of one prompt set, equal settings) are rendered one by one
 (``batch_size`` 1) and batched (``--batch-size``, default 4), alternately, after a warm-up of each;
 images/s = images / wall time of ``Renderer.render`` (PIL images returned, so the device is synced).
 Then each reward model scores ``--images`` images: the tiny random models of
-``automerge.testing.tiny_rewards`` (``--size tiny``), or an ImageReward with the official real sizes and
-random weights (``--size real``: ViT-L/16 + 12-layer BERT-base with cross-attention), on images of
-the render size. Medians of ``--reps`` repetitions. Prints a table, writes JSON (atomically)::
+``automerge.testing`` (``--size tiny``), or an ImageReward with the official real sizes and random
+weights (``--size real``: ViT-L/16 + 12-layer BERT-base with cross-attention,
+``automerge.testing.write_random_imagereward``), on images of the render size. Medians of ``--reps``
+repetitions. Prints a table, writes JSON (atomically)::
 
     python benchmarks/render_speed.py                                  # tiny, CPU, a few minutes
     python benchmarks/render_speed.py --device cuda --size real        # the GPU targets
@@ -25,30 +27,36 @@ the SDXL render time per image. Not a test: timings are never asserted anywhere.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
+import dataclasses
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import write_json  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import (
+    RESULTS,
+    Timing,
+    load_average,
+    machine_info,
+    print_table,
+    quiet_libraries,
+    release,
+    seconds,
+    write_json,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_JSON = ROOT / "benchmarks" / "results" / "render_speed.json"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from automerge.dtypes import STORAGE_NAMES, TORCH_DTYPES
+
+DEFAULT_JSON = RESULTS / "render_speed.json"
 PROMPTS = ("a lighthouse on a cliff at dusk, oil painting", "portrait of an old fisherman, photo")
 TARGET_BATCH_SPEEDUP = 1.3
 TARGET_IMAGEREWARD_SHARE = 0.10
+COLUMNS = ("what", "images/s (median)", "s/image", "ratio", "target / notes")
 
 
 @dataclass(frozen=True)
@@ -85,85 +93,51 @@ class Settings:
         return self.px or SIZES[self.size].px[family]
 
 
-@dataclass(frozen=True)
-class Timing:
-    runs_s: tuple[float, ...]
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.runs_s)
-
-
-def timed(fn: Callable[[], object], *, device: str) -> float:
-    """Wall seconds of ``fn()``, the device synchronised before and after."""
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 # -- pipelines ------------------------------------------------------------------------------------
 
 
-def tiny_modules(family: str, folder: Path, *, device: str, dtype: torch.dtype) -> Any:
-    """``PipelineModules`` of a tiny checkpoint, merged as "pure A" like ``automerge render`` does."""
-    from automerge.merge.engine import EngineOptions, LiveEngine
-    from automerge.merge.recipe import plan_merge, recipe_from_data
-    from automerge.render.pipeline import pipeline_modules
-    from automerge.testing.tiny import write_tiny
+def tiny_pipeline(family: str, folder: Path, *, device: str, dtype: str) -> Any:
+    """The pipeline of a tiny checkpoint, merged as "pure A" like ``automerge render`` does (its
+    modules view the session's live weights, which they keep alive)."""
+    from automerge.merge import plan_checkpoint
+    from automerge.render import RenderConfig, RenderSession
+    from automerge.tiny import write_tiny
 
-    path = write_tiny(family, folder / f"tiny-{family}.safetensors", seed=0)
-    data = {"models": {"a": str(path), "b": str(path)}, "method": "weighted_sum", "params": {"alpha": 0.0}}
-    plan = plan_merge(recipe_from_data(data, source=str(path)), source=str(path))
+    plan = plan_checkpoint(write_tiny(family, folder / f"tiny-{family}.safetensors", seed=0))
     try:
-        engine = LiveEngine(plan, EngineOptions(device=device, dtype=dtype))
-        engine.apply(plan.params)
+        session = RenderSession(plan, RenderConfig(device=device, dtype=dtype))
+        session.apply()
     finally:
         plan.close()  # the engine holds its own copies of the sources
-    return pipeline_modules(engine.modules, family=plan.arch.name, prediction_type=plan.arch.prediction_type)
+    return session.pipeline
 
 
-def real_modules(family: str, *, seed: int = 0) -> Any:
-    """``PipelineModules`` at the family's standard (real) configs, default random init, on the CPU
-    in fp32 (``build_pipeline`` moves and casts them)."""
+def real_pipeline(family: str, *, device: str, dtype: str, seed: int = 0) -> Any:
+    """The pipeline of the family's standard (real) configs, default random init (seeded) on the CPU
+    in fp32, then moved and cast by ``build_pipeline``."""
     from automerge.arch import ARCHITECTURES
-    from automerge.render.modules import build_modules
-    from automerge.render.pipeline import pipeline_modules
+    from automerge.render import build_modules, build_pipeline, pipeline_modules
 
     arch = ARCHITECTURES.get(family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         modules = build_modules(arch.configs)
-    return pipeline_modules(modules, family=family, prediction_type=arch.prediction_type)
+    live = pipeline_modules(modules, family=family, prediction_type=arch.prediction_type)
+    return build_pipeline(live, device=device, dtype=TORCH_DTYPES[dtype])
 
 
 def make_jobs(count: int, *, side: int, steps: int) -> list[Any]:
-    """``count`` jobs of equal settings (one batch group), seeds 0 … count−1, prompts alternating."""
-    from automerge.render.payload import RenderJob, job_key
+    """``count`` jobs of equal settings (one batch group), seeds 0 … count−1, prompts alternating; keys
+    as a payload's item 0 would name them."""
+    from automerge.render import RenderJob
 
     return [
         RenderJob(
-            key=job_key(0, seed),
-            item=0,
-            seed=seed,
-            prompt=PROMPTS[seed % len(PROMPTS)],
-            negative_prompt="",
-            steps=steps,
-            cfg=7.0,
-            width=side,
-            height=side,
-            scheduler="euler",
-            clip_skip=1,
-            weight=1.0 / count,
+            key=f"i00-s{seed:04d}", item=0, seed=seed, prompt=PROMPTS[seed % len(PROMPTS)], negative_prompt="",
+            steps=steps, cfg=7.0, width=side, height=side, scheduler="euler", clip_skip=1, weight=1.0 / count,
         )
         for seed in range(count)
-    ]
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -193,20 +167,18 @@ class RenderResult:
 
 def measure_render(family: str, settings: Settings, folder: Path) -> RenderResult:
     """Build the pipeline, warm up both batch sizes, then time them alternately."""
-    from automerge.render.pipeline import build_pipeline
-    from automerge.render.renderer import Renderer
+    from automerge.render import Renderer
 
-    dtype = DTYPES[settings.dtype]
+    device, dtype = settings.device, settings.dtype
     started = time.perf_counter()
     if settings.size == "tiny":
-        modules = tiny_modules(family, folder, device=settings.device, dtype=dtype)
+        pipeline = tiny_pipeline(family, folder, device=device, dtype=dtype)
     else:
-        modules = real_modules(family)
-    pipeline = build_pipeline(modules, device=settings.device, dtype=dtype)
+        pipeline = real_pipeline(family, device=device, dtype=dtype)
     build_s = time.perf_counter() - started
     jobs = make_jobs(settings.images, side=settings.side(family), steps=settings.steps)
     renderers = {
-        size: Renderer(pipeline, batch_size=size, device=settings.device, dtype=dtype)
+        size: Renderer(pipeline, batch_size=size, device=device, dtype=TORCH_DTYPES[dtype])
         for size in (1, settings.batch_size)
     }
     for _ in range(settings.warmup):
@@ -217,78 +189,28 @@ def measure_render(family: str, settings: Settings, folder: Path) -> RenderResul
     for _ in range(settings.reps):
         for size, renderer in renderers.items():
             out: list[Any] = []
-            runs[size].append(
-                timed(lambda r=renderer, o=out: o.extend(r.render(jobs)), device=settings.device)
-            )
+            runs[size].append(seconds(lambda r=renderer, o=out: o.extend(r.render(jobs)), device=device))
             upcast += sum(image.upcast_vae for image in out)
-    result = RenderResult(
-        family=family,
-        side=settings.side(family),
-        steps=settings.steps,
-        images=settings.images,
-        batch_size=settings.batch_size,
-        build_s=build_s,
-        single=Timing(tuple(runs[1])),
-        batched=Timing(tuple(runs[settings.batch_size])),
-        upcast_vae=upcast,
-    )
-    del pipeline, modules, renderers
-    _release(settings.device)
-    return result
-
-
-def _release(device: str) -> None:
-    import gc
-
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    del pipeline, renderers
+    release(device)
+    single, batched = Timing.of(runs[1]), Timing.of(runs[settings.batch_size])
+    return RenderResult(
+        family, settings.side(family), settings.steps, settings.images, settings.batch_size, build_s,
+        single, batched, upcast,
+    )  # fmt: skip
 
 
 # -- rewards --------------------------------------------------------------------------------------
 
 
-def write_real_imagereward(folder: Path, *, seed: int = 0) -> Path:
-    """An ImageReward at the official sizes (ViT-L/16 at 224 px; BERT-base: 12 layers, width 768,
-    12 heads, MLP 3072, cross-attention in every layer) with random weights, in the official layout.
-    The vocabulary is the tiny test one (the embedding size does not change the speed)."""
-    from automerge.rewards.imagereward import BlipVisionSizes, ImageRewardNet, read_med_config
-    from automerge.testing.tiny_rewards import (
-        official_imagereward_checkpoint,
-        tiny_med_config,
-        write_bert_vocab,
-    )
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = write_bert_vocab(folder / "vocab.txt")
-    vocab_size = len(vocab.read_text(encoding="utf-8").splitlines()) + 2  # + [DEC], [ENC]
-    med = tiny_med_config(vocab_size=vocab_size, hidden_size=768, layers=12)
-    med.update(intermediate_size=3072, num_attention_heads=12, max_position_embeddings=512)
-    med_path = folder / "med_config.json"
-    med_path.write_text(json.dumps(med, indent=2), encoding="utf-8")
-    vision = BlipVisionSizes()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = ImageRewardNet(
-            vision.config(), read_med_config(med_path).config(encoder_hidden_size=vision.hidden_size)
-        )
-    torch.save(official_imagereward_checkpoint(net, seed=seed), folder / "ImageReward.pt")
-    manifest = folder / "imagereward.yaml"
-    manifest.write_text(
-        "reward: imagereward\n"
-        "weights: {model: ImageReward.pt, med_config: med_config.json, vocab: vocab.txt}\n"
-        f"options: {{vision: {json.dumps(vision.model_dump())}}}\n",
-        encoding="utf-8",
-    )
-    return manifest
-
-
 def reward_writers(size: str) -> dict[str, Callable[[Path], Path]]:
-    """Manifest writers by display name: every tiny random model, or the real-size ImageReward."""
-    if size == "real":
-        return {"imagereward (real size, random)": write_real_imagereward}
-    from automerge.testing.tiny_rewards import TINY_REWARDS
+    """Manifest writers by display name: every tiny random model, or the real-size ImageReward (with
+    the tiny test vocabulary: the embedding size does not change the speed)."""
+    from automerge.testing import BERT_BASE, TINY_REWARDS, write_random_imagereward
 
+    if size == "real":
+        text = dataclasses.replace(BERT_BASE, vocab_words=None)
+        return {"imagereward (real size, random)": partial(write_random_imagereward, text=text)}
     return {f"{name} (tiny, random)": write for name, write in TINY_REWARDS.items()}
 
 
@@ -307,7 +229,7 @@ class RewardResult:
 
 def reward_inputs(count: int, *, side: int) -> tuple[list[Any], list[str], list[str]]:
     """``count`` random images of ``side``² px, prompts, and keys the tiny reference model has."""
-    from automerge.testing.tiny_rewards import tiny_image
+    from automerge.testing import tiny_image
 
     reference_keys = ("item0-s1", "item1-s2")  # write_reference's defaults
     images = [tiny_image(index % len(reference_keys), size=(side, side)) for index in range(count)]
@@ -330,34 +252,13 @@ def measure_reward(
     del reward
     for _ in range(settings.warmup):
         score()
-    runs = [timed(score, device=settings.device) for _ in range(settings.reps)]
+    runs = [seconds(score, device=settings.device) for _ in range(settings.reps)]
     del score
-    _release(settings.device)
-    return RewardResult(
-        name=name, images=settings.images, side=side, load_s=load_s, score=Timing(tuple(runs))
-    )
+    release(settings.device)
+    return RewardResult(name=name, images=settings.images, side=side, load_s=load_s, score=Timing.of(runs))
 
 
 # -- report ---------------------------------------------------------------------------------------
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-    info = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cpu": cpu or platform.processor(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": device,
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def _verdict(met: bool, *, gpu_target: bool, device: str) -> str:
@@ -376,15 +277,7 @@ def table_rows(
     rows: list[tuple[str, ...]] = []
     for r in renders:
         what = f"{r.family} {r.side}², {r.steps} steps, {r.images} images"
-        rows.append(
-            (
-                f"{what}, one by one",
-                f"{r.single_images_per_s:.2f}",
-                f"{1 / r.single_images_per_s:.3f}",
-                "",
-                "",
-            )
-        )
+        rows.append((f"{what}, one by one", f"{r.single_images_per_s:.2f}", f"{1 / r.single_images_per_s:.3f}", "", ""))  # fmt: skip
         verdict = _verdict(r.speedup >= TARGET_BATCH_SPEEDUP, gpu_target=True, device=settings.device)
         rows.append((
             f"{what}, batch {r.batch_size}",
@@ -410,37 +303,7 @@ def table_rows(
     return rows
 
 
-def print_table(rows: list[tuple[str, ...]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in ("what", "images/s (median)", "s/image", "ratio", "target / notes"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    Console(width=200).print(table)
-
-
 # -- main -----------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _quiet_libraries() -> Any:
-    """diffusers' and transformers' notices and progress bars would interleave with the output."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        transformers_logging.enable_progress_bar()
-        diffusers_logging.set_verbosity(levels[0])
-        transformers_logging.set_verbosity(levels[1])
 
 
 def run(settings: Settings) -> dict[str, Any]:
@@ -449,10 +312,10 @@ def run(settings: Settings) -> dict[str, Any]:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    machine = machine_info(settings.device)
+    machine = {**machine_info(settings.device), "load_average": load_average()}
     renders: list[RenderResult] = []
     rewards: list[RewardResult] = []
-    with tempfile.TemporaryDirectory(prefix="render-speed-") as scratch, _quiet_libraries():
+    with tempfile.TemporaryDirectory(prefix="render-speed-") as scratch, quiet_libraries():
         folder = Path(scratch)
         for family in settings.families:
             print(f"rendering {family} ...", flush=True)
@@ -467,9 +330,9 @@ def run(settings: Settings) -> dict[str, Any]:
         for name, write in reward_writers(settings.size).items():
             print(f"scoring {name} ...", flush=True)
             rewards.append(measure_reward(name, write, settings, folder, side=side))
-    machine["load_average_after"] = os.getloadavg()
+    machine["load_average_after"] = load_average()
     title = f"render and score speed: {settings.size}, {settings.device}, {settings.dtype}"
-    print_table(table_rows(renders, rewards, settings=settings), title)
+    print_table(table_rows(renders, rewards, settings=settings), title=title, columns=COLUMNS)
     return {"machine": machine, "settings": asdict(settings), "renders": renders, "rewards": rewards}
 
 
@@ -478,7 +341,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--size", default="tiny", choices=list(SIZES))
     parser.add_argument("--families", default="sd1,sdxl", help="comma-separated: sd1, sdxl")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="default: fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--dtype", choices=STORAGE_NAMES, help="default: fp16 on cuda, fp32 on cpu")
     parser.add_argument("--images", type=int, default=8, help="images per timed run")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, help="sampler steps (default: tiny 4, real 20)")

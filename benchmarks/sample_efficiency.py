@@ -12,9 +12,9 @@ A hidden-target problem per family, built like ``studies/demo.yaml`` but with ev
 - payload: ``--prompts`` prompts × 1 seed at ``--px`` pixels, 4 Euler steps, cfg 1.0.
 
 One ``StudyRuntime`` per family (engine, renderer and reward are built once; the target's reference
-images are rendered once), then per sampler and seed an in-memory Optuna study
-(``SAMPLERS.get(name)(SamplerConfig, seed)``) whose objective is
-``runtime.evaluate(runtime.params_for(values), runtime.jobs)``; no storage, artifacts or export.
+images are rendered once), then per sampler and seed an in-memory Optuna study with the sampler
+``automerge optimize`` would build for ``sampler: {name, seed, startup_trials}``, whose objective is
+``runtime.evaluate(runtime.space.block_params(values), runtime.jobs)``; no storage, artifacts or export.
 
 Measured per run:
 
@@ -39,15 +39,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,16 +53,12 @@ from typing import Any
 import optuna
 import torch
 import yaml
+from _common import RESULTS, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from automerge.arch import ARCHITECTURES
+from automerge.study import StudyFile, StudyRuntime, load_study_file, make_sampler
 
-from automerge.arch import ARCHITECTURES  # noqa: E402
-from automerge.study.config import SamplerConfig, load_study_file  # noqa: E402
-from automerge.study.runtime import StudyRuntime  # noqa: E402
-from automerge.study.samplers import SAMPLERS  # noqa: E402
-
-DEFAULT_JSON = ROOT / "benchmarks" / "results" / "sample_efficiency.json"
+DEFAULT_JSON = RESULTS / "sample_efficiency.json"
 SECRET_SEED = 5  # issue 5
 SECRET_RANGE = (0.1, 0.9)
 PROMPTS = (
@@ -122,6 +115,17 @@ class RunResult:
     evaluate_seconds: float  # mean per trial (merge + render + score)
 
 
+def sampler_config(study: StudyFile, name: str, *, seed: int, startup: int) -> StudyFile:
+    """``study`` with ``sampler: {name, seed, startup_trials}`` (checked: an unknown name raises)."""
+    config = study.sampler.model_validate({"name": name, "seed": seed, "startup_trials": startup})
+    return study.model_copy(update={"sampler": config})
+
+
+def study_sampler(study: StudyFile) -> optuna.samplers.BaseSampler:
+    """The sampler ``automerge optimize`` builds for a new ``study``."""
+    return make_sampler(study.sampler, existing_trials=0)
+
+
 def run_one(
     runtime: StudyRuntime,
     *,
@@ -134,17 +138,15 @@ def run_one(
     secret: Mapping[str, float],
 ) -> RunResult:
     """One in-memory Optuna study of ``trials`` trials with sampler ``sampler`` seeded ``seed``."""
-    config = SamplerConfig(name=sampler, seed=seed, startup_trials=startup)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study = optuna.create_study(direction="maximize", sampler=SAMPLERS.get(sampler)(config, seed))
+    chosen = study_sampler(sampler_config(runtime.study, sampler, seed=seed, startup=startup))
+    study = optuna.create_study(direction="maximize", sampler=chosen)
     last_finished = [time.perf_counter()]
 
     def objective(trial: optuna.Trial) -> float:
         values = runtime.space.suggest(trial)  # Optuna samples relative params lazily, here
         started = time.perf_counter()
         sampler_seconds = started - last_finished[0]
-        evaluation = runtime.evaluate(runtime.params_for(values), runtime.jobs)
+        evaluation = runtime.evaluate(runtime.space.block_params(values), runtime.jobs)
         timings = dict(evaluation.timings, sampler=sampler_seconds, evaluate=time.perf_counter() - started)
         trial.set_user_attr("timings", {k: round(v, 6) for k, v in timings.items()})
         last_finished[0] = time.perf_counter()
@@ -177,11 +179,12 @@ def uniform_values(runtime: StudyRuntime, value: float) -> dict[str, float]:
 
 def family_problem(runtime: StudyRuntime, secret: Mapping[str, float], *, epsilon: float) -> dict[str, float]:
     """optimum = reward of the secret itself; midpoint = reward of uniform 0.5; threshold = optimum − ε·gap."""
+    space = runtime.space
     optimum = runtime.evaluate(
-        runtime.params_for({f"alpha.{b}": v for b, v in secret.items()}), runtime.jobs
+        space.block_params({f"alpha.{b}": v for b, v in secret.items()}), runtime.jobs
     ).value
-    midpoint = runtime.evaluate(runtime.params_for(uniform_values(runtime, 0.5)), runtime.jobs).value
-    pure_a = runtime.evaluate(runtime.params_for(uniform_values(runtime, 0.0)), runtime.jobs).value
+    midpoint = runtime.evaluate(space.block_params(uniform_values(runtime, 0.5)), runtime.jobs).value
+    pure_a = runtime.evaluate(space.block_params(uniform_values(runtime, 0.0)), runtime.jobs).value
     gap = optimum - midpoint
     return {
         "optimum": optimum,
@@ -237,14 +240,6 @@ def print_table(rows: Sequence[Mapping[str, Any]], checkpoints: Sequence[int], t
         print("| " + " | ".join(cells) + " |")
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(data, handle, indent=2)
-        temp = handle.name
-    os.replace(temp, path)
-
-
 def save(
     args: argparse.Namespace,
     *,
@@ -293,8 +288,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
-    for name in samplers:
-        SAMPLERS.get(name)
     checkpoints = [int(c) for c in args.checkpoints.split(",") if c.strip()]
     results: list[RunResult] = []
     problems: dict[str, dict[str, Any]] = {}
@@ -306,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             study = load_study_file(
                 write_problem(folder, family, px=args.px, prompts=args.prompts, startup=args.startup)
             )
+            for name in samplers:  # every name checked before the runtime is built
+                sampler_config(study, name, seed=0, startup=args.startup)
             runtime = StudyRuntime(study)
             try:
                 secret = secret_weights([d.name.split(".", 1)[1] for d in runtime.space.dimensions])

@@ -2,7 +2,7 @@
 ``MergePlan``, the live in-place engine and the streaming export."""
 
 from automerge.merge.engine import EngineOptions, LiveEngine
-from automerge.merge.export import export_merge
+from automerge.merge.export import export_merge, merged_tensors
 from automerge.merge.methods import METHODS, MergeMethod, ParamSpec, register_method
 from automerge.merge.params import BlockParams, changed_blocks, resolve_params
 from automerge.merge.plan import MergePlan, open_plan, plan_checkpoint, plan_merge
@@ -20,6 +20,7 @@ __all__ = [
     "changed_blocks",
     "export_merge",
     "load_recipe",
+    "merged_tensors",
     "open_plan",
     "plan_checkpoint",
     "plan_merge",

@@ -3,6 +3,7 @@ objective, trial records, resume and storage, and the export of a study's trials
 that imports optuna."""
 
 from automerge.study.config import (
+    SamplerConfig,
     StudyFile,
     artifact_dir,
     default_storage,
@@ -14,8 +15,11 @@ from automerge.study.export import export_study
 from automerge.study.records import TrialRecord, best_trial
 from automerge.study.runner import RunSummary, open_study, run_study
 from automerge.study.runtime import Evaluation, StudyRuntime
+from automerge.study.samplers import SAMPLERS, make_sampler
 
 __all__ = [
+    "SAMPLERS",
+    "SamplerConfig",
     "Evaluation",
     "RunSummary",
     "StudyFile",
@@ -27,6 +31,7 @@ __all__ = [
     "export_dir",
     "export_study",
     "load_study_file",
+    "make_sampler",
     "open_study",
     "parse_duration",
     "run_study",

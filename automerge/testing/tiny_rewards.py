@@ -1,8 +1,10 @@
-"""Tiny random reward models with the real architectures and file layouts, written to a folder with
-a manifest, for tests, the contract suite and the ImageReward parity benchmark. CPU, seconds.
+"""Random reward models with the real architectures and file layouts, written to a folder with a
+manifest: tiny ones for tests and the contract suite (CPU, seconds), and ImageReward and the LAION
+aesthetic predictor at their published sizes for the benchmarks (random weights: the same work as the
+real ones, nothing downloaded).
 
-Each ``write_tiny_*`` returns the manifest path; ``TINY_REWARDS`` maps every built-in plug-in name
-to its writer (the contract suite fails for a plug-in registered without one).
+Each ``write_tiny_*`` / ``write_random_*`` returns the manifest path; ``TINY_REWARDS`` maps every
+built-in plug-in name to its tiny writer (the contract suite fails for a plug-in registered without one).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +54,40 @@ BERT_WORDS = (
 )
 
 
+@dataclass(frozen=True)
+class BertSizes:
+    """The sizes of ImageReward's text encoder (a BERT with cross-attention), as ``med_config.json``
+    gives them; ``vocab_words``: tokens in ``vocab.txt`` (None: the 19-token test vocabulary)."""
+
+    hidden_size: int = 32
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int = 64
+    max_positions: int = 40
+    vocab_words: int | None = None
+
+
+TINY_BERT = BertSizes()
+BERT_BASE = BertSizes(
+    hidden_size=768, layers=12, heads=12, intermediate_size=3072, max_positions=512, vocab_words=30522
+)
+"""ImageReward's published text encoder: bert-base-uncased (30,522 tokens; ImageReward adds two)."""
+
+_IMAGEREWARD_FILES = {"model": "ImageReward.pt", "med_config": "med_config.json", "vocab": "vocab.txt"}
+_IMAGEREWARD_HUB = {
+    "model": {"repo": "THUDM/ImageReward", "files": ["ImageReward.pt"]},
+    "med_config": {"repo": "THUDM/ImageReward", "files": ["med_config.json"]},
+    "vocab": {"repo": "google-bert/bert-base-uncased", "files": ["vocab.txt"]},
+}
+
+
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's global generator inside the block only (random init of library classes)."""
-    with torch.random.fork_rng(devices=[]):
+def _seeded(seed: int, device: str = "cpu") -> Iterator[None]:
+    """Seed torch's global generators (the CPU's and ``device``'s) inside the block only, new tensors
+    made on ``device`` (random init of library classes)."""
+    where = torch.device(device)
+    cuda = [where.index or 0] if where.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), where:
         torch.manual_seed(seed)
         yield
 
@@ -113,31 +146,56 @@ def official_imagereward_checkpoint(net: ImageRewardNet, *, seed: int = 0) -> di
 
 
 def write_tiny_imagereward(folder: Path, *, seed: int = 0, vision: BlipVisionSizes = TINY_VISION) -> Path:
-    """ImageReward.pt (official layout), med_config.json, vocab.txt and ``imagereward.yaml``."""
+    """ImageReward.pt (official layout), med_config.json, vocab.txt and ``imagereward.yaml`` (with the
+    hub files a real ImageReward is fetched from)."""
+    return write_random_imagereward(folder, text=TINY_BERT, vision=vision, seed=seed, hub=True)
+
+
+def write_random_imagereward(
+    folder: Path,
+    *,
+    text: BertSizes = BERT_BASE,
+    vision: BlipVisionSizes = BlipVisionSizes(),
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    hub: bool = False,
+) -> Path:
+    """An ImageReward with random weights (default: the published sizes, BLIP ViT-L/16 at 224 px and
+    BERT-base, 447 M parameters), initialised on ``device`` and saved in ``dtype`` on the CPU:
+    ``ImageReward.pt`` (official key layout), ``med_config.json``, ``vocab.txt`` and ``imagereward.yaml``."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = write_bert_vocab(folder / "vocab.txt")
+    words = BERT_WORDS
+    if text.vocab_words is not None:  # padded with made-up words to the vocabulary's real length
+        words += tuple(f"w{i}" for i in range(text.vocab_words - 5 - len(BERT_WORDS)))
+    vocab = write_bert_vocab(folder / "vocab.txt", words)
     vocab_size = len(vocab.read_text(encoding="utf-8").splitlines()) + 2  # + [DEC], [ENC]
+    med = tiny_med_config(vocab_size=vocab_size, hidden_size=text.hidden_size, layers=text.layers)
+    med.update(
+        num_attention_heads=text.heads,
+        intermediate_size=text.intermediate_size,
+        max_position_embeddings=text.max_positions,
+        encoder_width=vision.hidden_size,
+    )
     med_path = folder / "med_config.json"
-    med_path.write_text(json.dumps(tiny_med_config(vocab_size=vocab_size), indent=2), encoding="utf-8")
+    med_path.write_text(json.dumps(med, indent=2), encoding="utf-8")
     vision_config = vision.config()
-    with _seeded(seed):
+    with _seeded(seed, device):
         net = ImageRewardNet(
             vision_config, read_med_config(med_path).config(encoder_hidden_size=vision.hidden_size)
         )
-    torch.save(official_imagereward_checkpoint(net, seed=seed), folder / "ImageReward.pt")
-    return _write_manifest(
-        folder / "imagereward.yaml",
-        {
-            "reward": "imagereward",
-            "weights": {"model": "ImageReward.pt", "med_config": "med_config.json", "vocab": "vocab.txt"},
-            "hub": {
-                "model": {"repo": "THUDM/ImageReward", "files": ["ImageReward.pt"]},
-                "med_config": {"repo": "THUDM/ImageReward", "files": ["med_config.json"]},
-                "vocab": {"repo": "google-bert/bert-base-uncased", "files": ["vocab.txt"]},
-            },
-            "options": {"vision": vision.model_dump()},
-        },
-    )
+    state = official_imagereward_checkpoint(net, seed=seed)
+    torch.save(_stored(state, dtype), folder / "ImageReward.pt")
+    manifest: dict[str, Any] = {"reward": "imagereward", "weights": dict(_IMAGEREWARD_FILES)}
+    if hub:
+        manifest["hub"] = _IMAGEREWARD_HUB
+    manifest["options"] = {"vision": vision.model_dump()}
+    return _write_manifest(folder / "imagereward.yaml", manifest)
+
+
+def _stored(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """CPU tensors, floating ones in ``dtype`` (as the published fp16 checkpoints)."""
+    return {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu() for k, v in state.items()}
 
 
 def tiny_clip_vocab() -> dict[str, int]:
@@ -175,6 +233,34 @@ def _tiny_clip_config() -> Any:
         "projection_dim": 16,  # as real checkpoints: CLIPVisionModelWithProjection reads it from here
     }
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+
+
+def _clip_vit_l14_config() -> Any:
+    """openai/clip-vit-large-patch14: ViT-L/14 at 224 px, 12-layer 768-wide text tower, 768-d projection."""
+    from transformers import CLIPConfig
+
+    text = {
+        "vocab_size": 49408,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+        "projection_dim": 768,
+    }
+    vision = {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+        "projection_dim": 768,
+    }
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)
 
 
 def write_tiny_clip_folder(folder: Path, *, seed: int = 0, processor: bool = True) -> Path:
@@ -218,10 +304,26 @@ def write_tiny_clip_score(folder: Path, *, seed: int = 0, reward: str = "clip-sc
 
 def write_tiny_laion_aesthetic(folder: Path, *, seed: int = 0) -> Path:
     """A full tiny CLIP folder (text tower unused), a random ``layers.N`` head .pth, the manifest."""
+    return _write_laion_aesthetic(folder, _tiny_clip_config(), seed=seed, device="cpu", dtype=torch.float32)
+
+
+def write_random_laion_aesthetic(
+    folder: Path, *, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> Path:
+    """The LAION aesthetic predictor v2 at its published size with random weights: a full CLIP
+    ViT-L/14 folder (initialised on ``device``, saved in ``dtype``), a random 768-wide head, the manifest."""
+    return _write_laion_aesthetic(folder, _clip_vit_l14_config(), seed=seed, device=device, dtype=dtype)
+
+
+def _write_laion_aesthetic(folder: Path, config: Any, *, seed: int, device: str, dtype: torch.dtype) -> Path:
+    from transformers import CLIPModel
+
     folder.mkdir(parents=True, exist_ok=True)
-    write_tiny_clip_folder(folder / "clip", seed=seed, processor=False)
+    with _seeded(seed, device):
+        model = CLIPModel(config)
+    model.to(dtype).save_pretrained(folder / "clip")
     with _seeded(seed + 1):
-        head = ScoreHead(16)
+        head = ScoreHead(config.projection_dim)
     torch.save(head.state_dict(), folder / "head.pth")
     return _write_manifest(
         folder / "laion-aesthetic.yaml",
