@@ -123,9 +123,8 @@ def report_data(
     best = TrialRecord.of(records.best_trial(study.get_trials(deepcopy=False)) or exported)
     chosen = TrialRecord.of(exported)
     baselines = [t for t in completed if t.baseline is not None]
-    columns = [(f"exported (trial {chosen.number})", chosen)] + [
-        (t.label, t) for t in baselines if t.number != chosen.number
-    ]
+    title = f"{'best' if chosen.number == best.number else 'exported'} (trial {chosen.number})"
+    columns = [(title, chosen)] + [(t.label, t) for t in baselines if t.number != chosen.number]
     return ReportData(
         title=study_file.name,
         exported_number=chosen.number,
@@ -150,7 +149,7 @@ def report_data(
         validation=_validation(
             runtime,
             space,
-            [(f"exported (trial {chosen.number})", chosen), *((t.label, t) for t in baselines)],
+            [(title, chosen), *((t.label, t) for t in baselines)],
         ),
     )
 

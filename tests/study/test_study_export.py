@@ -40,16 +40,26 @@ def test_export_writes_recipe_model_and_report_and_reproduces_the_score(make_stu
 
 
 def test_export_command_picks_a_trial(make_study, tmp_path: Path, capsys) -> None:
+    """``--trial N`` exports trial N: its recipe, its weights, a report that shows it and names the best."""
     from cli_helpers import run_cli as run
+
+    from automerge.merge import load_recipe
 
     path = make_study(trials=4)
     run_study(load_study_file(path), console=QUIET, export=False)
-    result = run(capsys, "export", path, "--trial", "1", "-o", tmp_path / "t1")
-    assert result.code == 0, result.err
     study_file = load_study_file(path)
     study = optuna.load_study(study_name=study_file.name, storage=default_storage(study_file))
-    assert (tmp_path / "t1" / "recipe.yaml").exists()
-    assert study.trials[1].number == 1
+    best = study.best_trial.number
+    other = next(t for t in study.trials if t.number != best)
+    result = run(capsys, "export", path, "--trial", str(other.number), "-o", tmp_path / "t")
+    assert result.code == 0, result.err
+    recipe = load_recipe(tmp_path / "t" / "recipe.yaml")
+    assert recipe.params["alpha"]["BASE"] == other.params["alpha.TEXT"]
+    assert recipe.params["alpha"]["IN00"] == other.params["alpha.UNET"]
+    report = (tmp_path / "t" / "report.html").read_text()
+    assert f"exported trial <b>{other.number}</b>" in report and f"the best is trial {best}" in report
+    with safe_open(tmp_path / "t" / "model.safetensors", framework="pt") as f:
+        assert f.metadata()["automerge.trial"] == str(other.number)
 
 
 def test_the_exported_recipe_loads_from_any_folder_when_the_study_was_named_relatively(
