@@ -144,8 +144,8 @@ def render(
     ],
     payload: Annotated[Path, typer.Argument(help="Payload YAML.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the PNGs.")],
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 4,
+    device: Annotated[str | None, typer.Option(help="auto (a GPU if there is one) | cpu | cuda.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch, 1 to 64 (default 4).")] = None,
 ) -> None:
     """Render a payload with a checkpoint or a recipe (merged in memory, no file): look before you optimize."""
     from automerge.commands import render_command
@@ -249,10 +249,11 @@ def dashboard(
 
 
 def _from_options(model: type[M], **options: object) -> M:
-    """``model`` built from command-line options, whose checks are then the options' checks (one
-    default and one range per setting); an error names the option, e.g. ``--batch-size``."""
+    """``model`` built from the command-line options that were given (None: not given, the model's
+    default applies), so the model's checks are the options' checks: one default and one range per
+    setting. An error names the option, e.g. ``--batch-size``."""
     try:
-        return model(**options)
+        return model(**{name: value for name, value in options.items() if value is not None})
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
         option = "--" + str(first["loc"][0]).replace("_", "-")
