@@ -1,0 +1,320 @@
+"""The search suite (issue 12): which search strategy finds a good merge in the fewest trials, on many
+hidden-target problems that nobody tuned a default to.
+
+Problems (``_search_problems.py``): 20 per family (tiny SD1, tiny SDXL) by default, drawn from
+``--problem-seed``: grouped and all-blocks weighted sums, TIES with two searched parameters, and
+problems with non-identifiable blocks. Each run is an in-memory Optuna study of ``--trials`` trials of
+one strategy on one problem, whose objective is the study runtime's ``evaluate`` (merge in place,
+render ``--images`` images of ``--px`` pixels in ``--steps`` Euler steps, negative MSE to the secret's
+renders; the first three trials are the baselines pure A, pure B and uniform 0.5, as ``automerge
+optimize`` enqueues them, unless ``--no-baselines``). ``--workers 4`` simulates 4 concurrent workers:
+trials are asked 4 at a time and told together, so each proposal sees 3 running trials.
+
+Measured per run: the best-so-far value after every trial as gap closed (``_search_stats.py``: 0 =
+uniform 0.5, 1 = the secret), trials to 90 % gap closed, the sampler's own seconds per trial (the
+gap between evaluations, the suggest calls included) and the evaluation seconds per trial. Reported
+per family and strategy: medians over problems × seeds with 90 % bootstrap intervals, a Markdown table,
+best-so-far PNG curves, and every run in the JSON. Runs are written as they finish, and a rerun with
+the same ``--json`` skips the runs it already has::
+
+    python benchmarks/search_suite.py                                  # the full suite (hours)
+    python benchmarks/search_suite.py --families sd1 --kinds groups:2 --strategies gp,random --trials 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS, machine_info, write_json
+from _search_problems import KINDS, Problem, suite, write_models, write_payload, write_study
+from _search_stats import bootstrap_median, gap_curve, interval_text, plot_curves, trials_to
+from _search_strategies import Strategy, strategies
+
+DEFAULT_JSON = RESULTS / "search_suite.json"
+CHECKPOINTS = (25, 50, 100, 200)
+LEVEL = 0.9  # "good": 90 % of the gap closed
+
+
+@dataclass(frozen=True)
+class Run:
+    problem: str
+    family: str
+    kind: str
+    strategy: str
+    seed: int
+    workers: int
+    optimum: float
+    midpoint: float
+    values: list[float]  # every trial's value, in order
+    sampler_s: float  # mean per trial
+    evaluate_s: float  # mean per trial
+
+    @property
+    def key(self) -> str:
+        return f"{self.problem}/{self.strategy}/{self.seed}/w{self.workers}"
+
+    def curve(self) -> list[float]:
+        return gap_curve(self.values, optimum=self.optimum, midpoint=self.midpoint)
+
+
+# -- one problem, in a worker process ---------------------------------------------------------------
+
+
+def _evaluate_batch(runtime: Any, study: Any, strategy_trials: int, workers: int) -> tuple[float, float]:
+    """Run the study's trials ``workers`` at a time; (sampler seconds, evaluation seconds) in total."""
+    sampler_s = evaluate_s = 0.0
+    while len(study.trials) < strategy_trials:
+        started = time.perf_counter()
+        asked = [study.ask() for _ in range(min(workers, strategy_trials - len(study.trials)))]
+        proposals = [runtime.space.suggest(trial) for trial in asked]
+        sampler_s += time.perf_counter() - started
+        for trial, values in zip(asked, proposals, strict=True):
+            started = time.perf_counter()
+            value = runtime.evaluate(runtime.space.block_params(values), runtime.jobs).value
+            evaluate_s += time.perf_counter() - started
+            started = time.perf_counter()
+            study.tell(trial, value)
+            sampler_s += time.perf_counter() - started
+    return sampler_s, evaluate_s
+
+
+def solve(task: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every strategy × seed of one problem (``task`` is plain data: it crosses a process boundary)."""
+    import optuna
+    import torch
+
+    from automerge.study import StudyRuntime, load_study_file
+
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    problem: Problem = task["problem"]
+    runtime = StudyRuntime(load_study_file(Path(task["study"])))
+    factories: dict[str, Strategy] = strategies()
+    results = []
+    try:
+        secret = runtime.evaluate(runtime.space.block_params(problem.secret), runtime.jobs).value
+        midpoint = runtime.evaluate(runtime.space.block_params(_midpoint(runtime)), runtime.jobs).value
+        for name, seed in task["runs"]:
+            study = optuna.create_study(direction="maximize", sampler=factories[name](seed))
+            if task["baselines"]:  # as `automerge optimize` does: pure A, pure B, uniform 0.5 first
+                for baseline in runtime.space.baselines():
+                    study.enqueue_trial(baseline.values)
+            sampler_s, evaluate_s = _evaluate_batch(runtime, study, task["trials"], task["workers"])
+            values = [t.value for t in study.trials]
+            run = Run(
+                problem.name,
+                problem.family,
+                problem.kind,
+                name,
+                seed,
+                task["workers"],
+                secret,
+                midpoint,
+                values,
+                sampler_s / len(values),
+                evaluate_s / len(values),
+            )
+            results.append(asdict(run))
+    finally:
+        runtime.close()
+    return results
+
+
+def _midpoint(runtime: Any) -> dict[str, float]:
+    return {d.name: (d.low + d.high) / 2 for d in runtime.space.dimensions}
+
+
+# -- the suite --------------------------------------------------------------------------------------
+
+
+def _tasks(
+    args: argparse.Namespace, problems: Sequence[Problem], done: set[str], work: Path
+) -> list[dict[str, Any]]:
+    payload = write_payload(work, px=args.px, steps=args.steps, seeds=range(1, args.images + 1))
+    models = {family: write_models(work / "models", family) for family in {p.family for p in problems}}
+    tasks = []
+    for problem in problems:
+        runs = [
+            (name, seed)
+            for name in args.strategies
+            for seed in range(args.seeds)
+            if f"{problem.name}/{name}/{seed}/w{args.workers}" not in done
+        ]
+        if runs:
+            study = write_study(problem, work / "studies", models[problem.family], payload=payload)
+            tasks.append(
+                {
+                    "problem": problem,
+                    "study": str(study),
+                    "runs": runs,
+                    "trials": args.trials,
+                    "workers": args.workers,
+                    "baselines": not args.no_baselines,
+                }
+            )
+    return tasks
+
+
+def load_runs(path: Path) -> list[Run]:
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    return [Run(**run) for run in data.get("runs", [])]
+
+
+def summary(runs: Sequence[Run], checkpoints: Sequence[int]) -> list[dict[str, Any]]:
+    """Per (family, strategy, workers): gap closed at each checkpoint and trials to ``LEVEL``, as
+    medians with 90 % bootstrap intervals over runs; sampler and evaluation seconds per trial."""
+    rows = []
+    for family, strategy, workers in sorted({(r.family, r.strategy, r.workers) for r in runs}):
+        group = [r for r in runs if (r.family, r.strategy, r.workers) == (family, strategy, workers)]
+        curves = [r.curve() for r in group]
+        trials = min(len(c) for c in curves)
+        rows.append(
+            {
+                "family": family,
+                "strategy": strategy,
+                "workers": workers,
+                "runs": len(group),
+                "gap_closed": {
+                    str(c): bootstrap_median([curve[c - 1] for curve in curves])
+                    for c in checkpoints
+                    if c <= trials
+                },
+                "trials_to_level": bootstrap_median([trials_to(curve, LEVEL) for curve in curves]),
+                "sampler_s": bootstrap_median([r.sampler_s for r in group]),
+                "evaluate_s": bootstrap_median([r.evaluate_s for r in group]),
+            }
+        )
+    return rows
+
+
+def table(rows: Sequence[Mapping[str, Any]], checkpoints: Sequence[int]) -> str:
+    head = ["family", "strategy", "workers", "runs", *(f"gap closed @{c}" for c in checkpoints)]
+    head += [f"trials to {LEVEL:.0%}", "sampler s/trial", "eval s/trial"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["family"], row["strategy"], str(row["workers"]), str(row["runs"])]
+        cells += [
+            interval_text(row["gap_closed"][str(c)], lambda v: f"{v:.2f}")
+            if str(c) in row["gap_closed"]
+            else "—"
+            for c in checkpoints
+        ]
+        cells.append(interval_text(row["trials_to_level"], lambda v: "∞" if math.isinf(v) else f"{v:.0f}"))
+        cells += [interval_text(row[k], lambda v: f"{v:.3f}") for k in ("sampler_s", "evaluate_s")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(runs: Sequence[Run], folder: Path, *, workers: int) -> list[Path]:
+    paths = []
+    for family in sorted({r.family for r in runs}):
+        curves: dict[str, list[list[float]]] = {}
+        for run in runs:
+            if run.family == family and run.workers == workers:
+                curves.setdefault(run.strategy, []).append(run.curve())
+        path = folder / f"search_suite_{family}_w{workers}.png"
+        plot_curves(
+            path, curves, title=f"{family}: median gap closed (90% bootstrap band), {workers} worker(s)"
+        )
+        paths.append(path)
+    return paths
+
+
+def save(path: Path, args: argparse.Namespace, runs: Sequence[Run], started: float) -> None:
+    write_json(
+        path,
+        {
+            "machine": machine_info("cpu"),
+            "args": {
+                k: v if isinstance(v, int | float | str | list) else str(v) for k, v in vars(args).items()
+            },
+            "summary": summary(runs, CHECKPOINTS),
+            "runs": [asdict(r) for r in runs],
+            "wall_seconds": time.perf_counter() - started,
+        },
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default="sd1,sdxl")
+    parser.add_argument(
+        "--kinds", default=",".join(f"{k}:{n}" for k, n in KINDS.items()), help="kind:count,..."
+    )
+    parser.add_argument("--strategies", default="random,tpe,gp,gp-rank")
+    parser.add_argument("--seeds", type=int, default=1, help="strategy seeds per problem")
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=1, help="simulated concurrent workers")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="do not enqueue A, B and uniform 0.5 first"
+    )
+    parser.add_argument("--problem-seed", type=int, default=12)
+    parser.add_argument("--px", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument(
+        "--processes", type=int, default=2, help="problems solved in parallel, 1 torch thread each"
+    )
+    parser.add_argument("--workdir", type=Path, default=RESULTS / "search_suite_work")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    args = parser.parse_args(argv)
+    args.families = [f for f in args.families.split(",") if f]
+    args.strategies = [s for s in args.strategies.split(",") if s]
+    args.kinds = {k: int(n) for k, n in (item.split(":") for item in args.kinds.split(",") if item)}
+    unknown = sorted(set(args.strategies) - set(strategies()))
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; known: {', '.join(strategies())}")
+    return args
+
+
+def _solved(tasks: Sequence[Mapping[str, Any]], *, processes: int) -> Iterator[list[dict[str, Any]]]:
+    """Each task's runs as it finishes: in this process for ``processes`` 1, else in a pool."""
+    if processes == 1:
+        yield from (solve(task) for task in tasks)
+        return
+    with concurrent.futures.ProcessPoolExecutor(max_workers=processes) as pool:
+        for done in concurrent.futures.as_completed([pool.submit(solve, task) for task in tasks]):
+            yield done.result()
+
+
+def main(argv: Sequence[str] | None = None) -> list[Run]:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    runs = load_runs(args.json)
+    problems = suite(args.families, seed=args.problem_seed, kinds=args.kinds)
+    tasks = _tasks(args, problems, {r.key for r in runs}, args.workdir)
+    print(
+        f"{len(problems)} problems, {sum(len(t['runs']) for t in tasks)} runs to do ({len(runs)} on file)",
+        flush=True,
+    )
+    for results in _solved(tasks, processes=args.processes):
+        for data in results:
+            runs.append(Run(**data))
+            curve = runs[-1].curve()
+            print(
+                f"  {data['problem']} {data['strategy']} seed {data['seed']}: gap closed "
+                + " ".join(f"@{c} {curve[c - 1]:.2f}" for c in (*CHECKPOINTS, len(curve)) if c <= len(curve))
+                + f", sampler {data['sampler_s']:.3f}s [{time.perf_counter() - started:.0f}s]",
+                flush=True,
+            )
+        save(args.json, args, runs, started)
+    selected = [r for r in runs if r.problem in {p.name for p in problems} and r.strategy in args.strategies]
+    print(table(summary(selected, CHECKPOINTS), CHECKPOINTS))
+    for path in plots(selected, args.json.parent, workers=args.workers):
+        print(f"wrote {path}")
+    print(f"wrote {args.json}")
+    return selected
+
+
+if __name__ == "__main__":
+    main()
