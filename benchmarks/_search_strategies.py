@@ -7,20 +7,15 @@ A strategy is a factory ``(seed) -> optuna sampler``; all of them see the study'
 
 from __future__ import annotations
 
-import copy
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution
-from optuna.study import Study, StudyDirection
-from optuna.trial import FrozenTrial
 from scipy.special import ndtri
 from scipy.stats import rankdata
 
-from automerge.study import SAMPLERS, SamplerConfig, make_sampler
+from automerge.study import SAMPLERS, SamplerConfig, WarpedGPSampler, make_sampler
 
 Strategy = Callable[[int], optuna.samplers.BaseSampler]
 STARTUP = 10
@@ -60,52 +55,12 @@ def _cmaes_lr(seed: int) -> optuna.samplers.BaseSampler:
     )
 
 
-Warp = Callable[[np.ndarray], np.ndarray]
-
-
 def rank_scores(values: np.ndarray) -> np.ndarray:
     """Φ⁻¹((rank − ½)/n): the Gaussian copula of the values, which keeps only their order."""
     return ndtri((rankdata(values) - 0.5) / len(values))
 
 
-def log_gap(values: np.ndarray) -> np.ndarray:
-    """−log(best − v + δ), δ = 1 % of the value range: spreads the values near the best (where a
-    distance-type reward is orders of magnitude finer than far away) and keeps their order."""
-    span = float(values.max() - values.min()) or 1.0
-    return -np.log(values.max() - values + 0.01 * span)
-
-
-class WarpedGPSampler(optuna.samplers.GPSampler):
-    """Optuna's GP fitted to a monotone warp of the (maximised) values instead of the values."""
-
-    def __init__(self, *, warp: Warp, **options: Any) -> None:
-        super().__init__(**options)
-        self._warp = warp
-
-    def _sample_relative_impl(
-        self,
-        study: Study,
-        completed_trials: list[FrozenTrial],
-        running_trials: list[FrozenTrial],
-        search_space: dict[str, BaseDistribution],
-    ) -> dict[str, Any]:
-        sign = -1.0 if study.direction == StudyDirection.MINIMIZE else 1.0
-        warped = self._warp(np.array([sign * t.value for t in completed_trials]))
-        return super()._sample_relative_impl(
-            study, _revalued(completed_trials, sign * warped), running_trials, search_space
-        )
-
-
-def _revalued(trials: Sequence[FrozenTrial], values: np.ndarray) -> list[FrozenTrial]:
-    twins = []
-    for trial, value in zip(trials, values, strict=True):
-        twin = copy.copy(trial)
-        twin.values = [float(value)]
-        twins.append(twin)
-    return twins
-
-
-def _warped_gp(warp: Warp, *, deterministic: bool = True) -> Strategy:
+def _warped_gp(warp: Callable[[np.ndarray], np.ndarray], *, deterministic: bool = True) -> Strategy:
     def factory(seed: int) -> optuna.samplers.BaseSampler:
         return _quiet(
             lambda: WarpedGPSampler(
@@ -118,7 +73,6 @@ def _warped_gp(warp: Warp, *, deterministic: bool = True) -> Strategy:
 
 CANDIDATES: dict[str, Strategy] = {
     "gp-rank": _warped_gp(rank_scores),
-    "gp-loggap": _warped_gp(log_gap),
     "gp-noisy": _gp_noisy,
     "tpe-grouped": _tpe_grouped,
     "cmaes-lr": _cmaes_lr,

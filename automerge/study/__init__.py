@@ -15,7 +15,7 @@ from automerge.study.export import export_study
 from automerge.study.records import TrialRecord, best_trial
 from automerge.study.runner import RunSummary, open_study, run_study
 from automerge.study.runtime import Evaluation, StudyRuntime
-from automerge.study.samplers import SAMPLERS, make_sampler
+from automerge.study.samplers import SAMPLERS, WarpedGPSampler, make_sampler
 
 __all__ = [
     "SAMPLERS",
@@ -25,6 +25,7 @@ __all__ = [
     "StudyFile",
     "StudyRuntime",
     "TrialRecord",
+    "WarpedGPSampler",
     "artifact_dir",
     "best_trial",
     "default_storage",

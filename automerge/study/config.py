@@ -63,9 +63,12 @@ class SearchParam(Schema):
 
 
 class SamplerConfig(Schema):
-    name: str = Field("gp", description="a registered sampler: tpe, gp, cmaes, random, qmc")
+    name: str = Field("auto", description="a registered sampler: auto, tpe, gp, cmaes, random, qmc")
     seed: int = 0
     startup_trials: int = Field(10, ge=0)
+    warp_margin: float = Field(
+        0.01, gt=0, le=1, description="auto: δ of its log-gap warp, as a fraction of the value range"
+    )
 
     @field_validator("name")
     @classmethod

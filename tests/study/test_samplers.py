@@ -27,6 +27,45 @@ def test_a_misspelled_sampler_names_the_registered_ones() -> None:
     from pydantic import ValidationError
 
     with pytest.raises(
-        ValidationError, match=r"unknown sampler 'tpee' \(did you mean 'tpe'\?\); known: cmaes, gp"
+        ValidationError, match=r"unknown sampler 'tpee' \(did you mean 'tpe'\?\); known: auto, cmaes, gp"
     ):
         SamplerConfig(name="tpee")
+
+
+def test_the_log_gap_warp_keeps_the_order_and_spreads_the_values_near_the_best() -> None:
+    import numpy as np
+
+    from automerge.study.samplers import log_gap
+
+    values = np.array([-2e-3, -1e-3, -1e-5, -1e-6, -2e-6])
+    warped = log_gap(values, margin=0.01)
+    assert list(np.argsort(warped)) == list(np.argsort(values))
+    # raw: the three best are within 0.5 % of the range of each other; warped: far apart
+    span = warped.max() - warped.min()
+    assert (warped[3] - warped[2]) / span > 0.05 and (values[3] - values[2]) / np.ptp(values) < 0.005
+
+
+def test_auto_fits_its_gp_to_the_warped_values_and_the_study_keeps_the_real_ones(monkeypatch) -> None:
+    """The warp goes through Optuna's GP hook; if Optuna stops calling it, this fails."""
+    import numpy as np
+
+    from automerge.study.samplers import log_gap
+
+    seen: list[list[float]] = []
+    real = optuna.samplers.GPSampler._sample_relative_impl
+
+    def spy(self, study, completed, running, space):
+        seen.append([t.value for t in completed])
+        return real(self, study, completed, running, space)
+
+    monkeypatch.setattr(optuna.samplers.GPSampler, "_sample_relative_impl", spy)
+    sampler = make_sampler(SamplerConfig(name="auto", seed=0, startup_trials=4), existing_trials=0)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.optimize(lambda t: -((t.suggest_float("x", 0, 1) - 0.3) ** 2), n_trials=6)
+    values = [t.value for t in study.trials]
+    assert len(seen) == 2 and all(v <= 0 for v in values)  # the study holds the real values
+    np.testing.assert_allclose(seen[-1], log_gap(np.array(values[:5]), margin=0.01))
+
+
+def test_auto_is_the_default_sampler() -> None:
+    assert SamplerConfig().name == "auto"

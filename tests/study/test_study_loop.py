@@ -116,7 +116,7 @@ def test_interruption_marks_the_trial_and_still_exports(make_study, monkeypatch,
     assert len([t for t in _trials(path) if t.state == TrialState.COMPLETE]) == 5
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "gp", "cmaes", "random", "qmc"])
+@pytest.mark.parametrize("sampler", ["auto", "tpe", "gp", "cmaes", "random", "qmc"])
 def test_every_sampler_the_study_file_accepts_runs(sampler: str, make_study) -> None:
     path = make_study(trials=5, sampler={"name": sampler, "seed": 1, "startup_trials": 3}, baselines=False)
     assert run_study(load_study_file(path), console=QUIET, export=False).completed == 5
