@@ -15,6 +15,11 @@ default to ``negative_prompt: ""``, ``cfg: 7.0``, ``scheduler: euler``, ``clip_s
 convention: 1 = last CLIP layer) and ``weight: 1``. An item's ``weight`` is its share of the trial
 score: each of its images carries ``weight / len(seeds)``.
 
+``fidelities:`` (optional) lists cheaper previews of the same payload, cheapest first, each a change
+of ``steps`` and/or a number of ``seeds`` (each item's first n): ``fidelities: [{steps: 4, seeds: 1}]``.
+A study with ``multi_fidelity`` renders a trial's previews first and the full payload only for
+promising trials.
+
 ``__name__`` in a prompt or negative prompt is replaced by one line of ``WILDCARDS/name.txt`` (blank
 lines and lines starting with ``#`` are skipped), chosen by a sha256 of (item index, seed, position,
 name): the same payload always expands the same way, whatever the process or platform.
@@ -32,7 +37,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from pydantic import StrictInt, field_validator
+from pydantic import StrictInt, field_validator, model_validator
 
 from automerge.config import FileRef, Schema, parse_file
 from automerge.errors import ConfigError
@@ -136,10 +141,34 @@ class _ItemEntry(_ItemFields):
         return prompt
 
 
+class Fidelity(Schema):
+    """A cheaper preview of a payload: fewer steps and/or only each item's first ``seeds`` seeds."""
+
+    steps: StrictInt | None = None
+    seeds: StrictInt | None = None
+
+    @field_validator("steps")
+    @classmethod
+    def _check_steps(cls, steps: int | None) -> int | None:
+        return steps if steps is None else _in_range(steps, STEPS_RANGE, "steps")
+
+    @field_validator("seeds")
+    @classmethod
+    def _check_seeds(cls, seeds: int | None) -> int | None:
+        return seeds if seeds is None else _in_range(seeds, (1, MAX_SEED_COUNT), "a seed count")
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> Fidelity:
+        if self.steps is None and self.seeds is None:
+            raise ValueError("a fidelity changes steps or seeds, e.g. {steps: 4, seeds: 1}")
+        return self
+
+
 class _PayloadFile(Schema):
     defaults: _ItemFields = _ItemFields()
     items: list[_ItemEntry]
     wildcards: FileRef | None = None
+    fidelities: list[Fidelity] = []
 
     @field_validator("items")
     @classmethod
@@ -209,10 +238,17 @@ class Payload:
     source: Path
     items: tuple[PayloadItem, ...]
     wildcards: Mapping[str, tuple[str, ...]]
+    fidelities: tuple[Fidelity, ...] = ()
 
-    def jobs(self) -> list[RenderJob]:
-        """Every (item, seed) as a ``RenderJob``, item-major, seeds in the order given."""
-        return [self._job(index, item, seed) for index, item in enumerate(self.items) for seed in item.seeds]
+    def jobs(self, *, fidelity: int | None = None) -> list[RenderJob]:
+        """Every (item, seed) as a ``RenderJob``, item-major, seeds in the order given; at
+        ``fidelity`` (an index into ``fidelities``), the preview's steps and seeds."""
+        items = (
+            self.items
+            if fidelity is None
+            else tuple(_preview(i, self.fidelities[fidelity]) for i in self.items)
+        )
+        return [self._job(index, item, seed) for index, item in enumerate(items) for seed in item.seeds]
 
     def _job(self, index: int, item: PayloadItem, seed: int) -> RenderJob:
         return RenderJob(
@@ -231,6 +267,15 @@ class Payload:
             clip_skip=item.clip_skip,
             weight=item.weight / len(item.seeds),
         )
+
+
+def _preview(item: PayloadItem, fidelity: Fidelity) -> PayloadItem:
+    """``item`` at ``fidelity``: its steps replaced, its seeds cut to the first n (its weight kept)."""
+    return dataclasses.replace(
+        item,
+        steps=item.steps if fidelity.steps is None else fidelity.steps,
+        seeds=item.seeds if fidelity.seeds is None else item.seeds[: fidelity.seeds],
+    )
 
 
 def job_key(item: int, seed: int) -> str:
@@ -266,7 +311,7 @@ def load_payload(path: Path | str) -> Payload:
     if raw.wildcards is not None and not folder.is_dir():
         raise ConfigError(f"{path}: field 'wildcards': folder {folder} not found")
     wildcards = MappingProxyType(_load_wildcards(items, folder, path=path))
-    return Payload(source=path, items=items, wildcards=wildcards)
+    return Payload(source=path, items=items, wildcards=wildcards, fidelities=tuple(raw.fidelities))
 
 
 def _resolve_item(defaults: _ItemFields, entry: _ItemEntry, *, path: Path, index: int) -> PayloadItem:

@@ -83,6 +83,16 @@ class EarlyStoppingConfig(Schema):
     min_delta: float = Field(0.002, ge=0, description="an improvement must exceed this")
 
 
+class MultiFidelityConfig(Schema):
+    """Render the payloads' ``fidelities`` (cheaper previews) first; only the best ``promote`` fraction
+    of the trials at each preview goes on to the full payload."""
+
+    promote: float = Field(0.34, gt=0, le=1, description="fraction of the trials promoted at each preview")
+    startup_trials: int = Field(
+        10, ge=1, description="trials that reach a preview before any is stopped there"
+    )
+
+
 class ExportConfig(Schema):
     dir: FileRef | None = None
     dtype: DtypeName = "fp16"
@@ -154,6 +164,7 @@ class StudyFile(Schema):
     reward: FileRef | InlineReward
     sampler: SamplerConfig = SamplerConfig()
     pruner: Literal["none", "median"] = "none"
+    multi_fidelity: MultiFidelityConfig | None = None
     trials: int = Field(200, ge=1)
     timeout: str | float | None = None
     early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()

@@ -13,6 +13,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from automerge.errors import AutomergeError
+from automerge.merge import BlockParams
 from automerge.study import records
 from automerge.study.runtime import Evaluation, Report, StudyRuntime
 
@@ -45,8 +46,9 @@ class Objective:
             values = self.runtime.space.suggest(trial)
             sampler_seconds = time.perf_counter() - self.last_finished
             params = self.runtime.space.block_params(values)
-            # 2.–4. Merge in place, render and score payload by payload (the pruner may stop here).
-            evaluation = self.runtime.evaluate(params, self.runtime.jobs, report=_reporter(trial))
+            # 2.–4. Merge in place, render and score: the previews first (multi-fidelity), then payload
+            #       by payload; the pruner may stop the trial after each.
+            evaluation = self._evaluate(trial, params)
             # 5. Bookkeeping: scores, timings and images for the dashboard and the report.
             started = time.perf_counter()
             records.write_evaluation(
@@ -73,6 +75,23 @@ class Objective:
             raise TrialFailed(reason) from error
         finally:
             self.last_finished = time.perf_counter()
+
+    def _evaluate(self, trial: optuna.Trial, params: BlockParams) -> Evaluation:
+        """Each preview rung, reported at steps 0..F−1, then the full payload at F, F+1, ...; the
+        trial's timings add up every evaluation it made."""
+        report = _reporter(trial)
+        previews = []
+        for rung, jobs in enumerate(self.runtime.preview_jobs):
+            previews.append(self.runtime.evaluate(params, jobs))
+            report(rung, previews[-1].value)  # raises TrialPruned unless promoted
+        rungs = len(previews)
+        evaluation = self.runtime.evaluate(
+            params, self.runtime.jobs, report=lambda step, value: report(rungs + step, value)
+        )
+        for preview in previews:
+            for stage, seconds in preview.timings.items():
+                evaluation.timings[stage] = evaluation.timings.get(stage, 0.0) + seconds
+        return evaluation
 
     def _upload_images(self, trial: optuna.Trial, evaluation: Evaluation) -> dict[str, str]:
         """Each image as an Optuna artifact of the trial (optuna-dashboard shows them); key → id."""

@@ -26,7 +26,8 @@ from automerge.study.config import StudyFile, artifact_dir, default_storage, exp
 from automerge.study.export import export_study
 from automerge.study.objective import Objective, TrialFailed
 from automerge.study.progress import TrialProgress
-from automerge.study.runtime import StudyRuntime
+from automerge.study.pruners import make_pruner
+from automerge.study.runtime import StudyRuntime, preview_rungs
 from automerge.study.samplers import make_sampler
 from automerge.study.stopping import ConsecutiveFailures, EarlyStopping
 
@@ -70,16 +71,10 @@ def open_study(study: StudyFile) -> optuna.Study:
         direction="maximize",
         load_if_exists=True,
         sampler=make_sampler(study.sampler, existing_trials=count),
-        pruner=_pruner(study),
+        pruner=make_pruner(study, rungs=preview_rungs(study)),
     )
     result.set_user_attr(records.FINGERPRINT, fingerprint)
     return result
-
-
-def _pruner(study: StudyFile) -> optuna.pruners.BasePruner:
-    if study.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=max(3, study.sampler.startup_trials // 2))
-    return optuna.pruners.NopPruner()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from automerge.checkpoints import warm_hash_cache
-from automerge.errors import StudyError
+from automerge.errors import ConfigError, StudyError
 from automerge.merge import BlockParams, MergePlan, open_plan, plan_checkpoint, resolve_params
 from automerge.render import RenderJob, load_payload
 from automerge.render.session import RenderSession
@@ -28,14 +28,17 @@ Report = Callable[[int, float], None]
 
 @dataclass(frozen=True)
 class StudyJob:
-    """A render job within the study: its payload and a study-wide unique key (``p0-i03-s0002``)."""
+    """A render job within the study: its payload, its preview rung (None: the full payload) and a
+    study-wide unique key (``p0-i03-s0002``; ``f0-p0-i03-s0002`` for a preview)."""
 
     payload: int
     job: RenderJob
+    fidelity: int | None = None
 
     @property
     def key(self) -> str:
-        return f"p{self.payload}-{self.job.key}"
+        prefix = "" if self.fidelity is None else f"f{self.fidelity}-"
+        return f"{prefix}p{self.payload}-{self.job.key}"
 
 
 @dataclass
@@ -76,8 +79,28 @@ def open_study_plan(study: StudyFile) -> MergePlan:
     )
 
 
-def study_jobs(payloads: Sequence[Path]) -> list[StudyJob]:
-    return [StudyJob(i, job) for i, path in enumerate(payloads) for job in load_payload(path).jobs()]
+def study_jobs(payloads: Sequence[Path], *, fidelity: int | None = None) -> list[StudyJob]:
+    """Every payload's jobs (at preview rung ``fidelity``, or in full)."""
+    return [
+        StudyJob(i, job, fidelity)
+        for i, path in enumerate(payloads)
+        for job in load_payload(path).jobs(fidelity=fidelity)
+    ]
+
+
+def preview_rungs(study: StudyFile) -> int:
+    """How many previews a trial renders before its full payload: the payloads' common number of
+    ``fidelities`` with ``multi_fidelity`` on, else 0."""
+    if study.multi_fidelity is None:
+        return 0
+    counts = {str(path): len(load_payload(path).fidelities) for path in study.payloads}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        shown = ", ".join(f"{path} has {count}" for path, count in counts.items())
+        raise ConfigError(
+            f"{study.path}: multi_fidelity needs the same number (≥ 1) of fidelities in every payload "
+            f"({shown}); add fidelities: [{{steps: 4, seeds: 1}}] to each, or remove multi_fidelity"
+        )
+    return next(iter(counts.values()))
 
 
 class StudyRuntime:
@@ -91,6 +114,7 @@ class StudyRuntime:
         try:
             self.space: SearchSpace = build_space(study, self.plan.arch, self.plan.method)
             self.jobs = study_jobs(study.payloads)
+            self.preview_jobs = [study_jobs(study.payloads, fidelity=r) for r in range(preview_rungs(study))]
             self.validation_jobs = study_jobs(study.validation_payloads)
             # 2. The export's metadata names each source's sha256: hash them while the study runs.
             warm_hash_cache(dict.fromkeys(m.path for m in self.plan.sources.values() if m.path.is_file()))
@@ -121,7 +145,9 @@ class StudyRuntime:
                 blocks=self.plan.arch.blocks,
                 source=str(self.study.path),
             )
-            images = self.render_images(params, self.jobs)
+            images = self.render_images(
+                params, [*self.jobs, *(j for rung in self.preview_jobs for j in rung)]
+            )
         else:
             assert reference.checkpoint is not None
             images = self._render_checkpoint(reference.checkpoint)
@@ -138,8 +164,9 @@ class StudyRuntime:
                 )
             session = RenderSession(plan, self.config)
             session.apply()
-            rendered = session.render([job.job for job in self.jobs])
-            return {job.key: image.image for job, image in zip(self.jobs, rendered, strict=True)}
+            jobs = [*self.jobs, *(job for rung in self.preview_jobs for job in rung)]
+            rendered = session.render([job.job for job in jobs])
+            return {job.key: image.image for job, image in zip(jobs, rendered, strict=True)}
         finally:
             plan.close()
 

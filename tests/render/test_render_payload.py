@@ -296,3 +296,32 @@ def test_loading_a_payload_does_not_import_diffusers() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+FIDELITIES = EXAMPLE + "fidelities:\n  - {steps: 4, seeds: 1}\n  - {steps: 10}\n"
+
+
+def test_fidelities_are_cheaper_previews_of_the_same_items(tmp_path: Path) -> None:
+    payload = load_payload(write(tmp_path, FIDELITIES))
+    assert len(payload.fidelities) == 2
+    cheapest = payload.jobs(fidelity=0)
+    assert [(job.key, job.steps) for job in cheapest] == [("i00-s0001", 4), ("i01-s0000", 4)]
+    assert [job.weight for job in cheapest] == [1.0, 1.0]  # the item's whole weight on its one seed
+    middle = payload.jobs(fidelity=1)
+    assert [job.key for job in middle] == [job.key for job in payload.jobs()]
+    assert {job.steps for job in middle} == {10}
+    assert payload.jobs() == payload.jobs(fidelity=None)  # the full payload
+
+
+@pytest.mark.parametrize(
+    ("fidelity", "message"),
+    [
+        ("{steps: 0}", "fidelities.0.steps"),
+        ("{seeds: 0}", "fidelities.0.seeds"),
+        ("{stepz: 2}", "unknown key 'fidelities.0.stepz' (did you mean 'steps'?)"),
+        ("{}", "field 'fidelities.0': a fidelity changes steps or seeds"),
+    ],
+)
+def test_a_bad_fidelity_names_its_field(tmp_path: Path, fidelity: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_payload(write(tmp_path, EXAMPLE + f"fidelities:\n  - {fidelity}\n"))
