@@ -177,8 +177,11 @@ def write_frozen(models: Mapping[str, Path], problem: Problem, folder: Path) -> 
     return path
 
 
-def write_study(problem: Problem, folder: Path, models: Mapping[str, Path], *, payload: Path) -> Path:
-    """The problem's study file (target = the secret; render on the CPU in fp32, batch 2)."""
+def write_study(
+    problem: Problem, folder: Path, models: Mapping[str, Path], *, payload: Path, previews: bool = False
+) -> Path:
+    """The problem's study file (target = the secret; render on the CPU in fp32, batch 2; with
+    ``previews``, the payload's fidelities are rendered first: ``multi_fidelity``)."""
     folder.mkdir(parents=True, exist_ok=True)
     if problem.method == "ties":
         sources = {"a": models["ta"], "b": models["tb"], "c": models["c"]}
@@ -196,25 +199,34 @@ def write_study(problem: Problem, folder: Path, models: Mapping[str, Path], *, p
         "early_stopping": None,
         "render": {"device": "cpu", "dtype": "fp32", "batch_size": 2},
     }
-    path = folder / f"{problem.name}.yaml"
+    if previews:
+        study["multi_fidelity"] = {}
+    path = folder / f"{problem.name}{'-mf' if previews else ''}.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
 
 
-def write_payload(folder: Path, *, px: int, steps: int, seeds: Sequence[int]) -> Path:
-    """One prompt at ``seeds`` (2 images by default), ``px`` pixels, ``steps`` Euler steps, no CFG."""
+def write_payload(
+    folder: Path, *, px: int, steps: int, seeds: Sequence[int], preview: Mapping[str, int] | None = None
+) -> Path:
+    """One prompt at ``seeds`` (2 images by default), ``px`` pixels, ``steps`` Euler steps, no CFG;
+    ``preview``: its one cheaper fidelity (e.g. ``{"steps": 1}``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"payload-{px}px-{steps}steps-{len(seeds)}seeds.yaml"
-    payload = {
-        "defaults": {
-            "steps": steps,
-            "cfg": 1.0,
-            "width": px,
-            "height": px,
-            "scheduler": "euler",
-            "seeds": list(seeds),
-        },
+    tag = "".join(f"-{k}{v}" for k, v in (preview or {}).items())
+    path = folder / f"payload-{px}px-{steps}steps-{len(seeds)}seeds{tag}.yaml"
+    defaults = {
+        "steps": steps,
+        "cfg": 1.0,
+        "width": px,
+        "height": px,
+        "scheduler": "euler",
+        "seeds": list(seeds),
+    }
+    payload: dict[str, Any] = {
+        "defaults": defaults,
         "items": [{"prompt": "a lighthouse on a cliff at dusk, oil painting"}],
     }
+    if preview:
+        payload["fidelities"] = [dict(preview)]
     path.write_text(yaml.safe_dump(payload, sort_keys=False))
     return path

@@ -19,10 +19,11 @@ BOOTSTRAP_REPS = 2000
 CONFIDENCE = 0.90
 
 
-def best_so_far(values: Sequence[float]) -> list[float]:
+def best_so_far(values: Sequence[float | None]) -> list[float]:
+    """The best value up to each trial (None: a trial without a value, e.g. pruned after a preview)."""
     running, best = [], -math.inf
     for value in values:
-        best = max(best, value)
+        best = best if value is None else max(best, value)
         running.append(best)
     return running
 
@@ -35,7 +36,7 @@ def gap_closed(best: float, *, optimum: float, midpoint: float) -> float:
     return min(1.0, max(0.0, (best - midpoint) / gap))
 
 
-def gap_curve(values: Sequence[float], *, optimum: float, midpoint: float) -> list[float]:
+def gap_curve(values: Sequence[float | None], *, optimum: float, midpoint: float) -> list[float]:
     return [gap_closed(b, optimum=optimum, midpoint=midpoint) for b in best_so_far(values)]
 
 

@@ -29,7 +29,7 @@ import json
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from _search_strategies import Strategy, strategies
 DEFAULT_JSON = RESULTS / "search_suite.json"
 CHECKPOINTS = (25, 50, 100, 200)
 LEVEL = 0.9  # "good": 90 % of the gap closed
+MF = "+mf"  # the label of a strategy run with previews
 
 
 @dataclass(frozen=True)
@@ -53,23 +54,43 @@ class Run:
     workers: int
     optimum: float
     midpoint: float
-    values: list[float]  # every trial's value, in order
+    values: list[float | None]  # every trial's value, in order (None: stopped after its preview)
     sampler_s: float  # mean per trial
     evaluate_s: float  # mean per trial
+    full: list[bool] = field(default_factory=list)  # which trials rendered the full payload ([]: all)
 
     @property
     def key(self) -> str:
         return f"{self.problem}/{self.strategy}/{self.seed}/w{self.workers}"
 
     def curve(self) -> list[float]:
+        """Gap closed after each trial."""
         return gap_curve(self.values, optimum=self.optimum, midpoint=self.midpoint)
+
+    def full_curve(self) -> list[float]:
+        """Gap closed after each full-cost render (the same as ``curve`` without previews)."""
+        full = self.full or [True] * len(self.values)
+        values = [value for value, rendered in zip(self.values, full, strict=True) if rendered]
+        return gap_curve(values, optimum=self.optimum, midpoint=self.midpoint)
 
 
 # -- one problem, in a worker process ---------------------------------------------------------------
 
 
+def _value(runtime: Any, trial: Any, values: Mapping[str, float]) -> float | None:
+    """The trial's value; with previews (multi-fidelity), None when the pruner stops it after one."""
+    params = runtime.space.block_params(values)
+    for rung, jobs in enumerate(runtime.preview_jobs):
+        trial.report(runtime.evaluate(params, jobs).value, rung)
+        if trial.should_prune():
+            return None
+    return runtime.evaluate(params, runtime.jobs).value
+
+
 def _evaluate_batch(runtime: Any, study: Any, strategy_trials: int, workers: int) -> tuple[float, float]:
     """Run the study's trials ``workers`` at a time; (sampler seconds, evaluation seconds) in total."""
+    from optuna.trial import TrialState
+
     sampler_s = evaluate_s = 0.0
     while len(study.trials) < strategy_trials:
         started = time.perf_counter()
@@ -78,16 +99,17 @@ def _evaluate_batch(runtime: Any, study: Any, strategy_trials: int, workers: int
         sampler_s += time.perf_counter() - started
         for trial, values in zip(asked, proposals, strict=True):
             started = time.perf_counter()
-            value = runtime.evaluate(runtime.space.block_params(values), runtime.jobs).value
+            value = _value(runtime, trial, values)
             evaluate_s += time.perf_counter() - started
             started = time.perf_counter()
-            study.tell(trial, value)
+            study.tell(trial, value, state=TrialState.PRUNED if value is None else TrialState.COMPLETE)
             sampler_s += time.perf_counter() - started
     return sampler_s, evaluate_s
 
 
-def solve(task: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every strategy × seed of one problem (``task`` is plain data: it crosses a process boundary)."""
+def solve(task: Mapping[str, Any]) -> dict[str, Any]:
+    """Every strategy × seed of one problem (``task`` is plain data: it crosses a process boundary):
+    ``{"runs": [...], "spearman": [...]}``."""
     import optuna
     import torch
 
@@ -98,17 +120,20 @@ def solve(task: Mapping[str, Any]) -> list[dict[str, Any]]:
     problem: Problem = task["problem"]
     runtime = StudyRuntime(load_study_file(Path(task["study"])))
     factories: dict[str, Strategy] = strategies()
-    results = []
+    results, agreement = [], []
     try:
         secret = runtime.evaluate(runtime.space.block_params(problem.secret), runtime.jobs).value
         midpoint = runtime.evaluate(runtime.space.block_params(_midpoint(runtime)), runtime.jobs).value
         for name, seed in task["runs"]:
-            study = optuna.create_study(direction="maximize", sampler=factories[name](seed))
+            pruner = _pruner(task)
+            study = optuna.create_study(
+                direction="maximize", sampler=factories[name.removesuffix(MF)](seed), pruner=pruner
+            )
             if task["baselines"]:  # as `automerge optimize` does: pure A, pure B, uniform 0.5 first
                 for baseline in runtime.space.baselines():
                     study.enqueue_trial(baseline.values)
             sampler_s, evaluate_s = _evaluate_batch(runtime, study, task["trials"], task["workers"])
-            values = [t.value for t in study.trials]
+            values = [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in study.trials]
             run = Run(
                 problem.name,
                 problem.family,
@@ -121,11 +146,47 @@ def solve(task: Mapping[str, Any]) -> list[dict[str, Any]]:
                 values,
                 sampler_s / len(values),
                 evaluate_s / len(values),
+                [value is not None for value in values],
             )
             results.append(asdict(run))
+        if task["spearman"] and runtime.preview_jobs:
+            agreement.append(_spearman(runtime, problem, points=task["spearman"]))
     finally:
         runtime.close()
-    return results
+    return {"runs": results, "spearman": agreement}
+
+
+def _spearman(runtime: Any, problem: Problem, *, points: int) -> dict[str, Any]:
+    """Spearman's ρ between the preview's and the full payload's values on ``points`` random points."""
+    import random
+
+    from scipy.stats import spearmanr
+
+    rng = random.Random(problem.name)
+    previews, fulls = [], []
+    for _ in range(points):
+        params = runtime.space.block_params(
+            {d.name: rng.uniform(d.low, d.high) for d in runtime.space.dimensions}
+        )
+        previews.append(runtime.evaluate(params, runtime.preview_jobs[0]).value)
+        fulls.append(runtime.evaluate(params, runtime.jobs).value)
+    return {
+        "problem": problem.name,
+        "family": problem.family,
+        "rho": float(spearmanr(previews, fulls).statistic),
+    }
+
+
+def _pruner(task: Mapping[str, Any]) -> Any:
+    """With previews, the product's promotion rule (``FidelityPruner``); else none."""
+    import optuna
+
+    from automerge.study.pruners import FidelityPruner
+
+    if not task["promote"]:
+        return optuna.pruners.NopPruner()
+    inner = optuna.pruners.NopPruner()
+    return FidelityPruner(rungs=1, promote=task["promote"], startup_trials=10, inner=inner)
 
 
 def _midpoint(runtime: Any) -> dict[str, float]:
@@ -138,18 +199,24 @@ def _midpoint(runtime: Any) -> dict[str, float]:
 def _tasks(
     args: argparse.Namespace, problems: Sequence[Problem], done: set[str], work: Path
 ) -> list[dict[str, Any]]:
-    payload = write_payload(work, px=args.px, steps=args.steps, seeds=range(1, args.images + 1))
+    preview = args.preview or None
+    payload = write_payload(
+        work, px=args.px, steps=args.steps, seeds=range(1, args.images + 1), preview=preview
+    )
     models = {family: write_models(work / "models", family) for family in {p.family for p in problems}}
+    labels = [name + MF if preview else name for name in args.strategies]
     tasks = []
     for problem in problems:
         runs = [
-            (name, seed)
-            for name in args.strategies
+            (label, seed)
+            for label in labels
             for seed in range(args.seeds)
-            if f"{problem.name}/{name}/{seed}/w{args.workers}" not in done
+            if f"{problem.name}/{label}/{seed}/w{args.workers}" not in done
         ]
-        if runs:
-            study = write_study(problem, work / "studies", models[problem.family], payload=payload)
+        if runs or args.spearman:
+            study = write_study(
+                problem, work / "studies", models[problem.family], payload=payload, previews=bool(preview)
+            )
             tasks.append(
                 {
                     "problem": problem,
@@ -158,6 +225,8 @@ def _tasks(
                     "trials": args.trials,
                     "workers": args.workers,
                     "baselines": not args.no_baselines,
+                    "promote": args.promote if preview else 0.0,
+                    "spearman": args.spearman,
                 }
             )
     return tasks
@@ -190,6 +259,7 @@ def summary(runs: Sequence[Run], checkpoints: Sequence[int]) -> list[dict[str, A
                     if c <= trials
                 },
                 "trials_to_level": bootstrap_median([trials_to(curve, LEVEL) for curve in curves]),
+                "full_renders_to_level": bootstrap_median([trials_to(r.full_curve(), LEVEL) for r in group]),
                 "sampler_s": bootstrap_median([r.sampler_s for r in group]),
                 "evaluate_s": bootstrap_median([r.evaluate_s for r in group]),
             }
@@ -199,7 +269,7 @@ def summary(runs: Sequence[Run], checkpoints: Sequence[int]) -> list[dict[str, A
 
 def table(rows: Sequence[Mapping[str, Any]], checkpoints: Sequence[int]) -> str:
     head = ["family", "strategy", "workers", "runs", *(f"gap closed @{c}" for c in checkpoints)]
-    head += [f"trials to {LEVEL:.0%}", "sampler s/trial", "eval s/trial"]
+    head += [f"trials to {LEVEL:.0%}", f"full renders to {LEVEL:.0%}", "sampler s/trial", "eval s/trial"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["family"], row["strategy"], str(row["workers"]), str(row["runs"])]
@@ -209,7 +279,8 @@ def table(rows: Sequence[Mapping[str, Any]], checkpoints: Sequence[int]) -> str:
             else "—"
             for c in checkpoints
         ]
-        cells.append(interval_text(row["trials_to_level"], lambda v: "∞" if math.isinf(v) else f"{v:.0f}"))
+        for key in ("trials_to_level", "full_renders_to_level"):
+            cells.append(interval_text(row[key], lambda v: "∞" if math.isinf(v) else f"{v:.0f}"))
         cells += [interval_text(row[k], lambda v: f"{v:.3f}") for k in ("sampler_s", "evaluate_s")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -230,7 +301,13 @@ def plots(runs: Sequence[Run], folder: Path, *, workers: int) -> list[Path]:
     return paths
 
 
-def save(path: Path, args: argparse.Namespace, runs: Sequence[Run], started: float) -> None:
+def save(
+    path: Path,
+    args: argparse.Namespace,
+    runs: Sequence[Run],
+    started: float,
+    agreement: Sequence[Mapping[str, Any]],
+) -> None:
     write_json(
         path,
         {
@@ -240,6 +317,7 @@ def save(path: Path, args: argparse.Namespace, runs: Sequence[Run], started: flo
             },
             "summary": summary(runs, CHECKPOINTS),
             "runs": [asdict(r) for r in runs],
+            "spearman": list(agreement),
             "wall_seconds": time.perf_counter() - started,
         },
     )
@@ -255,6 +333,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=1, help="strategy seeds per problem")
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--workers", type=int, default=1, help="simulated concurrent workers")
+    parser.add_argument("--preview", default="", help="multi-fidelity: the cheaper fidelity, e.g. steps:1")
+    parser.add_argument("--promote", type=float, default=0.34, help="with --preview: fraction promoted")
+    parser.add_argument(
+        "--spearman", type=int, default=0, help="with --preview: N random points ranked twice"
+    )
     parser.add_argument(
         "--no-baselines", action="store_true", help="do not enqueue A, B and uniform 0.5 first"
     )
@@ -271,13 +354,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.families = [f for f in args.families.split(",") if f]
     args.strategies = [s for s in args.strategies.split(",") if s]
     args.kinds = {k: int(n) for k, n in (item.split(":") for item in args.kinds.split(",") if item)}
+    args.preview = {k: int(n) for k, n in (item.split(":") for item in args.preview.split(",") if item)}
     unknown = sorted(set(args.strategies) - set(strategies()))
     if unknown:
         parser.error(f"unknown strategies {unknown}; known: {', '.join(strategies())}")
     return args
 
 
-def _solved(tasks: Sequence[Mapping[str, Any]], *, processes: int) -> Iterator[list[dict[str, Any]]]:
+def _solved(tasks: Sequence[Mapping[str, Any]], *, processes: int) -> Iterator[dict[str, Any]]:
     """Each task's runs as it finishes: in this process for ``processes`` 1, else in a pool."""
     if processes == 1:
         yield from (solve(task) for task in tasks)
@@ -297,8 +381,10 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
         f"{len(problems)} problems, {sum(len(t['runs']) for t in tasks)} runs to do ({len(runs)} on file)",
         flush=True,
     )
+    agreement: list[Mapping[str, Any]] = []
     for results in _solved(tasks, processes=args.processes):
-        for data in results:
+        agreement += results["spearman"]
+        for data in results["runs"]:
             runs.append(Run(**data))
             curve = runs[-1].curve()
             print(
@@ -307,8 +393,15 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
                 + f", sampler {data['sampler_s']:.3f}s [{time.perf_counter() - started:.0f}s]",
                 flush=True,
             )
-        save(args.json, args, runs, started)
-    selected = [r for r in runs if r.problem in {p.name for p in problems} and r.strategy in args.strategies]
+        save(args.json, args, runs, started, agreement)
+    names = {p.name for p in problems}
+    selected = [r for r in runs if r.problem in names and r.strategy.removesuffix(MF) in args.strategies]
+    for family in sorted({a["family"] for a in agreement}):
+        rhos = [a["rho"] for a in agreement if a["family"] == family]
+        print(
+            f"{family}: Spearman ρ preview/full, median over {len(rhos)} problems: "
+            + interval_text(bootstrap_median(rhos), lambda v: f"{v:.2f}")
+        )
     print(table(summary(selected, CHECKPOINTS), CHECKPOINTS))
     for path in plots(selected, args.json.parent, workers=args.workers):
         print(f"wrote {path}")
