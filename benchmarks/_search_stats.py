@@ -47,13 +47,23 @@ def trials_to(curve: Sequence[float], level: float) -> float:
 
 def bootstrap_median(values: Sequence[float], *, seed: int = 0) -> tuple[float, float, float]:
     """(median, low, high): the median and its 90 % percentile-bootstrap interval over ``values``."""
+    return _bootstrap(values, statistics.median, seed=seed)
+
+
+def bootstrap_mean(values: Sequence[float], *, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its 90 % percentile-bootstrap interval over ``values``."""
+    return _bootstrap(values, statistics.fmean, seed=seed)
+
+
+def _bootstrap(
+    values: Sequence[float], statistic: Callable[[Sequence[float]], float], *, seed: int
+) -> tuple[float, float, float]:
     rng = random.Random(seed)
-    n = len(values)
-    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(BOOTSTRAP_REPS))
+    estimates = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(BOOTSTRAP_REPS))
     tail = (1 - CONFIDENCE) / 2
-    low = medians[int(tail * BOOTSTRAP_REPS)]
-    high = medians[min(BOOTSTRAP_REPS - 1, int((1 - tail) * BOOTSTRAP_REPS))]
-    return statistics.median(values), low, high
+    low = estimates[int(tail * BOOTSTRAP_REPS)]
+    high = estimates[min(BOOTSTRAP_REPS - 1, int((1 - tail) * BOOTSTRAP_REPS))]
+    return statistic(values), low, high
 
 
 def interval_text(estimate: tuple[float, float, float], fmt: Callable[[float], str]) -> str:

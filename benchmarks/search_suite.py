@@ -14,10 +14,11 @@ Measured per run: the best-so-far value after every trial as gap closed (``_sear
 uniform 0.5, 1 = the secret), trials to 90 % gap closed, the sampler's own seconds per trial (the
 gap between evaluations, the suggest calls included) and the evaluation seconds per trial. Reported
 per family and strategy: medians over problems × seeds with 90 % bootstrap intervals, a Markdown table,
-best-so-far PNG curves, and every run in the JSON. Runs are written as they finish, and a rerun with
+best-so-far PNG curves, and every run in the JSON (tables: ``_search_report.py``). Runs are written as they finish, and a rerun with
 the same ``--json`` skips the runs it already has::
 
     python benchmarks/search_suite.py                                  # the full suite (hours)
+    python benchmarks/search_suite.py --report results/search_suite.json results/search_suite_mf.json
     python benchmarks/search_suite.py --families sd1 --kinds groups:2 --strategies gp,random --trials 30
 """
 
@@ -26,52 +27,19 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from _common import RESULTS, machine_info, write_json
 from _search_problems import KINDS, Problem, suite, write_models, write_payload, write_study
-from _search_stats import bootstrap_median, gap_curve, interval_text, plot_curves, trials_to
+from _search_report import CHECKPOINTS, MF, Run, load_runs, paired, paired_table, plots, summary, table
+from _search_stats import bootstrap_median, interval_text
 from _search_strategies import Strategy, strategies
 
 DEFAULT_JSON = RESULTS / "search_suite.json"
-CHECKPOINTS = (25, 50, 100, 200)
-LEVEL = 0.9  # "good": 90 % of the gap closed
-MF = "+mf"  # the label of a strategy run with previews
-
-
-@dataclass(frozen=True)
-class Run:
-    problem: str
-    family: str
-    kind: str
-    strategy: str
-    seed: int
-    workers: int
-    optimum: float
-    midpoint: float
-    values: list[float | None]  # every trial's value, in order (None: stopped after its preview)
-    sampler_s: float  # mean per trial
-    evaluate_s: float  # mean per trial
-    full: list[bool] = field(default_factory=list)  # which trials rendered the full payload ([]: all)
-
-    @property
-    def key(self) -> str:
-        return f"{self.problem}/{self.strategy}/{self.seed}/w{self.workers}"
-
-    def curve(self) -> list[float]:
-        """Gap closed after each trial."""
-        return gap_curve(self.values, optimum=self.optimum, midpoint=self.midpoint)
-
-    def full_curve(self) -> list[float]:
-        """Gap closed after each full-cost render (the same as ``curve`` without previews)."""
-        full = self.full or [True] * len(self.values)
-        values = [value for value, rendered in zip(self.values, full, strict=True) if rendered]
-        return gap_curve(values, optimum=self.optimum, midpoint=self.midpoint)
 
 
 # -- one problem, in a worker process ---------------------------------------------------------------
@@ -87,11 +55,14 @@ def _value(runtime: Any, trial: Any, values: Mapping[str, float]) -> float | Non
     return runtime.evaluate(params, runtime.jobs).value
 
 
-def _evaluate_batch(runtime: Any, study: Any, strategy_trials: int, workers: int) -> tuple[float, float]:
-    """Run the study's trials ``workers`` at a time; (sampler seconds, evaluation seconds) in total."""
+def _evaluate_batch(
+    runtime: Any, study: Any, strategy_trials: int, workers: int
+) -> tuple[float, list[float]]:
+    """Run the study's trials ``workers`` at a time: (sampler seconds in total, each trial's
+    evaluation seconds in trial order)."""
     from optuna.trial import TrialState
 
-    sampler_s = evaluate_s = 0.0
+    sampler_s, seconds = 0.0, []
     while len(study.trials) < strategy_trials:
         started = time.perf_counter()
         asked = [study.ask() for _ in range(min(workers, strategy_trials - len(study.trials)))]
@@ -100,11 +71,11 @@ def _evaluate_batch(runtime: Any, study: Any, strategy_trials: int, workers: int
         for trial, values in zip(asked, proposals, strict=True):
             started = time.perf_counter()
             value = _value(runtime, trial, values)
-            evaluate_s += time.perf_counter() - started
+            seconds.append(time.perf_counter() - started)
             started = time.perf_counter()
             study.tell(trial, value, state=TrialState.PRUNED if value is None else TrialState.COMPLETE)
             sampler_s += time.perf_counter() - started
-    return sampler_s, evaluate_s
+    return sampler_s, seconds
 
 
 def solve(task: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,7 +103,7 @@ def solve(task: Mapping[str, Any]) -> dict[str, Any]:
             if task["baselines"]:  # as `automerge optimize` does: pure A, pure B, uniform 0.5 first
                 for baseline in runtime.space.baselines():
                     study.enqueue_trial(baseline.values)
-            sampler_s, evaluate_s = _evaluate_batch(runtime, study, task["trials"], task["workers"])
+            sampler_s, seconds = _evaluate_batch(runtime, study, task["trials"], task["workers"])
             values = [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in study.trials]
             run = Run(
                 problem.name,
@@ -145,8 +116,9 @@ def solve(task: Mapping[str, Any]) -> dict[str, Any]:
                 midpoint,
                 values,
                 sampler_s / len(values),
-                evaluate_s / len(values),
+                sum(seconds) / len(values),
                 [value is not None for value in values],
+                seconds,
             )
             results.append(asdict(run))
         if task["spearman"] and runtime.preview_jobs:
@@ -232,75 +204,6 @@ def _tasks(
     return tasks
 
 
-def load_runs(path: Path) -> list[Run]:
-    if not path.exists():
-        return []
-    data = json.loads(path.read_text())
-    return [Run(**run) for run in data.get("runs", [])]
-
-
-def summary(runs: Sequence[Run], checkpoints: Sequence[int]) -> list[dict[str, Any]]:
-    """Per (family, strategy, workers): gap closed at each checkpoint and trials to ``LEVEL``, as
-    medians with 90 % bootstrap intervals over runs; sampler and evaluation seconds per trial."""
-    rows = []
-    for family, strategy, workers in sorted({(r.family, r.strategy, r.workers) for r in runs}):
-        group = [r for r in runs if (r.family, r.strategy, r.workers) == (family, strategy, workers)]
-        curves = [r.curve() for r in group]
-        trials = min(len(c) for c in curves)
-        rows.append(
-            {
-                "family": family,
-                "strategy": strategy,
-                "workers": workers,
-                "runs": len(group),
-                "gap_closed": {
-                    str(c): bootstrap_median([curve[c - 1] for curve in curves])
-                    for c in checkpoints
-                    if c <= trials
-                },
-                "trials_to_level": bootstrap_median([trials_to(curve, LEVEL) for curve in curves]),
-                "full_renders_to_level": bootstrap_median([trials_to(r.full_curve(), LEVEL) for r in group]),
-                "sampler_s": bootstrap_median([r.sampler_s for r in group]),
-                "evaluate_s": bootstrap_median([r.evaluate_s for r in group]),
-            }
-        )
-    return rows
-
-
-def table(rows: Sequence[Mapping[str, Any]], checkpoints: Sequence[int]) -> str:
-    head = ["family", "strategy", "workers", "runs", *(f"gap closed @{c}" for c in checkpoints)]
-    head += [f"trials to {LEVEL:.0%}", f"full renders to {LEVEL:.0%}", "sampler s/trial", "eval s/trial"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [row["family"], row["strategy"], str(row["workers"]), str(row["runs"])]
-        cells += [
-            interval_text(row["gap_closed"][str(c)], lambda v: f"{v:.2f}")
-            if str(c) in row["gap_closed"]
-            else "—"
-            for c in checkpoints
-        ]
-        for key in ("trials_to_level", "full_renders_to_level"):
-            cells.append(interval_text(row[key], lambda v: "∞" if math.isinf(v) else f"{v:.0f}"))
-        cells += [interval_text(row[k], lambda v: f"{v:.3f}") for k in ("sampler_s", "evaluate_s")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plots(runs: Sequence[Run], folder: Path, *, workers: int) -> list[Path]:
-    paths = []
-    for family in sorted({r.family for r in runs}):
-        curves: dict[str, list[list[float]]] = {}
-        for run in runs:
-            if run.family == family and run.workers == workers:
-                curves.setdefault(run.strategy, []).append(run.curve())
-        path = folder / f"search_suite_{family}_w{workers}.png"
-        plot_curves(
-            path, curves, title=f"{family}: median gap closed (90% bootstrap band), {workers} worker(s)"
-        )
-        paths.append(path)
-    return paths
-
-
 def save(
     path: Path,
     args: argparse.Namespace,
@@ -350,6 +253,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--workdir", type=Path, default=RESULTS / "search_suite_work")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument(
+        "--report", type=Path, nargs="+", default=[], help="only tables and plots from these result files"
+    )
+    parser.add_argument("--default", default="auto", help="with --report: the strategy compared pairwise")
     args = parser.parse_args(argv)
     args.families = [f for f in args.families.split(",") if f]
     args.strategies = [s for s in args.strategies.split(",") if s]
@@ -373,40 +280,77 @@ def _solved(tasks: Sequence[Mapping[str, Any]], *, processes: int) -> Iterator[d
 
 def main(argv: Sequence[str] | None = None) -> list[Run]:
     args = parse_args(argv)
+    if args.report:
+        report(args.report, default=args.default)
+        return []
     started = time.perf_counter()
     runs = load_runs(args.json)
+    agreement = load_agreement(args.json)
     problems = suite(args.families, seed=args.problem_seed, kinds=args.kinds)
     tasks = _tasks(args, problems, {r.key for r in runs}, args.workdir)
     print(
         f"{len(problems)} problems, {sum(len(t['runs']) for t in tasks)} runs to do ({len(runs)} on file)",
         flush=True,
     )
-    agreement: list[Mapping[str, Any]] = []
     for results in _solved(tasks, processes=args.processes):
         agreement += results["spearman"]
         for data in results["runs"]:
             runs.append(Run(**data))
-            curve = runs[-1].curve()
-            print(
-                f"  {data['problem']} {data['strategy']} seed {data['seed']}: gap closed "
-                + " ".join(f"@{c} {curve[c - 1]:.2f}" for c in (*CHECKPOINTS, len(curve)) if c <= len(curve))
-                + f", sampler {data['sampler_s']:.3f}s [{time.perf_counter() - started:.0f}s]",
-                flush=True,
-            )
+            print(f"  {_run_line(runs[-1])} [{time.perf_counter() - started:.0f}s]", flush=True)
         save(args.json, args, runs, started, agreement)
     names = {p.name for p in problems}
     selected = [r for r in runs if r.problem in names and r.strategy.removesuffix(MF) in args.strategies]
-    for family in sorted({a["family"] for a in agreement}):
-        rhos = [a["rho"] for a in agreement if a["family"] == family]
-        print(
-            f"{family}: Spearman ρ preview/full, median over {len(rhos)} problems: "
-            + interval_text(bootstrap_median(rhos), lambda v: f"{v:.2f}")
-        )
-    print(table(summary(selected, CHECKPOINTS), CHECKPOINTS))
-    for path in plots(selected, args.json.parent, workers=args.workers):
+    print(_spearman_text(agreement))
+    print(table(summary(selected)))
+    for path in plots(selected, args.json.parent, name=args.json.stem):
         print(f"wrote {path}")
     print(f"wrote {args.json}")
     return selected
+
+
+def _run_line(run: Run) -> str:
+    curve = run.curve()
+    checkpoints = [c for c in dict.fromkeys((*CHECKPOINTS, len(curve))) if c <= len(curve)]
+    return (
+        f"{run.problem} {run.strategy} seed {run.seed}: gap closed "
+        + " ".join(f"@{c} {curve[c - 1]:.2f}" for c in checkpoints)
+        + f", sampler {run.sampler_s:.3f}s/trial"
+    )
+
+
+def _spearman_text(agreement: Sequence[Mapping[str, Any]]) -> str:
+    lines = []
+    for family in sorted({a["family"] for a in agreement}):
+        rhos = [a["rho"] for a in agreement if a["family"] == family]
+        lines.append(
+            f"{family}: Spearman ρ preview/full, median over {len(rhos)} problems: "
+            + interval_text(bootstrap_median(rhos), lambda v: f"{v:.2f}")
+        )
+    return "\n".join(lines)
+
+
+def load_agreement(path: Path) -> list[Mapping[str, Any]]:
+    return list(json.loads(path.read_text()).get("spearman", [])) if path.exists() else []
+
+
+def report(paths: Sequence[Path], *, default: str) -> None:
+    """Tables and plots from result files, running nothing: the first file's strategies side by
+    side with the default's paired differences; then each further file (concurrent workers,
+    previews) beside the first file's sequential runs of the same strategies on the same problems."""
+    first = load_runs(paths[0])
+    print(f"## {paths[0].name}\n\n{table(summary(first))}\n\n{paired_table(paired(first, default))}\n")
+    for path in plots(first, paths[0].parent, name=paths[0].stem):
+        print(f"wrote {path}")
+    for path in paths[1:]:
+        runs = load_runs(path)
+        keys = {(r.problem, r.strategy.removesuffix(MF)) for r in runs}
+        beside = [r for r in first if r.workers == 1 and (r.problem, r.strategy) in keys]
+        print(f"\n## {path.name}\n\n{table(summary([*beside, *runs]))}\n")
+        spearman = _spearman_text(load_agreement(path))
+        if spearman:
+            print(spearman + "\n")
+        for plot in plots([*beside, *runs], path.parent, name=path.stem):
+            print(f"wrote {plot}")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,28 @@ def test_a_slice_of_the_suite_runs_and_records_every_trial(search_suite, tmp_pat
         assert all(0.0 <= a <= b <= 1.0 for a, b in zip(curve, curve[1:], strict=False))
     summary = json.loads(out.read_text())["summary"]
     assert {(row["strategy"], row["runs"]) for row in summary} == {("random", 3), ("gp-rank", 3)}
-    assert (tmp_path / "search_suite_sd1_w1.png").stat().st_size > 0
+    assert (tmp_path / "suite_sd1.png").stat().st_size > 0
     assert "| sd1 | gp-rank | 1 | 3 |" in capsys.readouterr().out
     again = search_suite.main(args)  # a rerun finds every run on file and redoes none
     assert sorted(r.key for r in again) == sorted(r.key for r in runs)
+
+
+def test_the_report_pairs_runs_by_problem_and_finds_the_reference_level(search_suite) -> None:
+    from _search_report import Run, paired, reference_levels, summary
+
+    def run(strategy: str, problem: str, values: list[float]) -> Run:
+        return Run(problem, "sd1", "groups", strategy, 0, 1, 0.0, -1.0, values, 0.0, 1.0)
+
+    runs = [
+        run("random", "p0", [-0.5] * 200),  # gap closed 0.5 from trial 1
+        run("random", "p1", [-0.5] * 200),
+        run("auto", "p0", [-0.9] * 9 + [-0.4] + [-0.1] * 190),  # 0.6 at trial 10, 0.9 from 11
+        run("auto", "p1", [-0.05] * 200),
+    ]
+    assert reference_levels(runs) == {"sd1": 0.5}
+    rows = {row["strategy"]: row for row in summary(runs)}
+    assert rows["auto"]["trials_to_reference"][0] == 5.5  # median of 10 (p0) and 1 (p1)
+    assert rows["auto"]["seconds_to_level"][0] == 6.0  # 90 % after 11 trials (p0) and 1 (p1), 1 s each
+    (row,) = paired(runs, "auto")
+    assert (row["other"], row["pairs"]) == ("random", 2)
+    assert abs(row["difference"]["50"][0] - 0.425) < 1e-9  # mean of (0.9 − 0.5) and (0.95 − 0.5)
