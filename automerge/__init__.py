@@ -44,6 +44,7 @@ _PUBLIC = {
     "load_study_file": "automerge.study",
     "run_study": "automerge.study",
     "export_study": "automerge.study",
+    "find_study": "automerge.study",
     "open_study": "automerge.study",
     # tiny models of the real layouts
     "write_tiny": "automerge.tiny",

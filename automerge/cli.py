@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from automerge.errors import AutomergeError, ConfigError
+from automerge.errors import AutomergeError, ConfigError, StudyError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -230,10 +230,16 @@ def export(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder.")] = None,
 ) -> None:
     """Write recipe.yaml, model.safetensors and report.html for the best (or a given) trial."""
-    from automerge.study import export_study, load_study_file, open_study
+    from automerge.study import default_storage, export_study, find_study, load_study_file
 
     study_file = load_study_file(study)
-    export_study(study_file, study=open_study(study_file), trial_number=trial, out_dir=out, console=console)
+    stored = find_study(study_file)
+    if stored is None:
+        raise StudyError(
+            f"{study}: no study '{study_file.name}' in {default_storage(study_file)}; "
+            f"run automerge optimize {study} first (or set storage: to where it lives)"
+        )
+    export_study(study_file, study=stored, trial_number=trial, out_dir=out, console=console)
 
 
 @app.command()

@@ -24,7 +24,7 @@ STARTUP = 10
 def _product(name: str) -> Strategy:
     def factory(seed: int) -> optuna.samplers.BaseSampler:
         config = SamplerConfig(name=name, seed=seed, startup_trials=STARTUP)
-        return make_sampler(config, existing_trials=0)
+        return make_sampler(config)
 
     return factory
 

@@ -123,7 +123,7 @@ def sampler_config(study: StudyFile, name: str, *, seed: int, startup: int) -> S
 
 def study_sampler(study: StudyFile) -> optuna.samplers.BaseSampler:
     """The sampler ``automerge optimize`` builds for a new ``study``."""
-    return make_sampler(study.sampler, existing_trials=0)
+    return make_sampler(study.sampler)
 
 
 def run_one(

@@ -13,7 +13,7 @@ from automerge.study.config import (
 )
 from automerge.study.export import export_study
 from automerge.study.records import TrialRecord, best_trial
-from automerge.study.runner import RunSummary, open_study, run_study
+from automerge.study.runner import RunSummary, find_study, open_study, run_study
 from automerge.study.runtime import Evaluation, StudyRuntime
 from automerge.study.samplers import SAMPLERS, WarpedGPSampler, make_sampler
 
@@ -33,6 +33,7 @@ __all__ = [
     "export_study",
     "load_study_file",
     "make_sampler",
+    "find_study",
     "open_study",
     "parse_duration",
     "run_study",

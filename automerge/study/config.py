@@ -232,10 +232,11 @@ def load_study_file(path: Path | str) -> StudyFile:
 
 
 def default_storage(study: StudyFile) -> str:
-    """``sqlite:///<study dir>/<study file stem>.db`` unless the study names an Optuna RDB URL."""
-    if study.storage:
-        return study.storage
-    return f"sqlite:///{study.path.with_suffix('.db')}"
+    """The study's storage URL: ``storage:`` (SQLite, PostgreSQL or ``journal:PATH``; see
+    ``storage.py``), else ``sqlite:///<study dir>/<study file stem>.db``."""
+    from automerge.study.storage import storage_url
+
+    return storage_url(study.storage, study_path=study.path)
 
 
 def artifact_dir(study: StudyFile) -> Path:

@@ -30,6 +30,7 @@ from automerge.study.pruners import make_pruner
 from automerge.study.runtime import StudyRuntime, preview_rungs
 from automerge.study.samplers import make_sampler
 from automerge.study.stopping import ConsecutiveFailures, EarlyStopping
+from automerge.study.storage import open_storage, storage_exists
 
 MAX_CONSECUTIVE_FAILURES = 5
 
@@ -47,34 +48,50 @@ class RunSummary:
     timings: dict[str, list[float]] = field(default_factory=dict)
 
 
-def open_study(study: StudyFile) -> optuna.Study:
-    """Create or resume the study in its storage; a changed search problem is refused."""
-    storage = default_storage(study)
-    fingerprint = study.search_fingerprint()
+def find_study(study: StudyFile) -> optuna.Study | None:
+    """The study as stored, or None when its storage holds none (nothing is created); a changed
+    search problem is refused."""
+    url = default_storage(study)
+    if not storage_exists(url):
+        return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        existing = optuna.load_study(study_name=study.name, storage=storage)
+        existing = optuna.load_study(study_name=study.name, storage=open_storage(url))
     except KeyError:
-        existing = None
-    if existing is not None:
-        stored = existing.user_attrs.get(records.FINGERPRINT)
-        if stored is not None and stored != fingerprint:
-            raise StudyError(
-                f"{study.path}: study '{study.name}' in {storage} was made from a different search problem "
-                "(models, method, search, params, payloads or reward changed); give the study a new name, "
-                "or delete its storage to start over. Changing trials, timeout, early_stopping or export is fine."
-            )
-    count = len(existing.trials) if existing is not None else 0
-    result = optuna.create_study(
-        study_name=study.name,
-        storage=storage,
-        direction="maximize",
-        load_if_exists=True,
-        sampler=make_sampler(study.sampler, existing_trials=count),
-        pruner=make_pruner(study, rungs=preview_rungs(study)),
-    )
-    result.set_user_attr(records.FINGERPRINT, fingerprint)
-    return result
+        return None
+    stored = existing.user_attrs.get(records.FINGERPRINT)
+    if stored is not None and stored != study.search_fingerprint():
+        raise StudyError(
+            f"{study.path}: study '{study.name}' in {url} was made from a different search problem "
+            "(models, method, search, params, payloads or reward changed); give the study a new name, "
+            "or delete its storage to start over. Changing trials, timeout, early_stopping or export is fine."
+        )
+    return existing
+
+
+def open_study(study: StudyFile) -> optuna.Study:
+    """Create or resume the study in its storage; a changed search problem is refused."""
+    return _create_or_load(study)[0]
+
+
+def _create_or_load(study: StudyFile) -> tuple[optuna.Study, bool]:
+    """(the study with its sampler and pruner, whether this call created it). Workers starting at
+    the same instant race to create it; the storage lets exactly one win (the study name is unique)."""
+    existing = find_study(study)
+    options = {
+        "study_name": study.name,
+        "storage": open_storage(default_storage(study)),
+        "sampler": make_sampler(study.sampler),
+        "pruner": make_pruner(study, rungs=preview_rungs(study)),
+    }
+    created = existing is None
+    try:
+        result = optuna.create_study(direction="maximize", load_if_exists=not created, **options)
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it meanwhile
+        created = False
+        result = optuna.load_study(**options)
+    result.set_user_attr(records.FINGERPRINT, study.search_fingerprint())
+    return result, created
 
 
 @contextlib.contextmanager
@@ -97,8 +114,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def enqueue_baselines(study: optuna.Study, runtime: StudyRuntime) -> None:
     """Pure A, pure B and uniform 0.5 (every dimension at low / high / mid) first, on a new study."""
-    if study.trials:
-        return
     for baseline in runtime.space.baselines():
         study.enqueue_trial(baseline.values, user_attrs=records.baseline_attrs(baseline.label))
 
@@ -119,30 +134,37 @@ def run_study(
     """Run (or resume) a study. ``extra_trials``: run exactly that many more, ignoring the budget and
     early stopping (Optuna's ``n_trials``); else continue to the study's total ``trials``."""
     console = console or Console()
-    # 1. Storage and resume checks, before any model is loaded.
-    study = open_study(study_file)
+    # 1. Storage and resume checks, before any model is loaded; nothing is created yet.
+    study = find_study(study_file)
     stopping = _early_stopping(study_file) if extra_trials is None else None
     remaining = _remaining_trials(study, study_file, extra_trials, stopping, console)
-    # 2. The folders the run writes to, before hours of trials that could not be saved at the end.
-    store = FileSystemArtifactStore(
-        str(writable_folder(artifact_dir(study_file), fix="check the permissions of the study file's folder"))
-    )
-    if export:
-        writable_folder(export_dir(study_file), fix="set export.dir in the study file")
-    summary = RunSummary(study_file.name, 0, finished_count(study), None, None, "")
+    summary = RunSummary(study_file.name, 0, finished_count(study) if study else 0, None, None, "")
     runtime: StudyRuntime | None = None
     try:
-        # 3. The resident runtime (sources on the device, pipeline, reward), then the trials.
         if remaining > 0:
+            # 2. The resident runtime (every check of models, space and payloads, then the sources on
+            #    the device, the pipeline, the reward).
             runtime = StudyRuntime(study_file, device=device)
+            # 3. The folders the run writes to, before hours of trials that could not be saved.
+            store = FileSystemArtifactStore(
+                str(
+                    writable_folder(
+                        artifact_dir(study_file), fix="check the permissions of the study file's folder"
+                    )
+                )
+            )
+            if export:
+                writable_folder(export_dir(study_file), fix="set export.dir in the study file")
+            # 4. The study: created by exactly one worker, which queues the baselines.
+            study, created = _create_or_load(study_file)
             study.set_user_attr(records.MERGE_DEVICE, str(runtime.device))
-            if study_file.baselines:
+            if created and study_file.baselines:
                 enqueue_baselines(study, runtime)
             timeout = timeout if timeout is not None else study_file.timeout_seconds
             _optimize(study, runtime, summary, store, remaining, extra_trials, timeout, stopping, console)
-        # 4. Export the best trial so far (also after an interruption).
-        best = records.best_trial(study.get_trials(deepcopy=False))
-        summary.completed = finished_count(study)
+        # 5. Export the best trial so far (also after an interruption).
+        best = records.best_trial(study.get_trials(deepcopy=False)) if study is not None else None
+        summary.completed = finished_count(study) if study is not None else 0
         if best is not None:
             summary.best_trial, summary.best_value = best.number, best.value
             if export:
@@ -161,7 +183,7 @@ def _early_stopping(study_file: StudyFile) -> EarlyStopping | None:
 
 
 def _remaining_trials(
-    study: optuna.Study,
+    study: optuna.Study | None,
     study_file: StudyFile,
     extra_trials: int | None,
     stopping: EarlyStopping | None,
@@ -170,6 +192,8 @@ def _remaining_trials(
     """Trials to run now: ``extra_trials``, else what is left of the budget (0 once stopped early)."""
     if extra_trials is not None:
         return extra_trials
+    if study is None:
+        return study_file.trials
     decision = stopping.decide(study) if stopping is not None else None
     if decision is not None and decision.stop:
         console.print(f"[yellow]{decision.reason}[/]; run with --trials N to run N more anyway")

@@ -1,5 +1,5 @@
-"""Optuna samplers by name. Seeds are offset by the number of trials already in the study so a
-resumed run does not replay the random proposals of the first one.
+"""Optuna samplers by name, each seeded per trial from (study seed, trial number): a resumed run does
+not replay the first run's proposals, and workers sharing a study do not propose the same points.
 
 ``auto``, the default, is Optuna's GP fitted to a log-gap warp of the values (``log_gap``): chosen on
 the search suite (``benchmarks/search_suite.py``, BENCHMARKS.md), where it closed more of the gap to
@@ -10,14 +10,15 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
+from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.study import Study, StudyDirection
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from automerge.registry import Registry
 
@@ -114,9 +115,63 @@ for _name, _factory in (
     SAMPLERS.register(_name, _factory)
 
 
-def make_sampler(config: SamplerConfig, *, existing_trials: int) -> optuna.samplers.BaseSampler:
-    """The sampler, built without Optuna's ExperimentalWarning: TPE's ``multivariate``, GP's
-    ``deterministic_objective`` and QMC are chosen on purpose, and the warning would print on every run."""
+def make_sampler(config: SamplerConfig) -> optuna.samplers.BaseSampler:
+    """The sampler, seeded per trial (``PerTrialSeeds``), built without Optuna's ExperimentalWarning:
+    TPE's ``multivariate``, GP's ``deterministic_objective`` and QMC are chosen on purpose, and the
+    warning would print on every run."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return SAMPLERS.get(config.name)(config, config.seed + existing_trials)
+        return PerTrialSeeds(SAMPLERS.get(config.name)(config, config.seed), seed=config.seed)
+
+
+def trial_seed(seed: int, trial_number: int) -> int:
+    """The random seed of one trial's proposal: a hash of the study's seed and the trial's number."""
+    return int(np.random.SeedSequence([seed, trial_number]).generate_state(1)[0])
+
+
+def reseed(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
+    """Seed every random state of ``sampler`` and of the samplers it holds (TPE's and GP's random
+    fallback) with ``seed``."""
+    for value in vars(sampler).values():
+        if isinstance(value, LazyRandomState):
+            value.rng.seed(seed)
+        elif isinstance(value, optuna.samplers.BaseSampler):
+            reseed(value, seed)
+
+
+class PerTrialSeeds(optuna.samplers.BaseSampler):
+    """``inner``, its random states reseeded before each trial from (study seed, trial number).
+
+    Trial numbers are unique in a study, whatever worker asks: workers that start at the same
+    instant on one study draw different proposals (a seed per sampler, as Optuna's, gives every worker
+    the same stream), while one worker rerun from the same storage state proposes the same points.
+    """
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, *, seed: int) -> None:
+        self.inner = inner
+        self.seed = seed
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        reseed(self.inner, trial_seed(self.seed, trial.number))
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()

@@ -16,7 +16,7 @@ from automerge.study.samplers import SAMPLERS, make_sampler
 def test_every_sampler_builds_without_experimental_warnings(name: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sampler = make_sampler(SamplerConfig(name=name, seed=3, startup_trials=5), existing_trials=2)
+        sampler = make_sampler(SamplerConfig(name=name, seed=3, startup_trials=5))
     assert isinstance(sampler, optuna.samplers.BaseSampler)
     assert [
         str(w.message) for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)
@@ -59,7 +59,7 @@ def test_auto_fits_its_gp_to_the_warped_values_and_the_study_keeps_the_real_ones
         return real(self, study, completed, running, space)
 
     monkeypatch.setattr(optuna.samplers.GPSampler, "_sample_relative_impl", spy)
-    sampler = make_sampler(SamplerConfig(name="auto", seed=0, startup_trials=4), existing_trials=0)
+    sampler = make_sampler(SamplerConfig(name="auto", seed=0, startup_trials=4))
     study = optuna.create_study(direction="maximize", sampler=sampler)
     study.optimize(lambda t: -((t.suggest_float("x", 0, 1) - 0.3) ** 2), n_trials=6)
     values = [t.value for t in study.trials]
@@ -69,3 +69,35 @@ def test_auto_fits_its_gp_to_the_warped_values_and_the_study_keeps_the_real_ones
 
 def test_auto_is_the_default_sampler() -> None:
     assert SamplerConfig().name == "auto"
+
+
+def _ask_together(storage: optuna.storages.BaseStorage, name: str, workers: int) -> list[float]:
+    """``workers`` workers on one study (each its own sampler, built at the same instant, as separate
+    processes would), each asking a trial before any is told: their proposals for x."""
+    config = SamplerConfig(name=name, seed=0, startup_trials=5)
+    studies = [
+        optuna.load_study(study_name="shared", storage=storage, sampler=make_sampler(config))
+        for _ in range(workers)
+    ]
+    trials = [study.ask() for study in studies]
+    values = [trial.suggest_float("x", 0.0, 1.0) for trial in trials]
+    for study, trial in zip(studies, trials, strict=True):
+        study.tell(trial, -values[0])
+    return values
+
+
+@pytest.mark.parametrize("name", ["random", "tpe", "auto", "cmaes"])
+def test_workers_that_start_together_propose_different_points(name: str) -> None:
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(study_name="shared", storage=storage)
+    first = _ask_together(storage, name, workers=3)
+    assert len(set(first)) == 3  # Optuna's one seed per sampler gave all three the same point
+
+
+def test_the_same_study_state_gives_the_same_proposals() -> None:
+    runs = []
+    for _ in range(2):
+        storage = optuna.storages.InMemoryStorage()
+        optuna.create_study(study_name="shared", storage=storage)
+        runs.append(_ask_together(storage, "random", workers=2) + _ask_together(storage, "tpe", workers=2))
+    assert runs[0] == runs[1]

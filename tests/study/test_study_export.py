@@ -10,7 +10,7 @@ from rich.console import Console
 from safetensors import safe_open
 
 from automerge.merge import load_recipe, plan_merge
-from automerge.study import StudyRuntime, default_storage, load_study_file, run_study
+from automerge.study import StudyRuntime, default_storage, find_study, load_study_file, run_study
 
 QUIET = Console(quiet=True)
 
@@ -103,8 +103,8 @@ def test_an_export_folder_that_cannot_be_created_fails_before_any_trial(make_stu
     else:
         raise AssertionError("an uncreatable export folder was not reported")
     study_file = load_study_file(path)
-    study = optuna.load_study(study_name=study_file.name, storage=default_storage(study_file))
-    assert study.trials == []  # nothing ran: the run would only have failed at its end
+    assert not path.with_suffix(".db").exists()  # checked first: not even the study was created
+    assert find_study(study_file) is None
 
 
 def test_export_command_names_an_uncreatable_output_folder(make_study, tmp_path: Path, capsys) -> None:

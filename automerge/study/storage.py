@@ -1,0 +1,119 @@
+"""Where a study lives: an Optuna storage named by URL, shared by every worker that runs the study.
+
+- ``sqlite:///PATH.db`` (the default: ``<study file stem>.db`` beside the study file): one machine;
+- ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB`` (any SQLAlchemy URL Optuna's RDB storage takes,
+  with its driver installed): many machines;
+- ``journal:PATH``: Optuna's journal file (append-only, file-locked) on a file system every worker
+  mounts; relative paths count from the study file's folder.
+
+RDB storages (SQLite, PostgreSQL) get heartbeats: a worker that dies (SIGKILL, power loss) stops
+beating, and after ``grace`` seconds the next worker marks its trial FAIL and re-runs it once.
+Optuna's journal storage has no heartbeat: a dead worker's trial stays RUNNING there.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from sqlalchemy.exc import SQLAlchemyError
+
+from automerge.errors import StudyError
+
+JOURNAL = "journal:"
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+CREATE_ATTEMPTS = 6  # workers creating a fresh SQLite file at the same instant race on its tables
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Seconds between a running trial's heartbeats, and of silence before it counts as dead."""
+
+    interval: int = 30
+    grace: int = 120
+
+
+def storage_url(configured: str | None, *, study_path: Path) -> str:
+    """The study's storage URL: ``configured`` (``storage:`` or ``--storage``), else SQLite beside
+    the study file; a journal path made absolute against the study file's folder."""
+    if not configured:
+        return f"sqlite:///{study_path.with_suffix('.db')}"
+    if configured.startswith(JOURNAL):
+        path = Path(configured.removeprefix(JOURNAL).removeprefix("//")).expanduser()
+        if not str(path) or str(path) == ".":
+            raise StudyError(f"{study_path}: storage: '{configured}' names no file; use journal:PATH")
+        return JOURNAL + str(path if path.is_absolute() else study_path.parent / path)
+    scheme = configured.split(":", 1)[0].split("+", 1)[0]
+    if "://" not in configured or scheme not in RDB_SCHEMES:
+        raise StudyError(
+            f"{study_path}: storage: '{configured}' is not a storage URL; use sqlite:///PATH.db, "
+            "postgresql+psycopg://USER@HOST/DB or journal:PATH"
+        )
+    return configured
+
+
+def open_storage(url: str, *, heartbeat: Heartbeat | None = Heartbeat()) -> optuna.storages.BaseStorage:
+    """The Optuna storage behind ``url`` (from ``storage_url``); RDB storages with ``heartbeat``."""
+    if url.startswith(JOURNAL):
+        path = Path(url.removeprefix(JOURNAL))
+        if not path.parent.is_dir():
+            raise StudyError(
+                f"storage: {url}: folder {path.parent} does not exist; create it or fix the path"
+            )
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    options = {}
+    if heartbeat is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
+        options = {
+            "heartbeat_interval": heartbeat.interval,
+            "grace_period": heartbeat.grace,
+            "heartbeat_stale_trial_callback": retry,
+        }
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, **options)
+        except ImportError as error:
+            raise StudyError(
+                f"storage: {_redacted(url)} needs a database driver that is not installed ({error}); "
+                "for PostgreSQL: pip install 'psycopg[binary]'"
+            ) from None
+        except SQLAlchemyError as error:
+            if attempt + 1 < CREATE_ATTEMPTS and url.startswith("sqlite") and _is_race(error):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise StudyError(
+                f"storage: cannot open {_redacted(url)}: {type(error).__name__}: {error}"
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def _is_race(error: Exception) -> bool:
+    """A fresh SQLite file's schema created by two workers at once, or the file locked meanwhile."""
+    text = str(error)
+    return "UNIQUE constraint failed" in text or "database is locked" in text or "already exists" in text
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password."""
+    head, sep, tail = url.partition("://")
+    if not sep or "@" not in tail:
+        return url
+    credentials, at, rest = tail.partition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{head}://{user}:***{at}{rest}" if ":" in credentials else url
+
+
+def storage_exists(url: str) -> bool:
+    """False when the storage is a file (SQLite, journal) not written yet: nothing to load from it,
+    and opening it would create it. Database servers always count as existing."""
+    for prefix in ("sqlite:///", JOURNAL):
+        if url.startswith(prefix):
+            return Path(url.removeprefix(prefix)).exists()
+    return True
