@@ -33,13 +33,19 @@ class Objective:
         *,
         store: FileSystemArtifactStore,
         on_trial: Callable[[int, Evaluation], None],
+        budget: int | None = None,
     ) -> None:
         self.runtime = runtime
         self.store = store
         self.on_trial = on_trial  # called with (trial number, evaluation) after each completed trial
+        self.budget = budget  # the study's total trials, shared by every worker (None: no limit)
         self.last_finished = time.perf_counter()
 
     def __call__(self, trial: optuna.Trial) -> float:
+        if self.budget is not None and places_before(trial) >= self.budget:
+            records.write_failure(trial, records.OVER_BUDGET)
+            trial.study.stop()
+            raise TrialFailed(records.OVER_BUDGET)
         try:
             # 1. Proposal: the gap since the last trial ended (Optuna's own work) plus the suggest calls,
             #    where Optuna 5 computes multivariate proposals (GP, CMA-ES, multivariate TPE).
@@ -104,6 +110,14 @@ class Objective:
                     artifact_store=self.store, file_path=str(path), study_or_trial=trial, mimetype="image/png"
                 )
         return ids
+
+
+def places_before(trial: optuna.Trial) -> int:
+    """How many trials numbered before ``trial`` hold a place in the budget (counted, running or
+    queued). Trial numbers are given by the storage in order, so when workers race for the last place
+    exactly the lower number gets it."""
+    taken = trial.study.get_trials(deepcopy=False, states=records.TAKEN_STATES)
+    return sum(1 for other in taken if other.number < trial.number)
 
 
 def _reporter(trial: optuna.Trial) -> Report:

@@ -35,8 +35,14 @@ STOPPED = "automerge.stopped"
 INTERRUPTED = "interrupted"
 """The fail reason of a trial stopped by Ctrl-C or SIGTERM."""
 
+OVER_BUDGET = "not run: other workers had already started the study's last trials"
+"""The fail reason of a trial asked for by a worker after the budget was taken (a race)."""
+
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 """Trials that count toward a study's ``trials`` budget."""
+
+TAKEN_STATES = (*BUDGET_STATES, TrialState.RUNNING, TrialState.WAITING)
+"""Trials that hold a place in the budget: counted, running or queued."""
 
 _DIGITS = 6  # stored scores and timings are rounded to this many decimals
 

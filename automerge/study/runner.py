@@ -225,7 +225,8 @@ def _optimize(
         callbacks.append(optuna.study.MaxTrialsCallback(runtime.study.trials, states=records.BUDGET_STATES))
     if stopping is not None:
         callbacks.append(stopping)
-    objective = Objective(runtime, store=store, on_trial=progress.update)
+    budget = runtime.study.trials if extra_trials is None else None
+    objective = Objective(runtime, store=store, on_trial=progress.update, budget=budget)
     with sigterm_as_interrupt(), progress:
         try:
             study.optimize(

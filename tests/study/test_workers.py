@@ -1,0 +1,67 @@
+"""Several workers on one study (issue 13): separate processes started at the same instant on one
+study file, as a user with several GPUs does. Exactly the budget, no point twice, the baselines
+once, every complete trial with its images; on SQLite and on Optuna's journal file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from automerge.study import find_study, load_study_file
+from automerge.study.storage import storage_url
+
+WORKER = "import sys; from automerge.cli import main; sys.argv = ['automerge', *sys.argv[1:]]; main()"
+
+
+def _start_workers(study: Path, count: int) -> list[subprocess.Popen[str]]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, "optimize", str(study)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", [None, "journal:study.journal"], ids=["sqlite", "journal"])
+def test_three_workers_run_exactly_the_budget_with_distinct_points_and_the_baselines_once(
+    make_study, storage: str | None
+) -> None:
+    path = make_study(trials=9, baselines=True, storage=storage, sampler={"name": "random", "seed": 0})
+    workers = _start_workers(path, 3)
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0, 0], "\n".join(o[-1500:] for o in outputs)
+
+    study = find_study(load_study_file(path))
+    assert study is not None
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(done) == 9  # not 10 or 11: no worker starts a trial past the budget
+    points = {tuple(sorted(trial.params.items())) for trial in done}
+    assert len(points) == 9  # before: workers seeded alike proposed the same points
+    baselines = [trial.user_attrs.get("baseline") for trial in done if trial.user_attrs.get("baseline")]
+    assert sorted(baselines) == ["A", "B", "uniform 0.5"]
+    assert all(trial.user_attrs.get("images") for trial in done)
+    others = study.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+    assert others == []
+
+
+def test_storage_urls_are_checked_and_journal_paths_count_from_the_study_folder(tmp_path: Path) -> None:
+    from automerge.errors import StudyError
+
+    study = tmp_path / "s.yaml"
+    assert storage_url(None, study_path=study) == f"sqlite:///{tmp_path / 's.db'}"
+    assert storage_url("journal:runs/s.log", study_path=study) == f"journal:{tmp_path / 'runs/s.log'}"
+    assert storage_url("postgresql+psycopg://u@h/db", study_path=study) == "postgresql+psycopg://u@h/db"
+    for bad in ("studies/s.db", "redis://h/0", "journal:"):
+        with pytest.raises(StudyError, match="storage"):
+            storage_url(bad, study_path=study)
