@@ -55,10 +55,12 @@ def serve_dashboard(study_path: Path, *, host: str, port: int, console: Console)
     from optuna.artifacts import FileSystemArtifactStore
 
     from automerge.study import artifact_dir, default_storage, load_study_file
+    from automerge.study.storage import open_storage
 
     study = load_study_file(study_path)
+    url = default_storage(study)
     store_dir = writable_folder(artifact_dir(study), fix="check the permissions of the study file's folder")
-    console.print(f"optuna-dashboard on http://{host}:{port}/ (storage {default_storage(study)})")
+    console.print(f"optuna-dashboard on http://{host}:{port}/ (storage {url})")
     optuna_dashboard.run_server(
-        default_storage(study), host=host, port=port, artifact_store=FileSystemArtifactStore(str(store_dir))
+        open_storage(url), host=host, port=port, artifact_store=FileSystemArtifactStore(str(store_dir))
     )

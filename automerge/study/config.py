@@ -93,6 +93,20 @@ class MultiFidelityConfig(Schema):
     )
 
 
+class HeartbeatConfig(Schema):
+    """A running trial's heartbeat in an SQLite or PostgreSQL storage: a worker that stops beating for
+    ``grace`` seconds (killed, frozen, powered off) has its trial failed and re-run once."""
+
+    interval: int = Field(30, ge=1, description="seconds between heartbeats")
+    grace: int = Field(120, ge=2, description="seconds of silence before a trial counts as dead")
+
+    @model_validator(mode="after")
+    def _grace_after_interval(self) -> HeartbeatConfig:
+        if self.grace <= self.interval:
+            raise ValueError(f"grace ({self.grace} s) must be longer than interval ({self.interval} s)")
+        return self
+
+
 class ExportConfig(Schema):
     dir: FileRef | None = None
     dtype: DtypeName = "fp16"
@@ -170,6 +184,7 @@ class StudyFile(Schema):
     early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()
     baselines: bool = True
     storage: str | None = None
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
     export: ExportConfig = ExportConfig()
     render: RenderConfig = RenderConfig()
 

@@ -56,7 +56,9 @@ def find_study(study: StudyFile) -> optuna.Study | None:
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        existing = optuna.load_study(study_name=study.name, storage=open_storage(url))
+        existing = optuna.load_study(
+            study_name=study.name, storage=open_storage(url, heartbeat=study.heartbeat)
+        )
     except KeyError:
         return None
     stored = existing.user_attrs.get(records.FINGERPRINT)
@@ -80,7 +82,7 @@ def _create_or_load(study: StudyFile) -> tuple[optuna.Study, bool]:
     existing = find_study(study)
     options = {
         "study_name": study.name,
-        "storage": open_storage(default_storage(study)),
+        "storage": open_storage(default_storage(study), heartbeat=study.heartbeat),
         "sampler": make_sampler(study.sampler),
         "pruner": make_pruner(study, rungs=preview_rungs(study)),
     }

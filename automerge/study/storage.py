@@ -6,8 +6,9 @@
 - ``journal:PATH``: Optuna's journal file (append-only, file-locked) on a file system every worker
   mounts; relative paths count from the study file's folder.
 
-RDB storages (SQLite, PostgreSQL) get heartbeats: a worker that dies (SIGKILL, power loss) stops
-beating, and after ``grace`` seconds the next worker marks its trial FAIL and re-runs it once.
+RDB storages (SQLite, PostgreSQL) opened with a ``heartbeat`` (the study file's): a worker that dies
+(SIGKILL, power loss) stops beating, and ``grace`` seconds later another worker marks its trial FAIL
+and re-runs it once (Optuna's ``RetryFailedTrialCallback``).
 Optuna's journal storage has no heartbeat: a dead worker's trial stays RUNNING there.
 """
 
@@ -15,25 +16,20 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from sqlalchemy.exc import SQLAlchemyError
 
 from automerge.errors import StudyError
 
+if TYPE_CHECKING:
+    from automerge.study.config import HeartbeatConfig
+
 JOURNAL = "journal:"
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 CREATE_ATTEMPTS = 6  # workers creating a fresh SQLite file at the same instant race on its tables
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """Seconds between a running trial's heartbeats, and of silence before it counts as dead."""
-
-    interval: int = 30
-    grace: int = 120
 
 
 def storage_url(configured: str | None, *, study_path: Path) -> str:
@@ -55,7 +51,7 @@ def storage_url(configured: str | None, *, study_path: Path) -> str:
     return configured
 
 
-def open_storage(url: str, *, heartbeat: Heartbeat | None = Heartbeat()) -> optuna.storages.BaseStorage:
+def open_storage(url: str, *, heartbeat: HeartbeatConfig | None = None) -> optuna.storages.BaseStorage:
     """The Optuna storage behind ``url`` (from ``storage_url``); RDB storages with ``heartbeat``."""
     if url.startswith(JOURNAL):
         path = Path(url.removeprefix(JOURNAL))

@@ -65,3 +65,49 @@ def test_storage_urls_are_checked_and_journal_paths_count_from_the_study_folder(
     for bad in ("studies/s.db", "redis://h/0", "journal:"):
         with pytest.raises(StudyError, match="storage"):
             storage_url(bad, study_path=study)
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(make_study, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    import yaml
+
+    slow = tmp_path / "slow.yaml"  # trials of a few seconds, so the kill lands mid-trial
+    slow.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"steps": 12, "width": 64, "height": 64, "seeds": [1, 2, 3]},
+                "items": [{"prompt": "a red house"}, {"prompt": "a boat"}],
+            }
+        )
+    )
+    path = make_study(trials=3, baselines=False, payloads=[str(slow)], heartbeat={"interval": 1, "grace": 2})
+    url = storage_url(None, study_path=path)
+    (first,) = _start_workers(path, 1)
+    deadline, running = time.monotonic() + 300, []
+    while not running and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.1)
+        if path.with_suffix(".db").exists():
+            try:
+                study = optuna.load_study(study_name="test-study", storage=url)
+            except KeyError:
+                continue
+            running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if t.params]
+    assert running, "the worker never started a trial"
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    killed = running[0].number
+    time.sleep(3)  # past the grace period
+
+    (second,) = _start_workers(path, 1)
+    output = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, output[-2000:]
+    study = find_study(load_study_file(path))
+    states = {trial.number: trial.state for trial in study.trials}
+    assert states[killed] == optuna.trial.TrialState.FAIL
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert retried[0].params == running[0].params  # the same point, run again
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
