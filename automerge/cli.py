@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -18,6 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from automerge.errors import AutomergeError, ConfigError, StudyError
+
+if TYPE_CHECKING:
+    from automerge.study import StudyFile
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -194,6 +197,22 @@ def rewards_fetch(
 # -- studies -----------------------------------------------------------------------------------------
 
 
+StorageOption = Annotated[
+    str | None,
+    typer.Option(
+        help="The study's storage, instead of the file's: sqlite:///F.db, postgresql+psycopg://…, journal:F."
+    ),
+]
+
+
+def _study_file(study: Path, storage: str | None) -> StudyFile:
+    """The study file, its ``storage`` replaced by ``--storage`` when given."""
+    from automerge.study import load_study_file
+
+    study_file = load_study_file(study)
+    return study_file if storage is None else study_file.model_copy(update={"storage": storage})
+
+
 @app.command()
 def optimize(
     study: Annotated[Path, typer.Argument(help="Study YAML (studies/*.yaml).")],
@@ -204,9 +223,15 @@ def optimize(
         str | None, typer.Option(help="Stop starting trials after this long (8h, 90m).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="Override the study's render.device.")] = None,
+    storage: StorageOption = None,
+    gpus: Annotated[
+        str | None, typer.Option(help="One worker process per local GPU, e.g. 0,1,2; one export at the end.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes on the study's device (CPU tests).")] = 1,
+    export: Annotated[bool, typer.Option(help="Export the best trial at the end.")] = True,
 ) -> None:
     """Optimize per-block merge weights; resumes where the last run stopped; exports the best trial."""
-    from automerge.study import load_study_file, parse_duration, run_study
+    from automerge.study import parse_duration, run_study
 
     if trials is not None and trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
@@ -214,8 +239,15 @@ def optimize(
         seconds = parse_duration(timeout)
     except ValueError as error:
         raise ConfigError(f"--timeout: {error}") from None
+    study_file = _study_file(study, storage)  # every check of the file before any worker starts
+    devices = _worker_devices(gpus, workers, device)
+    if devices is not None:
+        _run_workers(
+            study, study_file, devices, trials=trials, timeout=timeout, storage=storage, export=export
+        )
+        return
     summary = run_study(
-        load_study_file(study), extra_trials=trials, timeout=seconds, console=console, device=device
+        study_file, extra_trials=trials, timeout=seconds, console=console, device=device, export=export
     )
     if summary.best_trial is not None:
         console.print(f"best trial {summary.best_trial}: {summary.best_value:.6g}")
@@ -223,16 +255,64 @@ def optimize(
         sys.exit(130)
 
 
+def _worker_devices(gpus: str | None, workers: int, device: str | None) -> list[str | None] | None:
+    """The device of each worker process to start (a GPU index, or None for the study's device), or
+    None for a run in this process."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if gpus is None:
+        return [None] * workers if workers > 1 else None
+    if workers != 1 or device is not None:
+        raise ConfigError("--gpus starts one worker per GPU on cuda; give it without --workers and --device")
+    indices = [item.strip() for item in gpus.split(",")]
+    if not all(item.isdigit() for item in indices) or len(set(indices)) != len(indices):
+        raise ConfigError(f"--gpus: '{gpus}' is not a list of distinct GPU indices like 0,1,2")
+    return list(indices)
+
+
+def _run_workers(
+    study: Path,
+    study_file: StudyFile,
+    devices: list[str | None],
+    *,
+    trials: int | None,
+    timeout: str | None,
+    storage: str | None,
+    export: bool,
+) -> None:
+    """Start the workers, wait for them, then export the best trial once."""
+    from automerge.commands import launch_workers
+    from automerge.study import export_study, find_study
+
+    worker_args = [
+        f"--{name}={value}"
+        for name, value in (("trials", trials), ("timeout", timeout), ("storage", storage))
+        if value is not None
+    ]
+    codes = launch_workers(study, devices=devices, worker_args=worker_args, console=console)
+    for index, code in enumerate(codes):
+        if code != 0:
+            err_console.print(
+                f"worker {index} exited with code {code}; see {study.stem}-worker{index}.log", highlight=False
+            )
+    stored = find_study(study_file)
+    if export and stored is not None and any(t.value is not None for t in stored.trials):
+        export_study(study_file, study=stored, console=console)
+    if any(code != 0 for code in codes):
+        sys.exit(130 if 130 in codes else max(codes))
+
+
 @app.command()
 def export(
     study: Annotated[Path, typer.Argument(help="Study YAML.")],
     trial: Annotated[int | None, typer.Option(help="Trial number (default: the best).")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder.")] = None,
+    storage: StorageOption = None,
 ) -> None:
     """Write recipe.yaml, model.safetensors and report.html for the best (or a given) trial."""
-    from automerge.study import default_storage, export_study, find_study, load_study_file
+    from automerge.study import default_storage, export_study, find_study
 
-    study_file = load_study_file(study)
+    study_file = _study_file(study, storage)
     stored = find_study(study_file)
     if stored is None:
         raise StudyError(

@@ -64,3 +64,36 @@ def serve_dashboard(study_path: Path, *, host: str, port: int, console: Console)
     optuna_dashboard.run_server(
         open_storage(url), host=host, port=port, artifact_store=FileSystemArtifactStore(str(store_dir))
     )
+
+
+def launch_workers(
+    study_path: Path,
+    *,
+    devices: list[str | None],
+    worker_args: list[str],
+    console: Console,
+) -> list[int]:
+    """One ``automerge optimize --no-export`` process per entry of ``devices`` on the same study (a
+    GPU index: the worker sees only that GPU, as cuda:0; None: the study's own device), each logging to
+    ``<study stem>-worker<i>.log`` beside the study file; waits for all and returns their exit codes.
+    Ctrl-C reaches the workers too (one process group): each marks its running trial interrupted."""
+    import os
+    import subprocess
+    import sys
+
+    processes = []
+    for index, gpu in enumerate(devices):
+        log = study_path.parent / f"{study_path.stem}-worker{index}.log"
+        env = dict(os.environ)
+        args = [sys.executable, "-m", "automerge", "optimize", str(study_path), "--no-export", *worker_args]
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+            args += ["--device", "cuda:0"]
+        with log.open("w") as output:
+            processes.append(subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT))
+        where = f"GPU {gpu}" if gpu is not None else "the study's device"
+        console.print(f"worker {index} on {where}: log {log}", highlight=False)
+    try:
+        return [process.wait() for process in processes]
+    except KeyboardInterrupt:
+        return [process.wait() for process in processes]

@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"study"},
     {"commands"},
     {"cli"},
-    {"__init__"},
+    {"__init__", "__main__"},
 ]
 LAYER_OF = {part: index for index, parts in enumerate(LAYERS) for part in parts}
 

@@ -111,3 +111,41 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(make_st
     assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert retried[0].params == running[0].params  # the same point, run again
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+
+
+@pytest.mark.slow
+def test_optimize_with_workers_starts_them_and_exports_once(make_study) -> None:
+    path = make_study(trials=4, baselines=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "automerge", "optimize", str(path), "--workers", "2"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "worker 0 on the study's device" in done.stdout and "worker 1" in done.stdout
+    for index in (0, 1):
+        log = (path.parent / f"study-worker{index}.log").read_text()
+        assert "exported" not in log  # the workers do not export; the launcher does, once
+    assert done.stdout.count("exported trial") == 1
+    assert (path.parent / "out" / "test-study" / "model.safetensors").is_file()
+    study = find_study(load_study_file(path))
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
+
+
+def test_gpus_and_workers_are_checked_before_anything_starts(make_study, capsys) -> None:
+    from cli_helpers import run_cli
+
+    path = make_study()
+    for args, message in (
+        (["--gpus", "0,x"], "not a list of distinct GPU indices"),
+        (["--gpus", "0,0"], "not a list of distinct GPU indices"),
+        (["--gpus", "0", "--workers", "2"], "without --workers"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--storage", "nowhere/s.db"], "is not a storage URL"),
+    ):
+        result = run_cli(capsys, "optimize", path, *args)
+        assert result.code == 2 and message in result.err, (args, result.err)
+    assert not path.with_suffix(".db").exists()

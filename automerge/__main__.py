@@ -1,0 +1,5 @@
+"""``python -m automerge``: the same as the ``automerge`` command."""
+
+from automerge.cli import main
+
+main()
