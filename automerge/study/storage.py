@@ -78,7 +78,7 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig | None = None) -> optun
         except ImportError as error:
             raise StudyError(
                 f"storage: {_redacted(url)} needs a database driver that is not installed ({error}); "
-                "for PostgreSQL: pip install 'psycopg[binary]'"
+                "for PostgreSQL: pip install 'automerge[postgres]' (psycopg)"
             ) from None
         except SQLAlchemyError as error:
             if attempt + 1 < CREATE_ATTEMPTS and url.startswith("sqlite") and _is_race(error):
