@@ -349,7 +349,7 @@ def _from_options(model: type[M], **options: object) -> M:
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns, not raises, the exit code of Ctrl-C (130)
     except AutomergeError as error:
         if _state["debug"]:
             raise
@@ -363,6 +363,11 @@ def main() -> None:
             error.show()  # type: ignore[attr-defined]
             sys.exit(error.exit_code)  # type: ignore[attr-defined]
         raise
+    if code == 130:
+        err_console.print("interrupted")
+        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _is_usage_error(error: Exception) -> bool:

@@ -190,3 +190,22 @@ def test_mixed_families_and_shape_mismatch_fail_before_writing(
         )
         assert result.code == 2 and message in result.err, result.err
         assert not out.exists()
+
+
+def test_ctrl_c_outside_the_trial_loop_exits_130_with_one_line(monkeypatch, capsys, tmp_path) -> None:
+    """click hands Ctrl-C back as a return value (130) when not in standalone mode; it was dropped,
+    so an interrupted `automerge merge` exited 0."""
+    from cli_helpers import run_cli
+
+    import automerge.merge
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(automerge.merge, "load_recipe", interrupted)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("models: {a: a.safetensors}\\n")
+    result = run_cli(capsys, "merge", recipe, "-o", tmp_path / "out.safetensors")
+    assert result.code == 130
+    assert result.err.strip() == "interrupted"
+    assert not (tmp_path / "out.safetensors").exists()
