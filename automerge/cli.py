@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from automerge.errors import AutomergeError, ConfigError, StudyError
@@ -353,7 +354,7 @@ def main() -> None:
     except AutomergeError as error:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Abort:
         err_console.print("aborted")

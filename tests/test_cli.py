@@ -209,3 +209,14 @@ def test_ctrl_c_outside_the_trial_loop_exits_130_with_one_line(monkeypatch, caps
     assert result.code == 130
     assert result.err.strip() == "interrupted"
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_errors_print_user_text_literally(capsys, tmp_path) -> None:
+    """Brackets in file names are not rich markup: `model [fp16].safetensors` lost its `[fp16]`, and a
+    `[/x]` crashed the printer."""
+    from cli_helpers import run_cli
+
+    for name in ("model [fp16].safetensors", "odd [/x] name.safetensors"):
+        result = run_cli(capsys, "inspect", tmp_path / name)
+        assert result.code == 2
+        assert name in result.err and result.err.count("\n") == 1, result.err
