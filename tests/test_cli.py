@@ -220,3 +220,25 @@ def test_errors_print_user_text_literally(capsys, tmp_path) -> None:
         result = run_cli(capsys, "inspect", tmp_path / name)
         assert result.code == 2
         assert name in result.err and result.err.count("\n") == 1, result.err
+
+
+def test_merge_refuses_to_write_over_one_of_its_sources(capsys, tmp_path, tiny_models) -> None:
+    """-o equal to model a (by path or through a link) silently replaced the user's model."""
+    import shutil
+
+    from cli_helpers import run_cli
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    shutil.copy(tiny_models["a"], a)
+    shutil.copy(tiny_models["b"], b)
+    (tmp_path / "link.safetensors").symlink_to(a)
+    (tmp_path / "sub").mkdir()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "models: {a: a.safetensors, b: b.safetensors}\nmethod: weighted_sum\nparams: {alpha: 0.5}\n"
+    )
+    before = a.read_bytes()
+    for out in (a, tmp_path / "link.safetensors", tmp_path / "sub" / ".." / "b.safetensors"):
+        result = run_cli(capsys, "merge", recipe, "-o", out)
+        assert result.code == 2 and "itself; write the merge to another path" in result.err, result.err
+    assert a.read_bytes() == before

@@ -24,6 +24,7 @@ from automerge.checkpoints import (
     a1111_short_hash,
     cached_sha256,
 )
+from automerge.errors import ConfigError
 from automerge.merge.methods import check_finite, generator_for, merge_into
 from automerge.merge.plan import MergePlan
 
@@ -149,6 +150,18 @@ def export_metadata(
     return metadata
 
 
+def refuse_source_as_output(plan: MergePlan, out: Path) -> None:
+    """The output must not be one of the sources (the same file by path, link or inode): the atomic
+    rename at the end would replace the user's model with the merge."""
+    if not out.exists():
+        return
+    for name, model in plan.sources.items():
+        if model.path.is_file() and out.samefile(model.path):
+            raise ConfigError(
+                f"{out}: the output is model '{name}' ({model.path}) itself; write the merge to another path"
+            )
+
+
 def export_merge(
     plan: MergePlan,
     out: Path,
@@ -165,6 +178,7 @@ def export_merge(
     header is written first with placeholder hashes of the final length and rewritten in place
     before the file is committed.
     """
+    refuse_source_as_output(plan, out)
     out_dtype = dtype or plan.dtype
     infos = output_infos(plan, dtype=out_dtype)
     files = {name: model.path for name, model in plan.sources.items() if model.path.is_file()}
