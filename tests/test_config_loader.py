@@ -77,3 +77,28 @@ def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         parse_file(Doc, path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path) -> None:
+    """A 1 kB file of nested aliases ran 5 minutes at 3.5 GB before being killed."""
+    import time
+
+    from automerge.config import load_yaml
+    from automerge.errors import ConfigError
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 13)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb.yaml: more than 100 YAML aliases"):
+        load_yaml(bomb)
+    assert time.perf_counter() - started < 60  # not a timing claim: the unbounded load never returns
+
+
+def test_a_few_aliases_still_load(tmp_path) -> None:
+    from automerge.config import load_yaml
+
+    path = tmp_path / "ok.yaml"
+    path.write_text("base: &b {steps: 4}\none: *b\ntwo: *b\n")
+    assert load_yaml(path) == {"base": {"steps": 4}, "one": {"steps": 4}, "two": {"steps": 4}}

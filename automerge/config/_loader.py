@@ -19,6 +19,24 @@ from automerge.registry import did_you_mean
 
 M = TypeVar("M", bound=BaseModel)
 
+MAX_YAML_BYTES = 4 * 1024 * 1024  # study files, payloads, recipes and manifests are a few kB
+MAX_YAML_ALIASES = 100  # "billion laughs": a 1 kB file of nested aliases expands to gigabytes
+
+
+class _TooManyAliases(yaml.YAMLError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses more than ``MAX_YAML_ALIASES`` aliases (``*name``)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            self.aliases = getattr(self, "aliases", 0) + 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise _TooManyAliases(f"more than {MAX_YAML_ALIASES} aliases")
+        return super().compose_node(parent, index)
+
 
 class Schema(BaseModel):
     """Base of every config object: unknown keys are errors, objects are immutable."""
@@ -39,18 +57,26 @@ FileRef = Annotated[Path, AfterValidator(_resolve_relative)]
 
 
 def load_yaml(path: Path) -> Any:
-    """Read a YAML file with ``safe_load``; missing files and syntax errors are ``ConfigError``s."""
+    """Read a YAML file with PyYAML's safe loader (no tags that build objects), at most
+    ``MAX_YAML_BYTES`` and ``MAX_YAML_ALIASES`` aliases; missing files and syntax errors are
+    ``ConfigError``s."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: file not found")
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory, expected a YAML file")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes, more than a config file's {MAX_YAML_BYTES}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot be read as UTF-8 text ({error})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader, with bounded aliases
+    except _TooManyAliases:
+        raise ConfigError(
+            f"{path}: more than {MAX_YAML_ALIASES} YAML aliases (*name); write the values out"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -44,7 +44,7 @@ class SearchParam(Schema):
     groups: dict[str, list[str]] | None = None
     low: float = 0.0
     high: float = 1.0
-    step: float | None = Field(None, gt=0)
+    step: float | None = Field(None, ge=1e-6, description="a grid step, at least 1e-6")
     log: bool = False
 
     @model_validator(mode="after")
@@ -59,12 +59,21 @@ class SearchParam(Schema):
             raise ValueError("give either blocks or groups, not both")
         if self.groups is not None and not self.groups:
             raise ValueError("groups must name at least one group")
+        if self.groups is not None:
+            seen: dict[str, str] = {}
+            for group, blocks in self.groups.items():
+                for block in blocks:
+                    if block in seen:
+                        raise ValueError(
+                            f"block {block} is in two groups, {seen[block]} and {group}; keep it in one"
+                        )
+                    seen[block] = group
         return self
 
 
 class SamplerConfig(Schema):
     name: str = Field("auto", description="a registered sampler: auto, tpe, gp, cmaes, random, qmc")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     startup_trials: int = Field(10, ge=0)
     warp_margin: float = Field(
         0.01, gt=0, le=1, description="auto: δ of its log-gap warp, as a fraction of the value range"
@@ -166,7 +175,12 @@ class StudyFile(Schema):
 
     _path: Path | None = PrivateAttr(None)  # the file, set by load_study_file
 
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$",
+        description="the study's name in storage and its export folder: letters, digits, . _ - and spaces",
+    )
     models: dict[str, FileRef]
     generate: dict[str, TinyModelSpec] = Field(default_factory=dict)
     method: str = "weighted_sum"
@@ -179,7 +193,7 @@ class StudyFile(Schema):
     sampler: SamplerConfig = SamplerConfig()
     pruner: Literal["none", "median"] = "none"
     multi_fidelity: MultiFidelityConfig | None = None
-    trials: int = Field(200, ge=1)
+    trials: int = Field(200, ge=1, le=10_000_000, strict=True)
     timeout: str | float | None = None
     early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()
     baselines: bool = True
@@ -210,7 +224,9 @@ class StudyFile(Schema):
     @field_validator("timeout")
     @classmethod
     def _duration(cls, value: str | float | None) -> str | float | None:
-        parse_duration(value)
+        seconds = parse_duration(value)
+        if seconds is not None and seconds <= 0:
+            raise ValueError(f"must be longer than 0 s, got {value}; remove timeout for no limit")
         return value
 
     @property

@@ -75,6 +75,22 @@ BAD_STUDIES = [
     ({"reward": "rewards/nope.yaml"}, "manifest"),
     ({"method": "weigted_sum"}, "did you mean 'weighted_sum'"),
     ({"timeout": "forever"}, "durations look like"),
+    ({"timeout": 0}, "must be longer than 0 s"),
+    ({"timeout": -5}, "must be longer than 0 s"),
+    ({"trials": True}, "trials"),
+    ({"trials": 10**400}, "trials"),
+    ({"sampler": {"seed": 10**23}}, "sampler.seed"),
+    (
+        {"search": {"alpha": {"step": 1e-300}}},
+        "search.alpha.step': Input should be greater than or equal to 0.000001",
+    ),
+    (
+        {"search": {"alpha": {"groups": {"X": ["IN00"], "Y": ["IN00", "IN01"]}}}},
+        "IN00 is in two groups, X and Y",
+    ),
+    ({"name": "../../../x"}, "name"),
+    ({"storage": "mysql://u@h/db"}, "storage"),
+    ({"render": {"device": "tpu9"}}, "render.device 'tpu9' is not a device"),
 ]
 
 
