@@ -7,6 +7,7 @@ A strategy is a factory ``(seed) -> optuna sampler``; all of them see the study'
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ from scipy.special import ndtri
 from scipy.stats import rankdata
 
 from automerge.study import SAMPLERS, SamplerConfig, WarpedGPSampler, make_sampler
+from automerge.study.samplers import log_gap
 
 Strategy = Callable[[int], optuna.samplers.BaseSampler]
 STARTUP = 10
@@ -71,7 +73,17 @@ def _warped_gp(warp: Callable[[np.ndarray], np.ndarray], *, deterministic: bool 
     return factory
 
 
+def log_gap_median(values: np.ndarray, *, margin: float = 0.01) -> np.ndarray:
+    """``log_gap`` with δ = ``margin`` × (best − median) instead of × (best − worst): δ shrinks as the
+    trials gather near the best, so the warp keeps resolving gaps below 1 % of the value range."""
+    best = float(values.max())
+    span = best - float(np.median(values)) or best - float(values.min()) or 1.0
+    return -np.log(best - values + margin * span)
+
+
 CANDIDATES: dict[str, Strategy] = {
+    "gp-loggap-1e-4": _warped_gp(functools.partial(log_gap, margin=1e-4)),
+    "gp-loggap-median": _warped_gp(log_gap_median),
     "gp-rank": _warped_gp(rank_scores),
     "gp-noisy": _gp_noisy,
     "tpe-grouped": _tpe_grouped,
