@@ -8,6 +8,7 @@ traceback. Heavy libraries (torch, diffusers, optuna) are imported inside the co
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -45,6 +46,7 @@ def _options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
 ) -> None:
     _state["debug"] = debug
+    logging.getLogger("automerge").setLevel(logging.DEBUG if debug else logging.NOTSET)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------

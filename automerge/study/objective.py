@@ -77,7 +77,7 @@ class Objective:
         except Exception as error:  # merge/render/reward failures: record, mark FAIL, go on
             reason = f"{type(error).__name__}: {error}"
             records.write_failure(trial, reason)
-            log.warning("trial %d failed: %s", trial.number, reason)
+            log.info("trial %d failed: %s", trial.number, reason)  # the progress display shows it
             raise TrialFailed(reason) from error
         finally:
             self.last_finished = time.perf_counter()

@@ -9,6 +9,7 @@ its scores, timings and images (as Optuna artifacts, shown by optuna-dashboard).
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,13 +49,20 @@ class RunSummary:
     timings: dict[str, list[float]] = field(default_factory=dict)
 
 
+def quiet_optuna() -> None:
+    """Optuna's own log lines (study created, each trial finished, a failed trial's traceback) only
+    with ``--debug`` (the ``automerge`` logger at DEBUG): the progress display says it all in one line."""
+    debug = logging.getLogger("automerge").isEnabledFor(logging.DEBUG)
+    optuna.logging.set_verbosity(optuna.logging.WARNING if debug else optuna.logging.ERROR)
+
+
 def find_study(study: StudyFile) -> optuna.Study | None:
     """The study as stored, or None when its storage holds none (nothing is created); a changed
     search problem is refused."""
     url = default_storage(study)
+    quiet_optuna()
     if not storage_exists(url):
         return None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         existing = optuna.load_study(
             study_name=study.name, storage=open_storage(url, heartbeat=study.heartbeat)

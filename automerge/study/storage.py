@@ -8,7 +8,7 @@
 
 RDB storages (SQLite, PostgreSQL) opened with a ``heartbeat`` (the study file's): a worker that dies
 (SIGKILL, power loss) stops beating, and ``grace`` seconds later another worker marks its trial FAIL
-and re-runs it once (Optuna's ``RetryFailedTrialCallback``).
+and re-runs it once (Optuna's ``RetryHeartbeatStaleTrialCallback``).
 Optuna's journal storage has no heartbeat: a dead worker's trial stays RUNNING there.
 """
 
@@ -64,7 +64,7 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig | None = None) -> optun
     if heartbeat is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
         options = {
             "heartbeat_interval": heartbeat.interval,
             "grace_period": heartbeat.grace,

@@ -149,3 +149,42 @@ def test_gpus_and_workers_are_checked_before_anything_starts(make_study, capsys)
         result = run_cli(capsys, "optimize", path, *args)
         assert result.code == 2 and message in result.err, (args, result.err)
     assert not path.with_suffix(".db").exists()
+
+
+FLAKY = """
+import sys
+from automerge.errors import RenderError
+from automerge.study import StudyRuntime
+real, calls = StudyRuntime.evaluate, []
+def flaky(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise RenderError("black image for job p0")
+    return real(self, *args, **kwargs)
+StudyRuntime.evaluate = flaky
+from automerge.cli import main
+sys.argv = ["automerge", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_failed_trial_is_one_line_and_its_traceback_only_with_debug(make_study, debug: bool) -> None:
+    """Optuna logged every failed trial with its traceback, and 'study created'/'trial finished' lines."""
+    path = make_study(trials=3, baselines=False)
+    args = ["--debug"] if debug else []
+    done = subprocess.run(
+        [sys.executable, "-c", FLAKY, *args, "optimize", str(path), "--no-export"],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert ("Traceback" in output) == debug
+    if not debug:
+        assert output.count("black image for job p0") == 1, output
+        assert "[I " not in output and "[W " not in output and "Warning" not in output, output
