@@ -83,7 +83,7 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(make_st
             }
         )
     )
-    path = make_study(trials=3, baselines=False, payloads=[str(slow)], heartbeat={"interval": 1, "grace": 2})
+    path = make_study(trials=3, baselines=False, payloads=[str(slow)], heartbeat={"interval": 1, "grace": 6})
     url = storage_url(None, study_path=path)
     (first,) = _start_workers(path, 1)
     deadline, running = time.monotonic() + 300, []
@@ -99,7 +99,9 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(make_st
     first.send_signal(signal.SIGKILL)
     first.communicate(timeout=60)
     killed = running[0].number
-    time.sleep(3)  # past the grace period
+    time.sleep(
+        7
+    )  # past the grace period (long enough that a live worker starved of CPU is not taken for dead)
 
     (second,) = _start_workers(path, 1)
     output = second.communicate(timeout=600)[0]
