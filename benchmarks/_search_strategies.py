@@ -82,6 +82,7 @@ def log_gap_median(values: np.ndarray, *, margin: float = 0.01) -> np.ndarray:
 
 
 CANDIDATES: dict[str, Strategy] = {
+    "gp-loggap": _warped_gp(functools.partial(log_gap, margin=0.01)),  # auto, without per-trial seeds
     "gp-loggap-1e-4": _warped_gp(functools.partial(log_gap, margin=1e-4)),
     "gp-loggap-median": _warped_gp(log_gap_median),
     "gp-rank": _warped_gp(rank_scores),

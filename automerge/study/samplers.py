@@ -1,5 +1,6 @@
-"""Optuna samplers by name, each seeded per trial from (study seed, trial number): a resumed run does
-not replay the first run's proposals, and workers sharing a study do not propose the same points.
+"""Optuna samplers by name, each seeded from (study seed, number of the worker's first trial): a resumed
+run does not replay the first run's proposals, and workers sharing a study do not propose the same
+points.
 
 ``auto``, the default, is Optuna's GP fitted to a log-gap warp of the values (``log_gap``): chosen on
 the search suite (``benchmarks/search_suite.py``, BENCHMARKS.md), where it closed more of the gap to
@@ -116,12 +117,12 @@ for _name, _factory in (
 
 
 def make_sampler(config: SamplerConfig) -> optuna.samplers.BaseSampler:
-    """The sampler, seeded per trial (``PerTrialSeeds``), built without Optuna's ExperimentalWarning:
+    """The sampler, seeded per worker (``WorkerSeeds``), built without Optuna's ExperimentalWarning:
     TPE's ``multivariate``, GP's ``deterministic_objective`` and QMC are chosen on purpose, and the
     warning would print on every run."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return PerTrialSeeds(SAMPLERS.get(config.name)(config, config.seed), seed=config.seed)
+        return WorkerSeeds(SAMPLERS.get(config.name)(config, config.seed), seed=config.seed)
 
 
 def trial_seed(seed: int, trial_number: int) -> int:
@@ -139,20 +140,24 @@ def reseed(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
             reseed(value, seed)
 
 
-class PerTrialSeeds(optuna.samplers.BaseSampler):
-    """``inner``, its random states reseeded before each trial from (study seed, trial number).
+class WorkerSeeds(optuna.samplers.BaseSampler):
+    """``inner``, its random states seeded at this worker's first trial from (study seed, that trial's
+    number), then left to run as one stream.
 
-    Trial numbers are unique in a study, whatever worker asks: workers that start at the same
-    instant on one study draw different proposals (a seed per sampler, as Optuna's, gives every worker
-    the same stream), while one worker rerun from the same storage state proposes the same points.
+    Trial numbers are unique in a study, whatever worker asks: workers that start at the same instant
+    on one study draw different streams (a seed per sampler, as Optuna's, gives every worker the same
+    one), while one worker rerun from the same storage state proposes the same points.
     """
 
     def __init__(self, inner: optuna.samplers.BaseSampler, *, seed: int) -> None:
         self.inner = inner
         self.seed = seed
+        self.seeded = False
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        reseed(self.inner, trial_seed(self.seed, trial.number))
+        if not self.seeded:
+            reseed(self.inner, trial_seed(self.seed, trial.number))
+            self.seeded = True
         self.inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
