@@ -320,8 +320,9 @@ def _run_line(run: Run) -> str:
 
 def _spearman_text(agreement: Sequence[Mapping[str, Any]]) -> str:
     lines = []
-    for family in sorted({a["family"] for a in agreement}):
-        rhos = [a["rho"] for a in agreement if a["family"] == family]
+    latest = {a["problem"]: a for a in agreement}  # a rerun measures a problem again: count it once
+    for family in sorted({a["family"] for a in latest.values()}):
+        rhos = [a["rho"] for a in latest.values() if a["family"] == family]
         lines.append(
             f"{family}: Spearman ρ preview/full, median over {len(rhos)} problems: "
             + interval_text(bootstrap_median(rhos), lambda v: f"{v:.2f}")
