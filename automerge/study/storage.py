@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 JOURNAL = "journal:"
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+SQLITE_LOCK_TIMEOUT_S = 120
 CREATE_ATTEMPTS = 6  # workers creating a fresh SQLite file at the same instant race on its tables
 
 
@@ -60,7 +61,7 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig | None = None) -> optun
                 f"storage: {url}: folder {path.parent} does not exist; create it or fix the path"
             )
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    options = {}
+    options: dict[str, object] = {}
     if heartbeat is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -70,6 +71,8 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig | None = None) -> optun
             "grace_period": heartbeat.grace,
             "heartbeat_stale_trial_callback": retry,
         }
+    if url.startswith("sqlite"):  # workers on one file wait for its lock instead of failing after 5 s
+        options["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}}
     for attempt in range(CREATE_ATTEMPTS):
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8
