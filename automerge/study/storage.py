@@ -17,9 +17,10 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import optuna
+from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 
 from automerge.errors import StudyError
@@ -77,7 +78,10 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig | None = None) -> optun
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, **options)
+                storage = optuna.storages.RDBStorage(url, **options)
+            if url.startswith("sqlite"):
+                _serialize_sqlite(storage.engine)
+            return storage
         except ImportError as error:
             raise StudyError(
                 f"storage: {_redacted(url)} needs a database driver that is not installed ({error}); "
@@ -91,6 +95,22 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig | None = None) -> optun
                 f"storage: cannot open {_redacted(url)}: {type(error).__name__}: {error}"
             ) from None
     raise AssertionError("unreachable")
+
+
+def _serialize_sqlite(engine: Any) -> None:
+    """Every transaction on the SQLite file takes its write lock at BEGIN (SQLAlchemy's recipe for
+    pysqlite): SQLite has no SELECT … FOR UPDATE, so without it two workers could both move the same
+    queued trial from WAITING to RUNNING and run it twice."""
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_transactions(connection: Any, record: Any) -> None:
+        connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the hooks are not reused
 
 
 def _is_race(error: Exception) -> bool:
