@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from automerge.arch import ARCHITECTURES, Architecture, Target, View, reference_keys
+from automerge.arch import ARCHITECTURES, Architecture, Target, View, detect_architecture, reference_keys
 from automerge.checkpoints import CONFIGS_METADATA_KEY, open_file_checkpoint, save_safetensors
 from automerge.dtypes import torch_dtype
 from automerge.errors import ConfigError
@@ -133,10 +133,17 @@ def write_tiny(
     """Write a tiny checkpoint of ``family`` (or a perturbed copy of ``like``) to ``path``."""
     target = torch_dtype(dtype, where="--dtype")
     arch = ARCHITECTURES.get(family)
+    if not delta > 0:
+        raise ConfigError(f"--delta must be greater than 0 (a noise scale), got {delta}")
     if like is not None:
         with open_file_checkpoint(like) as base:
             if CONFIGS_METADATA_KEY not in base.metadata:
                 raise ConfigError(f"{like}: --like takes a tiny model written by `automerge tiny`")
+            found = detect_architecture(base.keys(), lambda key: base.info(key).shape, source=str(like))
+            if found.name != arch.name:
+                raise ConfigError(
+                    f"{like}: --like is a tiny {found.name} model, not {family}; ask for {found.name}"
+                )
             configs = json.loads(base.metadata[CONFIGS_METADATA_KEY])
             tensors = perturb({k: base.load(k).float() for k in base.keys()}, seed=seed, delta=delta)
     else:

@@ -57,3 +57,16 @@ def test_like_makes_a_small_seeded_perturbation(tmp_path: Path) -> None:
         diff = (t.load(key) - b.load(key)).std() / b.load(key).std()
         assert 0.03 < diff.item() < 0.07
         assert torch.equal(t.load("alphas_cumprod"), b.load("alphas_cumprod"))
+
+
+def test_tiny_refuses_a_like_model_of_another_family_and_a_non_positive_delta(tmp_path, capsys) -> None:
+    """`tiny sd1 --like <sdxl>` wrote SDXL for an sd1 request; `--delta -1` was accepted."""
+    from cli_helpers import run_cli
+
+    base = tmp_path / "xl.safetensors"
+    assert run_cli(capsys, "tiny", "sdxl", base).code == 0
+    result = run_cli(capsys, "tiny", "sd1", tmp_path / "out.safetensors", "--like", base)
+    assert result.code == 2 and "is a tiny sdxl model, not sd1" in result.err, result.err
+    result = run_cli(capsys, "tiny", "sdxl", tmp_path / "out.safetensors", "--like", base, "--delta", "-1")
+    assert result.code == 2 and "--delta must be greater than 0" in result.err, result.err
+    assert not (tmp_path / "out.safetensors").exists()
