@@ -80,9 +80,8 @@ def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path) -> None:
-    """A 1 kB file of nested aliases ran 5 minutes at 3.5 GB before being killed."""
-    import time
-
+    """A 1 kB file of nested aliases ran 5 minutes at 3.5 GB before being killed; now it is refused
+    while parsing, before anything is expanded."""
     from automerge.config import load_yaml
     from automerge.errors import ConfigError
 
@@ -90,10 +89,8 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path) -> None:
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 13)]
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(lines) + "\n")
-    started = time.perf_counter()
     with pytest.raises(ConfigError, match=r"bomb.yaml: more than 100 YAML aliases"):
         load_yaml(bomb)
-    assert time.perf_counter() - started < 60  # not a timing claim: the unbounded load never returns
 
 
 def test_a_few_aliases_still_load(tmp_path) -> None:
