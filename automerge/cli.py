@@ -285,7 +285,7 @@ def _run_workers(
 ) -> None:
     """Start the workers, wait for them, then export the best trial once."""
     from automerge.commands import launch_workers
-    from automerge.study import export_study, find_study
+    from automerge.study import best_trial, export_study, find_study
 
     worker_args = [
         f"--{name}={value}"
@@ -299,7 +299,7 @@ def _run_workers(
                 f"worker {index} exited with code {code}; see {study.stem}-worker{index}.log", highlight=False
             )
     stored = find_study(study_file)
-    if export and stored is not None and any(t.value is not None for t in stored.trials):
+    if export and stored is not None and best_trial(stored.trials) is not None:
         export_study(study_file, study=stored, console=console)
     if any(code != 0 for code in codes):
         sys.exit(130 if 130 in codes else max(codes))

@@ -93,7 +93,8 @@ def launch_workers(
             processes.append(subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT))
         where = f"GPU {gpu}" if gpu is not None else "the study's device"
         console.print(f"worker {index} on {where}: log {log}", highlight=False)
-    try:
-        return [process.wait() for process in processes]
-    except KeyboardInterrupt:
-        return [process.wait() for process in processes]
+    while True:
+        try:
+            return [process.wait() for process in processes]
+        except KeyboardInterrupt:  # the workers got the same Ctrl-C: wait while they save their trials
+            continue

@@ -81,13 +81,13 @@ def find_study(study: StudyFile) -> optuna.Study | None:
 
 def open_study(study: StudyFile) -> optuna.Study:
     """Create or resume the study in its storage; a changed search problem is refused."""
-    return _create_or_load(study)[0]
+    return _create_or_load(study, find_study(study))[0]
 
 
-def _create_or_load(study: StudyFile) -> tuple[optuna.Study, bool]:
-    """(the study with its sampler and pruner, whether this call created it). Workers starting at
-    the same instant race to create it; the storage lets exactly one win (the study name is unique)."""
-    existing = find_study(study)
+def _create_or_load(study: StudyFile, existing: optuna.Study | None) -> tuple[optuna.Study, bool]:
+    """(the study with its sampler and pruner, whether this call created it), given ``existing``
+    from ``find_study``. Workers starting at the same instant race to create it; the storage lets
+    exactly one win (the study name is unique)."""
     options = {
         "study_name": study.name,
         "storage": open_storage(default_storage(study), heartbeat=study.heartbeat),
@@ -166,7 +166,7 @@ def run_study(
             if export:
                 writable_folder(export_dir(study_file), fix="set export.dir in the study file")
             # 4. The study: created by exactly one worker, which queues the baselines.
-            study, created = _create_or_load(study_file)
+            study, created = _create_or_load(study_file, study)
             study.set_user_attr(records.MERGE_DEVICE, str(runtime.device))
             if created and study_file.baselines:
                 enqueue_baselines(study, runtime)

@@ -115,6 +115,8 @@ class StudyRuntime:
             self.space: SearchSpace = build_space(study, self.plan.arch, self.plan.method)
             self.jobs = study_jobs(study.payloads)
             self.preview_jobs = [study_jobs(study.payloads, fidelity=r) for r in range(preview_rungs(study))]
+            # a hidden target is rendered at every fidelity, so previews are scored against their own kind
+            self.reference_jobs = [*self.jobs, *(job for rung in self.preview_jobs for job in rung)]
             self.validation_jobs = study_jobs(study.validation_payloads)
             # 2. The export's metadata names each source's sha256: hash them while the study runs.
             warm_hash_cache(dict.fromkeys(m.path for m in self.plan.sources.values() if m.path.is_file()))
@@ -145,9 +147,7 @@ class StudyRuntime:
                 blocks=self.plan.arch.blocks,
                 source=str(self.study.path),
             )
-            images = self.render_images(
-                params, [*self.jobs, *(j for rung in self.preview_jobs for j in rung)]
-            )
+            images = self.render_images(params, self.reference_jobs)
         else:
             assert reference.checkpoint is not None
             images = self._render_checkpoint(reference.checkpoint)
@@ -164,9 +164,8 @@ class StudyRuntime:
                 )
             session = RenderSession(plan, self.config)
             session.apply()
-            jobs = [*self.jobs, *(job for rung in self.preview_jobs for job in rung)]
-            rendered = session.render([job.job for job in jobs])
-            return {job.key: image.image for job, image in zip(jobs, rendered, strict=True)}
+            rendered = session.render([job.job for job in self.reference_jobs])
+            return {job.key: image.image for job, image in zip(self.reference_jobs, rendered, strict=True)}
         finally:
             plan.close()
 
