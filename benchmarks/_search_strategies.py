@@ -17,7 +17,7 @@ from scipy.special import ndtri
 from scipy.stats import rankdata
 
 from automerge.study import SAMPLERS, SamplerConfig, WarpedGPSampler, make_sampler
-from automerge.study.samplers import log_gap
+from automerge.study.samplers import DistinctProposals, log_gap
 
 Strategy = Callable[[int], optuna.samplers.BaseSampler]
 STARTUP = 10
@@ -81,6 +81,15 @@ def log_gap_median(values: np.ndarray, *, margin: float = 0.01) -> np.ndarray:
     return -np.log(best - values + margin * span)
 
 
+def _distinct(strategy: Strategy) -> Strategy:
+    """``strategy`` behind ``DistinctProposals``: a repeated point is moved to a near unseen one."""
+
+    def factory(seed: int) -> optuna.samplers.BaseSampler:
+        return DistinctProposals(strategy(seed), seed=seed)
+
+    return factory
+
+
 CANDIDATES: dict[str, Strategy] = {
     "gp-loggap": _warped_gp(functools.partial(log_gap, margin=0.01)),  # auto, without per-trial seeds
     "gp-loggap-1e-4": _warped_gp(functools.partial(log_gap, margin=1e-4)),
@@ -89,6 +98,8 @@ CANDIDATES: dict[str, Strategy] = {
     "gp-noisy": _gp_noisy,
     "tpe-grouped": _tpe_grouped,
     "cmaes-lr": _cmaes_lr,
+    "gp-distinct": _distinct(_warped_gp(lambda values: values)),
+    "auto-distinct": _distinct(_warped_gp(functools.partial(log_gap, margin=0.01))),
 }
 
 

@@ -102,3 +102,51 @@ def test_the_same_study_state_gives_the_same_proposals() -> None:
         optuna.create_study(study_name="shared", storage=storage)
         runs.append(_ask_together(storage, "random", workers=2) + _ask_together(storage, "tpe", workers=2))
     assert runs[0] == runs[1]
+
+
+def test_distinct_proposals_replace_a_repeat_of_an_earlier_point_by_a_near_unseen_one() -> None:
+    """Optuna's GP with a deterministic objective re-proposes the incumbent (issue 12: up to 130 of 200
+    trials): a repeat costs a full render and teaches nothing. The guard moves it to a near grid point
+    no trial holds; proposals that are new pass unchanged."""
+    from automerge.study.samplers import DistinctProposals
+
+    class Repeater(optuna.samplers.RandomSampler):
+        """Proposes x = y = 0.5 for every trial after the first two."""
+
+        def infer_relative_search_space(self, study, trial):
+            return optuna.search_space.intersection_search_space(study.get_trials(deepcopy=False))
+
+        def sample_relative(self, study, trial, space):
+            return {name: 0.5 for name in space} if trial.number >= 2 else {}
+
+    study = optuna.create_study(direction="maximize", sampler=DistinctProposals(Repeater(seed=0), seed=1))
+    study.enqueue_trial({"x": 0.5, "y": 0.5})
+
+    def objective(trial: optuna.Trial) -> float:
+        x, y = (trial.suggest_float(n, 0, 1, step=0.05) for n in "xy")
+        return -((x - 0.5) ** 2) - (y - 0.5) ** 2
+
+    study.optimize(objective, n_trials=12)
+    points = [(t.params["x"], t.params["y"]) for t in study.trials]
+    assert len(set(points)) == len(points)  # no repeats
+    assert study.trials[2].params != {"x": 0.5, "y": 0.5}
+    for x, y in points[2:]:  # on the grid and near the repeated point
+        assert abs(x / 0.05 - round(x / 0.05)) < 1e-9 and abs(y / 0.05 - round(y / 0.05)) < 1e-9
+        assert abs(x - 0.5) <= 0.35 and abs(y - 0.5) <= 0.35
+    assert study.sampler.replaced == 10
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_distinct_proposals_leave_new_points_alone() -> None:
+    from automerge.study.samplers import DistinctProposals
+
+    inner = optuna.samplers.GPSampler(seed=0, n_startup_trials=4, deterministic_objective=True)
+    plain = optuna.samplers.GPSampler(seed=0, n_startup_trials=4, deterministic_objective=True)
+    plain, guarded = (
+        optuna.create_study(sampler=plain),
+        optuna.create_study(sampler=DistinctProposals(inner, seed=0)),
+    )
+    for study in (plain, guarded):
+        study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.2) ** 2, n_trials=8)
+    assert [t.params for t in guarded.trials] == [t.params for t in plain.trials]
+    assert guarded.sampler.replaced == 0
