@@ -30,7 +30,7 @@ from automerge.study.progress import TrialProgress
 from automerge.study.pruners import make_pruner
 from automerge.study.runtime import StudyRuntime, preview_rungs
 from automerge.study.samplers import make_sampler
-from automerge.study.stopping import ConsecutiveFailures, EarlyStopping
+from automerge.study.stopping import BudgetTaken, ConsecutiveFailures, EarlyStopping
 from automerge.study.storage import open_storage, storage_exists
 
 MAX_CONSECUTIVE_FAILURES = 5
@@ -232,7 +232,7 @@ def _optimize(
     failures = ConsecutiveFailures(limit=MAX_CONSECUTIVE_FAILURES)
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [progress.callback, failures]
     if extra_trials is None:  # None: run until the budget callback stops the study
-        callbacks.append(optuna.study.MaxTrialsCallback(runtime.study.trials, states=records.BUDGET_STATES))
+        callbacks.append(BudgetTaken(runtime.study.trials))
     if stopping is not None:
         callbacks.append(stopping)
     budget = runtime.study.trials if extra_trials is None else None

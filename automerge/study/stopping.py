@@ -81,3 +81,20 @@ class ConsecutiveFailures:
             last = trial.user_attrs.get(records.FAIL_REASON, "unknown")
             self.reason = f"stopped: {self.count} trials in a row failed; the last because {last}"
             study.stop()
+
+
+class BudgetTaken:
+    """Stops this worker once every place of the study's ``budget`` is held by a counted or running
+    trial and none is queued: with several workers on one study, a worker that asked for one more trial
+    here would only be refused it (``records.OVER_BUDGET``), and the refused trial would stay in the
+    study as a failure. Optuna's ``MaxTrialsCallback`` counts finished trials only."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False, states=records.TAKEN_STATES)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return  # queued trials (baselines, retries of dead workers' trials) are still to run
+        if len(trials) >= self.budget:
+            study.stop()

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 JOURNAL = "journal:"
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 SQLITE_LOCK_TIMEOUT_S = 120
-CREATE_ATTEMPTS = 6  # workers creating a fresh SQLite file at the same instant race on its tables
+CREATE_ATTEMPTS = 6  # workers creating a fresh SQLite file or database at the same instant race on its tables
 
 
 def storage_url(configured: str | None, *, study_path: Path) -> str:
@@ -88,11 +88,11 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig | None = None) -> optun
                 "for PostgreSQL: pip install 'automerge[postgres]' (psycopg)"
             ) from None
         except SQLAlchemyError as error:
-            if attempt + 1 < CREATE_ATTEMPTS and url.startswith("sqlite") and _is_race(error):
+            if attempt + 1 < CREATE_ATTEMPTS and _is_race(error):
                 time.sleep(0.2 * (attempt + 1))
                 continue
             raise StudyError(
-                f"storage: cannot open {_redacted(url)}: {type(error).__name__}: {error}"
+                f"storage: cannot open {_redacted(url)}: {type(error).__name__}: {_first_line(error)}"
             ) from None
     raise AssertionError("unreachable")
 
@@ -114,9 +114,23 @@ def _serialize_sqlite(engine: Any) -> None:
 
 
 def _is_race(error: Exception) -> bool:
-    """A fresh SQLite file's schema created by two workers at once, or the file locked meanwhile."""
+    """A fresh database's schema created by two workers at once (SQLite, PostgreSQL), or a SQLite file
+    locked meanwhile."""
     text = str(error)
-    return "UNIQUE constraint failed" in text or "database is locked" in text or "already exists" in text
+    return any(
+        sign in text
+        for sign in (
+            "UNIQUE constraint failed",
+            "database is locked",
+            "already exists",
+            "duplicate key value",
+        )
+    )
+
+
+def _first_line(error: Exception) -> str:
+    """SQLAlchemy's message without the SQL statement and background link it appends."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _redacted(url: str) -> str:

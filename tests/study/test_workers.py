@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
+from _postgres import postgres_server, server_binaries
 
 from automerge.study import find_study, load_study_file
 from automerge.study.storage import storage_url
@@ -32,27 +34,51 @@ def _start_workers(study: Path, count: int) -> list[subprocess.Popen[str]]:
     ]
 
 
+@pytest.fixture(params=["sqlite", "journal", "postgresql"])
+def storage(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The study file's ``storage:``: the default SQLite file, a journal file beside the study, or a
+    real PostgreSQL server on a loopback port (``_postgres.py``; on CI a missing server fails)."""
+    if request.param == "sqlite":
+        yield None
+    elif request.param == "journal":
+        yield "journal:study.journal"
+    else:
+        binaries, why = server_binaries()
+        if binaries is None:
+            if os.environ.get("CI"):
+                pytest.fail(f"no PostgreSQL server for the multi-worker test: {why}")
+            pytest.skip(why)
+        with postgres_server(binaries) as url:
+            yield url
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("storage", [None, "journal:study.journal"], ids=["sqlite", "journal"])
-def test_three_workers_run_exactly_the_budget_with_distinct_points_and_the_baselines_once(
+def test_three_workers_run_exactly_the_budget_with_distinct_points_the_baselines_once_and_one_export(
     make_study, storage: str | None
 ) -> None:
-    path = make_study(trials=9, baselines=True, storage=storage, sampler={"name": "random", "seed": 0})
-    workers = _start_workers(path, 3)
-    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0, 0], "\n".join(o[-1500:] for o in outputs)
+    path = make_study(trials=24, baselines=True, storage=storage, sampler={"name": "random", "seed": 0})
+    done = subprocess.run(
+        [sys.executable, "-m", "automerge", "optimize", str(path), "--workers", "3"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    logs = "\n".join((path.parent / f"study-worker{i}.log").read_text()[-1500:] for i in range(3))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
 
     study = find_study(load_study_file(path))
     assert study is not None
-    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(done) == 9  # not 10 or 11: no worker starts a trial past the budget
-    points = {tuple(sorted(trial.params.items())) for trial in done}
-    assert len(points) == 9  # before: workers seeded alike proposed the same points
-    baselines = [trial.user_attrs.get("baseline") for trial in done if trial.user_attrs.get("baseline")]
+    finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(finished) == len(study.trials) == 24  # no worker starts a trial past the budget
+    points = {tuple(sorted(trial.params.items())) for trial in finished}
+    assert len(points) == 24  # before: workers seeded alike proposed the same points
+    baselines = [trial.user_attrs.get("baseline") for trial in finished if trial.user_attrs.get("baseline")]
     assert sorted(baselines) == ["A", "B", "uniform 0.5"]
-    assert all(trial.user_attrs.get("images") for trial in done)
-    others = study.get_trials(states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
-    assert others == []
+    assert all(trial.user_attrs.get("images") for trial in finished)
+    assert done.stdout.count("exported trial") == 1
+    assert (path.parent / "out" / "test-study" / "model.safetensors").is_file()
 
 
 def test_storage_urls_are_checked_and_journal_paths_count_from_the_study_folder(tmp_path: Path) -> None:
@@ -190,3 +216,25 @@ def test_a_failed_trial_is_one_line_and_its_traceback_only_with_debug(make_study
     if not debug:
         assert output.count("black image for job p0") == 1, output
         assert "[I " not in output and "[W " not in output and "Warning" not in output, output
+
+
+def test_a_worker_stops_asking_once_every_place_of_the_budget_is_held() -> None:
+    """Before: a worker asked for one more trial while another worker ran the last one, and that trial
+    stayed in the study as an over-budget failure (26 trials for a budget of 24)."""
+    from automerge.study.stopping import BudgetTaken
+
+    study = optuna.create_study()
+    for value in (1.0, 2.0):
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
+    other_worker = study.ask()  # another worker's running trial holds the third place
+    stops: list[int] = []
+    study.stop = lambda: stops.append(len(study.trials))  # type: ignore[method-assign]
+    stop = BudgetTaken(3)
+    stop(study, study.trials[1])
+    assert stops == [3]
+    study.tell(other_worker, state=optuna.trial.TrialState.FAIL)  # it died; its place is free again
+    stop(study, study.trials[1])
+    study.enqueue_trial({})
+    study.enqueue_trial({})  # queued trials are run even when they take the last places
+    stop(study, study.trials[1])
+    assert stops == [3]
