@@ -20,8 +20,8 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
-from automerge.errors import StudyError
-from automerge.files import relative_path, writable_folder, write_text_atomic
+from automerge.errors import ConfigError, StudyError
+from automerge.files import foreign_files, relative_path, replaced_folder, writable_folder, write_text_atomic
 from automerge.merge import MergePlan, export_merge, resolve_params
 from automerge.report import ReportData, render_report
 from automerge.study import records
@@ -62,24 +62,47 @@ def export_study(
     console = console or Console()
     trial = choose_trial(study, trial_number)
     fix = "pass another folder with -o DIR" if out_dir else "set export.dir in the study file, or pass -o DIR"
-    out = writable_folder(Path(out_dir or export_dir(study_file)), fix=fix)
+    out = Path(out_dir or export_dir(study_file)).absolute()
+    check_export_folder(out, fix=fix)
     plan = runtime.plan if runtime is not None else open_study_plan(study_file)
     try:
         space = runtime.space if runtime is not None else build_space(study_file, plan.arch, plan.method)
         trial_plan = plan.with_params(space.block_params(trial.params))
-        # 1. The recipe, loadable by `automerge merge` from anywhere (paths relative to itself).
-        recipe = trial_plan.recipe().to_yaml_dict(model_path=lambda path: relative_path(path, out))
-        write_text_atomic(out / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
-        # 2. The checkpoint, streamed from the sources (on the device the study merged on).
-        _export_checkpoint(trial_plan, out / "model.safetensors", study_file, study, trial, console)
-        # 3. The report.
-        data = report_data(study_file, study, trial, space, plan=plan, runtime=runtime)
-        write_text_atomic(out / "report.html", render_report(data))
+        with replaced_folder(out) as staged:  # the folder always holds one trial's three files
+            # 1. The recipe, loadable by `automerge merge` from anywhere (paths relative to itself).
+            recipe = trial_plan.recipe().to_yaml_dict(model_path=lambda path: relative_path(path, out))
+            write_text_atomic(staged / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
+            # 2. The checkpoint, streamed from the sources (on the device the study merged on).
+            _export_checkpoint(trial_plan, staged / "model.safetensors", study_file, study, trial, console)
+            # 3. The report.
+            data = report_data(study_file, study, trial, space, plan=plan, runtime=runtime)
+            write_text_atomic(staged / "report.html", render_report(data))
     finally:
         if runtime is None:
             plan.close()
     console.print(f"exported trial {trial.number} (score {trial.value:.6g}) to {out}/")
     return out
+
+
+EXPORT_FILES = ("recipe.yaml", "model.safetensors", "report.html")
+
+
+def check_export_folder(out: Path, *, fix: str) -> None:
+    """The export folder is replaced as a whole: it must hold nothing but an earlier export, and its
+    parent must be writable."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export folder {out} is a file; {fix}")
+    foreign = foreign_files(out, EXPORT_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"export folder {out} holds other files ({shown}) and an export replaces the whole folder; "
+            f"{fix} (a new or empty folder)"
+        )
+    try:
+        writable_folder(out.parent, fix=fix)
+    except ConfigError as error:
+        raise ConfigError(f"export folder {out}: {error}") from None
 
 
 def _export_checkpoint(

@@ -117,3 +117,45 @@ def test_export_command_names_an_uncreatable_output_folder(make_study, tmp_path:
     result = run(capsys, "export", path, "-o", blocker / "out")
     assert result.code == 2
     assert "a-file/out" in result.err and "-o" in result.err and "Traceback" not in result.err
+
+
+def test_an_interrupted_export_leaves_the_folder_with_the_earlier_trial_whole(
+    make_study, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Before: Ctrl-C during the report left recipe.yaml of the new trial beside model.safetensors
+    and report.html of the old one."""
+    from cli_helpers import run_cli as run
+
+    import automerge.study.export as export_module
+
+    path = make_study(trials=4)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    out = tmp_path / "t"
+    assert run(capsys, "export", path, "--trial", "0", "-o", out).code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "render_report", interrupted)
+    result = run(capsys, "export", path, "--trial", "1", "-o", out)
+    assert result.code == 130 and result.err.strip().endswith("interrupted")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_export_into_a_folder_of_other_files_is_refused_before_any_work(
+    make_study, tmp_path: Path, capsys
+) -> None:
+    """The export replaces its folder as a whole, so a folder of the user's models is never one."""
+    from cli_helpers import run_cli as run
+
+    path = make_study(trials=2)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "favourite.safetensors").write_bytes(b"mine")
+    result = run(capsys, "export", path, "-o", models)
+    assert result.code == 2
+    assert result.err.startswith(f"error: export folder {models} holds other files (favourite.safetensors)")
+    assert [p.name for p in models.iterdir()] == ["favourite.safetensors"]
