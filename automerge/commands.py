@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from automerge.errors import ConfigError
-from automerge.files import writable_folder
+from automerge.files import check_creatable, writable_folder
 from automerge.registry import did_you_mean
 
 if TYPE_CHECKING:
@@ -38,32 +38,77 @@ def render_command(model: Path, payload_path: Path, out: Path, *, config: Render
     from automerge.render import RenderSession, load_payload, save_png
 
     payload = load_payload(payload_path)
-    writable_folder(out, fix="pass another folder with -o DIR")
+    fix = "pass another folder with -o DIR"
+    check_creatable(out, fix=fix)  # created only once the model is known to render
     is_recipe = model.suffix in (".yaml", ".yml")
     plan = plan_merge(load_recipe(model), source=str(model)) if is_recipe else plan_checkpoint(model)
     try:
         session = RenderSession(plan, config)
         session.apply()
+        writable_folder(out, fix=fix)
         return [save_png(image, out) for image in session.render(payload.jobs())]
     finally:
         plan.close()
 
 
 def serve_dashboard(study_path: Path, *, host: str, port: int, console: Console) -> None:
-    """optuna-dashboard on the study's storage, with the trials' images from its artifact store."""
+    """optuna-dashboard on the study's storage, with the trials' images from its artifact store.
+    The study, the storage and the address are checked before anything is created or printed."""
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
+    from automerge.errors import StudyError
     from automerge.study import artifact_dir, default_storage, load_study_file
-    from automerge.study.storage import open_storage
+    from automerge.study.storage import open_storage, storage_exists
 
     study = load_study_file(study_path)
     url = default_storage(study)
+    if not storage_exists(url):
+        raise StudyError(
+            f"{study_path}: no study is stored at {url} yet; run `automerge optimize {study_path}` first"
+        )
+    check_listen_address(host, port)
+    storage = open_storage(url)
     store_dir = writable_folder(artifact_dir(study), fix="check the permissions of the study file's folder")
     console.print(f"optuna-dashboard on http://{host}:{port}/ (storage {url})")
     optuna_dashboard.run_server(
-        open_storage(url), host=host, port=port, artifact_store=FileSystemArtifactStore(str(store_dir))
+        storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(store_dir))
     )
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """``ConfigError`` naming ``--host`` or ``--port`` when a server could not listen there: a port
+    out of range, in use or privileged, a name that does not resolve, an address not of this machine."""
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: a port is a number from 1 to 65535; try 8080")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ConfigError(
+            f"--host {host}: not an address ({reason}); use 127.0.0.1, or 0.0.0.0 for every network"
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError(f"--port {port}: already in use on {host}; pass another --port") from None
+            if error.errno == errno.EACCES:
+                raise ConfigError(
+                    f"--port {port}: needs administrator rights; use a port above 1023"
+                ) from None
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(
+                    f"--host {host}: not an address of this machine; use 127.0.0.1, or 0.0.0.0 for every network"
+                ) from None
+            raise ConfigError(
+                f"--host {host} --port {port}: cannot listen there ({error.strerror or error})"
+            ) from None
 
 
 def launch_workers(

@@ -39,6 +39,20 @@ def writable_folder(folder: Path, *, fix: str) -> Path:
     return folder
 
 
+def check_creatable(folder: Path, *, fix: str) -> None:
+    """``ConfigError`` unless ``folder`` exists as a writable folder or could be created (its nearest
+    existing ancestor is a writable folder); creates nothing, so inputs can be checked first."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is" if existing == folder else f"cannot be created: {existing} is"
+        raise ConfigError(f"folder {folder} {what} a file, not a folder; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write into folder {existing}: permission denied; {fix}")
+
+
 def relative_path(path: Path, folder: Path) -> str:
     """``path`` as a file in ``folder`` names it (POSIX separators), so that the folder and the files
     can move together; absolute where no relative path exists (another Windows drive)."""

@@ -32,6 +32,21 @@ class SourceModel:
     def close(self) -> None:
         self.checkpoint.close()
 
+    def check_complete(self, name: str) -> None:
+        """``CheckpointError`` when some parameter of the live modules has no tensor in the file (a
+        truncated or stripped checkpoint): merged, it would make a file A1111 cannot load; rendered,
+        a module with holes. ``name``: the model's letter, for the message."""
+        from automerge.arch.live import unfed_parameters  # diffusers and transformers: imported late
+
+        missing = unfed_parameters(self.arch, self.configs, self.checkpoint.keys())
+        if missing:
+            count = sum(len(names) for names in missing.values())
+            shown = "; ".join(f"{component}: {', '.join(names[:3])}" for component, names in missing.items())
+            raise CheckpointError(
+                f"model {name} ({self.path}) is incomplete: {count} {self.arch.name} parameters have no "
+                f"tensor in it ({shown}); use a complete copy of the checkpoint"
+            )
+
     def __enter__(self) -> SourceModel:
         return self
 

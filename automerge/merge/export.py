@@ -39,8 +39,9 @@ def merged_tensors(
             continue
         info = primary.info(key)
         block = plan.merged_block(key, info.dtype)
-        if block is None:
+        if block is None:  # copied from A: refused with NaN/Inf as the live engine refuses it
             tensor = primary.load(key)
+            check_finite(tensor, model="a", key=key)
             yield (
                 key,
                 tensor.to(dtype) if tensor.is_floating_point() and _in_a_block(plan, key, info) else tensor,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from automerge.arch import Architecture
+from automerge.arch import EMA_PREFIX, Architecture
 from automerge.checkpoints import SourceModel, open_model
 from automerge.dtypes import TORCH_DTYPES, dtype_name
 from automerge.errors import ConfigError, MergeError
@@ -124,6 +124,7 @@ def open_plan(
             source=source,
         )
         check_shapes(plan)
+        plan.primary.check_complete("a")
     except BaseException:
         for model in opened.values():
             model.close()
@@ -160,9 +161,25 @@ def _common_arch(sources: Mapping[str, SourceModel]) -> Architecture:
 
 
 def check_shapes(plan: MergePlan) -> None:
-    """Every merged key of A must exist with the same shape in every other source."""
+    """Every merged key of A must exist with the same shape in every other source, and A must have
+    every merged key of the others (A's keys are the output's)."""
     primary = plan.primary.checkpoint
     others = {name: set(model.checkpoint.keys()) for name, model in plan.sources.items() if name != "a"}
+    ours = set(primary.keys())
+    for name, keys in others.items():
+        checkpoint = plan.sources[name].checkpoint
+        lacking = sorted(
+            key
+            for key in keys - ours
+            if not key.startswith(EMA_PREFIX)
+            and plan.merged_block(key, checkpoint.info(key).dtype) is not None
+        )
+        if lacking:
+            shown = ", ".join(f"'{key}'" for key in lacking[:3]) + (" …" if len(lacking) > 3 else "")
+            raise MergeError(
+                f"model a ({plan.primary.path.name}) lacks {len(lacking)} tensor(s) that model {name} has: "
+                f"{shown}; model a is incomplete or of another variant"
+            )
     for key in primary.keys():
         info = primary.info(key)
         if plan.merged_block(key, info.dtype) is None:

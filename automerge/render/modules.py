@@ -1,6 +1,5 @@
-"""The live modules (diffusers UNet / VAE, transformers CLIP text encoders): built from the configs an
-``Architecture`` or a checkpoint header carries, or bound to tensors someone else owns (the live merge
-engine's weights). Nothing is fetched from a hub."""
+"""The live modules bound to tensors someone else owns (the live merge engine's weights); built from
+the configs an ``Architecture`` or a checkpoint header carries (``automerge.arch.live``)."""
 
 from __future__ import annotations
 
@@ -8,42 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-_CLASSES: dict[str, Any] = {
-    "UNet2DConditionModel": UNet2DConditionModel,
-    "AutoencoderKL": AutoencoderKL,
-    "CLIPTextModel": CLIPTextModel,
-    "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
-}
+from automerge.arch.live import build_module, build_modules, live_name
 
-
-def build_module(config: Mapping[str, Any], *, meta: bool = False) -> torch.nn.Module:
-    """One module from ``config`` (``_class`` + constructor config), randomly initialised by its
-    library's default init (use ``torch.manual_seed`` around it), or on the meta device."""
-    options = {k: v for k, v in config.items() if k != "_class"}
-    cls = _CLASSES[config["_class"]]
-    with torch.device("meta") if meta else torch.device("cpu"):
-        if cls in (CLIPTextModel, CLIPTextModelWithProjection):
-            module = cls(CLIPTextConfig(**options))
-        else:
-            module = cls(**options)
-    return module.eval().requires_grad_(False)
-
-
-def build_modules(
-    configs: Mapping[str, Mapping[str, Any]], *, meta: bool = False
-) -> dict[str, torch.nn.Module]:
-    return {name: build_module(config, meta=meta) for name, config in configs.items()}
-
-
-def live_name(module: torch.nn.Module, canonical: str) -> str:
-    """The module's own name for a canonical (converter-style) parameter name: transformers ≥ 5.6
-    flattened CLIPTextModel (no ``text_model.`` level); CLIPTextModelWithProjection keeps it."""
-    if isinstance(module, CLIPTextModel) and not hasattr(module, "text_model"):
-        return canonical.removeprefix("text_model.")
-    return canonical
+__all__ = ["bind_modules", "build_module", "build_modules", "live_name"]
 
 
 def bind_modules(
