@@ -270,6 +270,14 @@ def _worker_devices(gpus: str | None, workers: int, device: str | None) -> list[
     indices = [item.strip() for item in gpus.split(",")]
     if not all(item.isdigit() for item in indices) or len(set(indices)) != len(indices):
         raise ConfigError(f"--gpus: '{gpus}' is not a list of distinct GPU indices like 0,1,2")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"--gpus {gpus}: no CUDA GPU is available; use --workers N for workers on the CPU")
+    missing = [index for index in indices if int(index) >= count]
+    if missing:
+        raise ConfigError(f"--gpus {gpus}: this machine has {count} CUDA GPU(s), numbered 0 to {count - 1}")
     return list(indices)
 
 
@@ -346,7 +354,9 @@ def _from_options(model: type[M], **options: object) -> M:
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
         option = "--" + str(first["loc"][0]).replace("_", "-")
-        raise ConfigError(f"{option}: {first['msg']}; got {first.get('input')!r}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        got = "" if repr(first.get("input")) in message else f"; got {first.get('input')!r}"
+        raise ConfigError(f"{option}: {message}{got}") from None
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ def render_command(model: Path, payload_path: Path, out: Path, *, config: Render
     from automerge.render import RenderSession, load_payload, save_png
 
     payload = load_payload(payload_path)
+    config.torch_device(where="--device")
     fix = "pass another folder with -o DIR"
     check_creatable(out, fix=fix)  # created only once the model is known to render
     is_recipe = model.suffix in (".yaml", ".yml")

@@ -81,11 +81,26 @@ def closed_error(path: Path) -> ValueError:
     return ValueError(f"checkpoint {path} is closed")
 
 
+def _why_missing(path: Path) -> str:
+    """Why ``path`` cannot be opened although its name may be there: a link loop, a dangling link."""
+    import errno
+    import os
+
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "is a symbolic link loop (it points back to itself); link it to the model file"
+        if path.is_symlink():
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
+    return "does not exist; check the path"
+
+
 def require_file(path: str | Path) -> Path:
     """``path`` as a Path if it is a non-empty regular file, else a one-line CheckpointError."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+        raise CheckpointError(f"checkpoint {path} {_why_missing(path)}")
     if path.is_dir():
         raise CheckpointError(
             f"checkpoint {path} is a directory; give a single .safetensors/.ckpt file "

@@ -86,7 +86,7 @@ def open_pickle_checkpoint(path: str | Path) -> PickleCheckpoint:
         kind = pickle_kind(f.read(4))
     if kind is None:
         raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
+            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a torch.save pickle); "
             "re-download it or check that it is the model file"
         )
     return PickleCheckpoint(path, _state_dict_tensors(path, _weights_only_load(path, mmap=kind == "zip")))

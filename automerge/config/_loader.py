@@ -153,12 +153,15 @@ def _expected(model: type[BaseModel], loc: tuple[Any, ...], error: Any) -> str:
     return _EXPECTED_BY_ERROR.get(error["type"], error["msg"])
 
 
+_PRIMITIVE_BRANCHES = {"float", "int", "str", "bool"}  # pydantic's tags for `float | dict[...]` branches
+
+
 def _clean_loc(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """``loc`` without pydantic's tags for the branches of a union (a model's class name, or a
     schema such as ``function-after[...]``), which mean nothing to the author of the file."""
     cleaned: list[Any] = []
     for part in loc:
-        is_schema = isinstance(part, str) and ("[" in part or "(" in part)
+        is_schema = isinstance(part, str) and ("[" in part or "(" in part or part in _PRIMITIVE_BRANCHES)
         is_branch = isinstance(part, str) and any(
             m.__name__ == part for m in _forms_at(model, tuple(cleaned))
         )

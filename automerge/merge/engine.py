@@ -113,7 +113,7 @@ class LiveEngine:
                     part = flat[slot.offset : slot.offset + slot.numel]
                     part.copy_(model.checkpoint.load(slot.key).reshape(-1))
                     # checked as stored: a value beyond fp16's range in an fp32 file is caught too
-                    magnitude = check_finite(part, model=name, key=slot.key)
+                    magnitude = check_finite(part, model=f"{name} ({model.path.name})", key=slot.key)
                     block.source_magnitude = max(block.source_magnitude, magnitude)
                 block.sources[name] = flat
             block.out = torch.empty(block.numel, dtype=self.options.dtype, device=self.device)

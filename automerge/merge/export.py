@@ -41,7 +41,7 @@ def merged_tensors(
         block = plan.merged_block(key, info.dtype)
         if block is None:  # copied from A: refused with NaN/Inf as the live engine refuses it
             tensor = primary.load(key)
-            check_finite(tensor, model="a", key=key)
+            check_finite(tensor, model=f"a ({plan.primary.path.name})", key=key)
             yield (
                 key,
                 tensor.to(dtype) if tensor.is_floating_point() and _in_a_block(plan, key, info) else tensor,
@@ -83,7 +83,7 @@ def merge_key(
 def _load(model: SourceModel, name: str, key: str, device: str) -> tuple[torch.Tensor, float]:
     """The source tensor on ``device`` and its max |x|; NaN/Inf raise ``MergeError``."""
     tensor = model.checkpoint.load(key).to(device)
-    return tensor, check_finite(tensor, model=name, key=key)
+    return tensor, check_finite(tensor, model=f"{name} ({model.path.name})", key=key)
 
 
 def output_infos(plan: MergePlan, *, dtype: torch.dtype) -> dict[str, TensorInfo]:

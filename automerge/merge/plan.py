@@ -110,7 +110,7 @@ def open_plan(
     try:
         for name, path in sorted(models.items()):
             opened[name] = open_model(path)
-        arch = _common_arch(opened)
+        arch = _common_arch(opened, source=source)
         plan = MergePlan(
             method=merge_method,
             arch=arch,
@@ -152,11 +152,11 @@ def plan_checkpoint(path: Path, *, source: str | None = None) -> MergePlan:
     )
 
 
-def _common_arch(sources: Mapping[str, SourceModel]) -> Architecture:
+def _common_arch(sources: Mapping[str, SourceModel], *, source: str) -> Architecture:
     families = {name: model.arch.name for name, model in sources.items()}
     if len(set(families.values())) > 1:
         shown = ", ".join(f"{name} is {family}" for name, family in families.items())
-        raise MergeError(f"models of different families cannot be merged: {shown}")
+        raise MergeError(f"{source}: models of different families cannot be merged: {shown}")
     return sources["a"].arch
 
 

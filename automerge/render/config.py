@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from automerge.config import FileRef, Schema
 from automerge.dtypes import TORCH_DTYPES
@@ -35,19 +35,31 @@ class RenderConfig(Schema):
         "same", description="storage of the resident sources (same: the live dtype)"
     )
 
-    def torch_device(self) -> torch.device:
-        """The device: ``auto`` is CUDA when a GPU is visible, else the CPU."""
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, device: str) -> str:
+        if device == "auto":
+            return device
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"'{device}' is not a device; use auto, cpu, cuda or cuda:N")
+        return device
+
+    def torch_device(self, *, where: str = "render.device") -> torch.device:
+        """The device: ``auto`` is CUDA when a GPU is visible, else the CPU. ``where``: the setting's
+        name in the error when the device is not there (a study file's field, a command's option)."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(
-                f"render.device '{self.device}' is not a device; use auto, cpu or cuda"
-            ) from None
+        device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{where} is '{self.device}' but no CUDA GPU is available; use 'cpu' or 'auto'")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise ConfigError(
-                f"render.device is '{self.device}' but no CUDA GPU is available; use 'cpu' or 'auto'"
+                f"{where} is '{self.device}' but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                "use cuda:0 to cuda:N-1"
             )
         return device
 

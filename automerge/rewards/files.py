@@ -3,10 +3,12 @@ safe state-dict reading (``torch.load(weights_only=True)``) and the one networke
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -192,6 +194,19 @@ def _is_unreachable(error: Exception) -> bool:
     return isinstance(error, ConnectionError | TimeoutError | LocalEntryNotFoundError)
 
 
+@contextlib.contextmanager
+def _hub_logs_silenced() -> Iterator[None]:
+    """huggingface_hub's warnings (retries, failed HEAD requests) off while it downloads; its errors
+    reach the user as automerge's own one-line ``RewardError``."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _download(source: HubSource, name: str, target: Path, *, downloader: Downloader) -> None:
     """Download one hub file into a temporary folder beside ``target``, then move it into place."""
     try:
@@ -204,9 +219,10 @@ def _download(source: HubSource, name: str, target: Path, *, downloader: Downloa
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as scratch:
         try:
             # network: the only place automerge downloads reward weights (`automerge rewards fetch`)
-            local = downloader(
-                repo_id=source.repo, filename=name, revision=source.revision, local_dir=scratch
-            )
+            with _hub_logs_silenced():  # its retry warnings would precede our one-line error
+                local = downloader(
+                    repo_id=source.repo, filename=name, revision=source.revision, local_dir=scratch
+                )
         except Exception as error:  # noqa: BLE001 - huggingface_hub raises many types: offline, HTTP, missing entry…
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise (HubUnreachableError if _is_unreachable(error) else RewardError)(

@@ -32,7 +32,7 @@ def parse_duration(text: str | float | int | None) -> float | None:
         return None if text is None else float(text)
     match = _DURATION.fullmatch(text.strip())
     if not text.strip() or match is None or not any(match.groups()):
-        raise ValueError(f"durations look like 8h, 90m, 1h30m or 45s; got '{text}'")
+        raise ValueError("durations look like 8h, 90m, 1h30m or 45s")
     hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
     return hours * 3600 + minutes * 60 + seconds
 
@@ -178,7 +178,6 @@ class StudyFile(Schema):
     name: str = Field(
         min_length=1,
         max_length=200,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$",
         description="the study's name in storage and its export folder: letters, digits, . _ - and spaces",
     )
     models: dict[str, FileRef]
@@ -201,6 +200,16 @@ class StudyFile(Schema):
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     export: ExportConfig = ExportConfig()
     render: RenderConfig = RenderConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _a_name_not_a_path(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]*", name):
+            raise ValueError(
+                "a study name is letters, digits, '.', '_', '-' and spaces, starting with a letter or digit "
+                "(it names the export folder, not a path)"
+            )
+        return name
 
     @field_validator("models")
     @classmethod
@@ -226,7 +235,7 @@ class StudyFile(Schema):
     def _duration(cls, value: str | float | None) -> str | float | None:
         seconds = parse_duration(value)
         if seconds is not None and seconds <= 0:
-            raise ValueError(f"must be longer than 0 s, got {value}; remove timeout for no limit")
+            raise ValueError("must be longer than 0 s; remove timeout for no limit")
         return value
 
     @property

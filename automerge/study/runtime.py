@@ -108,6 +108,8 @@ class StudyRuntime:
 
     def __init__(self, study: StudyFile, *, device: str | None = None) -> None:
         # 1. Sources (headers only), search space and payloads: every check before any tensor loads.
+        self.config = study.render if device is None else study.render.model_copy(update={"device": device})
+        self.config.torch_device(where=f"{study.path}: render.device")  # no GPU: said before any work
         generate_models(study)
         self.study = study
         self.plan = open_study_plan(study)
@@ -121,9 +123,6 @@ class StudyRuntime:
             # 2. The export's metadata names each source's sha256: hash them while the study runs.
             warm_hash_cache(dict.fromkeys(m.path for m in self.plan.sources.values() if m.path.is_file()))
             # 3. The render session: sources on the device, the pipeline around the live weights.
-            self.config = (
-                study.render if device is None else study.render.model_copy(update={"device": device})
-            )
             self.session = RenderSession(self.plan, self.config)
             self.device = self.session.device
             # 4. The reward (a reference target is rendered once, here).

@@ -82,10 +82,11 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig | None = None) -> optun
             if url.startswith("sqlite"):
                 _serialize_sqlite(storage.engine)
             return storage
-        except ImportError as error:
+        except ImportError:
+            scheme = url.split(":", 1)[0]
             raise StudyError(
-                f"storage: {_redacted(url)} needs a database driver that is not installed ({error}); "
-                "for PostgreSQL: pip install 'automerge[postgres]' (psycopg)"
+                f"storage: {_redacted(url)} needs a database driver for '{scheme}' that is not installed; "
+                "install it (PostgreSQL: pip install 'automerge[postgres]'), or use sqlite:///PATH.db or journal:PATH"
             ) from None
         except SQLAlchemyError as error:
             if attempt + 1 < CREATE_ATTEMPTS and _is_race(error):

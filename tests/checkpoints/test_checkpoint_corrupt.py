@@ -151,7 +151,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     ),
     "ckpt that is not a torch file": (
         _bytes("model.ckpt", b"<html>404 Not Found</html>"),
-        r"not a PyTorch checkpoint \(neither a torch\.save zip archive nor a pickle\)",
+        r"not a PyTorch checkpoint \(neither a torch\.save zip archive nor a torch\.save pickle\)",
     ),
     "truncated zip ckpt": (_torch_save_truncated(zip_format=True), r"cannot read PyTorch checkpoint"),
     "truncated legacy ckpt": (_torch_save_truncated(zip_format=False), r"cannot read PyTorch checkpoint"),

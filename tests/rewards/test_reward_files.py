@@ -244,3 +244,28 @@ def test_an_unreachable_hub_is_tried_once_not_once_per_file(tmp_path: Path) -> N
     ]:
         assert f"put {name} from {repo} at {local / name}" in message
     assert message.count("not tried") == 2
+
+
+def test_the_hubs_retry_log_lines_do_not_reach_the_user(tmp_path: Path, capfd) -> None:
+    """Before: offline, `rewards fetch` printed huggingface_hub's "Retrying in 8s" and "thrown while
+    requesting HEAD" warnings before its own one-line error."""
+    import logging
+
+    manifest = write_tiny_imagereward(tmp_path / "hub")
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(manifest, local / "imagereward.yaml")
+    handler = logging.StreamHandler()  # where huggingface_hub's own handler writes: stderr
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_logger.addHandler(handler)
+
+    def offline(*, repo_id: str, filename: str, revision: str | None, local_dir: str) -> str:
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 5/5].")
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    try:
+        with pytest.raises(RewardError):
+            fetch_reward_weights(local / "imagereward.yaml", downloader=offline)
+    finally:
+        hub_logger.removeHandler(handler)
+    assert "Retrying" not in capfd.readouterr().err
