@@ -197,6 +197,11 @@ class StudyFile(Schema):
     early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()
     baselines: bool = True
     storage: str | None = None
+    artifacts: FileRef | None = Field(
+        None,
+        description="folder of the trials' images (default: <study>-artifacts beside the study file); "
+        "workers on several machines need one they all mount",
+    )
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     export: ExportConfig = ExportConfig()
     render: RenderConfig = RenderConfig()
@@ -280,8 +285,8 @@ def default_storage(study: StudyFile) -> str:
 
 
 def artifact_dir(study: StudyFile) -> Path:
-    """The file-system artifact store (trial images) next to the storage."""
-    return study.path.parent / f"{study.path.stem}-artifacts"
+    """The file-system artifact store (the trials' images): ``artifacts:``, else beside the study file."""
+    return study.artifacts or study.path.parent / f"{study.path.stem}-artifacts"
 
 
 def export_dir(study: StudyFile) -> Path:

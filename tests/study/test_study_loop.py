@@ -149,3 +149,16 @@ def test_a_study_resumes_from_another_working_directory_and_after_its_project_mo
     monkeypatch.chdir(moved / "studies")
     summary = run_study(load_study_file(Path("study.yaml")), extra_trials=1, console=QUIET, export=False)
     assert summary.ran == 1 and summary.completed == 2
+
+
+def test_the_trials_images_go_to_the_artifacts_folder_the_study_names(make_study, tmp_path: Path) -> None:
+    """Workers on several machines share one image store (a folder they all mount)."""
+    from rich.console import Console
+
+    from automerge.study import load_study_file, run_study
+
+    shared = tmp_path / "shared" / "images"
+    path = make_study(trials=2, artifacts=str(shared))
+    run_study(load_study_file(path), console=Console(quiet=True), export=False)
+    assert len([p for p in shared.rglob("*") if p.is_file()]) >= 2
+    assert not (path.parent / f"{path.stem}-artifacts").exists()
