@@ -132,7 +132,9 @@ def test_a_value_beyond_the_storage_dtype_is_refused_naming_model_and_key(
     save_file(tensors, tmp_path / "b32.safetensors")
     models = {"a": tiny_models["a"], "b": tmp_path / "b32.safetensors"}
     plan = plan_merge(_recipe(models, "weighted_sum", dtype="fp16"), source="t")
-    with pytest.raises(MergeError, match=rf"model b: tensor '{key}' has NaN/Inf values \(1 of"):
+    with pytest.raises(
+        MergeError, match=rf"model b \(b32.safetensors\): tensor '{key}' has NaN/Inf values \(1 of"
+    ):
         LiveEngine(plan, EngineOptions(device="cpu", dtype=torch.float16))
     LiveEngine(plan, EngineOptions(device="cpu", dtype=torch.float32))  # fp32 storage holds it
     plan.close()

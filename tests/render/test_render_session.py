@@ -76,5 +76,7 @@ def test_a_cuda_device_without_a_gpu_is_one_clear_error() -> None:
 
 
 def test_a_device_that_is_not_one_is_named() -> None:
-    with pytest.raises(ConfigError, match="render.device 'gpu0' is not a device"):
-        RenderConfig(device="gpu0").torch_device()
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="'gpu0' is not a device; use auto, cpu, cuda or cuda:N"):
+        RenderConfig(device="gpu0")
