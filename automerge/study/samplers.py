@@ -184,12 +184,14 @@ def _moved(
 
 
 def _auto(config: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:
-    return WarpedGPSampler(
+    """The GP on log-gap-warped values, behind ``DistinctProposals`` (no render spent on a repeat)."""
+    warped = WarpedGPSampler(
         warp=functools.partial(log_gap, margin=config.warp_margin),
         seed=seed,
         n_startup_trials=config.startup_trials,
         deterministic_objective=True,
     )
+    return DistinctProposals(warped, seed=seed)
 
 
 def _cmaes(config: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:

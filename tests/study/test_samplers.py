@@ -150,3 +150,17 @@ def test_distinct_proposals_leave_new_points_alone() -> None:
         study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.2) ** 2, n_trials=8)
     assert [t.params for t in guarded.trials] == [t.params for t in plain.trials]
     assert guarded.sampler.replaced == 0
+
+
+def test_auto_never_spends_a_trial_on_a_point_already_evaluated() -> None:
+    """On the search suite the warped GP re-proposed its incumbent (auto: a median of 17 of 200
+    trials, up to 139): auto is the warped GP behind DistinctProposals."""
+    from automerge.study.samplers import DistinctProposals, WarpedGPSampler
+
+    sampler = make_sampler(SamplerConfig(name="auto", seed=0, startup_trials=4))
+    assert isinstance(sampler.inner, DistinctProposals) and isinstance(sampler.inner.inner, WarpedGPSampler)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.optimize(lambda t: -((t.suggest_float("x", 0, 1, step=0.025) - 0.3) ** 2), n_trials=16)
+    points = [t.params["x"] for t in study.trials]
+    assert all(x not in points[:i] for i, x in enumerate(points) if i >= 4)  # GP's proposals: none twice
+    assert sampler.inner.replaced > 0  # the exact optimum 0.3 is on the grid: the GP wanted it again
