@@ -335,22 +335,32 @@ def load_agreement(path: Path) -> list[Mapping[str, Any]]:
 
 
 def report(paths: Sequence[Path], *, default: str) -> None:
-    """Tables and plots from result files, running nothing: the first file's strategies side by
-    side with the default's paired differences; then each further file (concurrent workers,
-    previews) beside the first file's sequential runs of the same strategies on the same problems."""
-    first = load_runs(paths[0])
-    print(f"## {paths[0].name}\n\n{table(summary(first))}\n\n{paired_table(paired(first, default))}\n")
-    for path in plots(first, paths[0].parent, name=paths[0].stem):
+    """Tables and plots from result files, running nothing: the sequential full-fidelity runs of every
+    file side by side (one table, plots named after the first file) with the default's paired
+    differences; then each file's concurrent-worker and multi-fidelity runs beside the sequential runs
+    of the same strategies on the same problems."""
+    loaded = {path: load_runs(path) for path in paths}
+    main: dict[Any, Run] = {}
+    for runs in loaded.values():
+        for run in runs:
+            if run.workers == 1 and not run.strategy.endswith(MF):
+                main.setdefault(run.key, run)
+    sequential = list(main.values())
+    print(f"## {', '.join(p.name for p in paths)}\n\n{table(summary(sequential))}\n")
+    print(f"{paired_table(paired(sequential, default))}\n")
+    for path in plots(sequential, paths[0].parent, name=paths[0].stem):
         print(f"wrote {path}")
-    for path in paths[1:]:
-        runs = load_runs(path)
-        keys = {(r.problem, r.strategy.removesuffix(MF)) for r in runs}
-        beside = [r for r in first if r.workers == 1 and (r.problem, r.strategy) in keys]
-        print(f"\n## {path.name}\n\n{table(summary([*beside, *runs]))}\n")
+    for path, runs in loaded.items():
+        extra = [r for r in runs if r.workers != 1 or r.strategy.endswith(MF)]
+        if not extra:
+            continue
+        keys = {(r.problem, r.strategy.removesuffix(MF)) for r in extra}
+        beside = [r for r in sequential if (r.problem, r.strategy) in keys]
+        print(f"\n## {path.name}\n\n{table(summary([*beside, *extra]))}\n")
         spearman = _spearman_text(load_agreement(path))
         if spearman:
             print(spearman + "\n")
-        for plot in plots([*beside, *runs], path.parent, name=path.stem):
+        for plot in plots([*beside, *extra], path.parent, name=path.stem):
             print(f"wrote {plot}")
 
 

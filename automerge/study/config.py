@@ -72,7 +72,7 @@ class SearchParam(Schema):
 
 
 class SamplerConfig(Schema):
-    name: str = Field("gp", description="a registered sampler: gp, auto, tpe, cmaes, random, qmc")
+    name: str = Field("auto", description="a registered sampler: auto, gp, tpe, cmaes, random, qmc")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     startup_trials: int = Field(10, ge=0)
     warp_margin: float = Field(
