@@ -1,9 +1,10 @@
 """Trial throughput of several workers on one study against one worker (issue 13), on this machine.
 
-One tiny SD1 hidden-target study (weighted sum, 2 searched groups, 2 images of 64² in 4 Euler steps per
+One tiny SD1 hidden-target study (weighted sum, 2 searched groups, 2 images of 96² in 8 Euler steps per
 trial, random sampler, no baselines, no early stopping) is run from a fresh storage with
 ``automerge optimize --workers N --no-export`` for each N, one torch thread per worker, side by side in
-one run; the wall time covers process start, model loading and every trial. The storages measured:
+one run. Two throughputs: over the wall time (process start and model loading included) and steady
+(from the first trial's end to the last's, all workers running). The storages measured:
 SQLite (default) and the journal file. Prints a table and writes JSON::
 
     python benchmarks/workers_throughput.py --workers 1,2,3 --trials 36
@@ -33,10 +34,16 @@ class Row:
     trials: int
     wall_s: float
     completed: int
+    steady_s: float  # from the first trial's end to the last's: start-up and model loading excluded
 
     @property
     def trials_per_minute(self) -> float:
         return 60.0 * self.completed / self.wall_s
+
+    @property
+    def steady_trials_per_minute(self) -> float:
+        """Trials per minute once every worker is running: (completed − 1) / steady_s."""
+        return 60.0 * (self.completed - 1) / self.steady_s
 
 
 def _study(folder: Path, *, name: str, trials: int, storage: str | None) -> Path:
@@ -50,7 +57,7 @@ def _study(folder: Path, *, name: str, trials: int, storage: str | None) -> Path
     payload.write_text(
         yaml.safe_dump(
             {
-                "defaults": {"steps": 4, "width": 64, "height": 64, "scheduler": "euler", "seeds": [1, 2]},
+                "defaults": {"steps": 8, "width": 96, "height": 96, "scheduler": "euler", "seeds": [1, 2]},
                 "items": [{"prompt": "a red house by the sea"}],
             }
         )
@@ -90,13 +97,16 @@ def _run(study: Path, workers: int) -> float:
     return time.perf_counter() - started
 
 
-def _completed(study: Path) -> int:
+def _completed(study: Path) -> tuple[int, float]:
+    """Completed trials, and seconds from the first one's end to the last one's."""
     import optuna
 
     from automerge.study import find_study, load_study_file
 
     found = find_study(load_study_file(study))
-    return len(found.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) if found else 0
+    done = found.get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if found else []
+    ends = sorted(t.datetime_complete for t in done)
+    return len(done), (ends[-1] - ends[0]).total_seconds() if len(ends) > 1 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                 url = f"journal:{name}.journal" if storage == "journal" else None
                 study = _study(folder, name=name, trials=args.trials, storage=url)
                 wall = _run(study, workers)
-                rows.append(Row(storage, workers, args.trials, wall, _completed(study)))
+                rows.append(Row(storage, workers, args.trials, wall, *_completed(study)))
                 print(f"{name}: {wall:.1f} s", flush=True)
     base = {row.storage: row for row in rows if row.workers == counts[0]}
     print_table(
@@ -131,11 +141,22 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r.wall_s:.1f}",
                 f"{r.trials_per_minute:.1f}",
                 f"{r.trials_per_minute / base[r.storage].trials_per_minute:.2f}×",
+                f"{r.steady_trials_per_minute:.1f}",
+                f"{r.steady_trials_per_minute / base[r.storage].steady_trials_per_minute:.2f}×",
             ]
             for r in rows
         ],
         title="Trial throughput by worker count (CPU, tiny SD1)",
-        columns=["storage", "workers", "completed", "wall s", "trials/min", f"vs {counts[0]} worker"],
+        columns=[
+            "storage",
+            "workers",
+            "completed",
+            "wall s",
+            "trials/min",
+            f"vs {counts[0]} worker",
+            "steady trials/min",
+            f"steady vs {counts[0]}",
+        ],
         right_aligned=True,
     )
     write_json(args.json, {"machine": machine_info("cpu"), "args": vars(args), "rows": rows})
