@@ -14,7 +14,7 @@ import optuna
 import pytest
 from _postgres import postgres_server, server_binaries
 
-from automerge.study import find_study, load_study_file
+from automerge.study import find_study, load_study_file, records
 from automerge.study.storage import storage_url
 
 WORKER = "import sys; from automerge.cli import main; sys.argv = ['automerge', *sys.argv[1:]]; main()"
@@ -71,7 +71,18 @@ def test_three_workers_run_exactly_the_budget_with_distinct_points_the_baselines
     study = find_study(load_study_file(path))
     assert study is not None
     finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(finished) == len(study.trials) == 24  # no worker starts a trial past the budget
+    assert len(finished) == 24  # no worker renders a trial past the budget
+    # Two workers asking at the same instant for the last place: the later one's trial is not run and
+    # stays as a failure that says so (before, it ran: 30 trials became 31 or 32). BudgetTaken keeps
+    # workers from asking once the places are held, so this is rare.
+    others = [t for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE]
+    assert all(
+        t.state == optuna.trial.TrialState.FAIL
+        and t.user_attrs.get(records.FAIL_REASON) == records.OVER_BUDGET
+        and not t.params
+        for t in others
+    ), [(t.number, t.state, t.user_attrs) for t in others]
+    assert len(others) <= 2
     points = {tuple(sorted(trial.params.items())) for trial in finished}
     assert len(points) == 24  # before: workers seeded alike proposed the same points
     baselines = [trial.user_attrs.get("baseline") for trial in finished if trial.user_attrs.get("baseline")]
