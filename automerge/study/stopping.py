@@ -85,16 +85,15 @@ class ConsecutiveFailures:
 
 class BudgetTaken:
     """Stops this worker once every place of the study's ``budget`` is held by a counted or running
-    trial and none is queued: with several workers on one study, a worker that asked for one more trial
-    here would only be refused it (``records.OVER_BUDGET``), and the refused trial would stay in the
-    study as a failure. Optuna's ``MaxTrialsCallback`` counts finished trials only."""
+    trial: with several workers on one study, a worker that asked for one more trial here would only
+    be refused it (``records.OVER_BUDGET``), and the refused trial would stay in the study as a
+    failure. Queued trials beyond the budget (three baselines for ``trials: 2``) stay queued. Optuna's
+    ``MaxTrialsCallback`` counts finished trials only."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trials = study.get_trials(deepcopy=False, states=records.TAKEN_STATES)
-        if any(t.state == TrialState.WAITING for t in trials):
-            return  # queued trials (baselines, retries of dead workers' trials) are still to run
-        if len(trials) >= self.budget:
+        held = study.get_trials(deepcopy=False, states=(*records.BUDGET_STATES, TrialState.RUNNING))
+        if len(held) >= self.budget:
             study.stop()

@@ -162,3 +162,16 @@ def test_the_trials_images_go_to_the_artifacts_folder_the_study_names(make_study
     run_study(load_study_file(path), console=Console(quiet=True), export=False)
     assert len([p for p in shared.rglob("*") if p.is_file()]) >= 2
     assert not (path.parent / f"{path.stem}-artifacts").exists()
+
+
+def test_a_budget_smaller_than_the_baselines_leaves_the_extra_queued_not_failed(make_study) -> None:
+    """Before: trials 2 with three baselines ran the third as an over-budget failure."""
+    from rich.console import Console
+
+    from automerge.study import find_study, load_study_file, run_study
+
+    path = make_study(trials=2, baselines=True)
+    run_study(load_study_file(path), console=Console(quiet=True), export=False)
+    states = [t.state for t in find_study(load_study_file(path)).trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+    assert optuna.trial.TrialState.FAIL not in states

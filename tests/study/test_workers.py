@@ -246,6 +246,9 @@ def test_a_worker_stops_asking_once_every_place_of_the_budget_is_held() -> None:
     study.tell(other_worker, state=optuna.trial.TrialState.FAIL)  # it died; its place is free again
     stop(study, study.trials[1])
     study.enqueue_trial({})
-    study.enqueue_trial({})  # queued trials are run even when they take the last places
+    study.enqueue_trial({})  # a queued trial takes the free place
     stop(study, study.trials[1])
     assert stops == [3]
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=3.0))
+    stop(study, study.trials[1])  # every place held: the other queued trial stays queued, not refused
+    assert stops == [3, 6]
