@@ -84,7 +84,38 @@ class WarpedGPSampler(optuna.samplers.GPSampler):
         return super()._sample_relative_impl(study, twins, running_trials, search_space)
 
 
-class DistinctProposals(optuna.samplers.BaseSampler):
+class SamplerWrapper(optuna.samplers.BaseSampler):
+    """A sampler that hands every call to ``inner``; subclasses override the calls they change."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler) -> None:
+        self.inner = inner
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self.inner.before_trial(study, trial)
+
+    def after_trial(
+        self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+class DistinctProposals(SamplerWrapper):
     """``inner``, except that a relative proposal equal to the parameters of a trial the study already
     holds (complete, running or waiting) is moved to a near grid point that none holds: each
     coordinate moved by a Gaussian step of σ = ``spread`` × its range (σ doubling every 8 draws that
@@ -97,13 +128,10 @@ class DistinctProposals(optuna.samplers.BaseSampler):
     def __init__(
         self, inner: optuna.samplers.BaseSampler, *, seed: int | None = None, spread: float = 0.05
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.spread = spread
         self.replaced = 0
         self._rng = LazyRandomState(seed)
-
-    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return self.inner.infer_relative_search_space(study, trial)
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -126,19 +154,6 @@ class DistinctProposals(optuna.samplers.BaseSampler):
             if tuple(_key(moved[name]) for name in names) not in held:
                 return moved
         return {}
-
-    def sample_independent(
-        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
-    ) -> Any:
-        return self.inner.sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        self.inner.before_trial(study, trial)
-
-    def after_trial(
-        self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
-    ) -> None:
-        self.inner.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:
         self.inner.reseed_rng()
@@ -243,7 +258,7 @@ def reseed(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
             reseed(value, seed)
 
 
-class WorkerSeeds(optuna.samplers.BaseSampler):
+class WorkerSeeds(SamplerWrapper):
     """``inner``, its random states seeded at this worker's first trial from (study seed, that trial's
     number), then left to run as one stream.
 
@@ -253,7 +268,7 @@ class WorkerSeeds(optuna.samplers.BaseSampler):
     """
 
     def __init__(self, inner: optuna.samplers.BaseSampler, *, seed: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.seed = seed
         self.seeded = False
 
@@ -262,24 +277,3 @@ class WorkerSeeds(optuna.samplers.BaseSampler):
             reseed(self.inner, trial_seed(self.seed, trial.number))
             self.seeded = True
         self.inner.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return self.inner.infer_relative_search_space(study, trial)
-
-    def sample_relative(
-        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
-    ) -> dict[str, Any]:
-        return self.inner.sample_relative(study, trial, search_space)
-
-    def sample_independent(
-        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
-    ) -> Any:
-        return self.inner.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(
-        self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
-    ) -> None:
-        self.inner.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()

@@ -9,19 +9,12 @@ import struct
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from fuzzing import FUZZ
+from hypothesis import given
 from hypothesis import strategies as st
 
 from automerge.checkpoints import open_safetensors
 from automerge.errors import CheckpointError
-
-FUZZ = settings(
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
 
 DTYPES = [
     "F16",

@@ -8,19 +8,13 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from fuzzing import FUZZ
+from hypothesis import given
 from hypothesis import strategies as st
 
 from automerge.errors import AutomergeError
 from automerge.study import load_study_file
 
-FUZZ = settings(
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
 KEYS = [
     "name", "models", "method", "search", "params", "payloads", "reward", "sampler", "trials", "timeout",
     "early_stopping", "storage", "heartbeat", "export", "render", "seed", "baselines", "pruner",

@@ -34,6 +34,18 @@ def _start_workers(study: Path, count: int) -> list[subprocess.Popen[str]]:
     ]
 
 
+def _optimize_with_workers(study: Path, workers: int) -> subprocess.CompletedProcess[str]:
+    """``automerge optimize STUDY --workers N`` as a user runs it, one torch thread per worker."""
+    return subprocess.run(
+        [sys.executable, "-m", "automerge", "optimize", str(study), "--workers", str(workers)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
 @pytest.fixture(params=["sqlite", "journal", "postgresql"])
 def storage(request: pytest.FixtureRequest) -> Iterator[str | None]:
     """The study file's ``storage:``: the default SQLite file, a journal file beside the study, or a
@@ -57,14 +69,7 @@ def test_three_workers_run_exactly_the_budget_with_distinct_points_the_baselines
     make_study, storage: str | None
 ) -> None:
     path = make_study(trials=24, baselines=True, storage=storage, sampler={"name": "random", "seed": 0})
-    done = subprocess.run(
-        [sys.executable, "-m", "automerge", "optimize", str(path), "--workers", "3"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    done = _optimize_with_workers(path, 3)
     logs = "\n".join((path.parent / f"study-worker{i}.log").read_text()[-1500:] for i in range(3))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
 
@@ -155,14 +160,7 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(make_st
 @pytest.mark.slow
 def test_optimize_with_workers_starts_them_and_exports_once(make_study) -> None:
     path = make_study(trials=4, baselines=False)
-    done = subprocess.run(
-        [sys.executable, "-m", "automerge", "optimize", str(path), "--workers", "2"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    done = _optimize_with_workers(path, 2)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "worker 0 on the study's device" in done.stdout and "worker 1" in done.stdout
     for index in (0, 1):
