@@ -164,25 +164,26 @@ def render(
 
 @app.command()
 def score(
-    reward: Annotated[Path, typer.Argument(help="Reward manifest YAML (rewards/*.yaml).")],
+    reward: Annotated[str, typer.Argument(help="A reward manifest: a name (rewards/NAME.yaml) or a path.")],
     folder: Annotated[Path, typer.Argument(help="Folder of PNGs written by `automerge render`.")],
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
     device: Annotated[str | None, typer.Option(help="Override the manifest's device.")] = None,
 ) -> None:
     """Score a folder of rendered PNGs (prompts read from their text chunks)."""
-    from automerge.rewards import dumps_scores, score_folder
+    from automerge.rewards import dumps_scores, find_manifest, score_folder
 
-    scores = score_folder(reward, folder, device=device)
+    manifest = find_manifest(reward)
+    scores = score_folder(manifest, folder, device=device)
     if as_json:
         print(dumps_scores(scores))
         return
-    table = Table(title=f"{reward.name} on {folder}")
+    table = Table(title=f"{manifest.name} on {folder}")
     for column in ("image", "score", "prompt"):
         table.add_column(column)
     for item in scores:
-        table.add_row(item.key, f"{item.score:.4f}", item.prompt[:60])
+        table.add_row(item.key, f"{item.score:.6g}", item.prompt[:60])
     console.print(table)
-    console.print(f"mean: {sum(s.score for s in scores) / len(scores):.4f} over {len(scores)} images")
+    console.print(f"mean: {sum(s.score for s in scores) / len(scores):.6g} over {len(scores)} images")
 
 
 @rewards_app.command("fetch")
@@ -190,10 +191,9 @@ def rewards_fetch(
     name: Annotated[str, typer.Argument(help="A manifest name (rewards/NAME.yaml) or path.")],
 ) -> None:
     """Download a reward manifest's weights from the hub (needs a network) and verify sha256."""
-    from automerge.commands import resolve_reward_manifest
-    from automerge.rewards import fetch_reward_weights
+    from automerge.rewards import fetch_reward_weights, find_manifest
 
-    for path in fetch_reward_weights(resolve_reward_manifest(name)):
+    for path in fetch_reward_weights(find_manifest(name)):
         console.print(f"ok {path}")
 
 
@@ -321,7 +321,7 @@ def export(
     storage: StorageOption = None,
 ) -> None:
     """Write recipe.yaml, model.safetensors and report.html for the best (or a given) trial."""
-    from automerge.study import default_storage, export_study, find_study
+    from automerge.study import choose_trial, default_storage, find_study
 
     study_file = _study_file(study, storage)
     stored = find_study(study_file)
@@ -330,6 +330,9 @@ def export(
             f"{study}: no study '{study_file.name}' in {default_storage(study_file)}; "
             f"run automerge optimize {study} first (or set storage: to where it lives)"
         )
+    choose_trial(stored, trial)  # a wrong --trial is said before the render stack loads
+    from automerge.study import export_study
+
     export_study(study_file, study=stored, trial_number=trial, out_dir=out, console=console)
 
 

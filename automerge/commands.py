@@ -9,27 +9,9 @@ from rich.console import Console
 
 from automerge.errors import ConfigError
 from automerge.files import check_creatable, writable_folder
-from automerge.registry import did_you_mean
 
 if TYPE_CHECKING:
     from automerge.render import RenderConfig
-
-
-def resolve_reward_manifest(name: str) -> Path:
-    """``imagereward`` → ``rewards/imagereward.yaml`` in the working directory, else the one that
-    ships beside the package (a checkout); a ``.yaml`` path is taken as given."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml"):
-        return path
-    folders = [Path("rewards"), Path(__file__).resolve().parent.parent / "rewards"]
-    for folder in folders:
-        if (folder / f"{name}.yaml").is_file():
-            return folder / f"{name}.yaml"
-    known = sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
-    raise ConfigError(
-        f"no reward manifest '{name}'{did_you_mean(name, known)}; known: {', '.join(known) or '(none)'}; "
-        "or give the path of a manifest .yaml"
-    )
 
 
 def render_command(model: Path, payload_path: Path, out: Path, *, config: RenderConfig) -> list[Path]:

@@ -145,7 +145,7 @@ def write_tiny(
                     f"{like}: --like is a tiny {found.name} model, not {family}; ask for {found.name}"
                 )
             configs = json.loads(base.metadata[CONFIGS_METADATA_KEY])
-            tensors = perturb({k: base.load(k).float() for k in base.keys()}, seed=seed, delta=delta)
+            tensors = perturb({k: base.load(k) for k in base.keys()}, seed=seed, delta=delta)
     else:
         configs = dict(arch.tiny_configs)
         tensors = make_tiny_state_dict(arch, seed=seed)

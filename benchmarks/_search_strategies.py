@@ -17,7 +17,7 @@ from scipy.special import ndtri
 from scipy.stats import rankdata
 
 from automerge.study import SAMPLERS, SamplerConfig, WarpedGPSampler, make_sampler
-from automerge.study.samplers import DistinctProposals, log_gap
+from automerge.study.samplers import DistinctProposals, LocalSteps, log_gap
 
 Strategy = Callable[[int], optuna.samplers.BaseSampler]
 STARTUP = 10
@@ -90,6 +90,15 @@ def _distinct(strategy: Strategy) -> Strategy:
     return factory
 
 
+def _local(strategy: Strategy) -> Strategy:
+    """``strategy`` with ``LocalSteps`` (every third trial after 20 a one-coordinate step from the best)."""
+
+    def factory(seed: int) -> optuna.samplers.BaseSampler:
+        return LocalSteps(strategy(seed), seed=seed)
+
+    return factory
+
+
 CANDIDATES: dict[str, Strategy] = {
     "gp-loggap": _warped_gp(functools.partial(log_gap, margin=0.01)),  # auto, without per-trial seeds
     "gp-loggap-1e-4": _warped_gp(functools.partial(log_gap, margin=1e-4)),
@@ -99,7 +108,8 @@ CANDIDATES: dict[str, Strategy] = {
     "tpe-grouped": _tpe_grouped,
     "cmaes-lr": _cmaes_lr,
     "gp-distinct": _distinct(_warped_gp(lambda values: values)),
-    "auto-distinct": _distinct(_warped_gp(functools.partial(log_gap, margin=0.01))),
+    "auto-distinct": _distinct(_warped_gp(functools.partial(log_gap, margin=0.01))),  # auto until 12-01
+    "auto-local": _distinct(_local(_warped_gp(functools.partial(log_gap, margin=0.01)))),  # auto, unseeded
 }
 
 

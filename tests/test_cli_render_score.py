@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ import torch
 import yaml
 from cli_helpers import CliResult, run_cli
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from automerge.rewards import load_reward
 from automerge.testing.tiny_rewards import TINY_REWARDS
@@ -254,7 +257,7 @@ def test_score_against_the_folder_itself_gives_the_best_score(
     assert table.code == 0, table.err
     for key in KEYS:
         assert key in table.out
-    assert f"mean: {best:.4f} over {len(KEYS)} images" in table.out
+    assert f"mean: {best:.6g} over {len(KEYS)} images" in table.out
 
 
 def test_score_with_a_tiny_clip_score_model_reads_prompts_from_the_pngs(
@@ -356,6 +359,43 @@ def test_score_with_the_unaltered_tiny_imagereward_manifest_works(
     result = run_cli(capsys, "score", manifest, rendered, "--json")
     assert result.code == 0, result.err
     assert len(result.out.strip().splitlines()) == len(KEYS)
+
+
+def test_score_takes_a_manifest_name_and_prints_small_scores_with_significant_digits(
+    rendered_by_cli: Callable[[str], Path],
+    tiny_imagereward: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`score imagereward DIR` said "file not found" while `rewards fetch imagereward` took the name;
+    and an MSE near 1e-7 printed as -0.0000 ("mean: -0.0000")."""
+    _imagereward_manifest(tiny_imagereward, tmp_path / "rewards" / "tinyir.yaml")
+    reference = rendered_by_cli("sd1")
+    other = tmp_path / "other"
+    shutil.copytree(reference, other)
+    first = sorted(other.glob("*.png"))[0]  # one pixel off by one level: an MSE of ~1e-7
+    with Image.open(first) as image:
+        pixels = np.array(image)
+        info = PngInfo()
+        for key, value in image.text.items():
+            info.add_text(key, value)
+    pixels[0, 0, 0] = pixels[0, 0, 0] + 1 if pixels[0, 0, 0] < 255 else 254
+    Image.fromarray(pixels).save(first, pnginfo=info)
+    _write_yaml(
+        tmp_path / "rewards" / "ref.yaml",
+        {"reward": "reference", "options": {"metric": "mse", "directory": str(reference)}},
+    )
+    monkeypatch.chdir(tmp_path)
+    named = run_cli(capsys, "score", "tinyir", str(reference), "--json")
+    assert named.code == 0, named.err
+    table = run_cli(capsys, "score", "ref", str(other))
+    assert table.code == 0, table.err
+    assert "-0.0000" not in table.out
+    mean = float(re.search(r"mean: (\S+) over", table.out).group(1))
+    assert mean < 0 and mean == pytest.approx(
+        -1 / (255**2 * 3 * pixels.shape[0] * pixels.shape[1] * len(KEYS)), rel=1e-3
+    )
 
 
 # -- rewards fetch -------------------------------------------------------------------------------------

@@ -70,3 +70,17 @@ def test_tiny_refuses_a_like_model_of_another_family_and_a_non_positive_delta(tm
     result = run_cli(capsys, "tiny", "sdxl", tmp_path / "out.safetensors", "--like", base, "--delta", "-1")
     assert result.code == 2 and "--delta must be greater than 0" in result.err, result.err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_like_leaves_integer_buffers_as_they_were(family: str, tmp_path: Path) -> None:
+    """`--like` perturbed position_ids into floats like −1.47 (every key went through .float()), and
+    merges then copied them: integer buffers must keep their dtype and values."""
+    a = write_tiny(family, tmp_path / "a.safetensors", seed=1)
+    b = write_tiny(family, tmp_path / "b.safetensors", seed=2, like=a, delta=0.5)
+    with open_file_checkpoint(a) as base, open_file_checkpoint(b) as tuned:
+        integer = [k for k in base.keys() if not base.load(k).dtype.is_floating_point]
+        assert integer, "the tiny models have position_ids"
+        for key in integer:
+            assert tuned.load(key).dtype == base.load(key).dtype, key
+            assert torch.equal(tuned.load(key), base.load(key)), key

@@ -31,7 +31,7 @@ _DIFFUSERS_IN_CHANNELS = 4  # UNet2DConditionModel's default when config.json le
 
 def detect_architecture(keys: Collection[str], shape_of: ShapeOf, *, source: str) -> Architecture:
     """The family of an original-layout checkpoint from its keys and shapes; ``source`` names it in errors."""
-    return _detect(_FileEvidence(keys, shape_of), source=source)
+    return _detect(_FileEvidence(keys, shape_of, source=source), source=source)
 
 
 def detect_folder_architecture(configs: FolderConfigs, *, source: str) -> Architecture:
@@ -110,8 +110,8 @@ def _by_cross_attention(evidence: _Evidence, candidates: list[Architecture], *, 
 class _FileEvidence:
     """An original-layout (A1111 / LDM / sgm) single file: its tensor keys and their shapes."""
 
-    def __init__(self, keys: Collection[str], shape_of: ShapeOf) -> None:
-        self.keys, self.shape_of = keys, shape_of
+    def __init__(self, keys: Collection[str], shape_of: ShapeOf, *, source: str) -> None:
+        self.keys, self.shape_of, self.source = keys, shape_of, source
 
     def has_marker(self, family: UnsupportedFamily) -> bool:
         ending = family.key_ending
@@ -119,7 +119,7 @@ class _FileEvidence:
 
     def unet_channels(self, arch: Architecture) -> int | None:
         key = arch.detection.unet_input.key
-        return self.shape_of(key)[1] if key in self.keys else None
+        return self._shape(key, rank=4, what="UNet input convolution")[1] if key in self.keys else None
 
     def has_text_encoders(self, arch: Architecture) -> bool:
         return any(key.startswith(arch.detection.key_prefixes) for key in self.keys)
@@ -128,7 +128,17 @@ class _FileEvidence:
         unet_only = arch.detection.unet_only
         if unet_only is None or unet_only.key not in self.keys:
             return None
-        return self.shape_of(unet_only.key)[-1]
+        return self._shape(unet_only.key, rank=2, what="cross-attention projection")[-1]
+
+    def _shape(self, key: str, *, rank: int, what: str) -> tuple[int, ...]:
+        """The shape of ``key``, which must have ``rank`` dimensions (a malformed file: one-line error)."""
+        shape = tuple(self.shape_of(key))
+        if len(shape) != rank:
+            raise CheckpointError(
+                f"{self.source}: tensor '{key}' has shape {list(shape)}; a SD {what} is {rank}-D: the file is damaged "
+                "or not a Stable Diffusion checkpoint"
+            )
+        return shape
 
     def no_unet(self, archs: Sequence[Architecture]) -> str:
         wanted = " or ".join(f"'{key}'" for key in sorted({a.detection.unet_input.key for a in archs}))

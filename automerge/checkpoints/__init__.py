@@ -9,6 +9,7 @@ the file's own layout, ``info`` from the header only, ``load`` one tensor at a t
 from automerge.checkpoints._base import Checkpoint, TensorInfo
 from automerge.checkpoints._hashing import (
     CACHE_DIR_VARIABLE,
+    a1111_legacy_hash,
     a1111_short_hash,
     cached_sha256,
     sha256_file,
@@ -29,6 +30,7 @@ __all__ = [
     "SafetensorsWriter",
     "SourceModel",
     "TensorInfo",
+    "a1111_legacy_hash",
     "a1111_short_hash",
     "cached_sha256",
     "open_file_checkpoint",

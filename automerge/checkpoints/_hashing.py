@@ -41,6 +41,14 @@ def a1111_short_hash(sha256_hex: str) -> str:
     return sha256_hex[:_SHORT_HASH_DIGITS].lower()
 
 
+def a1111_legacy_hash(path: Path) -> str:
+    """A1111's legacy model hash (``sd_merge_models[…].legacy_hash``, the "[1a2b3c4d]" of old UIs):
+    the first 8 hex digits of the sha256 of the 64 KiB at offset 1 MiB."""
+    with open(path, "rb") as file:
+        file.seek(0x100000)
+        return hashlib.sha256(file.read(0x10000)).hexdigest()[:8]
+
+
 def hash_cache_path() -> Path:
     """``$AUTOMERGE_CACHE_DIR/sha256.json``, else ``$XDG_CACHE_HOME/automerge/…``, else ``~/.cache/automerge/…``."""
     folder = os.environ.get(CACHE_DIR_VARIABLE)

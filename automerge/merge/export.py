@@ -2,8 +2,9 @@
 
 Peak memory stays near one tensor per source (plus the method's temporaries), not whole models.
 The file has model A's key names and layout (minus EMA), so A1111 and ComfyUI load it as is, and a
-metadata header with the recipe, each source's file name, sha256 and A1111 short hash, modelspec
-fields and automerge's version. Written atomically (temporary file + rename).
+metadata header with the recipe, each source's file name, sha256 and A1111 short hash, A1111's
+``sd_merge_recipe`` / ``sd_merge_models`` (in the shape A1111 writes them), modelspec fields and
+automerge's version. Written atomically (temporary file + rename).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from automerge.checkpoints import (
     SafetensorsWriter,
     SourceModel,
     TensorInfo,
+    a1111_legacy_hash,
     a1111_short_hash,
     cached_sha256,
 )
@@ -134,9 +136,8 @@ def export_metadata(
         "automerge.version": __version__,
         "automerge.recipe": json.dumps(recipe, sort_keys=True),
         "automerge.sources": json.dumps(sources),
-        "sd_merge_models": json.dumps(
-            {s["sha256"]: {"name": s["file"], "role": s["name"]} for s in sources if s["sha256"]}
-        ),
+        "sd_merge_recipe": json.dumps(a1111_merge_recipe(plan, digests, title=title)),
+        "sd_merge_models": json.dumps(a1111_merge_models(plan, digests)),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": plan.arch.modelspec_architecture,
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
@@ -149,6 +150,63 @@ def export_metadata(
         metadata[CONFIGS_METADATA_KEY] = configs
     metadata.update(extra or {})
     return metadata
+
+
+A1111_INTERP_METHODS = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
+"""A1111's ``interp_method`` names for the methods its merger has; others keep automerge's name."""
+
+
+def a1111_merge_recipe(
+    plan: MergePlan, digests: Mapping[str, str], *, title: str | None
+) -> dict[str, object]:
+    """``sd_merge_recipe`` with A1111's fields (``type`` "automerge"): the first three sources' sha256
+    as primary / secondary / tertiary, ``multiplier`` = alpha where one number holds for every block
+    (else None, and ``block_weights`` per block), and automerge's own fields after them."""
+    hashes = [digests[name] or None for name in plan.sources]
+    params = plan.params.as_recipe()
+    alpha = params.get("alpha")
+    return {
+        "type": "automerge",
+        "primary_model_hash": hashes[0],
+        "secondary_model_hash": hashes[1] if len(hashes) > 1 else None,
+        "tertiary_model_hash": hashes[2] if len(hashes) > 2 else None,
+        "interp_method": A1111_INTERP_METHODS.get(plan.method.name, plan.method.name),
+        "multiplier": alpha if isinstance(alpha, float | int) else None,
+        "save_as_half": plan.dtype == torch.float16,
+        "custom_name": title or "",
+        "config_source": 0,
+        "bake_in_vae": "None",
+        "discard_weights": "",
+        "is_inpainting": False,
+        "is_instruct_pix2pix": False,
+        "method": plan.method.name,
+        "params": {name: value for name, value in params.items() if not isinstance(value, dict)},
+        "block_weights": {name: value for name, value in params.items() if isinstance(value, dict)},
+        "models": {name: model.path.name for name, model in plan.sources.items()},
+    }
+
+
+def a1111_merge_models(plan: MergePlan, digests: Mapping[str, str]) -> dict[str, dict[str, object]]:
+    """``sd_merge_models`` as A1111 writes it: {sha256: {name, legacy_hash, sd_merge_recipe}} for each
+    source file, merged with each source's own ``sd_merge_models`` (the lineage of a merge of merges)."""
+    models: dict[str, dict[str, object]] = {}
+    for name, model in plan.sources.items():
+        if not digests[name]:
+            continue  # a diffusers folder: no single file to hash
+        metadata = model.checkpoint.metadata
+        models[digests[name]] = {
+            "name": model.path.name,
+            "legacy_hash": a1111_legacy_hash(model.path),
+            "sd_merge_recipe": metadata.get("sd_merge_recipe"),
+            "role": name,
+        }
+        try:
+            lineage = json.loads(metadata.get("sd_merge_models", "{}"))
+        except json.JSONDecodeError:
+            lineage = {}
+        if isinstance(lineage, dict):
+            models.update({k: v for k, v in lineage.items() if k not in models})
+    return models
 
 
 def refuse_source_as_output(plan: MergePlan, out: Path) -> None:

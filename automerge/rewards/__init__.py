@@ -18,7 +18,7 @@ from automerge.rewards.base import (
 )
 from automerge.rewards.files import fetch_reward_weights
 from automerge.rewards.loader import ImageScore, dumps_scores, load_reward, score_folder
-from automerge.rewards.manifest import CompositeManifest, RewardManifest, read_manifest
+from automerge.rewards.manifest import CompositeManifest, RewardManifest, find_manifest, read_manifest
 from automerge.rewards.reference import ReferenceReward
 from automerge.rewards.scoring import ComponentScores, CompositeReward, Reward, ScoreResult
 
@@ -45,6 +45,7 @@ __all__ = [
     "dumps_scores",
     "fetch_reward_weights",
     "load_reward",
+    "find_manifest",
     "read_manifest",
     "register_reward",
     "score_folder",

@@ -13,7 +13,13 @@ from automerge.dtypes import TORCH_DTYPES
 from automerge.errors import RewardError
 from automerge.rewards.base import REWARDS, LoadRequest, RewardContext, RewardModel
 from automerge.rewards.files import resolve_weights
-from automerge.rewards.manifest import CompositeManifest, RewardManifest, parse_options, read_manifest
+from automerge.rewards.manifest import (
+    CompositeManifest,
+    RewardManifest,
+    find_manifest,
+    parse_options,
+    read_manifest,
+)
 from automerge.rewards.scoring import CompositeReward, Member, Reward
 
 AnyReward = Reward | CompositeReward
@@ -57,10 +63,11 @@ def _load_composite(
 ) -> CompositeReward:
     members = []
     for index, member in enumerate(manifest.members):
-        loaded = read_manifest(member.manifest)
+        member_path = find_manifest(member.manifest, near=manifest_path.parent)
+        loaded = read_manifest(member_path)
         if isinstance(loaded, CompositeManifest):
-            raise RewardError(f"{manifest_path}: members.{index}: {member.manifest} is itself a composite")
-        reward = _load_single(loaded, member.manifest, device=device, context=context)
+            raise RewardError(f"{manifest_path}: members.{index}: {member_path} is itself a composite")
+        reward = _load_single(loaded, member_path, device=device, context=context)
         members.append(Member(reward, member.weight, member.normalize))
     return CompositeReward(members, name=manifest.display_name(manifest_path), combine=manifest.combine)
 

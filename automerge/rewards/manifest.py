@@ -24,6 +24,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from automerge.config import FileRef, Schema, load_yaml, parse_model
 from automerge.dtypes import DtypeName
+from automerge.errors import ConfigError
 from automerge.registry import did_you_mean
 from automerge.rewards.base import REWARDS, WeightRole
 
@@ -192,6 +193,32 @@ class CompositeManifest(Schema):
 
 
 AnyManifest = RewardManifest | CompositeManifest
+
+
+MANIFEST_SUFFIXES = (".yaml", ".yml")
+BUNDLED_MANIFESTS = Path(__file__).resolve().parent.parent.parent / "rewards"
+"""The manifests that ship beside the package (a checkout's ``rewards/``)."""
+
+
+def find_manifest(name: str | Path, *, near: Path | None = None) -> Path:
+    """A reward manifest by path or by name: a ``.yaml`` path (or any existing file) is taken as given;
+    ``imagereward`` is ``rewards/imagereward.yaml`` looked up beside ``near`` (a study or composite
+    file's folder, and its parent), then in the working directory, then beside the package."""
+    path = Path(name)
+    if path.suffix in MANIFEST_SUFFIXES or path.is_file():
+        return path
+    stem = path.name
+    folders = [Path("rewards"), BUNDLED_MANIFESTS]
+    if near is not None:
+        folders = [near / "rewards", near.parent / "rewards", near, *folders]
+    for folder in folders:
+        if (folder / f"{stem}.yaml").is_file():
+            return folder / f"{stem}.yaml"
+    known = sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
+    raise ConfigError(
+        f"no reward manifest '{stem}'{did_you_mean(stem, known)}; known: {', '.join(known) or '(none)'}; "
+        "or give the path of a manifest .yaml"
+    )
 
 
 def read_manifest(path: Path | str) -> AnyManifest:

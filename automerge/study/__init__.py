@@ -1,40 +1,42 @@
 """The optimization loop: study files, search space, samplers, early stopping, the per-trial
 objective, trial records, resume and storage, and the export of a study's trials. The only package
-that imports optuna."""
+that imports optuna.
 
-from automerge.study.config import (
-    SamplerConfig,
-    StudyFile,
-    artifact_dir,
-    default_storage,
-    export_dir,
-    load_study_file,
-    parse_duration,
-)
-from automerge.study.export import export_study
-from automerge.study.records import TrialRecord, best_trial
-from automerge.study.runner import RunSummary, find_study, open_study, run_study
-from automerge.study.runtime import Evaluation, StudyRuntime
-from automerge.study.samplers import SAMPLERS, WarpedGPSampler, make_sampler
+Names are imported on first use (as ``automerge``'s own): `automerge export --trial N` checks N
+against the storage before diffusers and the render stack load."""
 
-__all__ = [
-    "SAMPLERS",
-    "SamplerConfig",
-    "Evaluation",
-    "RunSummary",
-    "StudyFile",
-    "StudyRuntime",
-    "TrialRecord",
-    "WarpedGPSampler",
-    "artifact_dir",
-    "best_trial",
-    "default_storage",
-    "export_dir",
-    "export_study",
-    "load_study_file",
-    "make_sampler",
-    "find_study",
-    "open_study",
-    "parse_duration",
-    "run_study",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "SamplerConfig": "config",
+    "StudyFile": "config",
+    "artifact_dir": "config",
+    "default_storage": "config",
+    "export_dir": "config",
+    "load_study_file": "config",
+    "parse_duration": "config",
+    "export_study": "export",
+    "TrialRecord": "records",
+    "best_trial": "records",
+    "choose_trial": "records",
+    "RunSummary": "runner",
+    "open_study": "runner",
+    "run_study": "runner",
+    "Evaluation": "runtime",
+    "StudyRuntime": "runtime",
+    "SAMPLERS": "samplers",
+    "WarpedGPSampler": "samplers",
+    "make_sampler": "samplers",
+    "find_study": "storage",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f"automerge.study.{_PUBLIC[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

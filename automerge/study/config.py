@@ -22,6 +22,7 @@ from automerge.errors import ConfigError, StudyError
 from automerge.files import relative_path
 from automerge.merge.recipe import check_model_letters
 from automerge.render.config import RenderConfig
+from automerge.rewards.manifest import MANIFEST_SUFFIXES, find_manifest
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?")
 
@@ -78,6 +79,10 @@ class SamplerConfig(Schema):
     warp_margin: float = Field(
         0.01, gt=0, le=1, description="auto: δ of its log-gap warp, as a fraction of the value range"
     )
+    local_every: int = Field(
+        3, ge=0, description="auto: every n-th trial is a one-coordinate step from the best (0: never)"
+    )
+    local_after: int = Field(20, ge=0, description="auto: complete trials before the first local step")
 
     @field_validator("name")
     @classmethod
@@ -272,7 +277,13 @@ def load_study_file(path: Path | str) -> StudyFile:
             if not payload.is_file():
                 raise ConfigError(f"{path}: {field}[{index}]: payload file {payload} does not exist")
     if isinstance(study.reward, Path) and not study.reward.is_file():
-        raise ConfigError(f"{path}: reward: manifest {study.reward} does not exist (see rewards/*.yaml)")
+        if study.reward.suffix in MANIFEST_SUFFIXES:
+            raise ConfigError(f"{path}: reward: manifest {study.reward} does not exist (see rewards/*.yaml)")
+        try:  # a manifest name: rewards/NAME.yaml beside the study, in the working directory or bundled
+            reward = find_manifest(study.reward.name, near=study.path.parent).resolve()
+            object.__setattr__(study, "reward", reward)  # the file's models are frozen
+        except ConfigError as error:
+            raise ConfigError(f"{path}: reward: {error}") from None
     return study
 
 

@@ -20,7 +20,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
-from automerge.errors import ConfigError, StudyError
+from automerge.errors import ConfigError
 from automerge.files import foreign_files, relative_path, replaced_folder, writable_folder, write_text_atomic
 from automerge.merge import MergePlan, export_merge, resolve_params
 from automerge.report import ReportData, render_report
@@ -29,23 +29,6 @@ from automerge.study.config import InlineReward, StudyFile, artifact_dir, export
 from automerge.study.records import TrialRecord
 from automerge.study.runtime import StudyRuntime, open_study_plan
 from automerge.study.space import SearchSpace, build_space
-
-
-def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
-    """Trial ``number`` (it must be complete), or the best when ``number`` is None."""
-    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = records.best_trial(completed)
-    if best is None:
-        raise StudyError(f"study '{study.study_name}' has no completed trial to export yet")
-    if number is None:
-        return best
-    for trial in completed:
-        if trial.number == number:
-            return trial
-    raise StudyError(
-        f"study '{study.study_name}': trial {number} is not a completed trial; "
-        f"completed: {', '.join(str(t.number) for t in completed[:20])}"
-    )
 
 
 def export_study(
@@ -60,7 +43,7 @@ def export_study(
     """Write recipe.yaml, model.safetensors and report.html for one trial; returns the folder.
     ``runtime``: the running study's (its open sources are reused, validation payloads scored)."""
     console = console or Console()
-    trial = choose_trial(study, trial_number)
+    trial = records.choose_trial(study, trial_number)
     fix = "pass another folder with -o DIR" if out_dir else "set export.dir in the study file, or pass -o DIR"
     out = Path(out_dir or export_dir(study_file)).absolute()
     check_export_folder(out, fix=fix)

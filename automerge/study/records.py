@@ -15,6 +15,8 @@ from types import MappingProxyType
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from automerge.errors import StudyError
+
 STAGES = ("sampler", "merge", "render", "score", "bookkeeping")
 """The stages of a trial, in order; ``timings`` holds seconds per stage."""
 
@@ -125,3 +127,22 @@ def write_failure(trial: optuna.Trial, reason: str) -> None:
 
 def write_pruned(trial: optuna.Trial) -> None:
     trial.set_user_attr(PRUNED_AFTER_PAYLOADS, True)
+
+
+def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
+    """Trial ``number`` (it must be complete), or the best when ``number`` is None."""
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = best_trial(completed)
+    if best is None:
+        raise StudyError(f"study '{study.study_name}' has no completed trial to export yet")
+    if number is None:
+        return best
+    for trial in completed:
+        if trial.number == number:
+            return trial
+    shown = ", ".join(str(t.number) for t in completed[:20])
+    more = f" and {len(completed) - 20} more" if len(completed) > 20 else ""
+    raise StudyError(
+        f"study '{study.study_name}': trial {number} is not a completed trial; "
+        f"completed: {shown}{more} (best: {best.number})"
+    )

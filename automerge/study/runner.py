@@ -9,7 +9,6 @@ its scores, timings and images (as Optuna artifacts, shown by optuna-dashboard).
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial
 from rich.console import Console
 
-from automerge.errors import StudyError
 from automerge.files import writable_folder
 from automerge.study import records
 from automerge.study.config import StudyFile, artifact_dir, default_storage, export_dir
@@ -31,7 +29,7 @@ from automerge.study.pruners import make_pruner
 from automerge.study.runtime import StudyRuntime, preview_rungs
 from automerge.study.samplers import make_sampler
 from automerge.study.stopping import BudgetTaken, ConsecutiveFailures, EarlyStopping
-from automerge.study.storage import open_storage, storage_exists
+from automerge.study.storage import find_study, open_storage
 
 MAX_CONSECUTIVE_FAILURES = 5
 
@@ -47,36 +45,6 @@ class RunSummary:
     interrupted: bool = False
     export_dir: Path | None = None
     timings: dict[str, list[float]] = field(default_factory=dict)
-
-
-def quiet_optuna() -> None:
-    """Optuna's own log lines (study created, each trial finished, a failed trial's traceback) only
-    with ``--debug`` (the ``automerge`` logger at DEBUG): the progress display says it all in one line."""
-    debug = logging.getLogger("automerge").isEnabledFor(logging.DEBUG)
-    optuna.logging.set_verbosity(optuna.logging.WARNING if debug else optuna.logging.ERROR)
-
-
-def find_study(study: StudyFile) -> optuna.Study | None:
-    """The study as stored, or None when its storage holds none (nothing is created); a changed
-    search problem is refused."""
-    url = default_storage(study)
-    quiet_optuna()
-    if not storage_exists(url):
-        return None
-    try:
-        existing = optuna.load_study(
-            study_name=study.name, storage=open_storage(url, heartbeat=study.heartbeat)
-        )
-    except KeyError:
-        return None
-    stored = existing.user_attrs.get(records.FINGERPRINT)
-    if stored is not None and stored != study.search_fingerprint():
-        raise StudyError(
-            f"{study.path}: study '{study.name}' in {url} was made from a different search problem "
-            "(models, method, search, params, payloads or reward changed); give the study a new name, "
-            "or delete its storage to start over. Changing trials, timeout, early_stopping or export is fine."
-        )
-    return existing
 
 
 def open_study(study: StudyFile) -> optuna.Study:

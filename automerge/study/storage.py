@@ -14,6 +14,7 @@ Optuna's journal storage has no heartbeat: a dead worker's trial stays RUNNING t
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +25,8 @@ from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 
 from automerge.errors import StudyError
+from automerge.study import records
+from automerge.study.config import StudyFile, default_storage
 
 if TYPE_CHECKING:
     from automerge.study.config import HeartbeatConfig
@@ -151,3 +154,33 @@ def storage_exists(url: str) -> bool:
         if url.startswith(prefix):
             return Path(url.removeprefix(prefix)).exists()
     return True
+
+
+def quiet_optuna() -> None:
+    """Optuna's own log lines (study created, each trial finished, a failed trial's traceback) only
+    with ``--debug`` (the ``automerge`` logger at DEBUG): the progress display says it all in one line."""
+    debug = logging.getLogger("automerge").isEnabledFor(logging.DEBUG)
+    optuna.logging.set_verbosity(optuna.logging.WARNING if debug else optuna.logging.ERROR)
+
+
+def find_study(study: StudyFile) -> optuna.Study | None:
+    """The study as stored, or None when its storage holds none (nothing is created); a changed
+    search problem is refused."""
+    url = default_storage(study)
+    quiet_optuna()
+    if not storage_exists(url):
+        return None
+    try:
+        existing = optuna.load_study(
+            study_name=study.name, storage=open_storage(url, heartbeat=study.heartbeat)
+        )
+    except KeyError:
+        return None
+    stored = existing.user_attrs.get(records.FINGERPRINT)
+    if stored is not None and stored != study.search_fingerprint():
+        raise StudyError(
+            f"{study.path}: study '{study.name}' in {url} was made from a different search problem "
+            "(models, method, search, params, payloads or reward changed); give the study a new name, "
+            "or delete its storage to start over. Changing trials, timeout, early_stopping or export is fine."
+        )
+    return existing

@@ -123,3 +123,19 @@ def test_diffusers_folder_of_an_unsupported_or_unknown_kind_is_named(
 ) -> None:
     with pytest.raises(error, match=message):
         detect_folder_architecture(configs, source="folder")
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        ("model.diffusion_model.input_blocks.0.0.weight", (320,)),
+        ("model.diffusion_model.input_blocks.0.0.weight", ()),
+        ("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", ()),
+    ],
+)
+def test_a_detection_key_of_the_wrong_rank_is_a_one_line_error(key: str, shape: tuple[int, ...]) -> None:
+    """`automerge inspect` died with an IndexError on a file whose input_blocks.0.0.weight was not 4-D."""
+    shapes = {k: s for k, s in _shapes("sd1").items() if k.startswith("model.diffusion_model.")}
+    shapes[key] = shape
+    with pytest.raises(CheckpointError, match=rf"m.safetensors: tensor '{key}' has shape \[.*\]; a SD"):
+        detect_architecture(shapes.keys(), shapes.__getitem__, source="m.safetensors")

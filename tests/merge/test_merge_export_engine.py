@@ -91,6 +91,61 @@ def test_metadata_names_sources_with_hashes(tiny_models: dict, tmp_path: Path) -
     assert {"name": "c", "file": "base.safetensors", "sha256": digest, "autov2": digest[:10]} in sources
 
 
+def test_metadata_has_a1111s_merge_recipe_and_models_in_its_shape(tiny_models: dict, tmp_path: Path) -> None:
+    """A1111 writes ``sd_merge_recipe`` (type, primary/secondary/tertiary model hashes, interp_method,
+    multiplier, save_as_half, …) and ``sd_merge_models`` ({sha256: {name, legacy_hash,
+    sd_merge_recipe}}); its UI and civitai read them, so an automerge file carries both in that shape."""
+    import hashlib
+    import json
+
+    from automerge.checkpoints import sha256_file
+
+    recipe = _recipe(tiny_models, "add_difference", {"alpha": {"default": 0.3, "IN00": 0.9}}, dtype="fp16")
+    plan = plan_merge(recipe, source="t")
+    out = export_merge(plan, tmp_path / "o.safetensors")
+    plan.close()
+    with open_file_checkpoint(out) as merged:
+        merge_recipe = json.loads(merged.metadata["sd_merge_recipe"])
+        models = json.loads(merged.metadata["sd_merge_models"])
+    digests = {name: sha256_file(tiny_models[name]) for name in "abc"}
+    assert merge_recipe["type"] == "automerge"
+    assert merge_recipe["primary_model_hash"] == digests["a"]
+    assert merge_recipe["secondary_model_hash"] == digests["b"]
+    assert merge_recipe["tertiary_model_hash"] == digests["c"]
+    assert merge_recipe["interp_method"] == "Add difference"
+    assert merge_recipe["multiplier"] is None  # per-block: no single multiplier; the blocks follow
+    assert merge_recipe["block_weights"]["alpha"]["IN00"] == 0.9
+    assert merge_recipe["save_as_half"] is True
+    for name in "abc":
+        data = tiny_models[name].read_bytes()
+        legacy = hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+        entry = models[digests[name]]
+        assert entry["name"] == tiny_models[name].name and entry["legacy_hash"] == legacy
+        assert entry["sd_merge_recipe"] is None  # the tiny sources are not merges
+
+
+def test_a_merge_of_merges_keeps_its_sources_lineage(tiny_models: dict, tmp_path: Path) -> None:
+    """As A1111 does, the sources' own ``sd_merge_models`` are carried into the new file's."""
+    import json
+
+    first = plan_merge(_recipe(tiny_models, "weighted_sum", {"alpha": 0.5}), source="t")
+    merged = export_merge(first, tmp_path / "m1.safetensors")
+    first.close()
+    second = plan_merge(
+        _recipe({"a": merged, "b": tiny_models["b"]}, "weighted_sum", {"alpha": 0.2}), source="t"
+    )
+    out = export_merge(second, tmp_path / "m2.safetensors")
+    second.close()
+    with open_file_checkpoint(out) as final:
+        models = json.loads(final.metadata["sd_merge_models"])
+        recipe = json.loads(final.metadata["sd_merge_recipe"])
+    assert recipe["multiplier"] == 0.2 and recipe["interp_method"] == "Weighted sum"
+    from automerge.checkpoints import sha256_file
+
+    assert sha256_file(tiny_models["a"]) in models  # a, through m1's own sd_merge_models
+    assert json.loads(models[sha256_file(merged)]["sd_merge_recipe"])["multiplier"] == 0.5
+
+
 PER_BLOCK = {"default": 0.3, "IN00": 0.9, "OUT11": 0.1, "BASE": 0.7}
 
 

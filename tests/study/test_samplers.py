@@ -155,13 +155,60 @@ def test_distinct_proposals_leave_new_points_alone() -> None:
 
 def test_auto_never_spends_a_trial_on_a_point_already_evaluated() -> None:
     """On the search suite the warped GP re-proposed its incumbent (auto: a median of 17 of 200
-    trials, up to 139): auto is the warped GP behind DistinctProposals."""
-    from automerge.study.samplers import DistinctProposals, WarpedGPSampler
+    trials, up to 139): auto is the warped GP (with local steps) behind DistinctProposals."""
+    from automerge.study.samplers import DistinctProposals, LocalSteps, WarpedGPSampler
 
     sampler = make_sampler(SamplerConfig(name="auto", seed=0, startup_trials=4))
-    assert isinstance(sampler.inner, DistinctProposals) and isinstance(sampler.inner.inner, WarpedGPSampler)
+    assert isinstance(sampler.inner, DistinctProposals) and isinstance(sampler.inner.inner, LocalSteps)
+    assert isinstance(sampler.inner.inner.inner, WarpedGPSampler)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     study.optimize(lambda t: -((t.suggest_float("x", 0, 1, step=0.025) - 0.3) ** 2), n_trials=16)
     points = [t.params["x"] for t in study.trials]
     assert all(x not in points[:i] for i, x in enumerate(points) if i >= 4)  # GP's proposals: none twice
     assert sampler.inner.replaced > 0  # the exact optimum 0.3 is on the grid: the GP wanted it again
+
+
+def test_local_steps_move_one_coordinate_of_the_best_trial_on_their_turns() -> None:
+    """Once ``after`` trials are complete, every ``every``-th trial is the best complete trial with
+    exactly one coordinate moved (on the grid, in the range); the other trials are the inner
+    sampler's own (issue 12: a dimension that moves the reward little is measured alone)."""
+    from automerge.study.samplers import LocalSteps
+
+    class Fixed(optuna.samplers.RandomSampler):
+        """Proposes x = y = z = 0.9 (far from the best) for every trial after the first five."""
+
+        def infer_relative_search_space(self, study, trial):
+            return optuna.search_space.intersection_search_space(study.get_trials(deepcopy=False))
+
+        def sample_relative(self, study, trial, space):
+            return {name: 0.9 for name in space} if trial.number >= 5 else {}
+
+    sampler = LocalSteps(Fixed(seed=0), seed=1, every=3, after=6)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+
+    def objective(trial: optuna.Trial) -> float:
+        point = [trial.suggest_float(n, 0, 1, step=0.01) for n in "xyz"]
+        return -sum((v - 0.2) ** 2 for v in point) + 1e-9 * trial.number  # later trials win ties
+
+    study.optimize(objective, n_trials=30)
+    for trial in study.trials[6:]:
+        params = trial.params
+        if trial.number % 3 != 0:
+            assert params == {"x": 0.9, "y": 0.9, "z": 0.9}
+            continue
+        best = max((t for t in study.trials[: trial.number] if t.value is not None), key=lambda t: t.value)
+        moved = [n for n in "xyz" if params[n] != best.params[n]]
+        assert len(moved) <= 1, (trial.number, params, best.params)
+        for value in params.values():
+            assert 0 <= value <= 1 and abs(value * 100 - round(value * 100)) < 1e-6
+    assert sampler.steps == len([n for n in range(6, 30) if n % 3 == 0])
+    assert study.best_value > max(t.value for t in study.trials[:6])  # the steps improved the best
+
+
+def test_local_steps_are_off_with_every_zero() -> None:
+    from automerge.study.samplers import LocalSteps
+
+    inner = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(sampler=LocalSteps(inner, seed=0, every=0, after=0))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=6)
+    assert study.sampler.steps == 0

@@ -94,3 +94,21 @@ def test_records_read_back_what_the_objective_wrote_and_ties_go_to_the_earliest(
     assert best.timings == {"merge": 0.25} and best.images == {"p0-i00-s0001": "id"}
     assert best_trial(study.trials).number == 2
     assert best_trial([]) is None
+
+
+def test_a_study_names_its_reward_manifest_by_name(make_study, tmp_path: Path) -> None:
+    """`reward: clip-score` finds rewards/clip-score.yaml (beside the study, else bundled), as
+    `rewards fetch` and `score` take names; a misspelt name lists the known ones."""
+    path = make_study(reward="pickscore")
+    study = load_study_file(path)
+    assert study.reward == (Path(__file__).resolve().parents[2] / "rewards" / "pickscore.yaml")
+    (tmp_path / "rewards").mkdir(exist_ok=True)
+    own = tmp_path / "rewards" / "pickscore.yaml"
+    own.write_text("reward: clip_score\n")
+    assert load_study_file(path).reward == own.resolve()
+    with pytest.raises(
+        ConfigError, match=r"reward: no reward manifest 'pickscor' \(did you mean 'pickscore'"
+    ):
+        load_study_file(make_study(reward="pickscor"))
+    with pytest.raises(ConfigError, match=r"reward: manifest .*nothere.yaml does not exist"):
+        load_study_file(make_study(reward="nothere.yaml"))

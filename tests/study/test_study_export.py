@@ -159,3 +159,35 @@ def test_an_export_into_a_folder_of_other_files_is_refused_before_any_work(
     assert result.code == 2
     assert result.err.startswith(f"error: export folder {models} holds other files (favourite.safetensors)")
     assert [p.name for p in models.iterdir()] == ["favourite.safetensors"]
+
+
+def test_a_wrong_trial_number_is_said_before_the_render_stack_loads(make_study, tmp_path: Path) -> None:
+    """`export --trial 999` took 16 s (importing diffusers, opening the models) before its error."""
+    import subprocess
+    import sys
+
+    path = make_study(trials=3)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    probe = (
+        "import sys\n"
+        "from automerge.cli import main\n"
+        f"sys.argv = ['automerge', 'export', {str(path)!r}, '--trial', '999', '-o', {str(tmp_path / 'x')!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    code = exit.code\n"
+        "print('code', code, 'diffusers' in sys.modules, 'automerge.study.runtime' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == "code 2 False False", done.stdout + done.stderr
+    assert "trial 999 is not a completed trial; completed: 0, 1, 2 (best: " in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_list_of_completed_trials_says_how_many_it_leaves_out() -> None:
+    import pytest
+
+    from automerge.errors import StudyError
+    from automerge.study import choose_trial
+
+    study = optuna.create_study(direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=25)
+    with pytest.raises(StudyError, match=r"completed: 0, 1, .*, 19 and 5 more \(best: \d+\)"):
+        choose_trial(study, 999)
