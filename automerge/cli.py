@@ -158,7 +158,7 @@ def render(
     from automerge.render import RenderConfig
 
     config = _from_options(RenderConfig, device=device, batch_size=batch_size)
-    paths = render_command(model, payload, out, config=config)
+    paths = render_command(model, payload, out, config=config, console=console)
     console.print(f"wrote {len(paths)} images to {out}/")
 
 
@@ -341,11 +341,12 @@ def dashboard(
     study: Annotated[Path, typer.Argument(help="Study YAML.")],
     port: Annotated[int, typer.Option(help="Port.")] = 8080,
     host: Annotated[str, typer.Option(help="Bind address (default: this machine only).")] = "127.0.0.1",
+    log_requests: Annotated[bool, typer.Option(help="Print every HTTP request.")] = False,
 ) -> None:
     """Serve optuna-dashboard on the study's storage, with each trial's images."""
     from automerge.commands import serve_dashboard
 
-    serve_dashboard(study, host=host, port=port, console=console)
+    serve_dashboard(study, host=host, port=port, console=console, log_requests=log_requests)
 
 
 def _from_options(model: type[M], **options: object) -> M:

@@ -9,12 +9,15 @@ from rich.console import Console
 
 from automerge.errors import ConfigError
 from automerge.files import check_creatable, writable_folder
+from automerge.terminal import startup_status
 
 if TYPE_CHECKING:
     from automerge.render import RenderConfig
 
 
-def render_command(model: Path, payload_path: Path, out: Path, *, config: RenderConfig) -> list[Path]:
+def render_command(
+    model: Path, payload_path: Path, out: Path, *, config: RenderConfig, console: Console | None = None
+) -> list[Path]:
     """Render a payload with a checkpoint (as itself) or a recipe merged in memory; the PNGs' paths."""
     from automerge.merge import load_recipe, plan_checkpoint, plan_merge
     from automerge.render import RenderSession, load_payload, save_png
@@ -26,17 +29,26 @@ def render_command(model: Path, payload_path: Path, out: Path, *, config: Render
     is_recipe = model.suffix in (".yaml", ".yml")
     plan = plan_merge(load_recipe(model), source=str(model)) if is_recipe else plan_checkpoint(model)
     try:
-        session = RenderSession(plan, config)
-        session.apply()
-        writable_folder(out, fix=fix)
-        return [save_png(image, out) for image in session.render(payload.jobs())]
+        with startup_status(console or Console()) as status:
+            session = RenderSession(plan, config, status=status)
+            status("merging" if is_recipe else "loading the weights")
+            session.apply()
+            writable_folder(out, fix=fix)
+            jobs = payload.jobs()
+            status(f"rendering {len(jobs)} images ({payload_path.name})")
+            return [save_png(image, out) for image in session.render(jobs)]
     finally:
         plan.close()
 
 
-def serve_dashboard(study_path: Path, *, host: str, port: int, console: Console) -> None:
+def serve_dashboard(
+    study_path: Path, *, host: str, port: int, console: Console, log_requests: bool = False
+) -> None:
     """optuna-dashboard on the study's storage, with the trials' images from its artifact store.
-    The study, the storage and the address are checked before anything is created or printed."""
+    The study, the storage and the address are checked before anything is created or printed; HTTP
+    requests are logged only with ``log_requests`` (optuna-dashboard's own server printed every one)."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
@@ -53,10 +65,21 @@ def serve_dashboard(study_path: Path, *, host: str, port: int, console: Console)
     check_listen_address(host, port)
     storage = open_storage(url)
     store_dir = writable_folder(artifact_dir(study), fix="check the permissions of the study file's folder")
-    console.print(f"optuna-dashboard on http://{host}:{port}/ (storage {url})")
-    optuna_dashboard.run_server(
-        storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(store_dir))
-    )
+    app = optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(store_dir)))
+
+    class RequestHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+            if log_requests:
+                super().log_message(format, *args)
+
+    with make_server(host, port, app, handler_class=RequestHandler) as server:
+        console.print(f"optuna-dashboard on http://{host}:{port}/ (storage {url}); Ctrl+C stops it")
+        console.print(
+            "[yellow]note:[/] the dashboard writes to the study: its upload and delete buttons add or remove "
+            "trial images in the artifact store, and notes and trial marks are saved in the storage",
+            highlight=False,
+        )
+        server.serve_forever()
 
 
 def check_listen_address(host: str, port: int) -> None:

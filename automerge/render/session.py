@@ -9,7 +9,7 @@ without copying weights or writing a file.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from automerge.merge import BlockParams, EngineOptions, LiveEngine, MergePlan
 from automerge.render.config import RenderConfig
@@ -29,9 +29,12 @@ class RenderSession:
         config: RenderConfig | None = None,
         *,
         tokenizers: TokenizerCache | None = None,
+        status: Callable[[str], None] | None = None,
     ) -> None:
         """Load the plan's sources onto the device and build the pipeline around them (the plan stays
-        the caller's to close). ``tokenizers``: a cache shared by several sessions of one process."""
+        the caller's to close). ``tokenizers``: a cache shared by several sessions of one process;
+        ``status(text)`` is told each phase as it starts (the terminal's status line)."""
+        status = status or (lambda text: None)
         self.plan = plan
         self.config = config or RenderConfig()
         # 1. Where: device and dtypes, checked before any tensor is loaded.
@@ -44,8 +47,10 @@ class RenderSession:
             offload=self.config.offload,
         )
         # 2. The engine: sources resident, merged weights in flat per-block buffers.
+        status(f"loading {len(plan.sources)} source models onto {self.device}")
         self.engine = LiveEngine(plan, options)
         # 3. Live modules as views of those weights, the pipeline around them, the renderer.
+        status("building the pipeline around the live weights")
         modules = bind_modules(plan.primary.configs, self.engine.live_parameters(), device=self.device)
         live = pipeline_modules(modules, family=plan.arch.name, prediction_type=plan.arch.prediction_type)
         self.pipeline = build_pipeline(

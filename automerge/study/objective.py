@@ -33,11 +33,13 @@ class Objective:
         *,
         store: FileSystemArtifactStore,
         on_trial: Callable[[int, Evaluation], None],
+        on_stage: Callable[[str], None] | None = None,
         budget: int | None = None,
     ) -> None:
         self.runtime = runtime
         self.store = store
         self.on_trial = on_trial  # called with (trial number, evaluation) after each completed trial
+        self.on_stage = on_stage  # called with the stage's name as it starts (propose, merge, render, …)
         self.budget = budget  # the study's total trials, shared by every worker (None: no limit)
         self.last_finished = time.perf_counter()
 
@@ -49,6 +51,8 @@ class Objective:
         try:
             # 1. Proposal: the gap since the last trial ended (Optuna's own work) plus the suggest calls,
             #    where Optuna 5 computes multivariate proposals (GP, CMA-ES, multivariate TPE).
+            if self.on_stage is not None:
+                self.on_stage("propose")
             values = self.runtime.space.suggest(trial)
             sampler_seconds = time.perf_counter() - self.last_finished
             params = self.runtime.space.block_params(values)
@@ -56,6 +60,8 @@ class Objective:
             #       by payload; the pruner may stop the trial after each.
             evaluation = self._evaluate(trial, params)
             # 5. Bookkeeping: scores, timings and images for the dashboard and the report.
+            if self.on_stage is not None:
+                self.on_stage("record")
             started = time.perf_counter()
             records.write_evaluation(
                 trial,
@@ -88,11 +94,14 @@ class Objective:
         report = _reporter(trial)
         previews = []
         for rung, jobs in enumerate(self.runtime.preview_jobs):
-            previews.append(self.runtime.evaluate(params, jobs))
+            previews.append(self.runtime.evaluate(params, jobs, on_stage=self.on_stage))
             report(rung, previews[-1].value)  # raises TrialPruned unless promoted
         rungs = len(previews)
         evaluation = self.runtime.evaluate(
-            params, self.runtime.jobs, report=lambda step, value: report(rungs + step, value)
+            params,
+            self.runtime.jobs,
+            report=lambda step, value: report(rungs + step, value),
+            on_stage=self.on_stage,
         )
         for preview in previews:
             for stage, seconds in preview.timings.items():

@@ -1,30 +1,37 @@
-"""The progress display: trial n / N, last and best score, elapsed, ETA, per-stage time, plus one line
-per trial that stays in the terminal log."""
+"""What the terminal shows during a run: a status line with a spinner while the study starts (which
+phase, and how long each took), then one live line that fits 80 columns (trial n/N, bar, best, ETA,
+the current stage) and one log line per finished trial with that trial's own stage times."""
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Self
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from automerge.study.records import FAIL_REASON, STAGES
 from automerge.study.runtime import Evaluation
 
+STAGE_LABELS = {
+    "sampler": "ask",
+    "merge": "merge",
+    "render": "render",
+    "score": "score",
+    "bookkeeping": "save",
+}
+"""Short names of the timed stages in a trial's log line (the sampler's proposal is Optuna's ask)."""
+
+
+def stage_times(timings: dict[str, float]) -> str:
+    """``ask 40 merge 12 render 310 score 5 save 20 ms``: the stages a trial timed, in pipeline order."""
+    shown = " ".join(f"{STAGE_LABELS[s]} {1000 * timings[s]:.0f}" for s in STAGES if s in timings)
+    return f"{shown} ms" if shown else ""
+
 
 class TrialProgress:
-    """A live progress bar plus one log line per trial; ``update`` and ``callback`` feed it."""
+    """The live line plus one log line per trial; ``stage``, ``update`` and ``callback`` feed it."""
 
     def __init__(self, console: Console, *, total: int, start_best: float | None) -> None:
         self.console = console
@@ -35,43 +42,52 @@ class TrialProgress:
         self._progress = Progress(
             TextColumn("trial"),
             MofNCompleteColumn(),
-            BarColumn(),
-            TimeElapsedColumn(),
+            BarColumn(bar_width=12),
+            TextColumn("best {task.fields[best]}"),
             TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(compact=True),
+            TextColumn("{task.fields[stage]}"),
             console=console,
             transient=False,
         )
-        self._task = self._progress.add_task("trials", total=total, status="")
-        self._started = time.perf_counter()
+        best = "—" if start_best is None else f"{start_best:.4g}"
+        self._task = self._progress.add_task("trials", total=total, best=best, stage="")
 
     def __enter__(self) -> Self:
         self._progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._progress.update(self._task, stage="done")
         self._progress.__exit__(*exc)
+
+    def renderable(self) -> object:
+        """The live line as rich renders it (for tests and for printing it once)."""
+        return self._progress.get_renderable()
+
+    def stage(self, name: str) -> None:
+        """The trial now running entered stage ``name`` (propose, merge, render, score, record)."""
+        self._progress.update(self._task, stage=name)
 
     def update(self, number: int, evaluation: Evaluation) -> None:
         """Called by the objective for a completed evaluation."""
         for stage, seconds in evaluation.timings.items():
             self.timings.setdefault(stage, []).append(seconds)
         value = evaluation.value
-        self.best = value if self.best is None else max(self.best, value)
-        stages = " ".join(
-            f"{s} {1000 * statistics.median(self.timings[s]):.0f}ms" for s in STAGES if self.timings.get(s)
+        improved = self.best is None or value > self.best
+        self.best = value if improved else self.best
+        self._progress.update(self._task, best=f"{self.best:.4g}")
+        mark = " [green](best)[/]" if improved else ""
+        self.console.print(
+            f"trial {number}: {value:.6g}{mark}  [dim]{stage_times(evaluation.timings)}[/]", highlight=False
         )
-        status = f"last {value:.6g} best {self.best:.6g} | {stages}"
-        self._progress.update(self._task, status=status)
-        self.console.log(f"trial {number}: {value:.6g} (best {self.best:.6g}) {stages}", highlight=False)
 
     def callback(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.ran += 1
         if trial.state == TrialState.FAIL:
-            self.console.log(
+            self.console.print(
                 f"trial {trial.number} failed: {trial.user_attrs.get(FAIL_REASON, '?')}", highlight=False
             )
         elif trial.state == TrialState.PRUNED:
-            self.console.log(f"trial {trial.number} pruned", highlight=False)
+            self.console.print(f"trial {trial.number} pruned", highlight=False)
         self._progress.advance(self._task)

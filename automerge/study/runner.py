@@ -30,6 +30,7 @@ from automerge.study.runtime import StudyRuntime, preview_rungs
 from automerge.study.samplers import make_sampler
 from automerge.study.stopping import BudgetTaken, ConsecutiveFailures, EarlyStopping
 from automerge.study.storage import find_study, open_storage
+from automerge.terminal import startup_status
 
 MAX_CONSECUTIVE_FAILURES = 5
 
@@ -122,7 +123,8 @@ def run_study(
         if remaining > 0:
             # 2. The resident runtime (every check of models, space and payloads, then the sources on
             #    the device, the pipeline, the reward).
-            runtime = StudyRuntime(study_file, device=device)
+            with startup_status(console) as status:
+                runtime = StudyRuntime(study_file, device=device, status=status)
             # 3. The folders the run writes to, before hours of trials that could not be saved.
             store = FileSystemArtifactStore(
                 str(
@@ -204,7 +206,9 @@ def _optimize(
     if stopping is not None:
         callbacks.append(stopping)
     budget = runtime.study.trials if extra_trials is None else None
-    objective = Objective(runtime, store=store, on_trial=progress.update, budget=budget)
+    objective = Objective(
+        runtime, store=store, on_trial=progress.update, on_stage=progress.stage, budget=budget
+    )
     with sigterm_as_interrupt(), progress:
         try:
             study.optimize(

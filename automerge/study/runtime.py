@@ -20,6 +20,7 @@ from automerge.render.session import RenderSession
 from automerge.rewards import CompositeReward, ReferenceReward, Reward, load_reward
 from automerge.study.config import InlineReward, StudyFile
 from automerge.study.space import SearchSpace, build_space
+from automerge.terminal import Status
 from automerge.tiny import write_tiny
 
 Report = Callable[[int, float], None]
@@ -106,8 +107,10 @@ def preview_rungs(study: StudyFile) -> int:
 class StudyRuntime:
     """The resident state of a running study."""
 
-    def __init__(self, study: StudyFile, *, device: str | None = None) -> None:
+    def __init__(self, study: StudyFile, *, device: str | None = None, status: Status | None = None) -> None:
+        status = status or (lambda text: None)
         # 1. Sources (headers only), search space and payloads: every check before any tensor loads.
+        status("checking the models' headers, the search space and the payloads")
         self.config = study.render if device is None else study.render.model_copy(update={"device": device})
         self.config.torch_device(where=f"{study.path}: render.device")  # no GPU: said before any work
         generate_models(study)
@@ -123,17 +126,18 @@ class StudyRuntime:
             # 2. The export's metadata names each source's sha256: hash them while the study runs.
             warm_hash_cache(dict.fromkeys(m.path for m in self.plan.sources.values() if m.path.is_file()))
             # 3. The render session: sources on the device, the pipeline around the live weights.
-            self.session = RenderSession(self.plan, self.config)
+            self.session = RenderSession(self.plan, self.config, status=status)
             self.device = self.session.device
             # 4. The reward (a reference target is rendered once, here).
-            self.reward = self._reward()
+            self.reward = self._reward(status)
         except BaseException:
             self.plan.close()
             raise
 
-    def _reward(self) -> Reward | CompositeReward:
+    def _reward(self, status: Status) -> Reward | CompositeReward:
         reward = self.study.reward
         if isinstance(reward, Path):
+            status(f"loading the reward model {reward.stem}")
             return load_reward(reward, device=str(self.device))
         assert isinstance(reward, InlineReward)
         reference = reward.reference
@@ -146,9 +150,11 @@ class StudyRuntime:
                 blocks=self.plan.arch.blocks,
                 source=str(self.study.path),
             )
+            status(f"rendering the hidden target's {len(self.reference_jobs)} reference images")
             images = self.render_images(params, self.reference_jobs)
         else:
             assert reference.checkpoint is not None
+            status(f"rendering {len(self.reference_jobs)} reference images with {reference.checkpoint.name}")
             images = self._render_checkpoint(reference.checkpoint)
         return Reward(ReferenceReward.from_images(images, metric=reference.metric))
 
@@ -176,11 +182,19 @@ class StudyRuntime:
         return {job.key: image.image for job, image in zip(jobs, rendered, strict=True)}
 
     def evaluate(
-        self, params: BlockParams, jobs: Sequence[StudyJob], *, report: Report | None = None
+        self,
+        params: BlockParams,
+        jobs: Sequence[StudyJob],
+        *,
+        report: Report | None = None,
+        on_stage: Status | None = None,
     ) -> Evaluation:
         """Merge in place, render and score ``jobs`` payload by payload; ``report(step, value)`` after
-        each payload may raise to prune. Value = Σ weight·score / Σ weight over every image."""
+        each payload may raise to prune; ``on_stage(name)`` as each stage starts. Value = Σ
+        weight·score / Σ weight over every image."""
+        on_stage = on_stage or (lambda name: None)
         timings = {"merge": 0.0, "render": 0.0, "score": 0.0}
+        on_stage("merge")
         started = time.perf_counter()
         self.session.apply(params)
         timings["merge"] = time.perf_counter() - started
@@ -189,9 +203,11 @@ class StudyRuntime:
         raw: dict[str, list[float]] = {}
         for payload in sorted({job.payload for job in jobs}):
             group = [job for job in jobs if job.payload == payload]
+            on_stage("render")
             started = time.perf_counter()
             rendered = self.session.render([job.job for job in group])
             timings["render"] += time.perf_counter() - started
+            on_stage("score")
             started = time.perf_counter()
             result = self.reward.score(
                 [r.image for r in rendered],

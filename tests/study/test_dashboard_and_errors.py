@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from cli_helpers import run_cli
+from PIL import Image
 from rich.console import Console
 
 from automerge.study import load_study_file, run_study
@@ -58,9 +60,20 @@ def test_dashboard_serves_the_study_and_its_images_on_loopback(make_study) -> No
         artifacts = [a for trial in detail["trials"] for a in trial["artifacts"]]
         assert len(artifacts) == 3 * 2
         assert all(a["mimetype"] == "image/png" for a in artifacts)
+        trial = next(t for t in detail["trials"] if t["artifacts"])
+        image_url = (
+            f"http://127.0.0.1:{port}/artifacts/{study['study_id']}/{trial['trial_id']}/"
+            f"{trial['artifacts'][0]['artifact_id']}"
+        )
+        with urllib.request.urlopen(image_url, timeout=5) as response:  # noqa: S310 - loopback only
+            png = response.read()
+        assert png.startswith(b"\x89PNG") and Image.open(io.BytesIO(png)).size == (64, 64)
     finally:
         server.terminate()
-        server.wait(timeout=10)
+        output = server.communicate(timeout=10)[0].decode()
+    # Quiet by default (it printed every HTTP request), and it says that its buttons write to the study.
+    assert "GET /api" not in output and "HTTP/1.1" not in output, output
+    assert "upload and delete buttons" in output
 
 
 # Bad study files, each with its exact message: tests/bad_inputs/cases.yaml (the corpus).

@@ -1,0 +1,69 @@
+"""The terminal during a run: at 80 columns the live line keeps trial n/N, best, ETA and the stage;
+each trial's line shows that trial's own stage times and no source location; the start-up phases
+are named as they run."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+from rich.console import Console
+
+from automerge.study.progress import TrialProgress
+from automerge.study.runtime import Evaluation
+from automerge.terminal import startup_status
+
+
+def _console(width: int = 80) -> Console:
+    return Console(file=io.StringIO(), width=width, force_terminal=False, color_system=None)
+
+
+def _evaluation(value: float, render: float) -> Evaluation:
+    timings = {"sampler": 0.04, "merge": 0.012, "render": render, "score": 0.005, "bookkeeping": 0.02}
+    return Evaluation(value, [value], {}, {"k": Image.new("RGB", (2, 2))}, timings)
+
+
+def test_the_live_line_fits_80_columns_with_count_best_eta_and_stage() -> None:
+    """At 80 columns the bar lost its count and ETA ("t… last …")."""
+    console = _console()
+    progress = TrialProgress(console, total=200, start_best=None)
+    with progress:
+        for number in range(12):
+            progress.update(number, _evaluation(-1.2345678e-06 * (20 - number), render=0.31))
+            progress._progress.advance(progress._task)
+        progress.stage("render")
+        line = _console()
+        line.print(progress.renderable())
+        shown = line.file.getvalue()
+    assert len(shown.strip().splitlines()) == 1, shown
+    assert "12/200" in shown and "best -1.111e-05" in shown and "ETA" in shown and "render" in shown
+    assert "-:--" not in shown.split("ETA")[1]  # 12 trials done: the ETA is a time
+
+
+def test_each_trial_line_shows_its_own_stage_times_and_no_source_location() -> None:
+    """The per-trial line showed running medians and ended in "progress.py:63"."""
+    console = _console()
+    progress = TrialProgress(console, total=3, start_best=None)
+    with progress:
+        progress.update(0, _evaluation(-2.0, render=0.100))
+        progress.update(1, _evaluation(-1.0, render=0.900))
+        progress.update(2, _evaluation(-3.0, render=0.300))
+    lines = [line for line in console.file.getvalue().splitlines() if line.startswith("trial ")]
+    assert lines[:3] == [
+        "trial 0: -2 (best)  ask 40 merge 12 render 100 score 5 save 20 ms",
+        "trial 1: -1 (best)  ask 40 merge 12 render 900 score 5 save 20 ms",
+        "trial 2: -3  ask 40 merge 12 render 300 score 5 save 20 ms",
+    ]
+    assert ".py:" not in console.file.getvalue()
+    assert all(len(line) <= 80 for line in console.file.getvalue().splitlines())
+
+
+def test_start_up_phases_are_named_with_their_durations() -> None:
+    """The first 20–25 s of a study were silent."""
+    console = _console()
+    with startup_status(console) as status:
+        status("loading 2 source models onto cpu")
+        status("rendering the hidden target's 6 reference images")
+    shown = console.file.getvalue().splitlines()
+    assert shown[0].startswith("loading 2 source models onto cpu (") and shown[0].endswith(" s)")
+    assert shown[1].startswith("rendering the hidden target's 6 reference images (")
