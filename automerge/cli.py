@@ -232,6 +232,12 @@ def optimize(
     ] = None,
     workers: Annotated[int, typer.Option(help="Worker processes on the study's device (CPU tests).")] = 1,
     export: Annotated[bool, typer.Option(help="Export the best trial at the end.")] = True,
+    dry_run: Annotated[
+        bool, typer.Option(help="Check everything and print the plan (memory, images, time); run nothing.")
+    ] = False,
+    calibrate: Annotated[
+        bool, typer.Option(help="With --dry-run: time one trial for real (loads the models).")
+    ] = False,
 ) -> None:
     """Optimize per-block merge weights; resumes where the last run stopped; exports the best trial."""
     from automerge.study import parse_duration, run_study
@@ -243,6 +249,11 @@ def optimize(
     except ValueError as error:
         raise ConfigError(f"--timeout: {error}") from None
     study_file = _study_file(study, storage)  # every check of the file before any worker starts
+    if calibrate and not dry_run:
+        raise ConfigError("--calibrate times one trial for --dry-run; give both, or neither")
+    if dry_run:
+        _print_dry_run(study_file, device=device, calibrate=calibrate)
+        return
     devices = _worker_devices(gpus, workers, device)
     if devices is not None:
         _run_workers(
@@ -256,6 +267,43 @@ def optimize(
         console.print(f"best trial {summary.best_trial}: {summary.best_value:.6g}")
     if summary.interrupted:
         sys.exit(130)
+
+
+def _print_dry_run(study_file: StudyFile, *, device: str | None, calibrate: bool) -> None:
+    """The plan of a study, checked from headers; exit 2 when it cannot fit, with the setting to change."""
+    from automerge.study.dry_run import GIB, dry_run
+
+    plan = dry_run(study_file, device=device, calibrate=calibrate)
+    console.print(f"[bold]{study_file.path}[/]: {plan.family} {plan.method}, device {plan.device}")
+    console.print(f"blocks merged: {len(plan.blocks)} ({', '.join(plan.blocks)})", highlight=False)
+    console.print(
+        f"search dimensions: {len(plan.dimensions)} ({', '.join(plan.dimensions)})", highlight=False
+    )
+    console.print(f"images per trial: {plan.images_per_trial}; trials: {plan.trials}")
+    table = Table(title="memory plan", title_justify="left")
+    for column in ("resident", "where", "GiB"):
+        table.add_column(column, justify="right" if column == "GiB" else "left")
+    _gib = lambda count: f"{count / GIB:.3f}" if count < GIB else f"{count / GIB:.2f}"  # noqa: E731
+    for item in plan.memory:
+        table.add_row(item.name, item.where, _gib(item.bytes))
+    for where, free in (("device", plan.free_device_bytes), ("host", plan.free_host_bytes)):
+        if plan.total(where) or where == "device":
+            shown = "?" if free is None else f"{free / GIB:.1f}"
+            table.add_row(
+                f"[bold]total on {where}[/] (free {shown})", where, f"{plan.total(where) / GIB:.2f}"
+            )
+    console.print(table)
+    if plan.seconds_per_trial is None:
+        console.print("time: unknown (run with --calibrate to time one trial; it loads the models)")
+    else:
+        hours = plan.seconds_per_trial * plan.trials / 3600
+        console.print(
+            f"time: {plan.seconds_per_trial:.2f} s per trial ({plan.timing_source}); "
+            f"{plan.trials} trials ≈ {hours:.2f} h"
+        )
+    if not plan.fits:
+        raise ConfigError(f"{study_file.path}: {plan.problems[0]}")
+    console.print("[green]the plan fits[/]")
 
 
 def _worker_devices(gpus: str | None, workers: int, device: str | None) -> list[str | None] | None:

@@ -1,0 +1,131 @@
+"""`automerge optimize --dry-run`: the plan of a study from headers alone — dimensions, images per
+trial, the memory plan (equal to what the live engine then holds), a time only when measured, and
+exit 2 with the setting to change when it cannot fit."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import yaml
+from cli_helpers import run_cli
+
+from automerge.arch import ARCHITECTURES, reference_keys
+from automerge.checkpoints._safetensors_reader import SafetensorsCheckpoint
+from automerge.study import StudyRuntime, load_study_file
+from automerge.study.dry_run import dry_run
+
+
+def test_the_memory_plan_is_what_the_live_engine_holds(make_study) -> None:
+    study = load_study_file(make_study())
+    plan = dry_run(study)
+    assert plan.images_per_trial == 2 and plan.dimensions == ["alpha.TEXT", "alpha.UNET"]
+    runtime = StudyRuntime(study)
+    try:
+        blocks = runtime.session.engine._blocks.values()
+        held = sum(
+            t.numel() * t.element_size() for block in blocks for t in [*block.sources.values(), block.out]
+        )
+    finally:
+        runtime.close()
+    assert plan.total("device") == held
+    assert plan.seconds_per_trial is None  # not run yet, not calibrated: no guess
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(make_study, capsys) -> None:
+    path = make_study()
+    result = run_cli(capsys, "optimize", path, "--dry-run")
+    assert result.code == 0, result.err
+    for text in ("search dimensions: 2", "images per trial: 2", "memory plan", "total on device", "fits"):
+        assert text in result.out
+    assert "--calibrate" in result.out
+    assert not (path.parent / f"{path.stem}.db").exists()  # no study was created
+    calibrated = run_cli(capsys, "optimize", path, "--dry-run", "--calibrate")
+    assert calibrated.code == 0, calibrated.err
+    assert "s per trial (one calibration trial)" in calibrated.out
+
+
+def test_a_plan_that_cannot_fit_exits_2_with_the_setting_to_change(make_study, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("automerge.study.dry_run.free_bytes", lambda device: 1 << 20)  # 1 MiB free
+    result = run_cli(capsys, "optimize", make_study(), "--dry-run")
+    assert result.code == 2
+    assert "GiB is free" in result.err and "render.source_dtype: fp16" in result.err
+    assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def _sparse_real_size(family: str, path: Path) -> int:
+    """A real-size checkpoint of ``family`` whose data is a sparse hole (header-only use); returns
+    the numel of its float tensors."""
+    arch = ARCHITECTURES.get(family)
+    header, offset, numel = {}, 0, 0
+    for ref in reference_keys(family):
+        if (
+            ref.component in ("ema", "scheduler")
+            or ref.dtype != "float32"
+            or arch.component_of(ref.key) is None
+        ):
+            continue
+        count = 1
+        for size in ref.shape:
+            count *= size
+        header[ref.key] = {
+            "dtype": "F16",
+            "shape": list(ref.shape),
+            "data_offsets": [offset, offset + 2 * count],
+        }
+        offset += 2 * count
+        numel += count
+    header["cond_stage_model.transformer.text_model.embeddings.position_ids"] = {
+        "dtype": "I64",
+        "shape": [1, 77],
+        "data_offsets": [offset, offset + 8 * 77],
+    }
+    offset += 8 * 77
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(text)) + text)
+        file.truncate(8 + len(text) + offset)
+    return numel
+
+
+def test_dry_run_sizes_a_real_size_sd1_study_from_headers_alone(tmp_path: Path, monkeypatch) -> None:
+    numel_a = _sparse_real_size("sd1", tmp_path / "a.safetensors")
+    _sparse_real_size("sd1", tmp_path / "b.safetensors")
+    payload = tmp_path / "p.yaml"
+    payload.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"width": 512, "height": 512, "steps": 20, "cfg": 7.0, "seeds": [1, 2]},
+                "items": [{"prompt": "x"}],
+            }
+        )
+    )
+    study_path = tmp_path / "real.yaml"
+    study_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "real",
+                "models": {"a": "a.safetensors", "b": "b.safetensors"},
+                "method": "weighted_sum",
+                "search": {"alpha": {"blocks": "all"}},
+                "payloads": ["p.yaml"],
+                "reward": {"reference": {"metric": "mse", "target": {"params": {"alpha": 0.5}}}},
+                "render": {"device": "cpu", "source_dtype": "fp16"},
+            }
+        )
+    )
+
+    def no_tensor_reads(self, key):  # noqa: ANN001, ANN202 - the patched method's signature
+        raise AssertionError(f"--dry-run read tensor {key}")
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "load", no_tensor_reads)
+    plan = dry_run(load_study_file(study_path))
+    assert plan.family == "sd1" and len(plan.dimensions) == 26 and plan.images_per_trial == 2
+    sources = [item for item in plan.memory if item.name.startswith("source")]
+    live = next(item for item in plan.memory if item.name.startswith("live"))
+    # every merged float key of the real table: fp16 sources, fp32 live weights (CPU)
+    merged = sum(item.bytes for item in sources) // 4
+    assert 0.95 * numel_a < merged <= numel_a and live.bytes == 4 * merged
+    assert 1.0e9 < merged < 1.1e9  # SD1: ~1.07 B parameters (UNet 860 M, CLIP-L 123 M, VAE 84 M)
