@@ -34,3 +34,12 @@ def test_the_python_example_in_the_readme_runs(tmp_path: Path, monkeypatch: pyte
     summary = namespace["summary"]
     assert summary.ran == 3 and (summary.export_dir / "model.safetensors").is_file()
     assert (tmp_path / "merged.safetensors").is_file()
+
+
+def test_the_readme_lists_where_blocks_differ_from_other_tools() -> None:
+    """The README said blocks "follow supermerger's convention" without the exceptions a user porting a
+    recipe needs (issue 14)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("Blocks follow supermerger's convention") :][:2000]
+    for needed in ("positional_embedding", "text_projection", "logit_scale", "sd-mecha", "time_embed", "VAE"):
+        assert needed in section, needed

@@ -4,7 +4,13 @@ drawn from a ``ReportData`` that the study gathers; nothing here knows about Opt
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass, field
+
+GridCell = tuple[str | None, float | None]
+"""One image of the grid: its data URI (None: missing) and its score (None: not scored, a reference)."""
+Margin = tuple[str, float, float, float, int]
+"""(baseline, mean margin of the best over it, interval low, interval high, seeds)."""
 
 _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#1d232a;padding:0 16px}
@@ -31,7 +37,7 @@ class ReportData:
     pruned_count: int
     stop_reason: str
     columns: list[str]
-    grid: dict[str, list[str | None]]  # image key → data URI per column
+    grid: dict[str, list[GridCell]]  # image key → (data URI, score) per column
     curve: list[tuple[int, float]]  # (trial number, value) of completed trials
     weights: list[tuple[str, float, float, float]]  # (dimension, best value, low, high)
     secret: dict[str, float] | None = None
@@ -39,44 +45,73 @@ class ReportData:
     timings: dict[str, float] = field(default_factory=dict)  # median seconds per stage
     baselines: list[tuple[str, int, float]] = field(default_factory=list)
     validation: list[tuple[str, float]] = field(default_factory=list)
+    confidence: list[Margin] = field(default_factory=list)
+    confidence_source: str = ""
 
 
 def _e(text: object) -> str:
     return html.escape(str(text))
 
 
-def curve_svg(points: list[tuple[int, float]], *, width: int = 760, height: int = 260) -> str:
-    """Trial values (dots) and the best-so-far line."""
+def curve_svg(
+    points: list[tuple[int, float]],
+    *,
+    baselines: list[tuple[str, int, float]] | None = None,
+    width: int = 760,
+    height: int = 280,
+) -> str:
+    """Distance to the final best, best − value, on a log axis (every trial a dot, the best-so-far as a
+    line, the baselines as dashed lines): raw values of a distance-type reward span decades, and a
+    linear axis squashed every trial after the first into one line."""
     if not points:
         return "<p class=muted>no completed trials</p>"
-    pad = 40
-    xs = [n for n, _ in points]
-    ys = [v for _, v in points]
-    lo, hi = min(ys), max(ys)
-    span = (hi - lo) or 1.0
-    x_max = max(xs) or 1
+    left, right, top, bottom = 70, 20, 16, 44
+    best = max(v for _, v in points)
+    gaps = [best - v for _, v in points] + [best - v for _, _, v in baselines or []]
+    positive = [g for g in gaps if g > 0]
+    floor = min(positive) / 2 if positive else 1.0  # the best itself sits on the floor
+    lo, hi = math.log10(floor), math.log10(max(positive, default=floor * 10))
+    hi = max(hi, lo + 1)
+    x_max = max(n for n, _ in points) or 1
 
-    def px(n: int) -> float:
-        return pad + (width - 2 * pad) * n / x_max
+    def px(n: float) -> float:
+        return left + (width - left - right) * n / x_max
 
-    def py(v: float) -> float:
-        return height - pad - (height - 2 * pad) * (v - lo) / span
+    def py(value: float) -> float:
+        gap = max(best - value, floor)
+        return top + (height - top - bottom) * (hi - math.log10(gap)) / (hi - lo)
 
-    dots = "".join(f'<circle cx="{px(n):.1f}" cy="{py(v):.1f}" r="2.5" fill="#8aa1b8"/>' for n, v in points)
-    best, line = -float("inf"), []
+    parts = [f'<circle cx="{px(n):.1f}" cy="{py(v):.1f}" r="2.5" fill="#8aa1b8"/>' for n, v in points]
+    running, line = -math.inf, []
     for n, v in points:
-        best = max(best, v)
-        line.append(f"{px(n):.1f},{py(best):.1f}")
-    axis = (
-        f'<text x="{pad}" y="{height - 10}" font-size="11">trial 0</text>'
-        f'<text x="{width - pad - 40}" y="{height - 10}" font-size="11">trial {x_max}</text>'
-        f'<text x="4" y="{py(hi) + 4:.1f}" font-size="11">{hi:.4g}</text>'
-        f'<text x="4" y="{py(lo) + 4:.1f}" font-size="11">{lo:.4g}</text>'
+        running = max(running, v)
+        line.append(f"{px(n):.1f},{py(running):.1f}")
+    parts.append(f'<polyline points="{" ".join(line)}" fill="none" stroke="#17803d" stroke-width="2"/>')
+    for label, _number, value in baselines or []:
+        y = py(value)
+        parts.append(
+            f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#b36b00" '
+            f'stroke-dasharray="5 4"/><text x="{width - right - 4}" y="{y - 4:.1f}" font-size="11" '
+            f'text-anchor="end" fill="#b36b00">{_e(label)}</text>'
+        )
+    for decade in range(math.ceil(lo), math.floor(hi) + 1):  # y ticks at powers of ten
+        y = top + (height - top - bottom) * (hi - decade) / (hi - lo)
+        parts.append(
+            f'<line x1="{left - 4}" x2="{left}" y1="{y:.1f}" y2="{y:.1f}" stroke="#555"/>'
+            f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">1e{decade}</text>'
+        )
+    for n in sorted({0, x_max // 2, x_max}):
+        parts.append(
+            f'<text x="{px(n):.1f}" y="{height - bottom + 16}" font-size="11" text-anchor="middle">{n}</text>'
+        )
+    parts.append(
+        f'<line x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}" stroke="#555"/>'
+        f'<line x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}" stroke="#555"/>'
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" font-size="12" text-anchor="middle">trial</text>'
+        f'<text x="14" y="{(top + height - bottom) / 2:.0f}" font-size="12" text-anchor="middle" '
+        f'transform="rotate(-90 14 {(top + height - bottom) / 2:.0f})">best score − score (log)</text>'
     )
-    return (
-        f'<svg class=chart width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{dots}'
-        f'<polyline points="{" ".join(line)}" fill="none" stroke="#17803d" stroke-width="2"/>{axis}</svg>'
-    )
+    return f'<svg class=chart width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
 
 
 def weights_svg(weights: list[tuple[str, float, float, float]], secret: dict[str, float] | None) -> str:
@@ -84,13 +119,27 @@ def weights_svg(weights: list[tuple[str, float, float, float]], secret: dict[str
     if not weights:
         return ""
     bar = 40 if len(weights) <= 12 else 22
-    gap, height, pad, label_room = 12, 250, 20, 60
-    width = pad + len(weights) * (bar + gap) + pad
+    gap, height, pad, label_room, axis = 12, 250, 20, 60, 56
+    width = axis + len(weights) * (bar + gap) + pad
     plot = height - label_room  # bars end here; rotated labels below
-    parts = []
+    ranges = {(low, high) for _, _, low, high in weights}
+    low0, high0 = next(iter(ranges)) if len(ranges) == 1 else (0.0, 1.0)
+    title = "value" if len(ranges) == 1 else "share of range"
+    parts = [f'<line x1="{axis - 8}" x2="{axis - 8}" y1="{pad}" y2="{plot}" stroke="#555"/>']
+    for share in (0.0, 0.25, 0.5, 0.75, 1.0):  # y ticks: the dimensions' common range, else its share
+        y = plot - (plot - pad) * share
+        parts.append(
+            f'<line x1="{axis - 12}" x2="{axis - 8}" y1="{y:.1f}" y2="{y:.1f}" stroke="#555"/>'
+            f'<text x="{axis - 14}" y="{y + 4:.1f}" font-size="10" text-anchor="end">'
+            f"{low0 + share * (high0 - low0):.2g}</text>"
+        )
+    parts.append(
+        f'<text x="10" y="{(pad + plot) / 2:.0f}" font-size="11" text-anchor="middle" '
+        f'transform="rotate(-90 10 {(pad + plot) / 2:.0f})">{title}</text>'
+    )
     for index, (name, value, low, high) in enumerate(weights):
         span = (high - low) or 1.0
-        x = pad + index * (bar + gap)
+        x = axis + index * (bar + gap)
         h = (plot - pad) * (value - low) / span
         parts.append(
             f'<rect x="{x}" y="{plot - h:.1f}" width="{bar}" height="{h:.1f}" fill="#4f7cac">'
@@ -119,12 +168,38 @@ def _grid(data: ReportData) -> str:
     if not data.grid:
         return "<p class=muted>no trial images stored</p>"
     rows = []
-    for key, uris in sorted(data.grid.items()):
-        cells = [
-            f'<img src="{uri}" alt="{_e(key)}">' if uri else "<span class=muted>—</span>" for uri in uris
-        ]
-        rows.append([_e(key), *cells])
+    for key, cells in sorted(data.grid.items()):
+        shown = []
+        for uri, score in cells:
+            image = f'<img src="{uri}" alt="{_e(key)}">' if uri else "<span class=muted>—</span>"
+            caption = f"<div class=muted>{score:.4g}</div>" if score is not None else ""
+            shown.append(image + caption)
+        rows.append([_e(key), *shown])
     return '<div class="grid">' + _table(["image", *data.columns], rows) + "</div>"
+
+
+def _confidence(data: ReportData) -> str:
+    """The best's margin over each baseline with its bootstrap interval over seeds, in words."""
+    if not data.confidence:
+        return ""
+    rows = []
+    for label, mean, low, high, seeds in data.confidence:
+        if seeds < 2:
+            verdict = "one seed: no interval"
+        elif low > 0:
+            verdict = "<span class=good>a win: the interval is above 0</span>"
+        elif high < 0:
+            verdict = "worse: the interval is below 0"
+        else:
+            verdict = "not separable from noise"
+        interval = f"[{low:.4g}, {high:.4g}]" if seeds >= 2 else "—"
+        rows.append([_e(label), f"{mean:.4g}", interval, seeds, verdict])
+    return (
+        "<h2>Is the win real?</h2>"
+        f"<p>Score of the exported trial minus each baseline's, per seed, on {_e(data.confidence_source)}; "
+        "90 % bootstrap interval over seeds. An interval above 0 is a win the seeds agree on.</p>"
+        + _table(["baseline", "mean margin", "90 % interval", "seeds", "verdict"], rows)
+    )
 
 
 def _recovery(data: ReportData) -> str:
@@ -167,7 +242,7 @@ def render_report(data: ReportData) -> str:
         + _table(
             ["baseline", "trial", "score"], [[_e(label), n, f"{v:.6g}"] for label, n, v in data.baselines]
         ),
-        "<h2>Best so far</h2>" + curve_svg(data.curve),
+        "<h2>Best so far</h2>" + curve_svg(data.curve, baselines=data.baselines),
         f"<h2>Per-block weights of trial {data.exported_number}</h2>"
         + weights_svg(data.weights, data.secret)
         + (
@@ -192,6 +267,10 @@ def render_report(data: ReportData) -> str:
             "<h2>Validation (held-out payloads)</h2>"
             + _table(["model", "score"], [[_e(label), f"{value:.6g}"] for label, value in data.validation])
         )
-    parts.append(f"<h2>Images: trial {data.exported_number} vs baselines (same seeds)</h2>" + _grid(data))
+    parts.append(_confidence(data))
+    parts.append(
+        f"<h2>Images: trial {data.exported_number} vs baselines (same seeds; each image's score under it)</h2>"
+        + _grid(data)
+    )
     parts.append("</body></html>")
     return "\n".join(parts)

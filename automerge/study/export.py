@@ -9,6 +9,8 @@ drawn by ``automerge.report``.
 from __future__ import annotations
 
 import base64
+import io
+import re
 import statistics
 from pathlib import Path
 
@@ -23,11 +25,11 @@ from rich.console import Console
 from automerge.errors import ConfigError
 from automerge.files import foreign_files, relative_path, replaced_folder, writable_folder, write_text_atomic
 from automerge.merge import MergePlan, export_merge, resolve_params
-from automerge.report import ReportData, render_report
+from automerge.report import GridCell, Margin, ReportData, render_report
 from automerge.study import records
 from automerge.study.config import InlineReward, StudyFile, artifact_dir, export_dir
 from automerge.study.records import TrialRecord
-from automerge.study.runtime import StudyRuntime, open_study_plan
+from automerge.study.runtime import Evaluation, StudyRuntime, open_study_plan
 from automerge.study.space import SearchSpace, build_space
 
 
@@ -131,6 +133,25 @@ def report_data(
     baselines = [t for t in completed if t.baseline is not None]
     title = f"{'best' if chosen.number == best.number else 'exported'} (trial {chosen.number})"
     columns = [(title, chosen)] + [(t.label, t) for t in baselines if t.number != chosen.number]
+    store = FileSystemArtifactStore(str(artifact_dir(study_file)))
+    grid = _image_grid([record for _, record in columns], store)
+    references = _reference_images(study_file, runtime)
+    if references:
+        for key, cells in grid.items():
+            cells.append((references.get(key), None))
+    validated = _validation(runtime, space, [(title, chosen), *((t.label, t) for t in baselines)])
+    if validated:
+        per_image = {label: evaluation.image_scores for label, evaluation in validated}
+        confidence_source = "the validation payloads (held out from the search)"
+    else:
+        per_image = {
+            label: dict(record.image_scores)
+            for label, record in [(title, chosen), *((t.label, t) for t in baselines)]
+        }
+        confidence_source = (
+            "the study's own payloads (no validation_payloads: the search optimized these, so the margin "
+            "favours the best)"
+        )
     return ReportData(
         title=study_file.name,
         exported_number=chosen.number,
@@ -142,31 +163,85 @@ def report_data(
         failed_count=sum(t.state == TrialState.FAIL for t in trials),
         pruned_count=sum(t.state == TrialState.PRUNED for t in trials),
         stop_reason=str(study.user_attrs.get(records.STOPPED, "")),
-        columns=[label for label, _ in columns],
-        grid=_image_grid(
-            [record for _, record in columns], FileSystemArtifactStore(str(artifact_dir(study_file)))
-        ),
+        columns=[label for label, _ in columns] + (["reference"] if references else []),
+        grid=grid,
         curve=[(t.number, float(t.value)) for t in completed if t.value is not None],
         weights=[(d.name, float(chosen.params[d.name]), d.low, d.high) for d in space.dimensions],
         secret=_secret_weights(study_file, space, plan),
         importances=_importances(study),
         timings=_timing_medians(completed),
         baselines=[(t.label, t.number, float(t.value or 0.0)) for t in baselines],
-        validation=_validation(
-            runtime,
-            space,
-            [(title, chosen), *((t.label, t) for t in baselines)],
-        ),
+        validation=[(label, evaluation.value) for label, evaluation in validated],
+        confidence=margins_over_baselines(per_image, best=title),
+        confidence_source=confidence_source,
     )
 
 
-def _image_grid(columns: list[TrialRecord], store: FileSystemArtifactStore) -> dict[str, list[str | None]]:
-    """Image key → one data URI (or None) per column."""
-    grid: dict[str, list[str | None]] = {}
+def _image_grid(columns: list[TrialRecord], store: FileSystemArtifactStore) -> dict[str, list[GridCell]]:
+    """Image key → one (data URI or None, the image's score or None) per column."""
+    grid: dict[str, list[GridCell]] = {}
     for column, record in enumerate(columns):
         for key, artifact_id in record.images.items():
-            grid.setdefault(key, [None] * len(columns))[column] = _artifact_data_uri(store, artifact_id)
+            cells = grid.setdefault(key, [(None, None)] * len(columns))
+            cells[column] = (_artifact_data_uri(store, artifact_id), record.image_scores.get(key))
     return grid
+
+
+def _reference_images(study_file: StudyFile, runtime: StudyRuntime | None) -> dict[str, str]:
+    """A reference reward's images by key as data URIs: the running study's (a hidden target or a
+    checkpoint rendered at start), or the reference folder's PNGs; {} otherwise."""
+    images: dict[str, str] = {}
+    if runtime is not None and runtime.reference_images:
+        for key, image in runtime.reference_images.items():
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            images[key] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        return images
+    reward = study_file.reward
+    if isinstance(reward, InlineReward) and reward.reference.folder is not None:
+        for path in sorted(reward.reference.folder.glob("*.png")):
+            images[path.stem] = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return images
+
+
+SEED_IN_KEY = re.compile(r"-s(\d+)$")
+
+
+def margins_over_baselines(
+    image_scores: dict[str, dict[str, float]], *, best: str, resamples: int = 2000, level: float = 0.9
+) -> list[Margin]:
+    """(baseline, mean margin, low, high, seeds): the best's score minus each baseline's, averaged per
+    seed over the images both have, with a ``level`` bootstrap interval over seeds (resampled with
+    replacement, fixed RNG). Fewer than 2 common seeds: no interval (low = high = the margin)."""
+    import numpy as np
+
+    def per_seed(scores: dict[str, float]) -> dict[int, list[float]]:
+        seeds: dict[int, list[float]] = {}
+        for key, value in scores.items():
+            match = SEED_IN_KEY.search(key)
+            if match:
+                seeds.setdefault(int(match.group(1)), []).append(value)
+        return seeds
+
+    mine = image_scores.get(best, {})
+    margins = []
+    for label, scores in image_scores.items():
+        if label == best:
+            continue
+        common = {key: mine[key] - scores[key] for key in mine.keys() & scores.keys()}
+        seeds = per_seed(common)
+        if not seeds:
+            continue
+        values = np.array([statistics.fmean(v) for _, v in sorted(seeds.items())])
+        mean = float(values.mean())
+        if len(values) < 2:
+            margins.append((label, mean, mean, mean, len(values)))
+            continue
+        rng = np.random.default_rng(0)
+        draws = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+        low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+        margins.append((label, mean, float(low), float(high), len(values)))
+    return margins
 
 
 def _artifact_data_uri(store: FileSystemArtifactStore, artifact_id: str) -> str | None:
@@ -213,11 +288,11 @@ def _timing_medians(trials: list[TrialRecord]) -> dict[str, float]:
 
 def _validation(
     runtime: StudyRuntime | None, space: SearchSpace, rows: list[tuple[str, TrialRecord]]
-) -> list[tuple[str, float]]:
+) -> list[tuple[str, Evaluation]]:
     """Held-out payloads, scored once for each row's trial (needs the live runtime)."""
     if runtime is None or not runtime.validation_jobs:
         return []
     return [
-        (label, runtime.evaluate(space.block_params(trial.params), runtime.validation_jobs).value)
+        (label, runtime.evaluate(space.block_params(trial.params), runtime.validation_jobs))
         for label, trial in rows
     ]

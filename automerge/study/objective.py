@@ -68,6 +68,7 @@ class Objective:
                 payload_scores=evaluation.payload_scores,
                 reward_scores=evaluation.reward_scores,
                 images=self._upload_images(trial, evaluation),
+                image_scores=evaluation.image_scores,
             )
             evaluation.timings["bookkeeping"] = time.perf_counter() - started
             evaluation.timings["sampler"] = sampler_seconds

@@ -27,6 +27,7 @@ IMAGES = "images"
 BASELINE = "baseline"
 PAYLOAD_SCORES = "payload_scores"
 REWARD_SCORES = "reward_scores"
+IMAGE_SCORES = "image_scores"
 PRUNED_AFTER_PAYLOADS = "pruned_after_payloads"
 
 # Study attributes.
@@ -62,6 +63,7 @@ class TrialRecord:
     images: Mapping[str, str] = field(default_factory=dict)  # image key → artifact id
     payload_scores: tuple[float, ...] = ()
     reward_scores: Mapping[str, float] = field(default_factory=dict)  # mean raw score per reward
+    image_scores: Mapping[str, float] = field(default_factory=dict)  # image key → its score
     fail_reason: str | None = None
 
     @classmethod
@@ -77,6 +79,7 @@ class TrialRecord:
             images=MappingProxyType(dict(attrs.get(IMAGES, {}))),
             payload_scores=tuple(float(v) for v in attrs.get(PAYLOAD_SCORES, ())),
             reward_scores=MappingProxyType({k: float(v) for k, v in attrs.get(REWARD_SCORES, {}).items()}),
+            image_scores=MappingProxyType({k: float(v) for k, v in attrs.get(IMAGE_SCORES, {}).items()}),
             fail_reason=attrs.get(FAIL_REASON),
         )
 
@@ -109,10 +112,13 @@ def write_evaluation(
     payload_scores: Iterable[float],
     reward_scores: Mapping[str, float],
     images: Mapping[str, str],
+    image_scores: Mapping[str, float] | None = None,
 ) -> None:
-    """A completed evaluation's scores and image artifact ids."""
+    """A completed evaluation's scores, each image's score (full precision: MSE-type scores are tiny)
+    and image artifact ids."""
     trial.set_user_attr(PAYLOAD_SCORES, [round(v, _DIGITS) for v in payload_scores])
     trial.set_user_attr(REWARD_SCORES, {k: round(v, _DIGITS) for k, v in reward_scores.items()})
+    trial.set_user_attr(IMAGE_SCORES, dict(image_scores or {}))
     trial.set_user_attr(IMAGES, dict(images))
 
 

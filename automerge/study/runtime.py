@@ -51,6 +51,7 @@ class Evaluation:
     reward_scores: dict[str, float]  # mean raw score per reward component
     images: dict[str, Image.Image]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    image_scores: dict[str, float] = field(default_factory=dict)  # image key → its combined score
 
 
 def generate_models(study: StudyFile) -> None:
@@ -141,6 +142,7 @@ class StudyRuntime:
             return load_reward(reward, device=str(self.device))
         assert isinstance(reward, InlineReward)
         reference = reward.reference
+        self.reference_images: dict[str, Image.Image] = {}  # the report shows them beside the best
         if reference.folder is not None:
             return Reward(ReferenceReward(metric=reference.metric, directory=reference.folder))
         if reference.target is not None:
@@ -156,6 +158,7 @@ class StudyRuntime:
             assert reference.checkpoint is not None
             status(f"rendering {len(self.reference_jobs)} reference images with {reference.checkpoint.name}")
             images = self._render_checkpoint(reference.checkpoint)
+        self.reference_images = images
         return Reward(ReferenceReward.from_images(images, metric=reference.metric))
 
     def _render_checkpoint(self, checkpoint: Path) -> dict[str, Image.Image]:
@@ -199,6 +202,7 @@ class StudyRuntime:
         self.session.apply(params)
         timings["merge"] = time.perf_counter() - started
         images: dict[str, Image.Image] = {}
+        image_scores: dict[str, float] = {}
         weighted, total_weight, payload_scores = 0.0, 0.0, []
         raw: dict[str, list[float]] = {}
         for payload in sorted({job.payload for job in jobs}):
@@ -223,13 +227,14 @@ class StudyRuntime:
             weighted += payload_value * sum(weights)
             total_weight += sum(weights)
             images.update({job.key: r.image for job, r in zip(group, rendered, strict=True)})
+            image_scores.update({job.key: float(v) for job, v in zip(group, result.scores, strict=True)})
             if report is not None:
                 report(len(payload_scores) - 1, weighted / total_weight)
         value = weighted / total_weight
         if not math.isfinite(value):
             raise StudyError(f"the trial score is {value} (a reward returned a non-finite value)")
         reward_scores = {name: sum(values) / len(values) for name, values in raw.items()}
-        return Evaluation(value, payload_scores, reward_scores, images, timings)
+        return Evaluation(value, payload_scores, reward_scores, images, timings, image_scores)
 
     def close(self) -> None:
         self.plan.close()

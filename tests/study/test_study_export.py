@@ -3,6 +3,7 @@ reproduces the best trial's score bit-exactly on the CPU."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import optuna
@@ -22,6 +23,9 @@ def test_export_writes_recipe_model_and_report_and_reproduces_the_score(make_stu
     assert summary.export_dir == out
     report = (out / "report.html").read_text()
     assert "Recovered vs secret weights" in report and "data:image/png;base64," in report
+    # the hidden target's renders beside the best's, each image's score under it, the margin's interval
+    assert "<th>reference</th>" in report and re.search(r"<div class=muted>-?[\d.e-]+</div>", report)
+    assert "Is the win real?" in report and "the study's own payloads" in report
     with safe_open(out / "model.safetensors", framework="pt") as f:
         metadata = f.metadata()
     assert metadata["automerge.trial"] == str(summary.best_trial)

@@ -51,8 +51,9 @@ def weighted_sum(models: Sequence[Tensor], base: Tensor | None, *, alpha: ShareO
 def slerp(models: Sequence[Tensor], base: Tensor | None, *, alpha: ShareOfB = 0.5) -> Tensor:
     """(sin((1−α)ω)·Â + sin(αω)·B̂)/sin ω · lerp(‖A‖, ‖B‖, α), ω = arccos(Â·B̂) on flattened tensors
 
-    As in sd-mecha and mergekit: Â, B̂ are the unit vectors of the whole flattened tensors; when
-    |cos ω| > 0.9995 (near-colinear, incl. 1-element tensors) or a norm is 0 it is the plain lerp.
+    Â, B̂ are the unit vectors of the whole flattened tensors (as sd-mecha and mergekit do); when
+    |cos ω| > 0.9995 (mergekit's DOT_THRESHOLD; near-colinear, incl. 1-element tensors) or a norm
+    is 0 it is the plain lerp.
     α = 0 gives A and α = 1 gives B bit-exactly. Branch-free (no device sync): the two cases are
     two pairs of scalar coefficients chosen with torch.where.
     """
