@@ -18,14 +18,14 @@ QUIET = Console(quiet=True)
 
 def test_export_writes_recipe_model_and_report_and_reproduces_the_score(make_study, tmp_path: Path) -> None:
     out = tmp_path / "export"
-    path = make_study(trials=5, export={"dir": str(out), "dtype": "fp16"})
+    path = make_study(trials=5, baselines=True, export={"dir": str(out), "dtype": "fp16"})
     summary = run_study(load_study_file(path), console=QUIET)
     assert summary.export_dir == out
     report = (out / "report.html").read_text()
     assert "Recovered vs secret weights" in report and "data:image/png;base64," in report
     # the hidden target's renders beside the best's, each image's score under it, the margin's interval
     assert "<th>reference</th>" in report and re.search(r"<div class=muted>-?[\d.e-]+</div>", report)
-    assert "Is the win real?" in report and "the study's own payloads" in report
+    assert "Is the win real?" in report and "own payloads (no validation_payloads" in report
     with safe_open(out / "model.safetensors", framework="pt") as f:
         metadata = f.metadata()
     assert metadata["automerge.trial"] == str(summary.best_trial)
