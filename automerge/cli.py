@@ -269,9 +269,14 @@ def optimize(
         sys.exit(130)
 
 
+def _gib(count: int) -> str:
+    """Bytes as GiB, with three decimals below 1 GiB (tiny models)."""
+    return f"{count / 2**30:.3f}" if count < 2**30 else f"{count / 2**30:.2f}"
+
+
 def _print_dry_run(study_file: StudyFile, *, device: str | None, calibrate: bool) -> None:
     """The plan of a study, checked from headers; exit 2 when it cannot fit, with the setting to change."""
-    from automerge.study.dry_run import GIB, dry_run
+    from automerge.study.dry_run import dry_run
 
     plan = dry_run(study_file, device=device, calibrate=calibrate)
     console.print(f"[bold]{study_file.path}[/]: {plan.family} {plan.method}, device {plan.device}")
@@ -283,15 +288,12 @@ def _print_dry_run(study_file: StudyFile, *, device: str | None, calibrate: bool
     table = Table(title="memory plan", title_justify="left")
     for column in ("resident", "where", "GiB"):
         table.add_column(column, justify="right" if column == "GiB" else "left")
-    _gib = lambda count: f"{count / GIB:.3f}" if count < GIB else f"{count / GIB:.2f}"  # noqa: E731
     for item in plan.memory:
-        table.add_row(item.name, item.where, _gib(item.bytes))
+        table.add_row(item.name, item.where, _gib(item.bytes) if item.bytes else "?")
     for where, free in (("device", plan.free_device_bytes), ("host", plan.free_host_bytes)):
         if plan.total(where) or where == "device":
-            shown = "?" if free is None else f"{free / GIB:.1f}"
-            table.add_row(
-                f"[bold]total on {where}[/] (free {shown})", where, f"{plan.total(where) / GIB:.2f}"
-            )
+            shown = "?" if free is None else f"{_gib(free)} GiB"
+            table.add_row(f"[bold]total on {where}[/] (free {shown})", where, _gib(plan.total(where)))
     console.print(table)
     if plan.seconds_per_trial is None:
         console.print("time: unknown (run with --calibrate to time one trial; it loads the models)")

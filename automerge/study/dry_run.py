@@ -186,9 +186,7 @@ def _problems(result: DryRun, config: RenderConfig, device: torch.device) -> lis
             fixes.append("render.offload: true (sources in host memory, streamed block by block)")
         if config.source_dtype == "same" and config.torch_dtype(device) == torch.float32:
             fixes.append("render.source_dtype: fp16 (halves the sources)")
-        if config.batch_size > 1:
-            fixes.append(f"a smaller render.batch_size (now {config.batch_size})")
-        fix = "; or ".join(fixes) or "a device with more memory"
+        fix = "; or ".join(fixes) or "render.device: a device with more free memory (or merge fewer models)"
         problems.append(
             f"the plan needs {on_device / GIB:.1f} GiB on {device} but {free / GIB:.1f} GiB is free "
             f"({HEADROOM:.0%} is kept for activations); set {fix}"

@@ -8,6 +8,7 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
 import yaml
 from cli_helpers import run_cli
 
@@ -129,3 +130,40 @@ def test_dry_run_sizes_a_real_size_sd1_study_from_headers_alone(tmp_path: Path, 
     merged = sum(item.bytes for item in sources) // 4
     assert 0.95 * numel_a < merged <= numel_a and live.bytes == 4 * merged
     assert 1.0e9 < merged < 1.1e9  # SD1: ~1.07 B parameters (UNet 860 M, CLIP-L 123 M, VAE 84 M)
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("example", [p for p in EXAMPLES if p.stem != "demo"], ids=lambda p: p.stem)
+def test_every_example_study_checks_and_plans_with_its_models_swapped_for_tiny_ones(
+    example: Path, tmp_path: Path
+) -> None:
+    """studies/ holds real examples next to the demo (issue 14): each one, pointed at tiny models of
+    its family, passes every check and gets a memory plan (its reward weights need not be fetched)."""
+    from automerge.tiny import write_tiny
+
+    data = yaml.safe_load(example.read_text(encoding="utf-8"))
+    family = "sdxl" if "sdxl" in example.stem else "sd1"
+    first = write_tiny(family, tmp_path / "a.safetensors", seed=1)
+    models = {
+        name: first
+        if name == "a"
+        else write_tiny(family, tmp_path / f"{name}.safetensors", seed=2, like=first)
+        for name in data["models"]
+    }
+    data["models"] = {name: str(path) for name, path in models.items()}
+    root = example.parent
+    data["payloads"] = [str((root / p).resolve()) for p in data["payloads"]]
+    data["validation_payloads"] = [str((root / p).resolve()) for p in data.get("validation_payloads", [])]
+    if isinstance(data["reward"], str) and data["reward"].endswith(".yaml"):
+        data["reward"] = str((root / data["reward"]).resolve())
+    data["render"] = {**data.get("render", {}), "device": "cpu"}
+    copy = tmp_path / "studies" / example.name
+    copy.parent.mkdir()
+    copy.write_text(yaml.safe_dump(data))
+    plan = dry_run(load_study_file(copy))
+    assert plan.family == family and plan.dimensions and plan.images_per_trial > 0
+    assert any(item.name.startswith("reward") for item in plan.memory)
+    assert example.read_text(encoding="utf-8").startswith("# ")  # the header says what to edit
+    assert "VRAM class" in example.read_text(encoding="utf-8")
