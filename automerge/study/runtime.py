@@ -139,7 +139,10 @@ class StudyRuntime:
         reward = self.study.reward
         if isinstance(reward, Path):
             status(f"loading the reward model {reward.stem}")
-            return load_reward(reward, device=str(self.device))
+            loaded = load_reward(reward, device=str(self.device))
+            if isinstance(loaded, CompositeReward) and any(m.mode == "zscore" for m in loaded.members):
+                self._fit_zscores(loaded, status)
+            return loaded
         assert isinstance(reward, InlineReward)
         reference = reward.reference
         self.reference_images: dict[str, Image.Image] = {}  # the report shows them beside the best
@@ -160,6 +163,19 @@ class StudyRuntime:
             images = self._render_checkpoint(reference.checkpoint)
         self.reference_images = images
         return Reward(ReferenceReward.from_images(images, metric=reference.metric))
+
+    def _fit_zscores(self, reward: CompositeReward, status: Status) -> None:
+        """μ, σ of each z-scored member from its raw scores on the renders of the space's baselines
+        (pure A, pure B, the midpoint): deterministic, so every worker fits the same statistics."""
+        baselines = self.space.baselines()
+        status(f"fitting the z-scores on {len(baselines) * len(self.jobs)} baseline renders")
+        images, prompts, keys = [], [], []
+        for baseline in baselines:
+            rendered = self.render_images(self.space.block_params(baseline.values), self.jobs)
+            images += [rendered[job.key] for job in self.jobs]
+            prompts += [job.job.prompt for job in self.jobs]
+            keys += [job.key for job in self.jobs]  # a reference member looks its image up by key
+        reward.set_baseline(reward.raw_scores(images, prompts, keys=keys))
 
     def _render_checkpoint(self, checkpoint: Path) -> dict[str, Image.Image]:
         """Reference images rendered once from another checkpoint, with its own short-lived session."""
