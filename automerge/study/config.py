@@ -258,6 +258,43 @@ class StudyFile(Schema):
         folder, so a study resumes from any working directory and after its project folder moved."""
         return _sha256_json(as_plain(self.model_dump(include=SEARCH_FIELDS), relative_to=self.path.parent))
 
+    def content_fingerprints(self) -> dict[str, str]:
+        """sha256 of each part of the search problem with the contents of the files it names: each
+        payload's resolved jobs (prompts, seeds, settings, previews) and the reward manifest(s) as
+        parsed, so that an edited payload or manifest is a changed problem while a comment is not."""
+        plain = as_plain(self.model_dump(include=SEARCH_FIELDS), relative_to=self.path.parent)
+        parts = {name: _sha256_json(plain.get(name)) for name in sorted(SEARCH_FIELDS)}
+        parts["payloads"] = _sha256_json([plain["payloads"], [_payload_content(p) for p in self.payloads]])
+        if isinstance(self.reward, Path):
+            parts["reward"] = _sha256_json([plain["reward"], _manifest_content(self.reward)])
+        return parts
+
+
+def _payload_content(path: Path) -> list[Any]:
+    """Every job of a payload file, at full fidelity and at each preview, as plain data."""
+    import dataclasses
+
+    from automerge.render.payload import load_payload
+
+    payload = load_payload(path)
+    rungs = [None, *range(len(payload.fidelities))]
+    return [[dataclasses.asdict(job) for job in payload.jobs(fidelity=rung)] for rung in rungs]
+
+
+def _manifest_content(path: Path) -> list[Any]:
+    """A reward manifest as parsed (a composite's members too), without comments or formatting."""
+    from automerge.config import load_yaml
+
+    data = load_yaml(path)
+    content = [data]
+    if isinstance(data, dict) and data.get("reward") == "composite":
+        for member in data.get("members") or []:
+            if isinstance(member, dict) and "manifest" in member:
+                member_path = find_manifest(path.parent / str(member["manifest"]), near=path.parent)
+                if member_path.is_file():
+                    content.append(load_yaml(member_path))
+    return content
+
 
 def load_study_file(path: Path | str) -> StudyFile:
     """Parse and check a study file: files it names must exist (generated models excepted)."""

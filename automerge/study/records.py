@@ -32,6 +32,7 @@ PRUNED_AFTER_PAYLOADS = "pruned_after_payloads"
 
 # Study attributes.
 FINGERPRINT = "automerge.fingerprint"
+FINGERPRINTS = "automerge.fingerprints"  # per part of the search problem, file contents included
 MERGE_DEVICE = "automerge.merge_device"
 STOPPED = "automerge.stopped"
 

@@ -70,6 +70,7 @@ def _create_or_load(study: StudyFile, existing: optuna.Study | None) -> tuple[op
         created = False
         result = optuna.load_study(**options)
     result.set_user_attr(records.FINGERPRINT, study.search_fingerprint())
+    result.set_user_attr(records.FINGERPRINTS, study.content_fingerprints())
     return result, created
 
 

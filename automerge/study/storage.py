@@ -183,4 +183,27 @@ def find_study(study: StudyFile) -> optuna.Study | None:
             "(models, method, search, params, payloads or reward changed); give the study a new name, "
             "or delete its storage to start over. Changing trials, timeout, early_stopping or export is fine."
         )
+    _check_contents(study, existing, url)
     return existing
+
+
+def _check_contents(study: StudyFile, existing: optuna.Study, url: str) -> None:
+    """Refuse a study whose payload or reward files changed since it started (contents, not paths)."""
+    stored = existing.user_attrs.get(records.FINGERPRINTS)
+    if not isinstance(stored, dict):
+        return  # made before contents were fingerprinted: recorded on this run, checked from the next
+    now = study.content_fingerprints()
+    changed = [name for name in sorted(now) if stored.get(name) != now[name]]
+    if not changed:
+        return
+    files = []
+    if "payloads" in changed:
+        files += [str(path) for path in study.payloads]
+    if "reward" in changed and isinstance(study.reward, Path):
+        files.append(str(study.reward))
+    shown = f" ({', '.join(files)})" if files else ""
+    raise StudyError(
+        f"{study.path}: {', '.join(changed)} changed since study '{study.name}' started in {url}{shown}; "
+        f"give the study a new name (name: {study.name}-2) to start a new study with them, or undo the "
+        "change to resume"
+    )

@@ -37,7 +37,9 @@ def test_a_zscored_composite_runs_through_a_real_study(make_study, tmp_path: Pat
     assert summary.completed == 5 and summary.best_value is not None
 
 
-def test_the_zscore_statistics_come_from_the_baseline_renders_and_are_reproducible(make_study, tmp_path) -> None:
+def test_the_zscore_statistics_come_from_the_baseline_renders_and_are_reproducible(
+    make_study, tmp_path
+) -> None:
     """μ, σ of each z-scored member are fitted on the renders of the space's baselines (pure A, pure B,
     uniform midpoint) at start; every worker computes the same ones."""
     path = make_study(reward=str(_composite(tmp_path)))

@@ -60,6 +60,44 @@ def test_a_changed_search_space_is_refused_on_resume(make_study) -> None:
         run_study(load_study_file(path), console=QUIET, export=False)
 
 
+def test_an_edited_payload_is_refused_on_resume_and_says_what_to_do(make_study, tmp_path) -> None:
+    """Payloads were fingerprinted by path only: editing a payload's prompts resumed silently as if
+    it were the same problem (issue 15). Comments and formatting do not count; prompts and settings do."""
+    import yaml
+
+    from automerge.errors import StudyError
+
+    path = make_study(trials=3)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    payload = tmp_path / "payload.yaml"
+    data = yaml.safe_load(payload.read_text())
+    payload.write_text("# a comment changes nothing\n" + yaml.safe_dump(data, indent=4))
+    assert run_study(load_study_file(path), console=QUIET, export=False).ran == 0  # resumed: same problem
+    data["items"][0]["prompt"] = "a green house"
+    payload.write_text(yaml.safe_dump(data))
+    with pytest.raises(StudyError, match=r"payloads changed .*payload.yaml.*give the study a new name"):
+        run_study(load_study_file(path), console=QUIET, export=False)
+
+
+def test_a_changed_reward_manifest_is_refused_on_resume(make_study, tmp_path) -> None:
+    import yaml
+
+    reference = tmp_path / "refs"
+    reference.mkdir()
+    manifest = tmp_path / "ssim.yaml"
+    manifest.write_text(
+        yaml.safe_dump({"reward": "reference", "options": {"metric": "ssim", "directory": str(reference)}})
+    )
+    path = make_study(trials=2, reward=str(manifest))
+    study = load_study_file(path)
+    before = study.content_fingerprints()
+    manifest.write_text(
+        yaml.safe_dump({"reward": "reference", "options": {"metric": "mse", "directory": str(reference)}})
+    )
+    after = load_study_file(path).content_fingerprints()
+    assert {name for name in before if before[name] != after[name]} == {"reward"}
+
+
 def test_early_stopping_really_stops(make_study) -> None:
     path = make_study(trials=50, early_stopping={"patience": 2, "min_delta": 10.0})
     summary = run_study(load_study_file(path), console=QUIET, export=False)
