@@ -212,3 +212,25 @@ def test_local_steps_are_off_with_every_zero() -> None:
     study = optuna.create_study(sampler=LocalSteps(inner, seed=0, every=0, after=0))
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=6)
     assert study.sampler.steps == 0
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_each_sampler_name_builds_the_intended_optuna_sampler_with_its_settings() -> None:
+    """Only isinstance(BaseSampler) was checked: mapping `gp` to the random sampler passed (issue 15)."""
+    from automerge.study.samplers import DistinctProposals, LocalSteps, WarpedGPSampler
+
+    def built(name: str) -> optuna.samplers.BaseSampler:
+        return make_sampler(SamplerConfig(name=name, seed=3, startup_trials=7)).inner
+
+    gp = built("gp")
+    assert type(gp) is optuna.samplers.GPSampler and gp._deterministic and gp._n_startup_trials == 7
+    tpe = built("tpe")
+    assert type(tpe) is optuna.samplers.TPESampler and tpe._multivariate and tpe._n_startup_trials == 7
+    assert type(built("cmaes")) is optuna.samplers.CmaEsSampler
+    assert type(built("random")) is optuna.samplers.RandomSampler
+    assert type(built("qmc")) is optuna.samplers.QMCSampler
+    auto = built("auto")
+    assert type(auto) is DistinctProposals and type(auto.inner) is LocalSteps
+    assert (auto.inner.every, auto.inner.after) == (3, 20)
+    warped = auto.inner.inner
+    assert type(warped) is WarpedGPSampler and warped._deterministic and warped._n_startup_trials == 7

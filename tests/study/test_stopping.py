@@ -1,0 +1,76 @@
+"""The stopping rules, pinned exactly (issue 15: ``>`` changed to ``>=``, a failure streak that never
+counted and pruned trials left out of the budget all survived the suite)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from automerge.study import records
+from automerge.study.stopping import BudgetTaken, ConsecutiveFailures, early_stop_decision
+
+
+def _complete(values: list[float]) -> list[optuna.trial.FrozenTrial]:
+    trials = []
+    for number, value in enumerate(values):
+        trial = create_trial(value=value, state=TrialState.COMPLETE)
+        trial.number = number
+        trials.append(trial)
+    return trials
+
+
+def test_an_improvement_of_exactly_min_delta_is_not_an_improvement() -> None:
+    decision = early_stop_decision(_complete([1.0, 1.5, 1.5]), patience=2, min_delta=0.5)
+    assert decision.stop and decision.best_trial == 0  # 1.5 = 1.0 + 0.5: not above it
+    decision = early_stop_decision(_complete([1.0, 1.5000001, 1.5]), patience=2, min_delta=0.5)
+    assert not decision.stop and decision.best_trial == 1
+
+
+def test_patience_counts_completed_trials_since_the_best() -> None:
+    assert not early_stop_decision(_complete([3.0, 1.0, 2.0]), patience=3, min_delta=0.0).stop
+    assert early_stop_decision(_complete([3.0, 1.0, 2.0, 2.9]), patience=3, min_delta=0.0).stop
+
+
+class _Study:
+    """What the callbacks use of a study: its trials and stop()."""
+
+    def __init__(self, trials: list[optuna.trial.FrozenTrial]) -> None:
+        self.trials, self.stopped = trials, False
+
+    def get_trials(self, deepcopy: bool = False, states: tuple | None = None) -> list:
+        return [t for t in self.trials if states is None or t.state in states]
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def _trial(state: TrialState, reason: str | None = None) -> optuna.trial.FrozenTrial:
+    attrs = {records.FAIL_REASON: reason} if reason else {}
+    value = 1.0 if state == TrialState.COMPLETE else None
+    return create_trial(state=state, value=value, user_attrs=attrs)
+
+
+@pytest.mark.parametrize("limit", [1, 3, 5])
+def test_the_failure_streak_stops_at_its_limit_and_a_success_resets_it(limit: int) -> None:
+    callback, study = ConsecutiveFailures(limit=limit), _Study([])
+    for _ in range(limit - 1):
+        callback(study, _trial(TrialState.FAIL, "out of memory"))
+    assert not study.stopped
+    callback(study, _trial(TrialState.COMPLETE))
+    for _ in range(limit - 1):
+        callback(study, _trial(TrialState.FAIL, "out of memory"))
+    assert not study.stopped  # the success in between reset the count
+    callback(study, _trial(TrialState.FAIL, "out of memory"))
+    assert study.stopped and f"{limit} trials in a row failed" in callback.reason
+    assert "out of memory" in callback.reason
+
+
+def test_pruned_trials_take_their_place_in_the_budget() -> None:
+    study = _Study([_trial(TrialState.COMPLETE), _trial(TrialState.PRUNED)])
+    BudgetTaken(3)(study, study.trials[-1])
+    assert not study.stopped
+    study.trials.append(_trial(TrialState.PRUNED))
+    BudgetTaken(3)(study, study.trials[-1])
+    assert study.stopped
+    assert TrialState.PRUNED in records.BUDGET_STATES and TrialState.FAIL not in records.BUDGET_STATES
