@@ -257,3 +257,27 @@ def test_the_same_file_given_twice_is_held_once(tiny_models: dict) -> None:
     for block in engine._blocks.values():
         assert block.sources["a"].data_ptr() == block.sources["b"].data_ptr()
     plan.close()
+
+
+def test_an_exported_merge_drops_the_sources_ema_weights(tiny_models: dict, tmp_path: Path) -> None:
+    """No test model carried EMA keys, so disabling the export's EMA filter survived (issue 15)."""
+    with_ema = {}
+    for name in ("a", "b"):
+        tensors = load_file(tiny_models[name])
+        key = "model.diffusion_model.out.2.weight"
+        tensors["model_ema.diffusion_modelout2weight"] = tensors[key].clone()
+        tensors["model_ema.decay"] = torch.tensor(0.9999)
+        tensors["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
+        with_ema[name] = tmp_path / f"{name}-ema.safetensors"
+        save_file(tensors, with_ema[name], metadata=_metadata_of(tiny_models[name]))
+    plan = plan_merge(_recipe(with_ema, "weighted_sum", {"alpha": 0.5}), source="t")
+    out = export_merge(plan, tmp_path / "o.safetensors")
+    plan.close()
+    merged = load_file(out)
+    assert not [key for key in merged if key.startswith("model_ema.")]
+    assert "model.diffusion_model.out.2.weight" in merged
+
+
+def _metadata_of(path: Path) -> dict[str, str]:
+    with open_file_checkpoint(path) as checkpoint:
+        return dict(checkpoint.metadata)

@@ -213,3 +213,31 @@ def test_a_budget_smaller_than_the_baselines_leaves_the_extra_queued_not_failed(
     states = [t.state for t in find_study(load_study_file(path)).trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2
     assert optuna.trial.TrialState.FAIL not in states
+
+
+def test_a_timeout_stops_starting_trials(make_study) -> None:
+    """`timeout` had no test (issue 15): with a budget of 500 and a timeout shorter than one trial,
+    the study stops after the trial that crossed it."""
+    path = make_study(trials=500, baselines=False)
+    summary = run_study(load_study_file(path), timeout=0.01, console=QUIET, export=False)
+    assert summary.ran == 1 and not summary.interrupted
+
+
+def test_validation_payloads_are_scored_once_for_the_exported_trial_and_each_baseline(
+    make_study, monkeypatch, tmp_path: Path
+) -> None:
+    real = StudyRuntime.evaluate
+    validation_calls = []
+
+    def counting(self, params, jobs, **kwargs):
+        if jobs is self.validation_jobs:
+            validation_calls.append(params)
+        return real(self, params, jobs, **kwargs)
+
+    monkeypatch.setattr(StudyRuntime, "evaluate", counting)
+    payload = tmp_path / "payload.yaml"
+    path = make_study(trials=5, validation_payloads=[str(payload)], export={"dir": str(tmp_path / "out")})
+    run_study(load_study_file(path), console=QUIET)
+    assert len(validation_calls) == 4  # the exported (best) trial and the three baselines, once each
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "Validation (held-out payloads)" in report and "the validation payloads (held out" in report
