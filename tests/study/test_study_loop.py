@@ -241,3 +241,47 @@ def test_validation_payloads_are_scored_once_for_the_exported_trial_and_each_bas
     assert len(validation_calls) == 4  # the exported (best) trial and the three baselines, once each
     report = (tmp_path / "out" / "report.html").read_text()
     assert "Validation (held-out payloads)" in report and "the validation payloads (held out" in report
+
+
+def test_sigterm_to_a_real_optimize_process_fails_the_running_trial_and_exports(
+    make_study, tmp_path: Path
+) -> None:
+    """SIGTERM, as a scheduler sends it, delivered to a real `automerge optimize` process (issue 15):
+    exit 130, the trial it interrupted marked failed "interrupted", the best so far exported."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = make_study(trials=500, baselines=False, export={"dir": str(tmp_path / "out")})
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from automerge.cli import main; main()", "optimize", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            if (path.parent / "study.db").exists() and _complete_count(path) >= 2:
+                break
+            time.sleep(0.5)
+        assert process.poll() is None, process.communicate()[0].decode()
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output
+    trials = _trials(path)
+    assert TrialState.RUNNING not in [t.state for t in trials]  # no trial left dangling
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in failed)
+    assert len(failed) <= 1  # the one it interrupted (none if the signal fell between two trials)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def _complete_count(path: Path) -> int:
+    try:
+        return len([t for t in _trials(path) if t.state == TrialState.COMPLETE])
+    except Exception:  # noqa: BLE001 - the storage may be mid-creation
+        return 0
