@@ -281,3 +281,37 @@ def test_an_exported_merge_drops_the_sources_ema_weights(tiny_models: dict, tmp_
 def _metadata_of(path: Path) -> dict[str, str]:
     with open_file_checkpoint(path) as checkpoint:
         return dict(checkpoint.metadata)
+
+
+SPARSE_PARAMS = {
+    "ties": {"density": {"default": 0.5, "IN04": 0.9}},
+    "dare": {"density": {"default": 0.5, "IN04": 0.9}},
+    "dare_ties": {"density": {"default": 0.5, "IN04": 0.9}},
+    "della": {"density": {"default": 0.5, "IN04": 0.9}, "epsilon": {"default": 0.1, "OUT11": 0.3}},
+}
+
+
+@pytest.mark.parametrize("method", sorted(SPARSE_PARAMS))
+def test_per_block_density_and_epsilon_change_only_their_blocks_and_engine_equals_export(
+    method: str, tiny_models: dict, tmp_path: Path
+) -> None:
+    """Per-block parameters were exercised for alpha only (issue 15)."""
+    from automerge.arch import ARCHITECTURES
+
+    per_block = plan_merge(
+        _recipe(tiny_models, method, SPARSE_PARAMS[method], dtype="fp32", seed=5), source="t"
+    )
+    uniform_params = {name: value["default"] for name, value in SPARSE_PARAMS[method].items()}
+    uniform = plan_merge(_recipe(tiny_models, method, uniform_params, dtype="fp32", seed=5), source="t")
+    engine = LiveEngine(per_block, EngineOptions(device="cpu", dtype=torch.float32))
+    engine.apply(per_block.params)
+    mine = load_file(export_merge(per_block, tmp_path / "p.safetensors"))
+    plain = load_file(export_merge(uniform, tmp_path / "u.safetensors"))
+    for key in engine.live_keys():
+        assert torch.equal(engine.live_tensor(key), mine[key]), key
+    arch = ARCHITECTURES.get("sd1")
+    changed = {arch.block_of(key, mine[key].dtype) for key in mine if not torch.equal(mine[key], plain[key])}
+    expected = {block for values in SPARSE_PARAMS[method].values() for block in values if block != "default"}
+    assert changed == expected
+    per_block.close()
+    uniform.close()
