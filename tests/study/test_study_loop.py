@@ -285,3 +285,46 @@ def _complete_count(path: Path) -> int:
         return len([t for t in _trials(path) if t.state == TrialState.COMPLETE])
     except Exception:  # noqa: BLE001 - the storage may be mid-creation
         return 0
+
+
+def test_the_median_pruner_stops_a_trial_below_the_median_after_its_first_payload(
+    make_study, tmp_path
+) -> None:
+    """`pruner: median` had no test (issue 15): a pruned trial rendered its first payload only, and its
+    score there was below the median of the trials before it at that step."""
+    import statistics
+
+    import yaml
+
+    second = tmp_path / "second.yaml"
+    second.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {
+                    "steps": 2,
+                    "cfg": 1.0,
+                    "width": 64,
+                    "height": 64,
+                    "scheduler": "euler",
+                    "seeds": [5],
+                },
+                "items": [{"prompt": "a yellow kite"}],
+            }
+        )
+    )
+    path = make_study(
+        trials=12, pruner="median", payloads=[str(tmp_path / "payload.yaml"), str(second)], baselines=False
+    )
+    run_study(load_study_file(path), console=QUIET, export=False)
+    trials = _trials(path)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, [t.state for t in trials]
+    for trial in pruned:
+        assert list(trial.intermediate_values) == [0]  # stopped after the first payload
+        earlier = [
+            t.intermediate_values[0]
+            for t in trials
+            if t.number < trial.number and t.state == TrialState.COMPLETE and 0 in t.intermediate_values
+        ]
+        assert trial.intermediate_values[0] < statistics.median(earlier)
+    assert all(len(t.intermediate_values) == 2 for t in trials if t.state == TrialState.COMPLETE)
