@@ -133,9 +133,17 @@ class LiveEngine:
         return todo
 
     def _sources_on_device(self, block: _Block) -> dict[str, torch.Tensor]:
-        if not self.options.offload or self.device.type == "cpu":
+        """The block's sources where the merge runs: resident ones as they are; offloaded ones copied
+        to the device for this merge and dropped after it (on a CPU a staging copy too, so that the
+        CPU tests run the path a GPU runs; twins of one file are copied once)."""
+        if not self.options.offload:
             return block.sources
-        return {name: flat.to(self.device, non_blocking=True) for name, flat in block.sources.items()}
+        staged: dict[int, torch.Tensor] = {}
+        for flat in block.sources.values():
+            if id(flat) not in staged:
+                copy = torch.empty(flat.shape, dtype=flat.dtype, device=self.device)
+                staged[id(flat)] = copy.copy_(flat, non_blocking=self.device.type == "cuda")
+        return {name: staged[id(flat)] for name, flat in block.sources.items()}
 
     def _merge_block(self, block: _Block, params: BlockParams) -> None:
         """Element-wise methods merge the whole flat block at once; the others go key by key,
