@@ -115,7 +115,19 @@ class SamplerWrapper(optuna.samplers.BaseSampler):
         self.inner.reseed_rng()
 
 
-class DistinctProposals(SamplerWrapper):
+class SeededWrapper(SamplerWrapper):
+    """A wrapper with a random state of its own, reseeded with ``inner``'s."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, *, seed: int | None = None) -> None:
+        super().__init__(inner)
+        self._rng = LazyRandomState(seed)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+        self._rng.rng.seed()
+
+
+class DistinctProposals(SeededWrapper):
     """``inner``, except that a relative proposal equal to the parameters of a trial the study already
     holds (complete, running or waiting) is moved to a near grid point that none holds: each
     coordinate moved by a Gaussian step of σ = ``spread`` × its range (σ doubling every 8 draws that
@@ -128,10 +140,9 @@ class DistinctProposals(SamplerWrapper):
     def __init__(
         self, inner: optuna.samplers.BaseSampler, *, seed: int | None = None, spread: float = 0.05
     ) -> None:
-        super().__init__(inner)
+        super().__init__(inner, seed=seed)
         self.spread = spread
         self.replaced = 0
-        self._rng = LazyRandomState(seed)
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -155,12 +166,8 @@ class DistinctProposals(SamplerWrapper):
                 return moved
         return {}
 
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()
-        self._rng.rng.seed()
 
-
-class LocalSteps(SamplerWrapper):
+class LocalSteps(SeededWrapper):
     """``inner``, except that once ``after`` trials are complete, every ``every``-th trial (by number)
     is a local step: the best complete trial's parameters with one coordinate moved by a Gaussian step
     of σ = s × its range, s log-uniform in [1 %, 30 %] (rounded to the grid, clipped to the range).
@@ -173,11 +180,10 @@ class LocalSteps(SamplerWrapper):
     def __init__(
         self, inner: optuna.samplers.BaseSampler, *, seed: int | None = None, every: int = 3, after: int = 20
     ) -> None:
-        super().__init__(inner)
+        super().__init__(inner, seed=seed)
         self.every = every
         self.after = after
         self.steps = 0
-        self._rng = LazyRandomState(seed)
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -200,10 +206,6 @@ class LocalSteps(SamplerWrapper):
         if self.every <= 0 or trial.number % self.every != 0:
             return False
         return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= self.after
-
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()
-        self._rng.rng.seed()
 
 
 def _best_complete(study: Study) -> FrozenTrial | None:

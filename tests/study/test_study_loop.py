@@ -296,25 +296,11 @@ def test_the_median_pruner_stops_a_trial_below_the_median_after_its_first_payloa
 
     import yaml
 
+    first = tmp_path / "payload.yaml"  # the fixture's payload; the second one renders another prompt
     second = tmp_path / "second.yaml"
-    second.write_text(
-        yaml.safe_dump(
-            {
-                "defaults": {
-                    "steps": 2,
-                    "cfg": 1.0,
-                    "width": 64,
-                    "height": 64,
-                    "scheduler": "euler",
-                    "seeds": [5],
-                },
-                "items": [{"prompt": "a yellow kite"}],
-            }
-        )
-    )
-    path = make_study(
-        trials=12, pruner="median", payloads=[str(tmp_path / "payload.yaml"), str(second)], baselines=False
-    )
+    data = yaml.safe_load(first.read_text())
+    second.write_text(yaml.safe_dump({**data, "items": [{"prompt": "a yellow kite", "seeds": [5]}]}))
+    path = make_study(trials=12, pruner="median", payloads=[str(first), str(second)], baselines=False)
     run_study(load_study_file(path), console=QUIET, export=False)
     trials = _trials(path)
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
