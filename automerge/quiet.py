@@ -24,3 +24,11 @@ def drop_torchvision_notice() -> None:
     logger = logging.getLogger(_LOGGER)
     if not any(isinstance(f, _DropTorchvisionFallbackNotice) for f in logger.filters):
         logger.addFilter(_DropTorchvisionFallbackNotice())
+
+
+def no_loading_bars() -> None:
+    """transformers' "Loading weights" progress bars: a study draws its own status line while reward
+    models load, and the bars broke it into fragments. Turned off for this process."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()

@@ -156,3 +156,13 @@ def test_shipped_manifests_parse(name: str) -> None:
     assert manifest.hub and all(
         str(p).startswith(str(Path.home() / ".cache/automerge/rewards")) for p in manifest.weights.values()
     )
+
+
+def test_loading_a_reward_model_prints_no_progress_bars(tiny_manifests: dict[str, Path], capfd) -> None:
+    """transformers drew "Loading weights" bars in the middle of a study's status lines."""
+    from automerge.rewards import load_reward
+
+    for manifest in tiny_manifests.values():
+        load_reward(manifest, device="cpu")
+    printed = capfd.readouterr()
+    assert "Loading weights" not in printed.err + printed.out
