@@ -15,7 +15,7 @@ import pytest
 from _postgres import postgres_server, server_binaries
 
 from automerge.study import find_study, load_study_file, records
-from automerge.study.storage import storage_url
+from automerge.study.storage import open_storage, storage_url
 
 WORKER = "import sys; from automerge.cli import main; sys.argv = ['automerge', *sys.argv[1:]]; main()"
 
@@ -132,8 +132,8 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(make_st
     while not running and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.1)
         if path.with_suffix(".db").exists():
-            try:
-                study = optuna.load_study(study_name="test-study", storage=url)
+            try:  # the product's storage opening: it retries while the worker is creating the schema
+                study = optuna.load_study(study_name="test-study", storage=open_storage(url))
             except KeyError:
                 continue
             running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if t.params]
