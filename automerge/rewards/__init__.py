@@ -6,7 +6,7 @@ Built-in plug-ins (registered by the explicit imports below): ``imagereward``, `
 ``aesthetic-v25``, ``clip-score``, ``pickscore``, ``reference``.
 """
 
-from automerge.quiet import drop_torchvision_notice, no_loading_bars
+from automerge.quiet import drop_torchvision_notice
 from automerge.rewards.base import (
     REWARDS,
     LoadRequest,
@@ -23,7 +23,6 @@ from automerge.rewards.reference import ReferenceReward
 from automerge.rewards.scoring import ComponentScores, CompositeReward, Reward, ScoreResult
 
 drop_torchvision_notice()  # before the plug-ins import transformers
-no_loading_bars()
 
 # Built-in plug-ins: importing registers them.
 from automerge.rewards import aesthetic, clip, imagereward, reference  # noqa: E402, F401, I001  isort: skip

@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from automerge.dtypes import TORCH_DTYPES
 from automerge.errors import RewardError
+from automerge.quiet import no_loading_bars
 from automerge.rewards.base import REWARDS, LoadRequest, RewardContext, RewardModel
 from automerge.rewards.files import resolve_weights
 from automerge.rewards.manifest import (
@@ -32,6 +33,7 @@ def load_reward(
 
     ``device`` overrides the manifest's ``device``. Weight files are checked (existence, sha256)
     before anything is built; nothing is downloaded."""
+    no_loading_bars()  # transformers' bars would break the caller's status line
     manifest_path = Path(manifest_path)
     manifest = read_manifest(manifest_path)
     context = context or RewardContext()
