@@ -37,7 +37,6 @@ def test_the_live_line_fits_80_columns_with_count_best_eta_and_stage() -> None:
         shown = line.file.getvalue()
     assert len(shown.strip().splitlines()) == 1, shown
     assert "12/200" in shown and "best -1.111e-05" in shown and "ETA" in shown and "render" in shown
-    assert "-:--" not in shown.split("ETA")[1]  # 12 trials done: the ETA is a time
 
 
 def test_each_trial_line_shows_its_own_stage_times_and_no_source_location() -> None:

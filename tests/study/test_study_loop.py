@@ -215,11 +215,26 @@ def test_a_budget_smaller_than_the_baselines_leaves_the_extra_queued_not_failed(
     assert optuna.trial.TrialState.FAIL not in states
 
 
-def test_a_timeout_stops_starting_trials(make_study) -> None:
-    """`timeout` had no test (issue 15): with a budget of 500 and a timeout shorter than one trial,
-    the study stops after the trial that crossed it."""
-    path = make_study(trials=500, baselines=False)
-    summary = run_study(load_study_file(path), timeout=0.01, console=QUIET, export=False)
+def test_a_timeout_stops_starting_trials(make_study, monkeypatch) -> None:
+    """`timeout` had no test (issue 15). Optuna's clock is replaced by one that moves an hour per
+    reading, so the assertion does not depend on how fast a trial runs: with `timeout: 90m`, the check
+    before the first trial reads 1 h (go on), the one after it 2 h (stop)."""
+    import datetime
+
+    class HourlyClock(datetime.datetime):
+        readings = 0
+
+        @classmethod
+        def now(cls, tz=None):  # noqa: ANN001, ANN206 - datetime's signature
+            cls.readings += 1
+            return datetime.datetime(2026, 1, 1) + datetime.timedelta(hours=cls.readings)
+
+    import types
+
+    # only the optimize loop's clock (its module's `datetime` name); storage timestamps stay real
+    monkeypatch.setattr("optuna.study._optimize.datetime", types.SimpleNamespace(datetime=HourlyClock))
+    path = make_study(trials=500, baselines=False, timeout="90m")
+    summary = run_study(load_study_file(path), console=QUIET, export=False)
     assert summary.ran == 1 and not summary.interrupted
 
 
