@@ -16,13 +16,14 @@ per-key seeds). The export goes through the same ``merge_into``, so both compute
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from automerge.arch import Architecture
+from automerge.checkpoints import TensorInfo
 from automerge.merge.methods import check_finite, generator_for, merge_into
 from automerge.merge.params import BlockParams, changed_blocks
 from automerge.merge.plan import MergePlan
@@ -67,6 +68,26 @@ class EngineOptions:
     chunk_numel: int | None = None  # elements per chunk of element-wise merges (None: by device)
 
 
+def live_keys(plan: MergePlan) -> Iterator[tuple[str, str, TensorInfo]]:
+    """(block, key, header info) of every key of model A that feeds a live module, in A's order: what
+    the engine holds per source and merges (``--dry-run`` sizes the same keys)."""
+    primary = plan.primary.checkpoint
+    for key in primary.keys():
+        info = primary.info(key)
+        block = plan.arch.block_of(key, info.dtype)
+        if block is not None and plan.arch.targets(key):
+            yield block, key, info
+
+
+def held_sources(plan: MergePlan) -> dict[str, str]:
+    """Each source's letter → the letter whose tensors the engine holds for it: the same file given
+    twice (e.g. a == b) is held once."""
+    first_of_path: dict[Path, str] = {}
+    for name, model in plan.sources.items():
+        first_of_path.setdefault(model.path.resolve(), name)
+    return {name: first_of_path[model.path.resolve()] for name, model in plan.sources.items()}
+
+
 class LiveEngine:
     """Holds a plan's sources and merged weights; ``apply`` re-merges the changed blocks in place."""
 
@@ -83,13 +104,8 @@ class LiveEngine:
 
     def _layout(self) -> dict[str, _Block]:
         """Blocks → keys with live targets, in A's key order, with their flat offsets."""
-        primary = self.plan.primary.checkpoint
         blocks = {name: _Block(name) for name in self.arch.blocks}
-        for key in primary.keys():
-            info = primary.info(key)
-            block = self.arch.block_of(key, info.dtype)
-            if block is None or not self.arch.targets(key):
-                continue
+        for block, key, info in live_keys(self.plan):
             target = blocks[block]
             target.slots.append(_Slot(key, target.numel, info.shape))
             target.numel += info.numel
@@ -99,12 +115,10 @@ class LiveEngine:
         storage = self.options.source_dtype or self.options.dtype
         where = torch.device("cpu") if self.options.offload else self.device
         pin = self.options.offload and self.device.type == "cuda"
-        first_of_path: dict[Path, str] = {}  # the same file given twice (e.g. a == b) is held once
-        for name, model in self.plan.sources.items():
-            first_of_path.setdefault(model.path.resolve(), name)
+        twins = held_sources(self.plan)
         for block in self._blocks.values():
             for name, model in self.plan.sources.items():
-                twin = first_of_path[model.path.resolve()]
+                twin = twins[name]
                 if twin != name:
                     block.sources[name] = block.sources[twin]
                     continue

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from automerge.dtypes import dtype_name
-from automerge.errors import ConfigError
 from automerge.merge import MergePlan
+from automerge.merge.engine import held_sources, live_keys
 from automerge.render.config import RenderConfig
 from automerge.rewards import CompositeManifest, find_manifest, read_manifest
 from automerge.study import records
@@ -105,13 +105,8 @@ def _engine_memory(plan: MergePlan, device: torch.device, config: RenderConfig) 
     """Sources and live weights as ``LiveEngine`` holds them (a file given twice is held once)."""
     dtype = config.torch_dtype(device)
     storage = config.storage_dtype(device)
-    primary = plan.primary.checkpoint
-    numel = 0
-    for key in primary.keys():
-        info = primary.info(key)
-        if plan.arch.block_of(key, info.dtype) is not None and plan.arch.targets(key):
-            numel += info.numel
-    distinct = {model.path.resolve(): name for name, model in reversed(plan.sources.items())}
+    numel = sum(info.numel for _block, _key, info in live_keys(plan))
+    held = sorted(set(held_sources(plan).values()))
     where = "host" if config.offload else "device"
     items = [
         MemoryItem(
@@ -119,7 +114,7 @@ def _engine_memory(plan: MergePlan, device: torch.device, config: RenderConfig) 
             numel * storage.itemsize,
             where,
         )
-        for name in sorted(distinct.values())
+        for name in held
     ]
     items.append(MemoryItem(f"live merged weights ({dtype_name(dtype)})", numel * dtype.itemsize, "device"))
     return items
@@ -222,10 +217,7 @@ def _stored_seconds_per_trial(study: StudyFile) -> tuple[float, str] | None:
     """The median of merge + render + score over the study's completed trials, if it has run before."""
     from automerge.study.storage import find_study
 
-    try:
-        stored = find_study(study)
-    except ConfigError:
-        return None
+    stored = find_study(study)
     if stored is None:
         return None
     totals = [

@@ -139,15 +139,13 @@ def report_data(
     if references:
         for key, cells in grid.items():
             cells.append((references.get(key), None))
-    validated = _validation(runtime, space, [(title, chosen), *((t.label, t) for t in baselines)])
+    rows = [(title, chosen), *((t.label, t) for t in baselines)]  # the exported trial, then the baselines
+    validated = _validation(runtime, space, rows)
     if validated:
         per_image = {label: evaluation.image_scores for label, evaluation in validated}
         confidence_source = "the validation payloads (held out from the search)"
     else:
-        per_image = {
-            label: dict(record.image_scores)
-            for label, record in [(title, chosen), *((t.label, t) for t in baselines)]
-        }
+        per_image = {label: dict(record.image_scores) for label, record in rows}
         confidence_source = (
             "the study's own payloads (no validation_payloads: the search optimized these, so the margin "
             "favours the best)"

@@ -39,7 +39,7 @@ class Objective:
         self.runtime = runtime
         self.store = store
         self.on_trial = on_trial  # called with (trial number, evaluation) after each completed trial
-        self.on_stage = on_stage  # called with the stage's name as it starts (propose, merge, render, …)
+        self.on_stage = on_stage or (lambda name: None)  # told each stage's name as it starts
         self.budget = budget  # the study's total trials, shared by every worker (None: no limit)
         self.last_finished = time.perf_counter()
 
@@ -51,8 +51,7 @@ class Objective:
         try:
             # 1. Proposal: the gap since the last trial ended (Optuna's own work) plus the suggest calls,
             #    where Optuna 5 computes multivariate proposals (GP, CMA-ES, multivariate TPE).
-            if self.on_stage is not None:
-                self.on_stage("propose")
+            self.on_stage("propose")
             values = self.runtime.space.suggest(trial)
             sampler_seconds = time.perf_counter() - self.last_finished
             params = self.runtime.space.block_params(values)
@@ -60,8 +59,7 @@ class Objective:
             #       by payload; the pruner may stop the trial after each.
             evaluation = self._evaluate(trial, params)
             # 5. Bookkeeping: scores, timings and images for the dashboard and the report.
-            if self.on_stage is not None:
-                self.on_stage("record")
+            self.on_stage("record")
             started = time.perf_counter()
             records.write_evaluation(
                 trial,
