@@ -29,7 +29,7 @@ from automerge.study.pruners import make_pruner
 from automerge.study.runtime import StudyRuntime, preview_rungs
 from automerge.study.samplers import make_sampler
 from automerge.study.stopping import BudgetTaken, ConsecutiveFailures, EarlyStopping
-from automerge.study.storage import find_study, open_storage
+from automerge.study.storage import fail_trials_that_never_beat, find_study, open_storage
 from automerge.terminal import startup_status
 
 MAX_CONSECUTIVE_FAILURES = 5
@@ -201,7 +201,13 @@ def _optimize(
     """Optuna's loop with the progress display and the stopping callbacks; fills ``summary``."""
     progress = TrialProgress(console, total=remaining, start_best=_best_value(study))
     failures = ConsecutiveFailures(limit=MAX_CONSECUTIVE_FAILURES)
-    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [progress.callback, failures]
+    heartbeat = runtime.study.heartbeat
+    fail_trials_that_never_beat(study, heartbeat)  # a dead worker's trial, before it holds the budget
+
+    def never_beaten(study: optuna.Study, trial: FrozenTrial) -> None:
+        fail_trials_that_never_beat(study, heartbeat)
+
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [never_beaten, progress.callback, failures]
     if extra_trials is None:  # None: run until the budget callback stops the study
         callbacks.append(BudgetTaken(runtime.study.trials))
     if stopping is not None:

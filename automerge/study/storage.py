@@ -8,12 +8,15 @@
 
 RDB storages (SQLite, PostgreSQL) opened with a ``heartbeat`` (the study file's): a worker that dies
 (SIGKILL, power loss) stops beating, and ``grace`` seconds later another worker marks its trial FAIL
-and re-runs it once (Optuna's ``RetryHeartbeatStaleTrialCallback``).
+and re-runs it once (Optuna's ``RetryHeartbeatStaleTrialCallback``). Optuna passes over a trial that
+has no heartbeat yet (its worker died between taking it and its first beat); ``fail_trials_that_never_beat``
+fails those too, once they are ``grace`` seconds old.
 Optuna's journal storage has no heartbeat: a dead worker's trial stays RUNNING there.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 import warnings
@@ -99,6 +102,51 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig | None = None) -> optun
                 f"storage: cannot open {_redacted(url)}: {type(error).__name__}: {_first_line(error)}"
             ) from None
     raise AssertionError("unreachable")
+
+
+def fail_trials_that_never_beat(
+    study: optuna.Study, heartbeat: HeartbeatConfig, *, now: datetime.datetime | None = None
+) -> list[int]:
+    """Fail (and queue once more, as Optuna's stale-trial callback does) the RUNNING trials that
+    started over ``heartbeat.grace`` seconds before ``now`` and never recorded a heartbeat: their
+    worker died before its first beat, and Optuna's own check only sees trials with a heartbeat row.
+    Returns the failed trials' numbers; a no-op on storages without heartbeats."""
+    storage = study._storage
+    rdb = getattr(storage, "_backend", storage)  # Optuna wraps an RDB storage in its trial cache
+    if not isinstance(rdb, optuna.storages.RDBStorage) or rdb.heartbeat_interval is None:
+        return []
+    from optuna.storages._rdb import models  # Optuna's heartbeat table, as its own stale check reads it
+
+    now = now or datetime.datetime.now()
+    grace = datetime.timedelta(seconds=heartbeat.grace)
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    old = [t for t in running if t.datetime_start is not None and now - t.datetime_start > grace]
+    if not old:
+        return []
+    session = rdb.scoped_session()
+    try:
+        beating = {
+            trial_id
+            for (trial_id,) in session.query(models.TrialHeartbeatModel.trial_id).filter(
+                models.TrialHeartbeatModel.trial_id.in_([t._trial_id for t in old])
+            )
+        }
+    finally:
+        session.close()
+    retry = rdb.get_failed_trial_callback()
+    failed = []
+    for trial in old:
+        if trial._trial_id in beating:
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # finished meanwhile (another worker got there first)
+        failed.append(trial.number)
+        if retry is not None:
+            retry(study, storage.get_trial(trial._trial_id))
+    return failed
 
 
 def _serialize_sqlite(engine: Any) -> None:

@@ -250,3 +250,35 @@ def test_a_worker_stops_asking_once_every_place_of_the_budget_is_held() -> None:
     study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=3.0))
     stop(study, study.trials[1])  # every place held: the other queued trial stays queued, not refused
     assert stops == [3, 6]
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_run_again(tmp_path: Path) -> None:
+    """Optuna only fails RUNNING trials that have a heartbeat row; a worker killed between taking a trial
+    and its first beat would leave it RUNNING, holding a place in the budget forever."""
+    import datetime
+
+    from automerge.study.config import HeartbeatConfig
+    from automerge.study.storage import fail_trials_that_never_beat
+
+    heartbeat = HeartbeatConfig(interval=1, grace=6)
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=heartbeat)
+    study = optuna.create_study(study_name="s", storage=storage)
+    silent = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    beating = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    storage.record_heartbeat(beating._trial_id)  # Optuna's own stale check owns this one
+    started = study.trials[silent.number].datetime_start
+
+    assert fail_trials_that_never_beat(study, heartbeat, now=started + datetime.timedelta(seconds=5)) == []
+    assert study.trials[silent.number].state == optuna.trial.TrialState.RUNNING
+
+    later = started + datetime.timedelta(seconds=60)
+    assert fail_trials_that_never_beat(study, heartbeat, now=later) == [silent.number]
+    states = {trial.number: trial.state for trial in study.trials}
+    assert states[silent.number] == optuna.trial.TrialState.FAIL
+    assert states[beating.number] == optuna.trial.TrialState.RUNNING
+    (retry,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert (
+        retry.system_attrs["failed_trial"] == silent.number
+        and retry.params == study.trials[silent.number].params
+    )
+    assert fail_trials_that_never_beat(study, heartbeat, now=later) == []  # once
