@@ -99,3 +99,23 @@ def test_a_few_aliases_still_load(tmp_path) -> None:
     path = tmp_path / "ok.yaml"
     path.write_text("base: &b {steps: 4}\none: *b\ntwo: *b\n")
     assert load_yaml(path) == {"base": {"steps": 4}, "one": {"steps": 4}, "two": {"steps": 4}}
+
+
+def test_a_wrong_value_is_quoted_without_writing_it_out_in_full() -> None:
+    """The alias-bomb case: 72 aliases (under the limit) make 9**9 shared leaves; the error message
+    quotes the value, and quoting must not visit every leaf (it took 80 s before reprlib)."""
+    from automerge.config._loader import _short
+
+    visited = []
+
+    class Leaf:
+        def __repr__(self) -> str:
+            visited.append(1)
+            return "x"
+
+    value: object = [Leaf()] * 9
+    for _ in range(3):
+        value = [value] * 9  # 9**4 leaves
+    text = _short(value)
+    assert len(text) <= 80 and text.startswith("[[[")
+    assert len(visited) < 100  # of 6561

@@ -6,6 +6,7 @@ A bad file gives one line: the file, the field path, what was expected, what was
 
 from __future__ import annotations
 
+import reprlib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -196,9 +197,32 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in typing.get_args(annotation) or () for m in _models_in(arg)]
 
 
+_QUOTE = reprlib.Repr()  # for large values; keyword arguments only from Python 3.12
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxtuple, _QUOTE.maxdict = 3, 4, 4, 4
+_QUOTE.maxstring = _QUOTE.maxother = 40
+_QUOTE_IN_FULL = 200  # values of at most this many items are quoted with repr, as written
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    """``value`` quoted in at most 80 characters, without writing a huge (or alias-bombed) value out."""
+    text = repr(value) if _items_within(value, _QUOTE_IN_FULL) else _QUOTE.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _items_within(value: Any, limit: int) -> bool:
+    """Whether ``value`` (lists, tuples, dicts nested) holds at most ``limit`` items; stops counting there."""
+    pending, count = [value], 0
+    while pending:
+        item = pending.pop()
+        count += 1
+        if count > limit:
+            return False
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple, set)):
+            pending.extend(item)
+    return True
 
 
 def _field_names_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
