@@ -252,7 +252,9 @@ def optimize(
     if calibrate and not dry_run:
         raise ConfigError("--calibrate times one trial for --dry-run; give both, or neither")
     if dry_run:
-        _print_dry_run(study_file, device=device, calibrate=calibrate)
+        from automerge.commands import dry_run_command
+
+        dry_run_command(study_file, device=device, calibrate=calibrate, console=console)
         return
     devices = _worker_devices(gpus, workers, device)
     if devices is not None:
@@ -267,45 +269,6 @@ def optimize(
         console.print(f"best trial {summary.best_trial}: {summary.best_value:.6g}")
     if summary.interrupted:
         sys.exit(130)
-
-
-def _gib(count: int) -> str:
-    """Bytes as GiB, with three decimals below 1 GiB (tiny models)."""
-    return f"{count / 2**30:.3f}" if count < 2**30 else f"{count / 2**30:.2f}"
-
-
-def _print_dry_run(study_file: StudyFile, *, device: str | None, calibrate: bool) -> None:
-    """The plan of a study, checked from headers; exit 2 when it cannot fit, with the setting to change."""
-    from automerge.study.dry_run import dry_run
-
-    plan = dry_run(study_file, device=device, calibrate=calibrate)
-    console.print(f"[bold]{study_file.path}[/]: {plan.family} {plan.method}, device {plan.device}")
-    console.print(f"blocks merged: {len(plan.blocks)} ({', '.join(plan.blocks)})", highlight=False)
-    console.print(
-        f"search dimensions: {len(plan.dimensions)} ({', '.join(plan.dimensions)})", highlight=False
-    )
-    console.print(f"images per trial: {plan.images_per_trial}; trials: {plan.trials}")
-    table = Table(title="memory plan", title_justify="left")
-    for column in ("resident", "where", "GiB"):
-        table.add_column(column, justify="right" if column == "GiB" else "left")
-    for item in plan.memory:
-        table.add_row(item.name, item.where, _gib(item.bytes) if item.bytes else "?")
-    for where, free in (("device", plan.free_device_bytes), ("host", plan.free_host_bytes)):
-        if plan.total(where) or where == "device":
-            shown = "?" if free is None else f"{_gib(free)} GiB"
-            table.add_row(f"[bold]total on {where}[/] (free {shown})", where, _gib(plan.total(where)))
-    console.print(table)
-    if plan.seconds_per_trial is None:
-        console.print("time: unknown (run with --calibrate to time one trial; it loads the models)")
-    else:
-        hours = plan.seconds_per_trial * plan.trials / 3600
-        console.print(
-            f"time: {plan.seconds_per_trial:.2f} s per trial ({plan.timing_source}); "
-            f"{plan.trials} trials ≈ {hours:.2f} h"
-        )
-    if not plan.fits:
-        raise ConfigError(f"{study_file.path}: {plan.problems[0]}")
-    console.print("[green]the plan fits[/]")
 
 
 def _worker_devices(gpus: str | None, workers: int, device: str | None) -> list[str | None] | None:

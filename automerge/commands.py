@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.table import Table
 
 from automerge.errors import ConfigError
 from automerge.files import check_creatable, writable_folder
@@ -13,6 +14,7 @@ from automerge.terminal import startup_status
 
 if TYPE_CHECKING:
     from automerge.render import RenderConfig
+    from automerge.study import StudyFile
 
 
 def render_command(
@@ -149,3 +151,42 @@ def launch_workers(
             return [process.wait() for process in processes]
         except KeyboardInterrupt:  # the workers got the same Ctrl-C: wait while they save their trials
             continue
+
+
+def _gib(count: int) -> str:
+    """Bytes as GiB, with three decimals below 1 GiB (tiny models)."""
+    return f"{count / 2**30:.3f}" if count < 2**30 else f"{count / 2**30:.2f}"
+
+
+def dry_run_command(study_file: StudyFile, *, device: str | None, calibrate: bool, console: Console) -> None:
+    """The plan of a study, checked from headers; exit 2 when it cannot fit, with the setting to change."""
+    from automerge.study.dry_run import dry_run
+
+    plan = dry_run(study_file, device=device, calibrate=calibrate)
+    console.print(f"[bold]{study_file.path}[/]: {plan.family} {plan.method}, device {plan.device}")
+    console.print(f"blocks merged: {len(plan.blocks)} ({', '.join(plan.blocks)})", highlight=False)
+    console.print(
+        f"search dimensions: {len(plan.dimensions)} ({', '.join(plan.dimensions)})", highlight=False
+    )
+    console.print(f"images per trial: {plan.images_per_trial}; trials: {plan.trials}")
+    table = Table(title="memory plan", title_justify="left")
+    for column in ("resident", "where", "GiB"):
+        table.add_column(column, justify="right" if column == "GiB" else "left")
+    for item in plan.memory:
+        table.add_row(item.name, item.where, _gib(item.bytes) if item.bytes else "?")
+    for where, free in (("device", plan.free_device_bytes), ("host", plan.free_host_bytes)):
+        if plan.total(where) or where == "device":
+            shown = "?" if free is None else f"{_gib(free)} GiB"
+            table.add_row(f"[bold]total on {where}[/] (free {shown})", where, _gib(plan.total(where)))
+    console.print(table)
+    if plan.seconds_per_trial is None:
+        console.print("time: unknown (run with --calibrate to time one trial; it loads the models)")
+    else:
+        hours = plan.seconds_per_trial * plan.trials / 3600
+        console.print(
+            f"time: {plan.seconds_per_trial:.2f} s per trial ({plan.timing_source}); "
+            f"{plan.trials} trials ≈ {hours:.2f} h"
+        )
+    if not plan.fits:
+        raise ConfigError(f"{study_file.path}: {plan.problems[0]}")
+    console.print("[green]the plan fits[/]")
