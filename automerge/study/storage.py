@@ -186,13 +186,15 @@ def _first_line(error: Exception) -> str:
 
 
 def _redacted(url: str) -> str:
-    """The URL without its password."""
+    """The URL without its password: ``scheme://user:***@host/…`` (the host follows the last @ before
+    the path, so a password with an unencoded @ is hidden whole)."""
     head, sep, tail = url.partition("://")
-    if not sep or "@" not in tail:
+    authority, slash, path = tail.partition("/")
+    if not sep or "@" not in authority:
         return url
-    credentials, at, rest = tail.partition("@")
+    credentials, at, host = authority.rpartition("@")
     user = credentials.split(":", 1)[0]
-    return f"{head}://{user}:***{at}{rest}" if ":" in credentials else url
+    return f"{head}://{user}:***{at}{host}{slash}{path}" if ":" in credentials else url
 
 
 def storage_exists(url: str) -> bool:

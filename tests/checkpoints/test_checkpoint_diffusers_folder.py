@@ -59,3 +59,24 @@ def test_folder_with_a_nine_channel_unet_is_inpainting(tmp_path: Path) -> None:
     (root / "unet" / "config.json").write_text(json.dumps(config | {"in_channels": 9}))
     with pytest.raises(UnsupportedModelError, match=r"inpainting checkpoints \(UNet input with 9 channels\)"):
         open_model(root)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_diffusers_folder_headers_give_the_shape_and_dtype_that_loading_gives(
+    family: str, tmp_path: Path
+) -> None:
+    """``info`` (headers only: fused q/k/v rows, 1×1 convs from linears, transposes) must agree with
+    ``load`` on every key, since plans and --dry-run size the merge from headers alone."""
+    from automerge.errors import CheckpointError
+
+    with open_model(_write_folder(family, tmp_path)) as model:
+        checkpoint = model.checkpoint
+        for key in checkpoint.keys():
+            tensor = checkpoint.load(key)
+            info = checkpoint.info(key)
+            assert (info.shape, info.dtype) == (tuple(tensor.shape), tensor.dtype), key
+        missing = "model.diffusion_model.input_blocks.0.0.weigth"
+        with pytest.raises(
+            CheckpointError, match=rf"^{tmp_path}: no tensor named '{missing}'.*input_blocks.0.0.weight"
+        ):
+            checkpoint.info(missing)

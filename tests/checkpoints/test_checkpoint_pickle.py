@@ -158,5 +158,18 @@ def test_load_after_close_raises(tmp_path: Path) -> None:
     torch.save(_state(), path)
     checkpoint = open_pickle_checkpoint(path)
     checkpoint.close()
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(ValueError, match=rf"^checkpoint {path} is closed$"):
         checkpoint.load(next(iter(_state())))
+
+
+def test_an_unknown_key_names_the_file_the_key_and_the_nearest_key(tmp_path: Path) -> None:
+    from automerge.errors import CheckpointError
+
+    path = tmp_path / "model.pt"
+    torch.save(_state(), path)
+    with open_pickle_checkpoint(path) as checkpoint:
+        with pytest.raises(CheckpointError) as caught:
+            checkpoint.load("model.diffusion_model.input_blocks.0.0.weigth")
+    message = str(caught.value)
+    assert message.startswith(f"{path}: no tensor named 'model.diffusion_model.input_blocks.0.0.weigth'")
+    assert "model.diffusion_model.input_blocks.0.0.weight" in message.split("weigth'", 1)[1]

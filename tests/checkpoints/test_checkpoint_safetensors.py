@@ -160,7 +160,7 @@ def test_load_after_close_raises(tmp_path: Path) -> None:
     checkpoint = open_safetensors(path)
     checkpoint.load("w")
     checkpoint.close()
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(ValueError, match=rf"^checkpoint {path} is closed$"):
         checkpoint.load("w")
 
 

@@ -282,3 +282,38 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_run_
         and retry.params == study.trials[silent.number].params
     )
     assert fail_trials_that_never_beat(study, heartbeat, now=later) == []  # once
+
+
+def test_storage_errors_never_print_the_database_password() -> None:
+    from automerge.study.storage import _redacted
+
+    assert _redacted("postgresql+psycopg://ann:s3cret@db.lan:5432/studies") == (
+        "postgresql+psycopg://ann:***@db.lan:5432/studies"
+    )
+    # an unencoded @ in the password: the host follows the last @, so all of the password is hidden
+    assert _redacted("postgresql://ann:p@ss:w@rd@db/x") == "postgresql://ann:***@db/x"
+    assert _redacted("postgresql://ann@db/x") == "postgresql://ann@db/x"  # no password: as given
+    assert _redacted("postgresql://ann:pw@db/x?options=a@b") == "postgresql://ann:***@db/x?options=a@b"
+    assert _redacted("sqlite:////data/a@b.db") == "sqlite:////data/a@b.db"
+    assert _redacted("not a url with : and @") == "not a url with : and @"
+
+
+def test_a_schema_race_is_told_from_a_real_storage_error() -> None:
+    from automerge.study.storage import _first_line, _is_race
+
+    for race in (
+        "(sqlite3.IntegrityError) UNIQUE constraint failed: studies.study_name",
+        "(sqlite3.OperationalError) database is locked",
+        "(sqlite3.OperationalError) table studies already exists",
+        '(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "alembic_version_pkc"',
+    ):
+        assert _is_race(Exception(race)), race
+    for error in (
+        "(sqlite3.OperationalError) unable to open database file",
+        "password authentication failed",
+    ):
+        assert not _is_race(Exception(error)), error
+    assert _first_line(
+        Exception("(psycopg) connection refused\n[SQL: SELECT 1]\n(Background: https://sqlalche.me)")
+    ) == ("(psycopg) connection refused")
+    assert _first_line(Exception("")) == "Exception"
