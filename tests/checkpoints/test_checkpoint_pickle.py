@@ -173,3 +173,25 @@ def test_an_unknown_key_names_the_file_the_key_and_the_nearest_key(tmp_path: Pat
     message = str(caught.value)
     assert message.startswith(f"{path}: no tensor named 'model.diffusion_model.input_blocks.0.0.weigth'")
     assert "model.diffusion_model.input_blocks.0.0.weight" in message.split("weigth'", 1)[1]
+
+
+def test_the_refusal_names_the_global_or_the_most_specific_line_of_torchs_message() -> None:
+    from automerge.checkpoints._pickle_reader import _first_sentence, _refusal_reason
+
+    needs_global = "Weights only load failed. ...\nWeightsUnpickler error: Unsupported global: GLOBAL os.system was not an allowed global"
+    assert _refusal_reason(needs_global) == (
+        "it needs the Python global `os.system`, which weights-only loading does not run"
+    )
+    specific = (
+        "Weights only load failed. This file can still be loaded.\n"
+        "(1) In PyTorch 2.6, we changed the default\n"
+        "WeightsUnpickler error: Unsupported operand 149: a: b"
+    )
+    assert _refusal_reason(specific) == "weights-only loading refused it (Unsupported operand 149: a: b)"
+    assert _refusal_reason("Weights only load failed.\nCheck the documentation of torch.load") == (
+        "weights-only loading refused it"
+    )
+    assert _first_sentence(RuntimeError("PytorchStreamReader failed. Trailing  text. More")) == (
+        "PytorchStreamReader failed"
+    )
+    assert _first_sentence(RuntimeError("  ")) == "RuntimeError"
