@@ -329,3 +329,33 @@ def test_the_median_pruner_stops_a_trial_below_the_median_after_its_first_payloa
         ]
         assert trial.intermediate_values[0] < statistics.median(earlier)
     assert all(len(t.intermediate_values) == 2 for t in trials if t.state == TrialState.COMPLETE)
+
+
+def test_a_reference_checkpoint_is_rendered_once_and_pure_a_matches_it_exactly(
+    make_study, tiny_models
+) -> None:
+    """``reward.reference.checkpoint``: the reference images come from another checkpoint, rendered
+    once at startup; with model A as the reference, the pure-A baseline (every block at alpha 0: the
+    searched ones at their low end, the others fixed) renders the same pixels."""
+    path = make_study(
+        trials=3,
+        params={"alpha": 0.0},
+        reward={"reference": {"metric": "mse", "checkpoint": str(tiny_models["a"])}},
+    )
+    run_study(load_study_file(path), console=QUIET, export=False)
+    trials = _trials(path)
+    assert trials[0].user_attrs.get("baseline") == "A" and trials[0].value == 0.0
+    assert all(t.value < 0.0 for t in trials[1:])  # B and uniform 0.5 differ from A
+
+
+def test_a_reference_checkpoint_of_another_family_is_refused_in_one_line(make_study, tmp_path) -> None:
+    from automerge.errors import StudyError
+    from automerge.tiny import write_tiny
+
+    other = write_tiny("sd2", tmp_path / "sd2.safetensors", seed=1)
+    path = make_study(trials=3, reward={"reference": {"metric": "mse", "checkpoint": str(other)}})
+    with pytest.raises(StudyError) as caught:
+        run_study(load_study_file(path), console=QUIET, export=False)
+    assert str(caught.value) == (
+        f"{path}: reward.reference.checkpoint {other} is sd2, the study's models are sd1"
+    )
