@@ -1,0 +1,120 @@
+"""Mutation testing (issue 15): mutmut mutates ``automerge/merge``, ``automerge/study`` and
+``automerge/checkpoints`` one small change at a time (``[tool.mutmut]`` in pyproject.toml) and runs the
+tests that cover each changed function; a mutant no test fails on is a gap in the suite.
+
+    pip install -e '.[mutation]'
+    python tools/mutation.py --hours 2             # run (resumable: results stay in mutants/), then report
+    python tools/mutation.py --report-only         # the table and the survivors of the runs so far
+
+Not part of ``.ci/run``: a full pass is hours on two cores. Writes ``benchmarks/results/mutation.json``
+(score per package, every survivor by name) and prints the table TESTING.md quotes. Score = (killed +
+timeout) / (all − skipped), mutmut's own formula; "no tests" mutants (no test runs that function) count
+as survivors, "not checked" ones (the run stopped first) are left out and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("automerge/merge", "automerge/study", "automerge/checkpoints")
+KILLED = {"killed", "timeout", "caught by type check"}
+
+
+def run_mutmut(hours: float, children: int) -> None:
+    """``mutmut run``, stopped by SIGINT (mutmut saves what it finished) after ``hours``."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=ROOT
+    )
+    try:
+        process.wait(timeout=hours * 3600)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=600)
+
+
+def collect() -> dict[str, dict[str, str]]:
+    """Each package's mutants by name with their status, from mutmut's ``.meta`` files."""
+    from mutmut.stats import status_by_exit_code
+
+    by_package: dict[str, dict[str, str]] = defaultdict(dict)
+    for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
+        source = meta.relative_to(ROOT / "mutants").with_suffix("").as_posix()
+        package = next((p for p in PACKAGES if source.startswith(p + "/")), None)
+        if package is None:
+            continue
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            by_package[package][name] = status_by_exit_code[code]
+    return by_package
+
+
+def summarize(by_package: dict[str, dict[str, str]]) -> dict[str, object]:
+    rows = {}
+    for package in PACKAGES:
+        statuses = Counter(by_package.get(package, {}).values())
+        checked = sum(n for status, n in statuses.items() if status not in ("not checked", "skipped"))
+        killed = sum(statuses[status] for status in KILLED)
+        rows[package] = {
+            "mutants": sum(statuses.values()),
+            "checked": checked,
+            "killed": killed,
+            "score": killed / checked if checked else None,
+            "statuses": dict(statuses),
+            "survivors": sorted(
+                name
+                for name, status in by_package.get(package, {}).items()
+                if status in ("survived", "no tests", "suspicious")
+            ),
+        }
+    checked = sum(row["checked"] for row in rows.values())
+    killed = sum(row["killed"] for row in rows.values())
+    return {
+        "packages": rows,
+        "checked": checked,
+        "killed": killed,
+        "score": killed / checked if checked else None,
+    }
+
+
+def print_table(summary: dict[str, object]) -> None:
+    print("| package | mutants | checked | killed | survived | no tests | score |")
+    print("|---|---|---|---|---|---|---|")
+    for package, row in summary["packages"].items():
+        statuses = row["statuses"]
+        score = "–" if row["score"] is None else f"{100 * row['score']:.1f} %"
+        print(
+            f"| {package} | {row['mutants']} | {row['checked']} | {row['killed']} | "
+            f"{statuses.get('survived', 0)} | {statuses.get('no tests', 0)} | {score} |"
+        )
+    score = "–" if summary["score"] is None else f"{100 * summary['score']:.1f} %"
+    print(f"| **all three** | | {summary['checked']} | {summary['killed']} | | | **{score}** |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hours", type=float, default=2.0, help="stop the run after this long")
+    parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
+    parser.add_argument("--report-only", action="store_true", help="no run: report the results so far")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/mutation.json")
+    args = parser.parse_args()
+    started = time.monotonic()
+    if not args.report_only:
+        run_mutmut(args.hours, args.children)
+    summary = summarize(collect())
+    summary["run_hours"] = round((time.monotonic() - started) / 3600, 2)
+    print_table(summary)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
