@@ -234,3 +234,26 @@ def test_each_sampler_name_builds_the_intended_optuna_sampler_with_its_settings(
     assert (auto.inner.every, auto.inner.after) == (3, 20)
     warped = auto.inner.inner
     assert type(warped) is WarpedGPSampler and warped._deterministic and warped._n_startup_trials == 7
+
+
+def test_a_local_step_has_sigma_scale_times_the_range_and_stays_on_the_grid_and_in_range() -> None:
+    import numpy as np
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    from automerge.study.samplers import _moved
+
+    rng = np.random.RandomState(0)
+    wide = FloatDistribution(0.0, 10.0)
+    steps = np.array([_moved(wide, 5.0, 0.01, rng) - 5.0 for _ in range(2000)])
+    assert 0.09 < steps.std() < 0.11  # σ = 1 % of a range of 10
+    near_top = [_moved(wide, 9.9, 0.3, rng) for _ in range(500)]
+    assert max(near_top) == 10.0 and min(near_top) >= 0.0  # clipped at both ends
+    log = FloatDistribution(1e-4, 1.0, log=True)
+    moved = np.array([_moved(log, 1e-2, 0.1, rng) for _ in range(2000)])
+    assert moved.min() >= 1e-4 and moved.max() <= 1.0
+    assert 0.8 < np.log(moved / 1e-2).std() / (0.1 * np.log(1e4)) < 1.2  # σ in log space
+    stepped = FloatDistribution(0.0, 1.0, step=0.25)
+    assert {_moved(stepped, 0.5, 0.3, rng) for _ in range(300)} <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    counts = IntDistribution(1, 9)
+    ints = [_moved(counts, 5, 0.3, rng) for _ in range(300)]
+    assert all(type(n) is int and 1 <= n <= 9 for n in ints) and len(set(ints)) > 3

@@ -74,3 +74,20 @@ def test_pruned_trials_take_their_place_in_the_budget() -> None:
     BudgetTaken(3)(study, study.trials[-1])
     assert study.stopped
     assert TrialState.PRUNED in records.BUDGET_STATES and TrialState.FAIL not in records.BUDGET_STATES
+
+
+def test_failed_pruned_and_running_trials_are_passed_over_and_the_reason_names_the_best() -> None:
+    trials = _complete([3.0, 1.0, 2.0, 2.5])
+    for number, state in ((1, TrialState.FAIL), (3, TrialState.PRUNED), (5, TrialState.RUNNING)):
+        trials.insert(number, create_trial(state=state, value=None))
+    for number, trial in enumerate(trials):
+        trial.number = number
+    decision = early_stop_decision(trials, patience=3, min_delta=0.0)
+    assert decision.stop and decision.best_trial == 0  # the 3 later completed trials, past the others
+    assert decision.reason == (
+        "early stopping: no improvement above 0 in the 3 completed trials since trial 0 (patience 3)"
+    )
+    waiting = early_stop_decision(trials, patience=4, min_delta=0.0)
+    assert not waiting.stop and waiting.reason == "" and waiting.best_trial == 0
+    empty = early_stop_decision([], patience=1, min_delta=0.0)
+    assert (empty.stop, empty.best_trial, empty.reason) == (False, None, "")
