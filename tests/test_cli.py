@@ -242,3 +242,33 @@ def test_merge_refuses_to_write_over_one_of_its_sources(capsys, tmp_path, tiny_m
         result = run_cli(capsys, "merge", recipe, "-o", out)
         assert result.code == 2 and "itself; write the merge to another path" in result.err, result.err
     assert a.read_bytes() == before
+
+
+def test_inspect_counts_every_tensor_parameter_and_ema_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The numbers of ``inspect --json`` against the file itself: dtypes over every tensor, parameters
+    over the exported ones, each block's share, the EMA copies counted apart."""
+    from collections import Counter
+
+    import torch
+
+    tensors = load_file(str(write_tiny("sd1", tmp_path / "a.safetensors", seed=1)))
+    tensors["model_ema.diffusion_modelinput_blocks00weight"] = torch.zeros(3, 2, dtype=torch.float32)
+    tensors["model_ema.decay"] = torch.tensor(0.999, dtype=torch.float32)
+    path = tmp_path / "with-ema.safetensors"
+    save_file(tensors, str(path))
+    result = run_cli(capsys, "inspect", path, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    exported = {k: v for k, v in tensors.items() if not k.startswith("model_ema.")}
+    assert report["path"] == str(path) and report["ema_tensors"] == 2
+    assert report["dtypes"] == dict(
+        sorted(Counter(str(v.dtype).removeprefix("torch.") for v in tensors.values()).items())
+    )
+    assert report["params"] == sum(v.numel() for v in exported.values())
+    in_blocks = sum(b["params"] for b in report["blocks"].values())
+    assert in_blocks + sum(exported[k].numel() for k in report["unmerged"]) == report["params"]
+    assert sum(b["tensors"] for b in report["blocks"].values()) + len(report["unmerged"]) == len(exported)
+    unet_in00 = [k for k in exported if k.startswith("model.diffusion_model.input_blocks.0.")]
+    assert report["blocks"]["IN00"]["tensors"] >= len(unet_in00) > 0

@@ -226,9 +226,14 @@ def test_each_sampler_name_builds_the_intended_optuna_sampler_with_its_settings(
     assert type(gp) is optuna.samplers.GPSampler and gp._deterministic and gp._n_startup_trials == 7
     tpe = built("tpe")
     assert type(tpe) is optuna.samplers.TPESampler and tpe._multivariate and tpe._n_startup_trials == 7
-    assert type(built("cmaes")) is optuna.samplers.CmaEsSampler
+    cmaes = built("cmaes")
+    assert type(cmaes) is optuna.samplers.CmaEsSampler and cmaes._n_startup_trials == 7
+    assert not cmaes._warn_independent_sampling  # the grouped search is relative; no warning per trial
+    assert cmaes._cma_rng.rng.randint(1 << 30) == built("cmaes")._cma_rng.rng.randint(1 << 30)  # seeded
     assert type(built("random")) is optuna.samplers.RandomSampler
-    assert type(built("qmc")) is optuna.samplers.QMCSampler
+    qmc = built("qmc")
+    assert type(qmc) is optuna.samplers.QMCSampler and qmc._scramble and not qmc._warn_independent_sampling
+    assert qmc._seed is not None and qmc._seed == built("qmc")._seed
     auto = built("auto")
     assert type(auto) is DistinctProposals and type(auto.inner) is LocalSteps
     assert (auto.inner.every, auto.inner.after) == (3, 20)
