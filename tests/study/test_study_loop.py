@@ -290,7 +290,9 @@ def test_sigterm_to_a_real_optimize_process_fails_the_running_trial_and_exports(
     trials = _trials(path)
     assert TrialState.RUNNING not in [t.state for t in trials]  # no trial left dangling
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in failed)
+    # "interrupted", written by the objective; no reason when the signal fell in Optuna's own code
+    # around it (ask, tell, the budget check), where Optuna marks the trial failed itself (CI saw it once)
+    assert all(t.user_attrs.get("fail_reason", "interrupted") == "interrupted" for t in failed)
     assert len(failed) <= 1  # the one it interrupted (none if the signal fell between two trials)
     assert (tmp_path / "out" / "model.safetensors").exists()
 
