@@ -3,6 +3,7 @@ record. A failing trial becomes a FAIL trial with its reason, not a stopped stud
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -35,12 +36,14 @@ class Objective:
         on_trial: Callable[[int, Evaluation], None],
         on_stage: Callable[[str], None] | None = None,
         budget: int | None = None,
+        interruptible: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         self.runtime = runtime
         self.store = store
         self.on_trial = on_trial  # called with (trial number, evaluation) after each completed trial
         self.on_stage = on_stage or (lambda name: None)  # told each stage's name as it starts
         self.budget = budget  # the study's total trials, shared by every worker (None: no limit)
+        self.interruptible = interruptible  # where Ctrl-C/SIGTERM may raise (see interruption.py)
         self.last_finished = time.perf_counter()
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -51,13 +54,14 @@ class Objective:
         try:
             # 1. Proposal: the gap since the last trial ended (Optuna's own work) plus the suggest calls,
             #    where Optuna 5 computes multivariate proposals (GP, CMA-ES, multivariate TPE).
-            self.on_stage("propose")
-            values = self.runtime.space.suggest(trial)
-            sampler_seconds = time.perf_counter() - self.last_finished
-            params = self.runtime.space.block_params(values)
-            # 2.–4. Merge in place, render and score: the previews first (multi-fidelity), then payload
-            #       by payload; the pruner may stop the trial after each.
-            evaluation = self._evaluate(trial, params)
+            with self.interruptible():
+                self.on_stage("propose")
+                values = self.runtime.space.suggest(trial)
+                sampler_seconds = time.perf_counter() - self.last_finished
+                params = self.runtime.space.block_params(values)
+                # 2.–4. Merge in place, render and score: the previews first (multi-fidelity), then
+                #       payload by payload; the pruner may stop the trial after each.
+                evaluation = self._evaluate(trial, params)
             # 5. Bookkeeping: scores, timings and images for the dashboard and the report.
             self.on_stage("record")
             started = time.perf_counter()

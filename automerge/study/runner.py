@@ -8,9 +8,7 @@ its scores, timings and images (as Optuna artifacts, shown by optuna-dashboard).
 
 from __future__ import annotations
 
-import contextlib
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from automerge.files import writable_folder
 from automerge.study import records
 from automerge.study.config import StudyFile, artifact_dir, default_storage, export_dir
 from automerge.study.export import export_study
+from automerge.study.interruption import Interruption
 from automerge.study.objective import Objective, TrialFailed
 from automerge.study.progress import TrialProgress
 from automerge.study.pruners import make_pruner
@@ -72,24 +71,6 @@ def _create_or_load(study: StudyFile, existing: optuna.Study | None) -> tuple[op
     result.set_user_attr(records.FINGERPRINT, study.search_fingerprint())
     result.set_user_attr(records.FINGERPRINTS, study.content_fingerprints())
     return result, created
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler or `kill`) behaves like Ctrl-C: the running trial is marked interrupted."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def enqueue_baselines(study: optuna.Study, runtime: StudyRuntime) -> None:
@@ -212,11 +193,18 @@ def _optimize(
         callbacks.append(BudgetTaken(runtime.study.trials))
     if stopping is not None:
         callbacks.append(stopping)
+    interruption = Interruption()  # Ctrl-C/SIGTERM: at once in the objective, else after Optuna's write
+    callbacks.append(interruption)
     budget = runtime.study.trials if extra_trials is None else None
     objective = Objective(
-        runtime, store=store, on_trial=progress.update, on_stage=progress.stage, budget=budget
+        runtime,
+        store=store,
+        on_trial=progress.update,
+        on_stage=progress.stage,
+        budget=budget,
+        interruptible=interruption.inside_objective,
     )
-    with sigterm_as_interrupt(), progress:
+    with interruption.installed(), progress:
         try:
             study.optimize(
                 objective,
@@ -229,6 +217,10 @@ def _optimize(
         except KeyboardInterrupt:
             summary.interrupted = True
             console.print("[yellow]interrupted: the running trial is marked failed; the study is saved[/]")
+        else:
+            if interruption.requested:  # deferred: the trial being written finished whole
+                summary.interrupted = True
+                console.print("[yellow]interrupted after the last trial was saved; the study is saved[/]")
     summary.ran = progress.ran
     summary.timings = progress.timings
     summary.stop_reason = failures.reason or (stopping.reason if stopping is not None else "")

@@ -154,6 +154,41 @@ def test_interruption_marks_the_trial_and_still_exports(make_study, monkeypatch,
     assert len([t for t in _trials(path) if t.state == TrialState.COMPLETE]) == 5
 
 
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_inside_optunas_own_storage_write_stops_after_the_write(
+    signal_name: str, make_study, monkeypatch, tmp_path: Path
+) -> None:
+    """A signal that lands while Optuna writes a trial's result (its `tell`, a storage transaction) used
+    to raise KeyboardInterrupt there: Optuna's loop then died with UnboundLocalError, exit 1 instead of
+    130 and no export (CI saw it). Outside the objective the signal is now deferred: the write
+    completes, the study stops before the next trial, the best so far is exported."""
+    import os
+    import signal
+
+    from optuna.storages import RDBStorage
+
+    real = RDBStorage.set_trial_state_values
+    writes = {"n": 0}
+
+    def write_then_signal(self, trial_id, state, values=None):
+        result = real(self, trial_id, state, values)
+        if state == TrialState.COMPLETE:
+            writes["n"] += 1
+            if writes["n"] == 2:
+                os.kill(os.getpid(), getattr(signal, signal_name))  # handled at the next bytecode: here
+        return result
+
+    monkeypatch.setattr(RDBStorage, "set_trial_state_values", write_then_signal)
+    path = make_study(trials=6, export={"dir": str(tmp_path / "out")})
+    summary = run_study(load_study_file(path), console=QUIET)
+    assert summary.interrupted
+    states = [t.state for t in _trials(path)]
+    # the second written whole, no third started (the third baseline still waits in the queue)
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.WAITING]
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
 @pytest.mark.parametrize("sampler", ["auto", "tpe", "gp", "cmaes", "random", "qmc"])
 def test_every_sampler_the_study_file_accepts_runs(sampler: str, make_study) -> None:
     path = make_study(trials=5, sampler={"name": sampler, "seed": 1, "startup_trials": 3}, baselines=False)
@@ -290,9 +325,9 @@ def test_sigterm_to_a_real_optimize_process_fails_the_running_trial_and_exports(
     trials = _trials(path)
     assert TrialState.RUNNING not in [t.state for t in trials]  # no trial left dangling
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    # "interrupted", written by the objective; no reason when the signal fell in Optuna's own code
-    # around it (ask, tell, the budget check), where Optuna marks the trial failed itself (CI saw it once)
-    assert all(t.user_attrs.get("fail_reason", "interrupted") == "interrupted" for t in failed)
+    # "interrupted", written by the objective; a signal in Optuna's own code around it (ask, tell) is
+    # deferred to the end of that trial, so Optuna never fails a trial without a reason (CI saw it)
+    assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in failed)
     assert len(failed) <= 1  # the one it interrupted (none if the signal fell between two trials)
     assert (tmp_path / "out" / "model.safetensors").exists()
 
