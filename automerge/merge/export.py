@@ -101,27 +101,17 @@ def output_infos(plan: MergePlan, *, dtype: torch.dtype) -> dict[str, TensorInfo
     return infos
 
 
-def source_digests(plan: MergePlan) -> dict[str, str]:
-    """sha256 of each source file by model letter; "" for a diffusers folder (no single file)."""
-    return {
-        name: cached_sha256(model.path) if model.path.is_file() else ""
-        for name, model in plan.sources.items()
-    }
-
-
 def export_metadata(
     plan: MergePlan,
     *,
     extra: Mapping[str, str] | None = None,
     title: str | None = None,
-    digests: Mapping[str, str] | None = None,
+    digests: Mapping[str, str],
 ) -> dict[str, str]:
     """The output header: recipe, sources with hashes, modelspec, version, and caller's ``extra``.
 
-    ``digests``: each source's sha256 by model letter, as ``source_digests`` gives them (computed
-    here when not given).
+    ``digests``: each source's sha256 by model letter, "" for a diffusers folder (no single file).
     """
-    digests = source_digests(plan) if digests is None else digests
     sources = [
         {
             "name": name,

@@ -682,6 +682,37 @@ def test_param_spec_with_default_outside_its_range_is_a_programming_error() -> N
         ParamSpec("alpha", 2.0, 0.0, 1.0, "")
 
 
+@pytest.mark.parametrize(
+    ("low", "high", "text"),
+    [(0.0, 1.0, "[0, 1]"), (0.0, None, "[0, inf)"), (None, 2.5, "(-inf, 2.5]"), (None, None, "(-inf, inf)")],
+)
+def test_param_range_text_shows_bounds_and_open_ends(low, high, text) -> None:
+    assert ParamSpec("x", None, low, high, "").range_text() == text
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (2.3, "must be in [0, 2], got 2.3"),  # over high
+        (-1e-09, "must be in [0, 2], got -1e-09"),  # under low, short form kept
+        (2.0000000000000004, "must be in [0, 2], got 2.0000000000000004"),  # never rounded to "2"
+        (1.5, "must be a whole number, got 1.5"),
+        (float("nan"), "must be a finite number, got nan"),
+        (float("inf"), "must be a finite number, got inf"),
+    ],
+)
+def test_param_check_names_the_range_and_the_value_as_written(value: float, message: str) -> None:
+    spec = ParamSpec("steps", None, 0.0, 2.0, "", integer=True)
+    assert spec.check(value) == message
+    assert spec.check(0.0) is None and spec.check(2.0) is None  # both ends inclusive
+
+
+def test_param_spec_low_above_high_is_a_programming_error_naming_the_parameter() -> None:
+    with pytest.raises(TypeError, match=r"parameter 'alpha': low 1.0 > high 0.0"):
+        ParamSpec("alpha", None, 1.0, 0.0, "")
+    ParamSpec("alpha", None, 1.0, 1.0, "")  # a single point is a range
+
+
 # Every method's parameters, as recipes and studies rely on them: (name, default, low, high, integer).
 DECLARED = {
     "add_difference": [("alpha", 1.0, 0.0, 2.0, False)],

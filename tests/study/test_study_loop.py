@@ -60,6 +60,29 @@ def test_a_changed_search_space_is_refused_on_resume(make_study) -> None:
         run_study(load_study_file(path), console=QUIET, export=False)
 
 
+def test_open_study_creates_the_study_once_with_its_fingerprints_then_resumes_it(make_study) -> None:
+    """`automerge.open_study`, the library entry point: nothing run, the study stored with the
+    fingerprints that later resumes are checked against, a changed problem refused."""
+    from automerge.errors import StudyError
+    from automerge.study import open_study
+    from automerge.study.records import FINGERPRINT, FINGERPRINTS
+
+    path = make_study(trials=3)
+    study_file = load_study_file(path)
+    study = open_study(study_file)
+    assert study.study_name == study_file.name and study.trials == []
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert study.user_attrs[FINGERPRINT] == study_file.search_fingerprint()
+    assert study.user_attrs[FINGERPRINTS] == study_file.content_fingerprints()
+    study.enqueue_trial({"alpha.TEXT": 0.5, "alpha.UNET": 0.5})
+    again = open_study(study_file)  # the same stored study, not a new one
+    assert again._study_id == study._study_id and len(again.trials) == 1
+    assert len(optuna.get_all_study_names(default_storage(study_file))) == 1
+    changed = make_study(trials=3, search={"alpha": {"blocks": ["BASE", "IN00"]}})
+    with pytest.raises(StudyError, match="different search problem"):
+        open_study(load_study_file(changed))
+
+
 def test_an_edited_payload_is_refused_on_resume_and_says_what_to_do(make_study, tmp_path) -> None:
     """Payloads were fingerprinted by path only: editing a payload's prompts resumed silently as if
     it were the same problem (issue 15). Comments and formatting do not count; prompts and settings do."""
