@@ -1,4 +1,4 @@
-"""Terminal helpers shared by the commands: a status line for long phases."""
+"""Terminal helpers shared by the commands: a status line for long phases, durations as words."""
 
 from __future__ import annotations
 
@@ -10,6 +10,17 @@ from rich.console import Console
 
 Status = Callable[[str], None]
 """``status(text)``: told what a long phase is doing as it starts."""
+
+
+def duration_text(seconds: float) -> str:
+    """``42 s``, ``3 min 07 s``, ``2 h 05 min``: as precise as a reader of a run's length needs."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{seconds:.0f} s" if seconds >= 9.5 else f"{seconds:.1f} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 @contextmanager

@@ -48,6 +48,27 @@ class ReportData:
     confidence: list[Margin] = field(default_factory=list)
     confidence_source: str = ""
 
+    def recovery_errors(self) -> dict[str, float]:
+        """|recovered − secret| per searched dimension of a hidden-target study; {} otherwise."""
+        secret = self.secret or {}
+        return {
+            name: abs(value - secret[name]) for name, value, _low, _high in self.weights if name in secret
+        }
+
+
+def recovery_line(data: ReportData) -> str | None:
+    """``recovered vs secret: mean |error| 0.054, worst alpha.MID 0.701 for 0.400`` (None: no secret)."""
+    errors = data.recovery_errors()
+    if not errors or data.secret is None:
+        return None
+    worst = max(errors, key=errors.__getitem__)
+    recovered = next(value for name, value, _low, _high in data.weights if name == worst)
+    mean = sum(errors.values()) / len(errors)
+    return (
+        f"recovered vs secret: mean |error| {mean:.3f} over {len(errors)} dimensions, "
+        f"worst {worst} {recovered:.3f} for {data.secret[worst]:.3f}"
+    )
+
 
 def _e(text: object) -> str:
     return html.escape(str(text))
@@ -205,13 +226,13 @@ def _confidence(data: ReportData) -> str:
 def _recovery(data: ReportData) -> str:
     if not data.secret:
         return ""
-    rows, errors = [], []
-    for name, value, _low, _high in data.weights:
-        if name in data.secret:
-            error = abs(value - data.secret[name])
-            errors.append(error)
-            rows.append([_e(name), f"{value:.3f}", f"{data.secret[name]:.3f}", f"{error:.3f}"])
-    mean = sum(errors) / len(errors) if errors else float("nan")
+    errors = data.recovery_errors()
+    rows = [
+        [_e(name), f"{value:.3f}", f"{data.secret[name]:.3f}", f"{errors[name]:.3f}"]
+        for name, value, _low, _high in data.weights
+        if name in errors
+    ]
+    mean = sum(errors.values()) / len(errors) if errors else float("nan")
     return (
         f"<h2>Recovered vs secret weights</h2><p>mean |recovered − secret| = <b>{mean:.3f}</b></p>"
         + _table(["dimension", "recovered", "secret", "|error|"], rows)

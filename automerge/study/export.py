@@ -25,7 +25,7 @@ from rich.console import Console
 from automerge.errors import ConfigError
 from automerge.files import foreign_files, relative_path, replaced_folder, writable_folder, write_text_atomic
 from automerge.merge import MergePlan, export_merge, resolve_params
-from automerge.report import GridCell, Margin, ReportData, render_report
+from automerge.report import GridCell, Margin, ReportData, recovery_line, render_report
 from automerge.study import records
 from automerge.study.config import InlineReward, StudyFile, artifact_dir, export_dir
 from automerge.study.records import TrialRecord
@@ -66,6 +66,10 @@ def export_study(
         if runtime is None:
             plan.close()
     console.print(f"exported trial {trial.number} (score {trial.value:.6g}) to {out}/")
+    console.print(f"report: {out / 'report.html'}")
+    recovered = recovery_line(data)
+    if recovered is not None:
+        console.print(recovered)
     return out
 
 

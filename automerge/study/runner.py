@@ -8,6 +8,7 @@ its scores, timings and images (as Optuna artifacts, shown by optuna-dashboard).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from automerge.study.runtime import StudyRuntime, preview_rungs
 from automerge.study.samplers import make_sampler
 from automerge.study.stopping import BudgetTaken, ConsecutiveFailures, EarlyStopping
 from automerge.study.storage import fail_trials_that_never_beat, find_study, open_storage
-from automerge.terminal import startup_status
+from automerge.terminal import duration_text, startup_status
 
 MAX_CONSECUTIVE_FAILURES = 5
 
@@ -95,6 +96,7 @@ def run_study(
     """Run (or resume) a study. ``extra_trials``: run exactly that many more, ignoring the budget and
     early stopping (Optuna's ``n_trials``); else continue to the study's total ``trials``."""
     console = console or Console()
+    started = time.monotonic()
     # 1. Storage and resume checks, before any model is loaded; nothing is created yet.
     study = find_study(study_file)
     stopping = _early_stopping(study_file) if extra_trials is None else None
@@ -136,6 +138,12 @@ def run_study(
             runtime.close()
     if summary.stop_reason:
         console.print(f"[green]{summary.stop_reason}[/]")
+    if summary.ran:
+        elapsed = time.monotonic() - started
+        console.print(
+            f"ran {summary.ran} trials in {duration_text(elapsed)} "
+            f"({duration_text(elapsed / summary.ran)} per trial, start-up and export included)"
+        )
     return summary
 
 

@@ -66,3 +66,46 @@ def test_start_up_phases_are_named_with_their_durations() -> None:
     shown = console.file.getvalue().splitlines()
     assert shown[0].startswith("loading 2 source models onto cpu (") and shown[0].endswith(" s)")
     assert shown[1].startswith("rendering the hidden target's 6 reference images (")
+
+
+def test_durations_read_as_words_at_every_scale() -> None:
+    from automerge.terminal import duration_text
+
+    assert [duration_text(s) for s in (0.42, 9.4, 42.4, 59.4, 187, 3599.4, 7500, 90061)] == [
+        "0.4 s",
+        "9.4 s",
+        "42 s",
+        "59 s",
+        "3 min 07 s",
+        "59 min 59 s",
+        "2 h 05 min",
+        "25 h 01 min",
+    ]
+
+
+def test_the_end_of_a_run_says_its_length_where_the_report_is_and_how_close_the_secret_is(
+    make_study, tmp_path
+) -> None:
+    """Issue 14: the last lines of `optimize` give the total time, report.html's path and, for a
+    hidden-target study, the recovered vs secret weights (the numbers the report's table holds)."""
+    import re
+
+    from automerge.study import load_study_file, run_study
+
+    out = tmp_path / "out"
+    path = make_study(trials=4, export={"dir": str(out)})
+    console = Console(file=io.StringIO(), width=200)
+    summary = run_study(load_study_file(path), console=console)
+    text = console.file.getvalue()
+    assert f"report: {out / 'report.html'}" in text and (out / "report.html").exists()
+    assert re.search(r"ran 4 trials in [\d.]+ s \([\d.]+ s per trial, start-up and export included\)", text)
+    line = re.search(
+        r"recovered vs secret: mean \|error\| ([\d.]+) over 2 dimensions, worst (\S+) ([\d.]+) for ([\d.]+)",
+        text,
+    )
+    assert line, text
+    report = (out / "report.html").read_text()
+    assert f"<b>{line.group(1)}</b>" in report  # the report's mean error, to the digit
+    secret = {"alpha.TEXT": 0.8, "alpha.UNET": 0.3}  # the fixture's target: BASE 0.8, the rest 0.3
+    assert float(line.group(4)) == secret[line.group(2)]
+    assert summary.ran == 4
