@@ -1,5 +1,9 @@
 """Reward weight files: existence checks with the fix in the message, streaming sha256 checks,
-safe state-dict reading (``torch.load(weights_only=True)``) and the one networked step, ``fetch``."""
+safe state-dict reading (``torch.load(weights_only=True)``) and the one networked step, ``fetch``.
+
+A file the manifest gives no sha256 for is pinned at its first fetch: ``<file>.sha256`` beside it, in
+``sha256sum`` format, checked on every later load (trust on first download, as SSH's known_hosts).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from automerge.checkpoints import sha256_file
+from automerge.checkpoints import cached_sha256, sha256_file
 from automerge.errors import RewardError
+from automerge.files import write_text_atomic
 from automerge.rewards.base import WeightRole
 from automerge.rewards.manifest import HubSource, RewardManifest, weight_roles
 
@@ -40,7 +45,58 @@ def resolve_weights(manifest: RewardManifest, manifest_path: Path) -> dict[str, 
     for key, expected in manifest.sha256.items():
         role, _, inner = key.partition("/")
         verify_sha256(manifest.weights[role] / inner if inner else manifest.weights[role], expected, key=key)
+    for key, path in _pinnable_files(manifest):
+        if key not in manifest.sha256:
+            verify_pin(path)
     return dict(manifest.weights)
+
+
+def _pinnable_files(manifest: RewardManifest) -> list[tuple[str, Path]]:
+    """(sha256 key, path) of every file the manifest names: file roles, and the hub files of folders."""
+    roles = {role.name: role for role in weight_roles(manifest.reward)}
+    files = []
+    for role, path in manifest.weights.items():
+        if roles[role].kind == "file":
+            files.append((role, path))
+        elif role in manifest.hub:
+            files.extend((f"{role}/{name}", path / name) for name in manifest.hub[role].files)
+    return files
+
+
+def pin_path(path: Path) -> Path:
+    """Where the first-fetch pin of ``path`` lives: ``<file>.sha256`` beside it."""
+    return path.with_name(path.name + ".sha256")
+
+
+def write_pin(path: Path) -> Path:
+    """Record ``path``'s sha256 beside it (``sha256sum --check`` reads it); returns the pin's path."""
+    pin = pin_path(path)
+    write_text_atomic(pin, f"{cached_sha256(path)}  {path.name}\n")
+    return pin
+
+
+def _pinned(path: Path) -> str | None:
+    """The sha256 in ``path``'s first-fetch pin, or None when it has none."""
+    pin = pin_path(path)
+    if not pin.is_file():
+        return None
+    words = pin.read_text(encoding="utf-8").split()
+    return words[0] if words else ""
+
+
+def verify_pin(path: Path) -> None:
+    """When ``path`` has a first-fetch pin, raise ``RewardError`` unless the file still matches it
+    (through the hash cache: a multi-GB file is hashed again only when its size or mtime changed)."""
+    expected = _pinned(path)
+    if expected is None:
+        return
+    found = cached_sha256(path)
+    if found != expected:
+        raise RewardError(
+            f"sha256 mismatch for {path} (pinned at its first fetch in {pin_path(path)}): expected "
+            f"{expected}, found {found}; the file changed since: delete it and {pin_path(path).name}, then run "
+            "`automerge rewards fetch` again (or keep the new file and delete only the pin)"
+        )
 
 
 def _check_exists(role: WeightRole, path: Path, *, manifest: RewardManifest, manifest_path: Path) -> None:
@@ -141,6 +197,8 @@ def fetch_reward_weights(manifest_path: Path | str, *, downloader: Downloader | 
             key = role if roles[role].kind == "file" else f"{role}/{name}"
             expected = manifest.sha256.get(key)
             if _is_current(target, expected):
+                if expected is None and not pin_path(target).exists():
+                    write_pin(target)  # put there by hand before: pinned as it is now
                 fetched.append(target)
                 continue
             if unreachable:  # each try offline costs huggingface_hub's retries (~20 s)
@@ -152,6 +210,10 @@ def fetch_reward_weights(manifest_path: Path | str, *, downloader: Downloader | 
                 _download(source, name, target, downloader=downloader)
                 if expected is not None:
                     verify_sha256(target, expected, key=key)
+                elif _pinned(target) is None:
+                    write_pin(target)
+                else:  # the hub now serves another file than the one trusted at the first fetch
+                    verify_pin(target)
             except RewardError as error:  # try the others too, then name every failure at once
                 failures.append(str(error))
                 unreachable = isinstance(error, HubUnreachableError)
@@ -177,9 +239,13 @@ def _targets(role: WeightRole, source: HubSource, path: Path) -> list[tuple[str,
 
 
 def _is_current(target: Path, expected: str | None) -> bool:
+    """Present and matching the manifest's sha256, or else its first-fetch pin (if any)."""
     if not target.is_file():
         return False
-    return expected is None or sha256_file(target) == expected
+    if expected is not None:
+        return sha256_file(target) == expected
+    pinned = _pinned(target)
+    return pinned is None or pinned == cached_sha256(target)
 
 
 class HubUnreachableError(RewardError):

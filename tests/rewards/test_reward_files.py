@@ -269,3 +269,81 @@ def test_the_hubs_retry_log_lines_do_not_reach_the_user(tmp_path: Path, capfd) -
     finally:
         hub_logger.removeHandler(handler)
     assert "Retrying" not in capfd.readouterr().err
+
+
+def test_fetch_pins_an_unpinned_file_on_first_download_and_loading_refuses_it_changed(tmp_path: Path) -> None:
+    """Issue 14: ImageReward's sha256 cannot be known here (no network), so `rewards fetch` pins what
+    it downloaded: `<file>.sha256` beside it in `sha256sum` format; every later load checks it, and a
+    file that changed since is refused naming the pin and the fix."""
+    import subprocess
+
+    manifest = write_tiny_imagereward(tmp_path / "hub")
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(manifest, local / "imagereward.yaml")
+    _edit_manifest(local / "imagereward.yaml", sha256={})  # nothing pinned in the manifest
+    _, download = _fake_hub(tmp_path / "hub")
+    fetch_reward_weights(local / "imagereward.yaml", downloader=download)
+    pin = local / "ImageReward.pt.sha256"
+    digest = sha256_file(local / "ImageReward.pt")
+    assert pin.read_text() == f"{digest}  ImageReward.pt\n"
+    assert subprocess.run(["sha256sum", "--check", "--quiet", pin.name], cwd=local).returncode == 0
+    assert {p.name for p in local.glob("*.sha256")} == {
+        "ImageReward.pt.sha256",
+        "med_config.json.sha256",
+        "vocab.txt.sha256",
+    }
+    load_reward(local / "imagereward.yaml")  # pins match: loads
+    state = torch.load(local / "ImageReward.pt", weights_only=True)
+    next(iter(state.values())).add_(1.0)
+    torch.save(state, local / "ImageReward.pt")  # replaced by another file after the fetch
+    with pytest.raises(RewardError) as caught:
+        load_reward(local / "imagereward.yaml")
+    message = str(caught.value)
+    assert message.startswith(
+        f"sha256 mismatch for {local / 'ImageReward.pt'} (pinned at its first fetch in {pin})"
+    )
+    assert "automerge rewards fetch" in message and "\n" not in message
+
+
+def test_a_manifest_pin_wins_and_no_pin_file_is_written_for_it(tmp_path: Path) -> None:
+    manifest = write_tiny_imagereward(tmp_path / "hub")
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(manifest, local / "imagereward.yaml")
+    _edit_manifest(
+        local / "imagereward.yaml", sha256={"model": sha256_file(tmp_path / "hub" / "ImageReward.pt")}
+    )
+    _, download = _fake_hub(tmp_path / "hub")
+    fetch_reward_weights(local / "imagereward.yaml", downloader=download)
+    assert not (local / "ImageReward.pt.sha256").exists()
+    assert (local / "med_config.json.sha256").exists()
+
+
+def test_a_present_unpinned_file_is_pinned_by_fetch_without_downloading(tmp_path: Path) -> None:
+    manifest = write_tiny_imagereward(tmp_path / "hub")
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(manifest, local / "imagereward.yaml")
+    _edit_manifest(local / "imagereward.yaml", sha256={})
+    for name in ("ImageReward.pt", "med_config.json", "vocab.txt"):
+        shutil.copy(tmp_path / "hub" / name, local / name)  # copied by hand, as the message allows
+    calls, download = _fake_hub(tmp_path / "hub")
+    fetch_reward_weights(local / "imagereward.yaml", downloader=download)
+    assert calls == [] and (local / "ImageReward.pt.sha256").exists()
+
+
+def test_a_refetch_that_brings_another_file_than_the_pinned_one_is_refused(tmp_path: Path) -> None:
+    manifest = write_tiny_imagereward(tmp_path / "hub")
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(manifest, local / "imagereward.yaml")
+    _edit_manifest(local / "imagereward.yaml", sha256={})
+    _, download = _fake_hub(tmp_path / "hub")
+    fetch_reward_weights(local / "imagereward.yaml", downloader=download)
+    (tmp_path / "hub" / "med_config.json").write_text('{"changed": true}')  # the hub's file changed
+    (local / "med_config.json").unlink()
+    with pytest.raises(
+        RewardError, match=r"sha256 mismatch for .*med_config.json \(pinned at its first fetch"
+    ):
+        fetch_reward_weights(local / "imagereward.yaml", downloader=download)
