@@ -91,3 +91,24 @@ def test_failed_pruned_and_running_trials_are_passed_over_and_the_reason_names_t
     assert not waiting.stop and waiting.reason == "" and waiting.best_trial == 0
     empty = early_stop_decision([], patience=1, min_delta=0.0)
     assert (empty.stop, empty.best_trial, empty.reason) == (False, None, "")
+
+
+def test_the_early_stopping_callback_stops_the_study_and_records_why() -> None:
+    """The callback's reason starts empty, and when it fires it is stored on the study (the report
+    and a resumed run read it from there) and the study stops."""
+    from automerge.study.stopping import EarlyStopping
+
+    callback = EarlyStopping(patience=2, min_delta=0.0)
+    assert callback.reason == ""
+    study = optuna.create_study(direction="maximize")
+    values = iter([3.0, 1.0, 2.0, 5.0])
+    study.optimize(lambda trial: next(values), n_trials=4, callbacks=[callback])
+    assert len(study.trials) == 3  # stopped after the second trial without improvement
+    assert callback.reason.startswith("early stopping: no improvement above 0 in the 2 completed trials")
+    assert study.user_attrs[records.STOPPED] == callback.reason
+
+
+def test_trials_are_taken_in_number_order_whatever_order_the_storage_gives() -> None:
+    trials = _complete([1.0, 2.0, 0.5, 0.4])
+    assert early_stop_decision(trials[::-1], patience=2, min_delta=0.0).best_trial == 1
+    assert early_stop_decision(trials[::-1], patience=2, min_delta=0.0).stop
