@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import sys
 import types
 from pathlib import Path
@@ -195,3 +196,41 @@ def test_the_refusal_names_the_global_or_the_most_specific_line_of_torchs_messag
         "PytorchStreamReader failed"
     )
     assert _first_sentence(RuntimeError("  ")) == "RuntimeError"
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"PK\x03\x04rest", "zip"),  # torch.save's zip format
+        (b"\x80\x02", "legacy"),  # exactly two bytes: protocol 2, the oldest torch.save writes
+        (b"\x80\x05}q\x00", "legacy"),  # protocol 5, the newest
+        (b"\x80\x01", None),  # protocol 1 is not a torch.save stream
+        (b"\x80\x06", None),  # no protocol 6 exists
+        (b"\x80", None),  # cut after the opcode
+        (b"", None),
+        (b"PK\x03", None),  # a cut zip magic
+        (b"\x02\x80", None),
+    ],
+)
+def test_the_format_of_a_torch_file_is_told_by_its_first_bytes(head: bytes, kind: str | None) -> None:
+    from automerge.checkpoints._pickle_reader import pickle_kind
+
+    assert pickle_kind(head) == kind
+
+
+@pytest.mark.parametrize(
+    ("head", "looks"),
+    [
+        (struct.pack("<Q", 1) + b"{", True),  # the smallest header length, read as exactly 9 bytes
+        (struct.pack("<Q", 120) + b'{"a": 1}', True),  # more bytes than the 9 it needs
+        (struct.pack("<Q", 0) + b"{", False),  # a zero-length header is no header
+        (struct.pack("<Q", 2**63 + 5) + b"{", True),  # unsigned: a huge length is still this format
+        (struct.pack("<Q", 120) + b"[", False),
+        (struct.pack("<Q", 120), False),  # cut before the JSON
+    ],
+)
+def test_a_safetensors_file_is_told_by_its_length_prefix_and_brace(head: bytes, looks: bool) -> None:
+    """(The reader then refuses a huge length with its own message; detection only names the format.)"""
+    from automerge.checkpoints._open import _looks_like_safetensors
+
+    assert _looks_like_safetensors(head) is looks
