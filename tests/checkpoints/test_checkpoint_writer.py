@@ -264,3 +264,29 @@ def test_real_writeback_hints_leave_the_file_intact(tmp_path: Path, monkeypatch:
     save_safetensors(path, tensors, metadata={"k": "v"})
     loaded = load_file(path)
     assert all(torch.equal(loaded[key], tensor) for key, tensor in tensors.items())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="Linux page-cache advice")
+def test_writeback_is_started_for_each_run_of_bytes_as_written(tmp_path: Path, monkeypatch) -> None:
+    """Every WRITEBACK_BYTES written, the kernel is asked to write that run back (so a multi-GB export
+    does not pile up dirty pages): one call per run, covering the data written since the last one."""
+    import os
+
+    calls: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 4096)
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    tensors = {f"t{i}": torch.full((1024,), float(i)) for i in range(3)}  # 4096 bytes each
+    infos = {key: TensorInfo((1024,), torch.float32) for key in tensors}
+    with SafetensorsWriter(tmp_path / "w.safetensors", infos) as writer:
+        start = writer._position
+        for key, tensor in tensors.items():
+            writer.write(key, tensor)
+    advice = os.POSIX_FADV_DONTNEED
+    assert calls == [(start, 4096, advice), (start + 4096, 4096, advice), (start + 8192, 4096, advice)]
+    assert load_file(tmp_path / "w.safetensors")["t2"][0] == 2.0
