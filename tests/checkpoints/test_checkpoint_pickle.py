@@ -234,3 +234,16 @@ def test_a_safetensors_file_is_told_by_its_length_prefix_and_brace(head: bytes, 
     from automerge.checkpoints._open import _looks_like_safetensors
 
     assert _looks_like_safetensors(head) is looks
+
+
+def test_a_pickle_without_tensors_names_its_first_five_keys_and_the_checkpoint_keeps_its_path(
+    tmp_path: Path,
+) -> None:
+    empty = tmp_path / "steps.pt"
+    torch.save({f"k{i}": i for i in range(7)}, empty)
+    with pytest.raises(CheckpointError) as caught:
+        open_pickle_checkpoint(empty)
+    assert str(caught.value) == f"{empty}: holds no tensors (keys: ['k0', 'k1', 'k2', 'k3', 'k4'])"
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    assert open_pickle_checkpoint(path).path == path
