@@ -129,28 +129,48 @@ def launch_workers(
     """One ``automerge optimize --no-export`` process per entry of ``devices`` on the same study (a
     GPU index: the worker sees only that GPU, as cuda:0; None: the study's own device), each logging to
     ``<study stem>-worker<i>.log`` beside the study file; waits for all and returns their exit codes.
-    Ctrl-C reaches the workers too (one process group): each marks its running trial interrupted."""
+    Ctrl-C reaches the workers too (one process group): each marks its running trial interrupted.
+    SIGTERM sent to this process alone is forwarded to every live worker (no orphans left running)."""
     import os
+    import signal
     import subprocess
     import sys
 
-    processes = []
-    for index, gpu in enumerate(devices):
-        log = study_path.parent / f"{study_path.stem}-worker{index}.log"
-        env = dict(os.environ)
-        args = [sys.executable, "-m", "automerge", "optimize", str(study_path), "--no-export", *worker_args]
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-            args += ["--device", "cuda:0"]
-        with log.open("w") as output:
-            processes.append(subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT))
-        where = f"GPU {gpu}" if gpu is not None else "the study's device"
-        console.print(f"worker {index} on {where}: log {log}", highlight=False)
-    while True:
-        try:
-            return [process.wait() for process in processes]
-        except KeyboardInterrupt:  # the workers got the same Ctrl-C: wait while they save their trials
-            continue
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, frame: object) -> None:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)  # the CLI's main thread
+    try:
+        for index, gpu in enumerate(devices):
+            log = study_path.parent / f"{study_path.stem}-worker{index}.log"
+            env = dict(os.environ)
+            args = [
+                sys.executable,
+                "-m",
+                "automerge",
+                "optimize",
+                str(study_path),
+                "--no-export",
+                *worker_args,
+            ]
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+                args += ["--device", "cuda:0"]
+            with log.open("w") as output:
+                processes.append(subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT))
+            where = f"GPU {gpu}" if gpu is not None else "the study's device"
+            console.print(f"worker {index} on {where}: log {log}", highlight=False)
+        while True:
+            try:
+                return [process.wait() for process in processes]
+            except KeyboardInterrupt:  # the workers got the same Ctrl-C: wait while they save their trials
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _gib(count: int) -> str:

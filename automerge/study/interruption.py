@@ -5,8 +5,9 @@ render, score: our code) that is what we want: the trial is failed "interrupted"
 Optuna's own work (ask, tell, a storage transaction, the callbacks) it is not: the exception tears the
 write, and Optuna's loop dies with an UnboundLocalError (exit 1, no export). There the signal is
 remembered instead, and the study stops at the next safe point: the end of that trial (a callback) or
-the start of the next objective call, whichever comes first. A second signal outside the objective
-raises at once, for a user who insists.
+the start of the next objective call, whichever comes first. A second Ctrl-C outside the objective
+raises at once, for a user who insists; SIGTERM never does (schedulers and `automerge optimize
+--workers` may deliver it to a worker more than once).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ class Interruption:
     def __init__(self) -> None:
         self.requested = False  # a signal arrived; the study stops at the next safe point
         self._in_objective = False
+        self._ctrl_c = False  # a first Ctrl-C (SIGINT) arrived
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
-        insisted = self.requested
+        insisted = self._ctrl_c and signum == signal.SIGINT
+        self._ctrl_c = self._ctrl_c or signum == signal.SIGINT
         self.requested = True
         if self._in_objective or insisted:
             raise KeyboardInterrupt

@@ -40,11 +40,23 @@ def test_the_next_objective_call_after_a_deferred_signal_raises_before_any_work(
     assert work == []
 
 
-def test_a_second_signal_outside_the_objective_raises_for_a_user_who_insists() -> None:
+def test_a_second_ctrl_c_outside_the_objective_raises_for_a_user_who_insists() -> None:
     interruption = Interruption()
     interruption.handle(signal.SIGINT, None)
     with pytest.raises(KeyboardInterrupt):
         interruption.handle(signal.SIGINT, None)
+
+
+def test_a_repeated_sigterm_stays_deferred() -> None:
+    """A scheduler signalling the whole process group while the parent forwards to its workers
+    delivers SIGTERM twice: that must not tear a storage write."""
+    interruption = Interruption()
+    interruption.handle(signal.SIGTERM, None)
+    interruption.handle(signal.SIGTERM, None)
+    interruption.handle(signal.SIGINT, None)  # a first Ctrl-C, after them
+    assert interruption.requested
+    with pytest.raises(KeyboardInterrupt):
+        interruption.handle(signal.SIGINT, None)  # the second insists
 
 
 def test_installed_replaces_both_handlers_and_puts_them_back() -> None:

@@ -317,3 +317,44 @@ def test_a_schema_race_is_told_from_a_real_storage_error() -> None:
         Exception("(psycopg) connection refused\n[SQL: SELECT 1]\n(Background: https://sqlalche.me)")
     ) == ("(psycopg) connection refused")
     assert _first_line(Exception("")) == "Exception"
+
+
+def test_sigterm_to_the_parent_of_workers_reaches_every_worker(tmp_path, monkeypatch) -> None:
+    """`kill <pid of automerge optimize --workers N>` (not the whole group) left the workers running
+    as orphans; the parent now forwards SIGTERM to each live worker and keeps waiting for them."""
+    import os
+    import signal
+    import subprocess
+
+    from rich.console import Console
+
+    from automerge.commands import launch_workers
+
+    started: list[FakeWorker] = []
+
+    class FakeWorker:
+        def __init__(self, args, env, stdout, stderr) -> None:
+            self.signals: list[int] = []
+            self.waits = 0
+            started.append(self)
+
+        def poll(self) -> int | None:
+            return 130 if self.signals else None
+
+        def send_signal(self, signum: int) -> None:
+            self.signals.append(signum)
+
+        def wait(self) -> int:
+            self.waits += 1
+            if self is started[0] and self.waits == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # the scheduler signals the parent only
+            return 130 if self.signals else 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeWorker)
+    before = signal.getsignal(signal.SIGTERM)
+    codes = launch_workers(
+        tmp_path / "study.yaml", devices=[None, None], worker_args=[], console=Console(quiet=True)
+    )
+    assert [worker.signals for worker in started] == [[signal.SIGTERM], [signal.SIGTERM]]
+    assert codes == [130, 130]
+    assert signal.getsignal(signal.SIGTERM) == before  # the parent's handler put back
