@@ -13,9 +13,11 @@ from pathlib import Path
 from PIL import Image
 
 from automerge.checkpoints import warm_hash_cache
-from automerge.errors import ConfigError, StudyError
+from automerge.errors import ConfigError, RenderError, StudyError
 from automerge.merge import BlockParams, MergePlan, open_plan, plan_checkpoint, resolve_params
 from automerge.render import RenderJob, load_payload
+from automerge.render.checks import same_picture_for_different_prompts
+from automerge.render.renderer import RenderedImage
 from automerge.render.session import RenderSession
 from automerge.rewards import CompositeReward, ReferenceReward, Reward, load_reward
 from automerge.study.config import InlineReward, StudyFile
@@ -221,12 +223,15 @@ class StudyRuntime:
         image_scores: dict[str, float] = {}
         weighted, total_weight, payload_scores = 0.0, 0.0, []
         raw: dict[str, list[float]] = {}
+        every_render: list[RenderedImage] = []
         for payload in sorted({job.payload for job in jobs}):
             group = [job for job in jobs if job.payload == payload]
             on_stage("render")
             started = time.perf_counter()
             rendered = self.session.render([job.job for job in group])
             timings["render"] += time.perf_counter() - started
+            every_render.extend(rendered)
+            _refuse_collapsed(every_render)
             on_stage("score")
             started = time.perf_counter()
             result = self.reward.score(
@@ -254,3 +259,15 @@ class StudyRuntime:
 
     def close(self) -> None:
         self.plan.close()
+
+
+def _refuse_collapsed(rendered: Sequence[RenderedImage]) -> None:
+    """Fail the trial (``RenderError``) when two different prompts gave the same picture."""
+    pair = same_picture_for_different_prompts(rendered)
+    if pair is not None:
+        first, second = (image.job for image in pair)
+        raise RenderError(
+            f"images {first.key} and {second.key} are the same picture for different prompts "
+            f"({first.prompt!r}, {second.prompt!r}; seed {first.seed}): the merge ignores the prompt "
+            "(collapsed text conditioning)"
+        )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 from rich.console import Console
 
@@ -418,4 +419,51 @@ def test_a_reference_checkpoint_of_another_family_is_refused_in_one_line(make_st
         run_study(load_study_file(path), console=QUIET, export=False)
     assert str(caught.value) == (
         f"{path}: reward.reference.checkpoint {other} is sd2, the study's models are sd1"
+    )
+
+
+def test_a_merge_that_renders_every_prompt_alike_fails_its_trial_with_the_reason(
+    make_study, tiny_models, tmp_path
+) -> None:
+    """Issue 18: a collapsed merge (here B's text encoder ends in a zeroed layer norm, so every prompt
+    embeds alike) renders the same picture for different prompts; that trial fails with the reason
+    instead of being scored, the others run as usual."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tiny_models["b"])
+    for name in ("weight", "bias"):
+        key = f"cond_stage_model.transformer.text_model.final_layer_norm.{name}"
+        state[key] = torch.zeros_like(state[key])
+    collapsed = tmp_path / "collapsed.safetensors"
+    save_file(state, collapsed)
+    payload = tmp_path / "two-prompts.yaml"
+    payload.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {
+                    "steps": 2,
+                    "cfg": 1.0,
+                    "width": 64,
+                    "height": 64,
+                    "scheduler": "euler",
+                    "seeds": [5],
+                },
+                "items": [{"prompt": "a red house"}, {"prompt": "a blue boat"}],
+            }
+        )
+    )
+    path = make_study(
+        trials=3,
+        models={"a": str(tiny_models["a"]), "b": str(collapsed)},
+        payloads=[str(payload)],
+        reward={"reference": {"metric": "mse", "target": {"params": {"alpha": {"default": 0.3}}}}},
+    )
+    run_study(load_study_file(path), console=QUIET, export=False)
+    pure_a, pure_b, uniform = _trials(path)[:3]
+    assert pure_a.state == TrialState.COMPLETE and uniform.state == TrialState.COMPLETE
+    assert pure_b.state == TrialState.FAIL
+    assert pure_b.user_attrs["fail_reason"] == (
+        "RenderError: images i00-s0005 and i01-s0005 are the same picture for different prompts "
+        "('a red house', 'a blue boat'; seed 5): the merge ignores the prompt (collapsed text conditioning)"
     )
