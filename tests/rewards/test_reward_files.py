@@ -271,17 +271,27 @@ def test_the_hubs_retry_log_lines_do_not_reach_the_user(tmp_path: Path, capfd) -
     assert "Retrying" not in capfd.readouterr().err
 
 
+def _hub_and_local_copy(tmp_path: Path, *, sha256: dict[str, str]) -> Path:
+    """A tiny ImageReward in ``hub/`` (what the fake hub serves) and its manifest alone in ``local/``
+    with ``sha256`` as its pins; returns ``local/``."""
+    hub = tmp_path / "hub"
+    manifest = (
+        hub / "imagereward.yaml" if (hub / "imagereward.yaml").exists() else write_tiny_imagereward(hub)
+    )
+    local = tmp_path / "local"
+    local.mkdir()
+    shutil.copy(manifest, local / "imagereward.yaml")
+    _edit_manifest(local / "imagereward.yaml", sha256=sha256)
+    return local
+
+
 def test_fetch_pins_an_unpinned_file_on_first_download_and_loading_refuses_it_changed(tmp_path: Path) -> None:
     """Issue 14: ImageReward's sha256 cannot be known here (no network), so `rewards fetch` pins what
     it downloaded: `<file>.sha256` beside it in `sha256sum` format; every later load checks it, and a
     file that changed since is refused naming the pin and the fix."""
     import subprocess
 
-    manifest = write_tiny_imagereward(tmp_path / "hub")
-    local = tmp_path / "local"
-    local.mkdir()
-    shutil.copy(manifest, local / "imagereward.yaml")
-    _edit_manifest(local / "imagereward.yaml", sha256={})  # nothing pinned in the manifest
+    local = _hub_and_local_copy(tmp_path, sha256={})  # nothing pinned in the manifest
     _, download = _fake_hub(tmp_path / "hub")
     fetch_reward_weights(local / "imagereward.yaml", downloader=download)
     pin = local / "ImageReward.pt.sha256"
@@ -307,13 +317,8 @@ def test_fetch_pins_an_unpinned_file_on_first_download_and_loading_refuses_it_ch
 
 
 def test_a_manifest_pin_wins_and_no_pin_file_is_written_for_it(tmp_path: Path) -> None:
-    manifest = write_tiny_imagereward(tmp_path / "hub")
-    local = tmp_path / "local"
-    local.mkdir()
-    shutil.copy(manifest, local / "imagereward.yaml")
-    _edit_manifest(
-        local / "imagereward.yaml", sha256={"model": sha256_file(tmp_path / "hub" / "ImageReward.pt")}
-    )
+    write_tiny_imagereward(tmp_path / "hub")
+    local = _hub_and_local_copy(tmp_path, sha256={"model": sha256_file(tmp_path / "hub" / "ImageReward.pt")})
     _, download = _fake_hub(tmp_path / "hub")
     fetch_reward_weights(local / "imagereward.yaml", downloader=download)
     assert not (local / "ImageReward.pt.sha256").exists()
@@ -321,11 +326,7 @@ def test_a_manifest_pin_wins_and_no_pin_file_is_written_for_it(tmp_path: Path) -
 
 
 def test_a_present_unpinned_file_is_pinned_by_fetch_without_downloading(tmp_path: Path) -> None:
-    manifest = write_tiny_imagereward(tmp_path / "hub")
-    local = tmp_path / "local"
-    local.mkdir()
-    shutil.copy(manifest, local / "imagereward.yaml")
-    _edit_manifest(local / "imagereward.yaml", sha256={})
+    local = _hub_and_local_copy(tmp_path, sha256={})
     for name in ("ImageReward.pt", "med_config.json", "vocab.txt"):
         shutil.copy(tmp_path / "hub" / name, local / name)  # copied by hand, as the message allows
     calls, download = _fake_hub(tmp_path / "hub")
@@ -334,11 +335,7 @@ def test_a_present_unpinned_file_is_pinned_by_fetch_without_downloading(tmp_path
 
 
 def test_a_refetch_that_brings_another_file_than_the_pinned_one_is_refused(tmp_path: Path) -> None:
-    manifest = write_tiny_imagereward(tmp_path / "hub")
-    local = tmp_path / "local"
-    local.mkdir()
-    shutil.copy(manifest, local / "imagereward.yaml")
-    _edit_manifest(local / "imagereward.yaml", sha256={})
+    local = _hub_and_local_copy(tmp_path, sha256={})
     _, download = _fake_hub(tmp_path / "hub")
     fetch_reward_weights(local / "imagereward.yaml", downloader=download)
     (tmp_path / "hub" / "med_config.json").write_text('{"changed": true}')  # the hub's file changed

@@ -437,28 +437,12 @@ def test_a_merge_that_renders_every_prompt_alike_fails_its_trial_with_the_reason
         state[key] = torch.zeros_like(state[key])
     collapsed = tmp_path / "collapsed.safetensors"
     save_file(state, collapsed)
-    payload = tmp_path / "two-prompts.yaml"
-    payload.write_text(
-        yaml.safe_dump(
-            {
-                "defaults": {
-                    "steps": 2,
-                    "cfg": 1.0,
-                    "width": 64,
-                    "height": 64,
-                    "scheduler": "euler",
-                    "seeds": [5],
-                },
-                "items": [{"prompt": "a red house"}, {"prompt": "a blue boat"}],
-            }
-        )
-    )
-    path = make_study(
-        trials=3,
-        models={"a": str(tiny_models["a"]), "b": str(collapsed)},
-        payloads=[str(payload)],
-        reward={"reference": {"metric": "mse", "target": {"params": {"alpha": {"default": 0.3}}}}},
-    )
+    path = make_study(trials=3, models={"a": str(tiny_models["a"]), "b": str(collapsed)})
+    payload = tmp_path / "payload.yaml"  # the fixture's, both prompts at one seed
+    data = yaml.safe_load(payload.read_text())
+    data["defaults"]["seeds"] = [5]
+    data["items"] = [{"prompt": item["prompt"]} for item in data["items"]]
+    payload.write_text(yaml.safe_dump(data))
     run_study(load_study_file(path), console=QUIET, export=False)
     pure_a, pure_b, uniform = _trials(path)[:3]
     assert pure_a.state == TrialState.COMPLETE and uniform.state == TrialState.COMPLETE
