@@ -332,9 +332,20 @@ def export(
     trial: Annotated[int | None, typer.Option(help="Trial number (default: the best).")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder.")] = None,
     storage: StorageOption = None,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="automerge: recipe.yaml, model.safetensors, report.html; "
+            "supermerger: print its mode, calcmode and MBW weights (nothing written).",
+        ),
+    ] = "automerge",
 ) -> None:
     """Write recipe.yaml, model.safetensors and report.html for the best (or a given) trial."""
     from automerge.study import choose_trial, default_storage, find_study
+
+    if output_format not in ("automerge", "supermerger"):
+        raise ConfigError(f"--format: '{output_format}' is not a format; use automerge or supermerger")
 
     study_file = _study_file(study, storage)
     stored = find_study(study_file)
@@ -344,6 +355,11 @@ def export(
             f"run automerge optimize {study} first (or set storage: to where it lives)"
         )
     choose_trial(stored, trial)  # a wrong --trial is said before the render stack loads
+    if output_format == "supermerger":
+        from automerge.study import supermerger_text
+
+        sys.stdout.write(supermerger_text(study_file, study=stored, trial_number=trial))
+        return
     from automerge.study import export_study
 
     export_study(study_file, study=stored, trial_number=trial, out_dir=out, console=console)

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"arch"},
     {"checkpoints"},
     {"merge"},
-    {"render", "rewards", "report"},
+    {"render", "rewards", "report", "interop"},
     {"tiny", "testing"},
     {"study"},
     {"commands"},

@@ -19,6 +19,7 @@ _PUBLIC = {
     "load_study_file": "config",
     "parse_duration": "config",
     "export_study": "export",
+    "supermerger_text": "export",
     "TrialRecord": "records",
     "best_trial": "records",
     "choose_trial": "records",

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from automerge.errors import ConfigError
 from automerge.files import foreign_files, relative_path, replaced_folder, writable_folder, write_text_atomic
+from automerge.interop import supermerger_recipe
 from automerge.merge import MergePlan, export_merge, resolve_params
 from automerge.report import GridCell, Margin, ReportData, recovery_line, render_report
 from automerge.study import records
@@ -118,6 +119,23 @@ def _export_checkpoint(
             extra_metadata=metadata,
             title=f"{study_file.name} trial {trial.number}",
         )
+
+
+def supermerger_text(study_file: StudyFile, *, study: optuna.Study, trial_number: int | None = None) -> str:
+    """The trial's merge as a supermerger recipe (``interop.supermerger``); reads only headers."""
+    trial = records.choose_trial(study, trial_number)
+    plan = open_study_plan(study_file)
+    try:
+        space = build_space(study_file, plan.arch, plan.method)
+        recipe = supermerger_recipe(
+            plan.method.name,
+            space.block_params(trial.params),
+            plan.arch.merge_blocks,
+            [model.path.name for model in plan.sources.values()],
+        )
+    finally:
+        plan.close()
+    return recipe.text(title=f"{study_file.name} trial {trial.number}")
 
 
 def report_data(

@@ -66,6 +66,35 @@ def test_export_command_picks_a_trial(make_study, tmp_path: Path, capsys) -> Non
         assert f.metadata()["automerge.trial"] == str(other.number)
 
 
+def test_export_as_supermerger_prints_the_trials_weights_in_its_block_order(
+    make_study, tmp_path: Path, capsys
+) -> None:
+    """``--format supermerger`` (issue 17): the chosen trial's per-block alpha as supermerger's MBW
+    string (searched groups expanded to their blocks, unsearched blocks at the study's fixed value),
+    its mode and models; nothing written."""
+    from cli_helpers import run_cli as run
+
+    from automerge.arch import ARCHITECTURES
+    from automerge.interop import parse_mbw_weights
+
+    path = make_study(trials=3, export={"dir": str(tmp_path / "out")})
+    run_study(load_study_file(path), console=QUIET, export=False)
+    study_file = load_study_file(path)
+    trial = optuna.load_study(study_name=study_file.name, storage=default_storage(study_file)).trials[2]
+    result = run(capsys, "export", path, "--trial", str(trial.number), "--format", "supermerger")
+    assert result.code == 0, result.err
+    assert not (tmp_path / "out").exists()
+    line = next(line for line in result.out.splitlines() if line.startswith("weights alpha: "))
+    base_alpha, weights = parse_mbw_weights(line.removeprefix("weights alpha: "))
+    by_block = dict(zip(ARCHITECTURES.get("sd1").merge_blocks, [base_alpha, *weights], strict=True))
+    assert by_block["BASE"] == trial.params["alpha.TEXT"]
+    assert by_block["IN00"] == by_block["IN01"] == by_block["OUT11"] == trial.params["alpha.UNET"]
+    assert "mode: Weight sum" in result.out and "model_b: " in result.out
+    assert f"test-study trial {trial.number}\t{line.removeprefix('weights alpha: ')}" in result.out
+    bad = run(capsys, "export", path, "--format", "comfy")
+    assert bad.code == 2 and "--format: 'comfy' is not a format" in bad.err
+
+
 def test_the_exported_recipe_loads_from_any_folder_when_the_study_was_named_relatively(
     make_study, tmp_path: Path, tiny_models: dict[str, Path], monkeypatch
 ) -> None:
