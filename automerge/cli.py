@@ -22,6 +22,8 @@ from rich.table import Table
 from automerge.errors import AutomergeError, ConfigError, StudyError
 
 if TYPE_CHECKING:
+    import optuna
+
     from automerge.study import StudyFile
 
 M = TypeVar("M", bound=BaseModel)
@@ -326,6 +328,24 @@ def _run_workers(
         sys.exit(130 if 130 in codes else max(codes))
 
 
+def _export_recipe(
+    study_file: StudyFile, stored: optuna.Study, output_format: str, *, trial: int | None, out: Path | None
+) -> None:
+    """``export --format supermerger`` prints; ``--format mecha`` writes NAME-trialN.mecha (sd-mecha's
+    reader refuses the empty last line a printed file would end with)."""
+    from automerge.files import writable_folder, write_text_atomic
+    from automerge.study import choose_trial, export_dir, interop_text
+
+    text = interop_text(study_file, output_format, study=stored, trial_number=trial)
+    if output_format == "supermerger":
+        sys.stdout.write(text)
+        return
+    folder = writable_folder(out or export_dir(study_file), fix="pass another folder with -o DIR")
+    path = folder / f"{study_file.name}-trial{choose_trial(stored, trial).number}.mecha"
+    write_text_atomic(path, text)
+    console.print(f"wrote {path} (sd-mecha: sd_mecha.deserialize_path, then sd_mecha.merge)", highlight=False)
+
+
 @app.command()
 def export(
     study: Annotated[Path, typer.Argument(help="Study YAML.")],
@@ -336,16 +356,16 @@ def export(
         str,
         typer.Option(
             "--format",
-            help="automerge: recipe.yaml, model.safetensors, report.html; "
-            "supermerger: print its mode, calcmode and MBW weights (nothing written).",
+            help="automerge: recipe.yaml, model.safetensors, report.html; supermerger: print its mode, "
+            "calcmode and MBW weights; mecha: write an sd-mecha recipe (NAME-trialN.mecha) in the folder.",
         ),
     ] = "automerge",
 ) -> None:
     """Write recipe.yaml, model.safetensors and report.html for the best (or a given) trial."""
-    from automerge.study import choose_trial, default_storage, find_study
+    from automerge.study import FORMATS, choose_trial, default_storage, find_study
 
-    if output_format not in ("automerge", "supermerger"):
-        raise ConfigError(f"--format: '{output_format}' is not a format; use automerge or supermerger")
+    if output_format not in FORMATS:
+        raise ConfigError(f"--format: '{output_format}' is not a format; use {', '.join(FORMATS)}")
 
     study_file = _study_file(study, storage)
     stored = find_study(study_file)
@@ -355,10 +375,8 @@ def export(
             f"run automerge optimize {study} first (or set storage: to where it lives)"
         )
     choose_trial(stored, trial)  # a wrong --trial is said before the render stack loads
-    if output_format == "supermerger":
-        from automerge.study import supermerger_text
-
-        sys.stdout.write(supermerger_text(study_file, study=stored, trial_number=trial))
+    if output_format != "automerge":
+        _export_recipe(study_file, stored, output_format, trial=trial, out=out)
         return
     from automerge.study import export_study
 

@@ -1,5 +1,6 @@
-"""Recipes for the tools people already run: supermerger (A1111/Forge) for now."""
+"""Recipes for the tools people already run: supermerger (A1111/Forge) and sd-mecha."""
 
+from automerge.interop.mecha import mecha_recipe
 from automerge.interop.supermerger import SupermergerRecipe, parse_mbw_weights, supermerger_recipe
 
-__all__ = ["SupermergerRecipe", "parse_mbw_weights", "supermerger_recipe"]
+__all__ = ["SupermergerRecipe", "mecha_recipe", "parse_mbw_weights", "supermerger_recipe"]

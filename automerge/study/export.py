@@ -24,7 +24,7 @@ from rich.console import Console
 
 from automerge.errors import ConfigError
 from automerge.files import foreign_files, relative_path, replaced_folder, writable_folder, write_text_atomic
-from automerge.interop import supermerger_recipe
+from automerge.interop import mecha_recipe, supermerger_recipe
 from automerge.merge import MergePlan, export_merge, resolve_params
 from automerge.report import GridCell, Margin, ReportData, recovery_line, render_report
 from automerge.study import records
@@ -121,21 +121,30 @@ def _export_checkpoint(
         )
 
 
-def supermerger_text(study_file: StudyFile, *, study: optuna.Study, trial_number: int | None = None) -> str:
-    """The trial's merge as a supermerger recipe (``interop.supermerger``); reads only headers."""
+FORMATS = ("automerge", "supermerger", "mecha")
+"""``automerge export --format``: automerge's own folder, or a recipe for another tool."""
+
+
+def interop_text(
+    study_file: StudyFile, output_format: str, *, study: optuna.Study, trial_number: int | None = None
+) -> str:
+    """The trial's merge as a recipe for another tool (``interop``): ``supermerger`` (what to set in
+    its Merge tab) or ``mecha`` (sd-mecha's recipe text). Reads only headers."""
     trial = records.choose_trial(study, trial_number)
+    title = f"{study_file.name} trial {trial.number}"
     plan = open_study_plan(study_file)
     try:
         space = build_space(study_file, plan.arch, plan.method)
-        recipe = supermerger_recipe(
-            plan.method.name,
-            space.block_params(trial.params),
-            plan.arch.merge_blocks,
-            [model.path.name for model in plan.sources.values()],
-        )
+        params = space.block_params(trial.params)
+        if output_format == "mecha":
+            models = {name: model.path.absolute() for name, model in plan.sources.items()}
+            return mecha_recipe(
+                plan.method.name, params, plan.arch.name, plan.arch.merge_blocks, models, title=title
+            )
+        names = [model.path.name for model in plan.sources.values()]
+        return supermerger_recipe(plan.method.name, params, plan.arch.merge_blocks, names).text(title=title)
     finally:
         plan.close()
-    return recipe.text(title=f"{study_file.name} trial {trial.number}")
 
 
 def report_data(

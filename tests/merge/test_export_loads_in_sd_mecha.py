@@ -90,7 +90,6 @@ def test_sd_mecha_per_block_merge_equals_automerge_except_the_documented_convent
     family, a, b, c = models
     method = METHOD[family]
     alphas = _block_alphas(family)
-    ours = load_file(str(_export(models, method, {"default": 0.0, **alphas}, f"blocks-{method}")))
     weights = sd_mecha.convert(
         sd_mecha.literal(
             alphas | {"VAE": 0.0} if family == "sdxl" else alphas, f"{family}-supermerger_blocks"
@@ -103,17 +102,45 @@ def test_sd_mecha_per_block_merge_equals_automerge_except_the_documented_convent
         recipe = sd_mecha.add_difference(
             sd_mecha.model(str(a)), sd_mecha.model(str(b)), sd_mecha.model(str(c)), alpha=weights
         )
-    theirs = _mecha(recipe)
+    _assert_equal_but_the_time_embedding(models, method, alphas, _mecha(recipe))
+
+
+@pytest.mark.parametrize("method", ["weighted_sum", "add_difference"])
+def test_the_exported_mecha_recipe_merged_by_sd_mecha_equals_automerge(models, method: str) -> None:
+    """``--format mecha`` (issue 17): the recipe text, parsed by sd-mecha's own reader and merged by
+    it, gives automerge's weights on every key but the time embedding (its documented convention)."""
+    from types import MappingProxyType
+
+    from automerge.interop import mecha_recipe
+    from automerge.merge import BlockParams
+
+    family, a, b, c = models
+    alphas = _block_alphas(family)
+    blocks = ARCHITECTURES.get(family).merge_blocks
+    params = BlockParams(values=MappingProxyType({"alpha": MappingProxyType(alphas)}), blocks=blocks)
+    text = mecha_recipe(method, params, family, blocks, {"a": a, "b": b, "c": c})
+    _assert_equal_but_the_time_embedding(models, method, alphas, _mecha(sd_mecha.deserialize(text)))
+
+
+def _assert_equal_but_the_time_embedding(
+    models: tuple[str, Path, Path, Path],
+    method: str,
+    alphas: dict[str, float],
+    theirs: dict[str, torch.Tensor],
+) -> None:
+    """sd-mecha's result equals automerge's export of the same per-block merge on every merged key but
+    the time embedding (weighted with IN00 here, BASE there); the VAE is A's."""
+    family, a, b, c = models
+    ours = load_file(str(_export(models, method, {"default": 0.0, **alphas}, f"blocks-{method}")))
     theirs.pop("__metadata__")
     a_, b_, c_ = ({k: v.float() for k, v in load_file(str(path)).items()} for path in (a, b, c))
-
     merged = [
         key for key in ours if ours[key].is_floating_point() and not key.startswith("first_stage_model.")
     ]
     differ = sorted(key for key in merged if not torch.allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-6))
     time_embedding = sorted(key for key in merged if any(part in key for part in TIME_EMBEDDING))
     assert time_embedding and differ == time_embedding, differ[:5]
-    for key in differ:  # the time embedding: weighted with IN00 here, with BASE in sd-mecha
+    for key in differ:
         other = a_[key] if method == "weighted_sum" else c_[key]
         assert torch.allclose(ours[key], a_[key] + alphas["IN00"] * (b_[key] - other), atol=1e-6), key
     vae = [key for key in ours if key.startswith("first_stage_model.")]

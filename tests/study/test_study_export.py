@@ -92,7 +92,23 @@ def test_export_as_supermerger_prints_the_trials_weights_in_its_block_order(
     assert "mode: Weight sum" in result.out and "model_b: " in result.out
     assert f"test-study trial {trial.number}\t{line.removeprefix('weights alpha: ')}" in result.out
     bad = run(capsys, "export", path, "--format", "comfy")
-    assert bad.code == 2 and "--format: 'comfy' is not a format" in bad.err
+    assert bad.code == 2 and "--format: 'comfy' is not a format; use automerge, supermerger, mecha" in bad.err
+
+
+def test_export_as_mecha_writes_a_recipe_sd_mecha_reads(make_study, tmp_path: Path, capsys) -> None:
+    """``--format mecha`` writes NAME-trialN.mecha, read by sd-mecha's own reader (the merge itself is
+    compared with automerge's in tests/merge/test_export_loads_in_sd_mecha.py)."""
+    import sd_mecha
+    from cli_helpers import run_cli as run
+
+    path = make_study(trials=3)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    result = run(capsys, "export", path, "--trial", "1", "--format", "mecha", "-o", tmp_path / "recipes")
+    assert result.code == 0, result.err
+    written = tmp_path / "recipes" / "test-study-trial1.mecha"
+    assert f"wrote {written}" in result.out.replace("\n", "")
+    recipe = sd_mecha.deserialize_path(written)
+    assert "weighted_sum" in sd_mecha.serialize(recipe)
 
 
 def test_the_exported_recipe_loads_from_any_folder_when_the_study_was_named_relatively(
