@@ -362,10 +362,11 @@ def export(
     ] = "automerge",
 ) -> None:
     """Write recipe.yaml, model.safetensors and report.html for the best (or a given) trial."""
-    from automerge.study import FORMATS, choose_trial, default_storage, find_study
+    from automerge.interop import FORMATS
+    from automerge.study import choose_trial, default_storage, find_study
 
-    if output_format not in FORMATS:
-        raise ConfigError(f"--format: '{output_format}' is not a format; use {', '.join(FORMATS)}")
+    if output_format not in ("automerge", *FORMATS):
+        raise ConfigError(f"--format: '{output_format}' is not a format; use automerge, {', '.join(FORMATS)}")
 
     study_file = _study_file(study, storage)
     stored = find_study(study_file)

@@ -3,4 +3,7 @@
 from automerge.interop.mecha import mecha_recipe
 from automerge.interop.supermerger import SupermergerRecipe, parse_mbw_weights, supermerger_recipe
 
-__all__ = ["SupermergerRecipe", "mecha_recipe", "parse_mbw_weights", "supermerger_recipe"]
+FORMATS = ("supermerger", "mecha")
+"""The recipe formats for other tools (``automerge export --format``)."""
+
+__all__ = ["FORMATS", "SupermergerRecipe", "mecha_recipe", "parse_mbw_weights", "supermerger_recipe"]

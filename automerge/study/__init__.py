@@ -19,7 +19,6 @@ _PUBLIC = {
     "load_study_file": "config",
     "parse_duration": "config",
     "export_study": "export",
-    "FORMATS": "export",
     "interop_text": "export",
     "TrialRecord": "records",
     "best_trial": "records",

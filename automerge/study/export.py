@@ -121,10 +121,6 @@ def _export_checkpoint(
         )
 
 
-FORMATS = ("automerge", "supermerger", "mecha")
-"""``automerge export --format``: automerge's own folder, or a recipe for another tool."""
-
-
 def interop_text(
     study_file: StudyFile, output_format: str, *, study: optuna.Study, trial_number: int | None = None
 ) -> str:
