@@ -329,19 +329,19 @@ def _run_workers(
 
 
 def _export_recipe(
-    study_file: StudyFile, stored: optuna.Study, output_format: str, *, trial: int | None, out: Path | None
+    study_file: StudyFile, stored: optuna.Study, output_format: str, *, trial: int, out: Path | None
 ) -> None:
     """``export --format supermerger`` prints; ``--format mecha`` writes NAME-trialN.mecha (sd-mecha's
     reader refuses the empty last line a printed file would end with)."""
     from automerge.files import writable_folder, write_text_atomic
-    from automerge.study import choose_trial, export_dir, interop_text
+    from automerge.study import export_dir, interop_text
 
     text = interop_text(study_file, output_format, study=stored, trial_number=trial)
     if output_format == "supermerger":
         sys.stdout.write(text)
         return
     folder = writable_folder(out or export_dir(study_file), fix="pass another folder with -o DIR")
-    path = folder / f"{study_file.name}-trial{choose_trial(stored, trial).number}.mecha"
+    path = folder / f"{study_file.name}-trial{trial}.mecha"
     write_text_atomic(path, text)
     console.print(f"wrote {path} (sd-mecha: sd_mecha.deserialize_path, then sd_mecha.merge)", highlight=False)
 
@@ -375,9 +375,9 @@ def export(
             f"{study}: no study '{study_file.name}' in {default_storage(study_file)}; "
             f"run automerge optimize {study} first (or set storage: to where it lives)"
         )
-    choose_trial(stored, trial)  # a wrong --trial is said before the render stack loads
+    chosen = choose_trial(stored, trial)  # a wrong --trial is said before the render stack loads
     if output_format != "automerge":
-        _export_recipe(study_file, stored, output_format, trial=trial, out=out)
+        _export_recipe(study_file, stored, output_format, trial=chosen.number, out=out)
         return
     from automerge.study import export_study
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from automerge.errors import ConfigError
+from automerge.interop._blocks import block_alphas
 from automerge.merge import BlockParams
 
 MODEL_CONFIGS = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
@@ -45,13 +46,7 @@ def mecha_recipe(
         )
     if family not in MODEL_CONFIGS:
         raise ConfigError(f"--format mecha: sd-mecha recipes are written for sd1 and sdxl, not {family}")
-    extra = sorted(set(params.values) - {"alpha"})
-    if extra:
-        raise ConfigError(
-            f"--format mecha: only a per-block alpha is written, this merge also sets {', '.join(extra)}"
-        )
-    alpha = params.values["alpha"]
-    weights = {block: float(alpha[block]) if params.merges(block) else 0.0 for block in blocks}
+    weights = block_alphas(params, blocks, output_format="mecha")
     if family == "sdxl":
         weights["VAE"] = 0.0  # A's VAE, as automerge keeps it
     config = MODEL_CONFIGS[family]

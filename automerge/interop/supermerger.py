@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from automerge.errors import ConfigError
+from automerge.interop._blocks import block_alphas
 from automerge.merge import BlockParams
 
 MODES: dict[str, tuple[str, str]] = {
@@ -68,15 +69,9 @@ def supermerger_recipe(
             f"--format supermerger: supermerger has no '{method}' merge; it can make "
             f"{', '.join(MODES)} (export the checkpoint, or use automerge merge with recipe.yaml)"
         )
-    extra = sorted(set(params.values) - {"alpha"})
-    if extra:
-        raise ConfigError(
-            f"--format supermerger: the MBW string holds only alpha, this merge also sets {', '.join(extra)}"
-        )
-    alpha = params.values["alpha"]
+    weights = block_alphas(params, blocks, output_format="supermerger")
     mode, calcmode = MODES[method]
-    weights = ",".join(repr(float(alpha[block])) if params.merges(block) else "0.0" for block in blocks)
-    return SupermergerRecipe(mode, calcmode, weights, tuple(models))
+    return SupermergerRecipe(mode, calcmode, ",".join(map(repr, weights.values())), tuple(models))
 
 
 def parse_mbw_weights(text: str) -> tuple[float, list[float]]:

@@ -29,20 +29,32 @@ def _prompt_as_read(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+class PromptCollapseCheck:
+    """Within one trial, images are ``add``-ed as they are rendered (payload by payload); each is read
+    into pixels once and compared with the earlier ones of the same seed, size and settings."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[object, ...], list[tuple[RenderedImage, tuple[str, str], np.ndarray]]] = {}
+
+    def add(self, rendered: Sequence[RenderedImage]) -> tuple[RenderedImage, RenderedImage] | None:
+        """The first earlier-or-new image and new image with different prompts (or negative prompts)
+        that are the same picture (``same_picture``), else None."""
+        for image in rendered:
+            job = image.job
+            settings = (job.seed, job.width, job.height, job.steps, job.cfg, job.scheduler, job.clip_skip)
+            prompts = (_prompt_as_read(job.prompt), _prompt_as_read(job.negative_prompt))
+            pixels = np.asarray(image.image.convert("RGB"))
+            group = self._seen.setdefault(settings, [])
+            for other, other_prompts, other_pixels in group:
+                if other_prompts != prompts and same_picture(pixels, other_pixels):
+                    return other, image
+            group.append((image, prompts, pixels))
+        return None
+
+
 def same_picture_for_different_prompts(
     rendered: Sequence[RenderedImage],
 ) -> tuple[RenderedImage, RenderedImage] | None:
-    """The first two images with different prompts (or negative prompts) but the same seed, size and
-    settings that are the same picture (every pixel within ``SAME_PICTURE_LEVELS``), else None."""
-    seen: dict[tuple[object, ...], list[tuple[RenderedImage, np.ndarray]]] = {}
-    for image in rendered:
-        job = image.job
-        settings = (job.seed, job.width, job.height, job.steps, job.cfg, job.scheduler, job.clip_skip)
-        prompts = (_prompt_as_read(job.prompt), _prompt_as_read(job.negative_prompt))
-        pixels = np.asarray(image.image.convert("RGB"))
-        for other, other_pixels in seen.get(settings, []):
-            other_prompts = (_prompt_as_read(other.job.prompt), _prompt_as_read(other.job.negative_prompt))
-            if other_prompts != prompts and same_picture(pixels, other_pixels):
-                return other, image
-        seen.setdefault(settings, []).append((image, pixels))
-    return None
+    """The first two of ``rendered`` with different prompts but the same seed, size and settings that
+    are the same picture, else None."""
+    return PromptCollapseCheck().add(rendered)

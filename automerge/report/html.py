@@ -59,7 +59,7 @@ class ReportData:
 def recovery_line(data: ReportData) -> str | None:
     """``recovered vs secret: mean |error| 0.054, worst alpha.MID 0.701 for 0.400`` (None: no secret)."""
     errors = data.recovery_errors()
-    if not errors or data.secret is None:
+    if not errors or data.secret is None:  # no secret, or none of its dimensions searched
         return None
     worst = max(errors, key=errors.__getitem__)
     recovered = next(value for name, value, _low, _high in data.weights if name == worst)

@@ -84,6 +84,14 @@ def _pinned(path: Path) -> str | None:
     return words[0] if words else ""
 
 
+def pin_or_verify(path: Path) -> None:
+    """Pin ``path`` if it has no pin yet (first fetch), else check it still matches its pin."""
+    if _pinned(path) is None:
+        write_pin(path)
+    else:
+        verify_pin(path)
+
+
 def verify_pin(path: Path) -> None:
     """When ``path`` has a first-fetch pin, raise ``RewardError`` unless the file still matches it
     (through the hash cache: a multi-GB file is hashed again only when its size or mtime changed)."""
@@ -197,8 +205,8 @@ def fetch_reward_weights(manifest_path: Path | str, *, downloader: Downloader | 
             key = role if roles[role].kind == "file" else f"{role}/{name}"
             expected = manifest.sha256.get(key)
             if _is_current(target, expected):
-                if expected is None and not pin_path(target).exists():
-                    write_pin(target)  # put there by hand before: pinned as it is now
+                if expected is None:
+                    pin_or_verify(target)  # put there by hand before: pinned as it is now
                 fetched.append(target)
                 continue
             if unreachable:  # each try offline costs huggingface_hub's retries (~20 s)
@@ -210,10 +218,8 @@ def fetch_reward_weights(manifest_path: Path | str, *, downloader: Downloader | 
                 _download(source, name, target, downloader=downloader)
                 if expected is not None:
                     verify_sha256(target, expected, key=key)
-                elif _pinned(target) is None:
-                    write_pin(target)
-                else:  # the hub now serves another file than the one trusted at the first fetch
-                    verify_pin(target)
+                else:  # refused if the hub now serves another file than the one trusted at first
+                    pin_or_verify(target)
             except RewardError as error:  # try the others too, then name every failure at once
                 failures.append(str(error))
                 unreachable = isinstance(error, HubUnreachableError)

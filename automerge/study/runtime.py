@@ -16,7 +16,7 @@ from automerge.checkpoints import warm_hash_cache
 from automerge.errors import ConfigError, RenderError, StudyError
 from automerge.merge import BlockParams, MergePlan, open_plan, plan_checkpoint, resolve_params
 from automerge.render import RenderJob, load_payload
-from automerge.render.checks import same_picture_for_different_prompts
+from automerge.render.checks import PromptCollapseCheck
 from automerge.render.renderer import RenderedImage
 from automerge.render.session import RenderSession
 from automerge.rewards import CompositeReward, ReferenceReward, Reward, load_reward
@@ -223,15 +223,14 @@ class StudyRuntime:
         image_scores: dict[str, float] = {}
         weighted, total_weight, payload_scores = 0.0, 0.0, []
         raw: dict[str, list[float]] = {}
-        every_render: list[RenderedImage] = []
+        collapse = PromptCollapseCheck()
         for payload in sorted({job.payload for job in jobs}):
             group = [job for job in jobs if job.payload == payload]
             on_stage("render")
             started = time.perf_counter()
             rendered = self.session.render([job.job for job in group])
             timings["render"] += time.perf_counter() - started
-            every_render.extend(rendered)
-            _refuse_collapsed(every_render)
+            _refuse_collapsed(collapse.add(rendered))
             on_stage("score")
             started = time.perf_counter()
             result = self.reward.score(
@@ -261,9 +260,8 @@ class StudyRuntime:
         self.plan.close()
 
 
-def _refuse_collapsed(rendered: Sequence[RenderedImage]) -> None:
+def _refuse_collapsed(pair: tuple[RenderedImage, RenderedImage] | None) -> None:
     """Fail the trial (``RenderError``) when two different prompts gave the same picture."""
-    pair = same_picture_for_different_prompts(rendered)
     if pair is not None:
         first, second = (image.job for image in pair)
         raise RenderError(
