@@ -21,6 +21,11 @@ _PUBLIC = {
     # checkpoints
     "open_model": "automerge.checkpoints",
     "SourceModel": "automerge.checkpoints",
+    # LoRAs
+    "read_lora": "automerge.lora",
+    "apply_loras": "automerge.lora",
+    "extract_lora": "automerge.lora",
+    "write_kohya_lora": "automerge.lora",
     # merging
     "METHODS": "automerge.merge",
     "Recipe": "automerge.merge",

@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
     {"config"},
     {"arch"},
     {"checkpoints"},
+    {"lora"},
     {"merge"},
     {"render", "rewards", "report", "interop"},
     {"tiny", "testing"},

@@ -19,7 +19,7 @@ from automerge.arch._targets import BlockRule, KeyRule, Target
 from automerge.registry import Registry
 
 if TYPE_CHECKING:
-    from automerge.arch._schema import Detection, PipelineSpec, ReferencePart
+    from automerge.arch._schema import Detection, KohyaSpec, PipelineSpec, ReferencePart
 
 VAE_BLOCK = "VAE"
 EMA_PREFIX = "model_ema."
@@ -60,6 +60,7 @@ class Architecture:
     reference: tuple[ReferencePart, ...]  # where its reference key table comes from
     pipeline: PipelineSpec
     detection: Detection
+    kohya: KohyaSpec  # how kohya's sd-scripts names and labels its LoRAs (lora/)
     prediction_type: str = "epsilon"
     aliases: tuple[tuple[str, str], ...] = field(default=())  # legacy key prefixes → canonical
 

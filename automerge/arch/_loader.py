@@ -44,6 +44,7 @@ def load_family(path: Path) -> Architecture:
         reference=spec.reference,
         pipeline=spec.pipeline,
         detection=spec.detection,
+        kohya=spec.kohya,
         prediction_type=spec.prediction_type,
         aliases=tuple((alias.old, alias.new) for alias in spec.aliases),
     )

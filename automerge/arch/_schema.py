@@ -107,6 +107,13 @@ class PipelineSpec(Schema):
     tokenizers: dict[str, TokenizerSpec]  # text encoder component → its tokenizer, in pipeline order
 
 
+class KohyaSpec(Schema):
+    """How kohya's sd-scripts names and labels this family's LoRAs (``networks/lora.py``): read by ``lora/``."""
+
+    base_model_version: str  # the `ss_base_model_version` it writes (e.g. sd_v1, sdxl_base_v1-0)
+    unet_names: Literal["diffusers", "ldm"]  # its UNet module names: diffusers' or the original ones
+
+
 class UnetInput(Schema):
     key: str  # original layout: the UNet's input conv, [out, channels, kh, kw]
     channels: int  # diffusers folders: unet/config.json in_channels
@@ -148,6 +155,7 @@ class FamilyFile(Schema):
     aliases: tuple[Alias, ...] = ()
     pipeline: PipelineSpec
     detection: Detection
+    kohya: KohyaSpec
 
     @field_validator("components")
     @classmethod
