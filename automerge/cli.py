@@ -142,6 +142,25 @@ def methods() -> None:
     console.print(table)
 
 
+@app.command("extract-lora")
+def extract_lora(
+    a: Annotated[Path, typer.Argument(help="Model A (the base): a checkpoint or a diffusers folder.")],
+    b: Annotated[Path, typer.Argument(help="Model B (the fine-tune) of the same family.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output LoRA (.safetensors, kohya format).")],
+    rank: Annotated[int, typer.Option(help="LoRA rank (dim) per layer; alpha = rank.")] = 32,
+    blocks: Annotated[
+        list[str] | None, typer.Option(help="Only these MBW blocks, e.g. IN04,OUT05 (BASE: text encoders).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda: where the SVDs run.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp16 | bf16 | fp32: the LoRA's tensors.")] = "fp16",
+) -> None:
+    """The difference B − A as a kohya LoRA (truncated SVD per layer); prints the energy kept per block."""
+    from automerge.commands import extract_lora_command
+
+    chosen = None if blocks is None else [name.strip() for item in blocks for name in item.split(",")]
+    extract_lora_command(a, b, out, rank=rank, blocks=chosen, device=device, dtype=dtype, console=console)
+
+
 # -- rendering and scoring ----------------------------------------------------------------------------
 
 
@@ -332,10 +351,14 @@ def _export_recipe(
     study_file: StudyFile, stored: optuna.Study, output_format: str, *, trial: int, out: Path | None
 ) -> None:
     """``export --format supermerger`` prints; ``--format mecha`` writes NAME-trialN.mecha (sd-mecha's
-    reader refuses the empty last line a printed file would end with)."""
+    reader refuses the empty last line a printed file would end with); ``--format comfyui`` writes
+    NAME-trialN.comfyui-api.json and NAME-trialN.comfyui-workflow.json."""
     from automerge.files import writable_folder, write_text_atomic
     from automerge.study import export_dir, interop_text
 
+    if output_format == "comfyui":
+        _export_comfyui(study_file, stored, trial=trial, out=out)
+        return
     text = interop_text(study_file, output_format, study=stored, trial_number=trial)
     if output_format == "supermerger":
         sys.stdout.write(text)
@@ -344,6 +367,27 @@ def _export_recipe(
     path = folder / f"{study_file.name}-trial{trial}.mecha"
     write_text_atomic(path, text)
     console.print(f"wrote {path} (sd-mecha: sd_mecha.deserialize_path, then sd_mecha.merge)", highlight=False)
+
+
+def _export_comfyui(study_file: StudyFile, stored: optuna.Study, *, trial: int, out: Path | None) -> None:
+    """The trial as a ComfyUI workflow, both forms, and how to run them."""
+    from automerge.files import writable_folder, write_text_atomic
+    from automerge.study import export_dir, interop_workflow
+
+    workflow = interop_workflow(study_file, study=stored, trial_number=trial)  # checked before writing
+    folder = writable_folder(out or export_dir(study_file), fix="pass another folder with -o DIR")
+    stem = f"{study_file.name}-trial{trial}"
+    graph, api = folder / f"{stem}.comfyui-workflow.json", folder / f"{stem}.comfyui-api.json"
+    write_text_atomic(graph, workflow.graph_json())
+    write_text_atomic(api, workflow.api_json())
+    for line in (
+        f"wrote {graph} (ComfyUI's UI: drag it onto the canvas, then Queue)",
+        f'wrote {api} (ComfyUI\'s API: POST {{"prompt": <its contents>}} to http://127.0.0.1:8188/prompt)',
+        f"both load {', '.join(workflow.checkpoints)} from ComfyUI's models/checkpoints/ (copy or link them "
+        f"there) and save output/checkpoints/{stem}_00001_.safetensors",
+        "where ComfyUI's result differs from automerge's: the workflow's Note node",
+    ):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -357,7 +401,9 @@ def export(
         typer.Option(
             "--format",
             help="automerge: recipe.yaml, model.safetensors, report.html; supermerger: print its mode, "
-            "calcmode and MBW weights; mecha: write an sd-mecha recipe (NAME-trialN.mecha) in the folder.",
+            "calcmode and MBW weights; mecha: write an sd-mecha recipe (NAME-trialN.mecha) in the folder; "
+            "comfyui: write a ComfyUI workflow (NAME-trialN.comfyui-workflow.json, and the API form "
+            "NAME-trialN.comfyui-api.json) in the folder.",
         ),
     ] = "automerge",
 ) -> None:

@@ -13,6 +13,8 @@ from automerge.files import check_creatable, writable_folder
 from automerge.terminal import startup_status
 
 if TYPE_CHECKING:
+    from automerge.arch import Architecture
+    from automerge.lora import Extraction
     from automerge.render import RenderConfig
     from automerge.study import StudyFile
 
@@ -210,3 +212,115 @@ def dry_run_command(study_file: StudyFile, *, device: str | None, calibrate: boo
     if not plan.fits:
         raise ConfigError(f"{study_file.path}: {plan.problems[0]}")
     console.print("[green]the plan fits[/]")
+
+
+def _svd_device(device: str) -> str:
+    """``--device`` checked: cpu, or cuda[:N] where a GPU is there."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device: '{device}' is not a device; use cpu or cuda") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: '{device}' is not supported; use cpu or cuda")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is available; use --device cpu")
+    return str(parsed)
+
+
+def _kept_energy_table(extraction: Extraction, arch: Architecture, *, rank: int) -> Table:
+    """Per block: its layers and the share of B − A's energy they keep (Σσ² kept / Σσ²)."""
+    import torch
+
+    counts: dict[str, int] = {}
+    for layer in extraction.layers:
+        block = str(arch.block_of(layer.key, torch.float32))
+        counts[block] = counts.get(block, 0) + 1
+    table = Table(title=f"B − A at rank {rank}", title_justify="left")
+    for column in ("block", "layers", "energy kept (Σσ² kept / Σσ²)"):
+        table.add_column(column, justify="left" if column == "block" else "right")
+    for block, kept in extraction.kept_energy.items():
+        table.add_row(block, str(counts.get(block, 0)), f"{100 * kept:.2f} %")
+    return table
+
+
+def extract_lora_command(
+    a: Path,
+    b: Path,
+    out: Path,
+    *,
+    rank: int,
+    blocks: list[str] | None,
+    device: str,
+    dtype: str,
+    console: Console,
+) -> None:
+    """``automerge extract-lora``: B − A as a kohya LoRA; every option and both headers are checked
+    before the first SVD; prints the energy kept per block."""
+    import json
+
+    from automerge.checkpoints import open_model
+    from automerge.dtypes import torch_dtype
+    from automerge.lora import extract_lora, write_kohya_lora
+    from automerge.registry import did_you_mean
+
+    # 1. The options, then the two models (headers only).
+    if rank < 1:
+        raise ConfigError(f"--rank must be at least 1, got {rank}")
+    out_dtype = torch_dtype(dtype, where="--dtype")
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"-o {out}: the LoRA must be a .safetensors file")
+    fix = "pass another path with -o"
+    check_creatable(out.parent, fix=fix)
+    svd_device = _svd_device(device)
+    with open_model(a) as model_a, open_model(b) as model_b:
+        arch = model_a.arch
+        if model_b.arch.name != arch.name:
+            raise ConfigError(
+                f"{a} is {arch.title} but {b} is {model_b.arch.title}; "
+                "a difference LoRA needs two models of one family"
+            )
+        for block in blocks or ():
+            if block not in arch.merge_blocks:
+                raise ConfigError(
+                    f"--blocks: '{block}' is not a block of {arch.title}{did_you_mean(block, arch.merge_blocks)}; "
+                    f"blocks: {', '.join(arch.merge_blocks)}"
+                )
+        # 2. One truncated SVD per layer.
+        with console.status("extracting B − A") as spinner:
+            extraction = extract_lora(
+                model_a.checkpoint,
+                model_b.checkpoint,
+                arch,
+                rank=rank,
+                blocks=blocks,
+                device=svd_device,
+                dtype=out_dtype,
+                progress=lambda done, total: spinner.update(f"extracting B − A: {done}/{total} tensors"),
+            )
+    if not extraction.layers:
+        raise ConfigError(
+            f"{a} and {b} are identical in the chosen blocks: there is no difference to extract"
+        )
+    # 3. The file (kohya's metadata + where it came from), then the kept energy per block.
+    note = {
+        "a": a.name,
+        "b": b.name,
+        "rank": rank,
+        "blocks": blocks or "all",
+        "kept_energy": extraction.kept_energy,
+    }
+    metadata = {
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(rank)),
+        "ss_network_args": json.dumps({"conv_dim": str(rank), "conv_alpha": str(float(rank))}),
+        "automerge.extract_lora": json.dumps(note, sort_keys=True),
+    }
+    writable_folder(out.parent, fix=fix)
+    write_kohya_lora(out, extraction.layers, arch, metadata=metadata)
+    console.print(_kept_energy_table(extraction, arch, rank=rank))
+    size = out.stat().st_size / 1e6
+    console.print(
+        f"wrote {out} ({len(extraction.layers)} layers, {size:.1f} MB, {arch.title})", highlight=False
+    )

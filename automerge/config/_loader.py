@@ -127,6 +127,8 @@ def _describe(error: ValidationError, model: type[BaseModel], source: Path | str
         return f"{source}: field '{field}': expected {_expected(model, loc, first)}; found {_short(found)}"
     message = first["msg"]
     message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if not loc:  # a check of the whole file names its own fields
+        return f"{source}: {message}"
     return f"{source}: field '{field}': {message}; found {_short(found)}"
 
 

@@ -12,6 +12,12 @@ Per block, the cheapest exact path is used (``merge_into``): a method's fused ``
 whole flat block (weighted sum: one ``torch.lerp(out=...)``), else the element-wise method through a
 chunk-sized scratch buffer, else the method per key (TIES, DARE, slerp, ...: per-tensor statistics,
 per-key seeds). The export goes through the same ``merge_into``, so both compute the same bits.
+
+LoRAs. A source's LoRAs are applied once, when it is loaded (``MergePlan.load``, as the export reads
+it). A LoRA whose strength a study searches is *live* (``EngineOptions.live_loras``): for its source
+the engine also keeps the checkpoint's own tensors of the keys its LoRAs adapt (in the file's dtype,
+beside the source), and when a strength changes it recomputes those keys of the source with the same
+``apply_loras`` and re-merges their blocks: nothing is read again.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 
 from automerge.arch import Architecture
 from automerge.checkpoints import TensorInfo
+from automerge.lora import Lora, apply_loras
 from automerge.merge.methods import check_finite, generator_for, merge_into
 from automerge.merge.params import BlockParams, changed_blocks
 from automerge.merge.plan import MergePlan
@@ -50,6 +57,8 @@ class _Block:
     sources: dict[str, torch.Tensor] = field(default_factory=dict)  # letter → flat (storage dtype)
     out: torch.Tensor | None = None  # flat (live dtype) on the device; live parameters view it
     source_magnitude: float = 0.0  # max |x| over every source tensor of the block
+    lora_raw: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # letter → slot → own tensor
+    live_loras: set[str] = field(default_factory=set)  # names of the live LoRAs adapting the block
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class EngineOptions:
     source_dtype: torch.dtype | None = None
     offload: bool = False
     chunk_numel: int | None = None  # elements per chunk of element-wise merges (None: by device)
+    live_loras: frozenset[str] = frozenset()  # LoRAs whose strength may change between applies
 
 
 def live_keys(plan: MergePlan) -> Iterator[tuple[str, str, TensorInfo]]:
@@ -81,11 +91,15 @@ def live_keys(plan: MergePlan) -> Iterator[tuple[str, str, TensorInfo]]:
 
 def held_sources(plan: MergePlan) -> dict[str, str]:
     """Each source's letter → the letter whose tensors the engine holds for it: the same file given
-    twice (e.g. a == b) is held once."""
-    first_of_path: dict[Path, str] = {}
-    for name, model in plan.sources.items():
-        first_of_path.setdefault(model.path.resolve(), name)
-    return {name: first_of_path[model.path.resolve()] for name, model in plan.sources.items()}
+    twice (e.g. a == b) with the same LoRAs is held once."""
+    first: dict[tuple[Path, tuple[str, ...]], str] = {}
+
+    def identity(name: str) -> tuple[Path, tuple[str, ...]]:
+        return plan.sources[name].path.resolve(), tuple(lora for lora, _ in plan.loras.get(name, ()))
+
+    for name in plan.sources:
+        first.setdefault(identity(name), name)
+    return {name: first[identity(name)] for name in plan.sources}
 
 
 class LiveEngine:
@@ -97,6 +111,8 @@ class LiveEngine:
         self.device = torch.device(self.options.device)
         self.arch: Architecture = plan.arch
         self._blocks = self._layout()
+        self._lora_strengths = dict(plan.params.lora_strengths)  # what the resident sources carry
+        self._live_loras = self._device_loras()
         self._load_sources()
         self._applied: BlockParams | None = None
 
@@ -111,6 +127,20 @@ class LiveEngine:
             target.numel += info.numel
         return {name: block for name, block in blocks.items() if block.slots}
 
+    def _device_loras(self) -> dict[str, list[tuple[str, Lora]]]:
+        """Each source's LoRAs, when one of them is live, with their factors where the sources are
+        (moved once; their deltas are recomputed there when a strength changes)."""
+        live = self.options.live_loras
+        unknown = live - set(self.plan.params.lora_strengths)
+        if unknown:
+            raise ValueError(f"live LoRAs {sorted(unknown)} are not in the plan")
+        where = torch.device("cpu") if self.options.offload else self.device
+        return {
+            name: [(lora_name, lora.to(where)) for lora_name, lora in entries]
+            for name, entries in self.plan.loras.items()
+            if any(lora_name in live for lora_name, _ in entries)
+        }
+
     def _load_sources(self) -> None:
         storage = self.options.source_dtype or self.options.dtype
         where = torch.device("cpu") if self.options.offload else self.device
@@ -123,9 +153,15 @@ class LiveEngine:
                     block.sources[name] = block.sources[twin]
                     continue
                 flat = torch.empty(block.numel, dtype=storage, device=where, pin_memory=pin)
-                for slot in block.slots:
+                for index, slot in enumerate(block.slots):
                     part = flat[slot.offset : slot.offset + slot.numel]
-                    part.copy_(model.checkpoint.load(slot.key).reshape(-1))
+                    if name in self._live_loras and self.plan.loras_on(name, slot.key):
+                        raw = model.checkpoint.load(slot.key).to(where)
+                        block.lora_raw.setdefault(name, {})[index] = raw
+                        block.live_loras.update(self._lora_names_on(name, slot.key))
+                        part.copy_(self._with_loras(name, slot.key, raw).reshape(-1))
+                    else:
+                        part.copy_(self.plan.load(name, slot.key).reshape(-1))
                     # checked as stored: a value beyond fp16's range in an fp32 file is caught too
                     magnitude = check_finite(part, model=f"{name} ({model.path.name})", key=slot.key)
                     block.source_magnitude = max(block.source_magnitude, magnitude)
@@ -134,9 +170,55 @@ class LiveEngine:
 
     # -- merging -----------------------------------------------------------------------------------
 
+    def _lora_names_on(self, name: str, key: str) -> set[str]:
+        return {lora_name for lora_name, lora in self._live_loras[name] if key in lora.layers}
+
+    def _with_loras(self, name: str, key: str, raw: torch.Tensor) -> torch.Tensor:
+        """Source ``name``'s ``key`` from its own tensor ``raw`` and its LoRAs at the current strengths:
+        the computation of ``MergePlan.load`` (``apply_loras``), on the sources' device."""
+        applied = [
+            (lora, self._lora_strengths[lora_name])
+            for lora_name, lora in self._live_loras[name]
+            if key in lora.layers
+        ]
+        return apply_loras(raw, key, applied)
+
+    def _refresh_lora_sources(self, params: BlockParams) -> set[str]:
+        """Recompute the sources' keys adapted by LoRAs whose strength ``params`` changes; returns
+        the blocks that must be re-merged."""
+        if set(params.lora_strengths) != set(self._lora_strengths):
+            raise ValueError(
+                f"parameters for LoRAs {sorted(params.lora_strengths)}, the plan has {sorted(self._lora_strengths)}"
+            )
+        changed = {
+            name for name, strength in params.lora_strengths.items() if self._lora_strengths[name] != strength
+        }
+        if not changed:
+            return set()
+        fixed = changed - self.options.live_loras
+        if fixed:
+            raise ValueError(f"LoRA strengths {sorted(fixed)} changed, but the engine holds them fixed")
+        self._lora_strengths.update(params.lora_strengths)
+        refreshed = set()
+        for block in self._blocks.values():
+            if not block.live_loras & changed:
+                continue
+            for name, raws in block.lora_raw.items():
+                for index, raw in raws.items():
+                    slot = block.slots[index]
+                    part = block.sources[name][slot.offset : slot.offset + slot.numel]
+                    part.copy_(self._with_loras(name, slot.key, raw).reshape(-1))
+                    magnitude = check_finite(part, model=f"{name} with its LoRAs", key=slot.key)
+                    block.source_magnitude = max(block.source_magnitude, magnitude)
+            refreshed.add(block.name)
+        return refreshed
+
     def apply(self, params: BlockParams) -> set[str]:
-        """Re-merge the blocks whose parameters changed since the last ``apply``; returns them."""
-        todo = changed_blocks(self._applied, params) & set(self._blocks)
+        """Re-merge the blocks whose parameters changed since the last ``apply`` (LoRA strengths
+        included); returns them."""
+        todo = (changed_blocks(self._applied, params) | self._refresh_lora_sources(params)) & set(
+            self._blocks
+        )
         if self._applied is None:
             todo = set(self._blocks)
         for name in todo:

@@ -20,7 +20,6 @@ from automerge._version import __version__
 from automerge.checkpoints import (
     CONFIGS_METADATA_KEY,
     SafetensorsWriter,
-    SourceModel,
     TensorInfo,
     a1111_legacy_hash,
     a1111_short_hash,
@@ -42,7 +41,7 @@ def merged_tensors(
         info = primary.info(key)
         block = plan.merged_block(key, info.dtype)
         if block is None:  # copied from A: refused with NaN/Inf as the live engine refuses it
-            tensor = primary.load(key)
+            tensor = plan.load("a", key)
             check_finite(tensor, model=f"a ({plan.primary.path.name})", key=key)
             yield (
                 key,
@@ -63,7 +62,7 @@ def merge_key(
     """One merged tensor in ``dtype`` (computed in the plan's compute dtype, like the live engine);
     sources are checked for NaN/Inf first."""
     names = [*plan.model_names, *([plan.base_name] if plan.base_name else [])]
-    loaded = {name: _load(plan.sources[name], name, key, device) for name in names}
+    loaded = {name: _load(plan, name, key, device) for name in names}
     models = [loaded[name][0] for name in plan.model_names]
     base = loaded[plan.base_name][0] if plan.base_name else None
     generator = generator_for(key, plan.seed, device) if plan.method.random else None
@@ -82,10 +81,11 @@ def merge_key(
     return out
 
 
-def _load(model: SourceModel, name: str, key: str, device: str) -> tuple[torch.Tensor, float]:
-    """The source tensor on ``device`` and its max |x|; NaN/Inf raise ``MergeError``."""
-    tensor = model.checkpoint.load(key).to(device)
-    return tensor, check_finite(tensor, model=f"{name} ({model.path.name})", key=key)
+def _load(plan: MergePlan, name: str, key: str, device: str) -> tuple[torch.Tensor, float]:
+    """Source ``name``'s tensor (its LoRAs applied) on ``device`` and its max |x|; NaN/Inf raise
+    ``MergeError``."""
+    tensor = plan.load(name, key).to(device)
+    return tensor, check_finite(tensor, model=f"{name} ({plan.sources[name].path.name})", key=key)
 
 
 def output_infos(plan: MergePlan, *, dtype: torch.dtype) -> dict[str, TensorInfo]:

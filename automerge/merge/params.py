@@ -4,10 +4,14 @@ Every parameter of a merge method may be one number (all blocks) or a per-block 
 ``{default: 0.5, IN04: 0.8}``; a map without ``default`` falls back to the method's default.
 Product rule: the ``VAE`` block is merged only when some parameter's map names it explicitly;
 otherwise it gets no entry and ``BlockParams.merges("VAE")`` is False.
+
+``BlockParams`` also carries the strength of each LoRA applied to a source (by the LoRA's name), since
+a study may search those too; they are not per block.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +33,8 @@ class BlockParams:
 
     values: Mapping[str, Mapping[str, float]]
     blocks: tuple[str, ...]  # the merged blocks, in the family's order
+    lora_strengths: Mapping[str, float] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    # LoRA name → strength (not per block)
 
     def merges(self, block: str) -> bool:
         """Whether ``block`` is merged (False for VAE unless a map named it)."""
@@ -40,9 +46,17 @@ class BlockParams:
             raise KeyError(f"block '{block}' is not merged (merged: {', '.join(self.blocks)})")
         return {name: per_block[block] for name, per_block in self.values.items()}
 
-    def with_values(self, updates: Mapping[str, Mapping[str, float]]) -> BlockParams:
+    def with_values(
+        self, updates: Mapping[str, Mapping[str, float]], *, lora_strengths: Mapping[str, float] | None = None
+    ) -> BlockParams:
         """These parameters with ``updates[param][block]`` replaced (merged blocks of known
-        parameters only: the caller checked the values, e.g. a search space against its spec)."""
+        parameters only: the caller checked the values, e.g. a search space against its spec), and
+        the LoRA strengths of ``lora_strengths`` (known LoRAs only)."""
+        strengths = dict(self.lora_strengths)
+        for name, strength in (lora_strengths or {}).items():
+            if name not in strengths:
+                raise KeyError(f"no LoRA named '{name}' (LoRAs: {', '.join(strengths) or 'none'})")
+            strengths[name] = float(strength)
         values = {name: dict(per_block) for name, per_block in self.values.items()}
         for name, per_block in updates.items():
             for block, value in per_block.items():
@@ -52,7 +66,12 @@ class BlockParams:
         return BlockParams(
             values=MappingProxyType({name: MappingProxyType(v) for name, v in values.items()}),
             blocks=self.blocks,
+            lora_strengths=MappingProxyType(strengths),
         )
+
+    def with_loras(self, strengths: Mapping[str, float]) -> BlockParams:
+        """These parameters with exactly the LoRAs of ``strengths`` (a plan sets them once)."""
+        return dataclasses.replace(self, lora_strengths=MappingProxyType(dict(strengths)))
 
     def as_recipe(self) -> dict[str, float | dict[str, float]]:
         """The parameters as a recipe writes them, reading back to equal ``BlockParams``: one number

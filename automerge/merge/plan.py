@@ -1,16 +1,18 @@
 """``MergePlan``: a checked merge — open sources (headers only), their family, the method, resolved
 per-block parameters, seed and dtypes — from which the live engine and the export both work.
 
-Everything is checked (method, model roles, parameters per block, families, shapes) before any tensor is
-merged or any file written. ``plan_merge`` plans a recipe file; ``open_plan`` plans typed values (a study
+Everything is checked (method, model roles, parameters per block, families, shapes, LoRAs against their
+model) before any tensor is merged or any file written. A source with LoRAs is its checkpoint plus each
+LoRA's delta times its strength (``MergePlan.load``): the export and the live engine read sources through
+that one function, and the strengths live in ``params.lora_strengths``, so a trial can change them. ``plan_merge`` plans a recipe file; ``open_plan`` plans typed values (a study
 uses it directly); ``plan_checkpoint`` plans one checkpoint as itself (for rendering it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,9 +21,10 @@ from automerge.arch import EMA_PREFIX, Architecture
 from automerge.checkpoints import SourceModel, open_model
 from automerge.dtypes import TORCH_DTYPES, dtype_name
 from automerge.errors import ConfigError, MergeError
+from automerge.lora import Lora, apply_loras, read_lora
 from automerge.merge.methods import METHODS, MergeMethod
 from automerge.merge.params import BlockParams, BlockValue, resolve_params
-from automerge.merge.recipe import Recipe
+from automerge.merge.recipe import LoraEntry, Recipe
 
 BASE_NAME = "c"
 
@@ -40,6 +43,7 @@ class MergePlan:
     dtype: torch.dtype  # of the exported checkpoint
     compute_dtype: torch.dtype  # of the merge math
     source: str  # where the plan came from, for messages
+    loras: Mapping[str, tuple[tuple[str, Lora], ...]] = field(default_factory=dict)  # letter → (name, LoRA)
 
     @property
     def primary(self) -> SourceModel:
@@ -51,14 +55,37 @@ class MergePlan:
         return block if block is not None and self.params.merges(block) else None
 
     def with_params(self, params: BlockParams) -> MergePlan:
-        """The same sources and method with other parameters (e.g. a trial's)."""
+        """The same sources and method with other parameters (e.g. a trial's, LoRA strengths too)."""
         return dataclasses.replace(self, params=params)
+
+    def load(self, name: str, key: str) -> torch.Tensor:
+        """Source ``name``'s tensor ``key`` as merged: the checkpoint's, plus Σ strength·delta of the
+        source's LoRAs that adapt it (computed in fp32, in the stored dtype; CPU)."""
+        tensor = self.sources[name].checkpoint.load(key)
+        applied = self.loras_on(name, key)
+        return apply_loras(tensor, key, applied) if applied else tensor
+
+    def loras_on(self, name: str, key: str) -> list[tuple[Lora, float]]:
+        """(LoRA, strength) of source ``name``'s LoRAs that adapt ``key``, in the recipe's order."""
+        return [
+            (lora, self.params.lora_strengths[lora_name])
+            for lora_name, lora in self.loras.get(name, ())
+            if key in lora.layers
+        ]
 
     def recipe(self) -> Recipe:
         """This plan as a recipe (for recipe.yaml and the checkpoint header): planning it again gives
         the same merge."""
+        strengths = self.params.lora_strengths
         return Recipe(
             models={name: model.path for name, model in self.sources.items()},
+            loras={
+                letter: [
+                    LoraEntry(path=lora.path, strength=strengths[name], name=name) for name, lora in entries
+                ]
+                for letter, entries in self.loras.items()
+                if entries
+            },
             method=self.method.name,
             params=self.params.as_recipe(),
             seed=self.seed,
@@ -69,6 +96,12 @@ class MergePlan:
     def close(self) -> None:
         for model in self.sources.values():
             model.close()
+
+    def __enter__(self) -> MergePlan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def method_roles(method: MergeMethod, names: list[str], *, source: str) -> tuple[tuple[str, ...], str | None]:
@@ -100,10 +133,11 @@ def open_plan(
     seed: int = 0,
     dtype: str = "fp16",
     compute_dtype: str = "fp32",
+    loras: Mapping[str, Sequence[LoraEntry]] | None = None,
     source: str,
 ) -> MergePlan:
-    """Check everything and open the sources (lazily: headers only); ``source`` names the file (and
-    field) the values came from in every error."""
+    """Check everything and open the sources (lazily: headers only) and their LoRAs (read whole:
+    they are small); ``source`` names the file (and field) the values came from in every error."""
     merge_method = METHODS.get(method, where=f"{source}: field 'method'")
     model_names, base_name = method_roles(merge_method, list(models), source=source)
     opened: dict[str, SourceModel] = {}
@@ -111,17 +145,28 @@ def open_plan(
         for name, path in sorted(models.items()):
             opened[name] = open_model(path)
         arch = _common_arch(opened, source=source)
+        lora_entries = loras or {}
+        read = {
+            letter: tuple(
+                (entry.name, _read_lora(entry, arch, opened[letter], source=source)) for entry in entries
+            )
+            for letter, entries in lora_entries.items()
+        }
+        strengths = {entry.name: entry.strength for entries in lora_entries.values() for entry in entries}
         plan = MergePlan(
             method=merge_method,
             arch=arch,
             sources=opened,
             model_names=model_names,
             base_name=base_name,
-            params=resolve_params(merge_method, params, blocks=arch.blocks, source=source),
+            params=resolve_params(merge_method, params, blocks=arch.blocks, source=source).with_loras(
+                strengths
+            ),
             seed=seed,
             dtype=TORCH_DTYPES[dtype],
             compute_dtype=TORCH_DTYPES[compute_dtype],
             source=source,
+            loras=read,
         )
         check_shapes(plan)
         plan.primary.check_complete("a")
@@ -138,6 +183,7 @@ def plan_merge(recipe: Recipe, *, source: str) -> MergePlan:
         recipe.models,
         recipe.method,
         params=recipe.params,
+        loras=recipe.loras,
         seed=recipe.seed,
         dtype=recipe.dtype,
         compute_dtype=recipe.compute_dtype,
@@ -150,6 +196,17 @@ def plan_checkpoint(path: Path, *, source: str | None = None) -> MergePlan:
     return open_plan(
         {"a": path, "b": path}, "weighted_sum", params={"alpha": 0.0}, source=source or str(path)
     )
+
+
+def _read_lora(entry: LoraEntry, arch: Architecture, model: SourceModel, *, source: str) -> Lora:
+    """The LoRA of ``entry``, checked against its model's own tensors: every tensor it adapts exists
+    there with the shape its factors make (a LoRA for another family or size fails here)."""
+    checkpoint = model.checkpoint
+    shapes = {key: checkpoint.info(key).shape for key in checkpoint.keys()}
+    try:
+        return read_lora(entry.path, arch, shapes=shapes)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: LoRA '{entry.name}' on {model.path.name}: {error}") from None
 
 
 def _common_arch(sources: Mapping[str, SourceModel], *, source: str) -> Architecture:

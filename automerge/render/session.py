@@ -30,10 +30,12 @@ class RenderSession:
         *,
         tokenizers: TokenizerCache | None = None,
         status: Callable[[str], None] | None = None,
+        live_loras: frozenset[str] = frozenset(),
     ) -> None:
         """Load the plan's sources onto the device and build the pipeline around them (the plan stays
         the caller's to close). ``tokenizers``: a cache shared by several sessions of one process;
-        ``status(text)`` is told each phase as it starts (the terminal's status line)."""
+        ``status(text)`` is told each phase as it starts (the terminal's status line);
+        ``live_loras``: LoRAs whose strength ``apply`` may change (a study searching them)."""
         status = status or (lambda text: None)
         self.plan = plan
         self.config = config or RenderConfig()
@@ -45,6 +47,7 @@ class RenderSession:
             dtype=self.dtype,
             source_dtype=self.config.storage_dtype(self.device),
             offload=self.config.offload,
+            live_loras=live_loras,
         )
         # 2. The engine: sources resident, merged weights in flat per-block buffers.
         status(f"loading {len(plan.sources)} source models onto {self.device}")

@@ -20,6 +20,7 @@ _PUBLIC = {
     "parse_duration": "config",
     "export_study": "export",
     "interop_text": "export",
+    "interop_workflow": "export",
     "TrialRecord": "records",
     "best_trial": "records",
     "choose_trial": "records",

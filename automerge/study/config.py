@@ -20,7 +20,7 @@ from automerge.config import FileRef, Schema, parse_file
 from automerge.dtypes import DtypeName
 from automerge.errors import ConfigError, StudyError
 from automerge.files import relative_path
-from automerge.merge.recipe import check_model_letters
+from automerge.merge.recipe import LoraEntry, check_lora_names, check_model_letters, lift_model_entries
 from automerge.render.config import RenderConfig
 from automerge.rewards.manifest import MANIFEST_SUFFIXES, find_manifest
 
@@ -168,7 +168,7 @@ class InlineReward(Schema):
     reference: InlineReference
 
 
-SEARCH_FIELDS = {"models", "method", "search", "params", "seed", "payloads", "reward", "generate"}
+SEARCH_FIELDS = {"models", "loras", "method", "search", "params", "seed", "payloads", "reward", "generate"}
 
 
 def _sha256_json(data: Any) -> str:
@@ -186,6 +186,9 @@ class StudyFile(Schema):
         description="the study's name in storage and its export folder: letters, digits, . _ - and spaces",
     )
     models: dict[str, FileRef]
+    loras: dict[str, list[LoraEntry]] = Field(
+        default_factory=dict, description="per model letter, LoRAs applied to it (from models.X.loras)"
+    )
     generate: dict[str, TinyModelSpec] = Field(default_factory=dict)
     method: str = "weighted_sum"
     search: dict[str, SearchParam]
@@ -221,10 +224,24 @@ class StudyFile(Schema):
             )
         return name
 
+    @model_validator(mode="before")
+    @classmethod
+    def _entries(cls, data: Any) -> Any:
+        return lift_model_entries(data)
+
     @field_validator("models")
     @classmethod
     def _model_letters(cls, models: dict[str, Path]) -> dict[str, Path]:
         return check_model_letters(models)
+
+    @model_validator(mode="after")
+    def _lora_names(self) -> StudyFile:
+        check_lora_names(self.loras, self.models)
+        return self
+
+    @property
+    def lora_names(self) -> set[str]:
+        return {entry.name for entries in self.loras.values() for entry in entries}
 
     @property
     def path(self) -> Path:
@@ -304,6 +321,10 @@ def load_study_file(path: Path | str) -> StudyFile:
     for name, model in study.models.items():
         if name not in study.generate and not model.exists():
             raise ConfigError(f"{path}: models.{name}: {model} does not exist")
+    for name, entries in study.loras.items():
+        for index, entry in enumerate(entries):
+            if not entry.path.is_file():
+                raise ConfigError(f"{path}: models.{name}.loras[{index}]: {entry.path} does not exist")
     for name, spec in study.generate.items():
         if name not in study.models:
             raise ConfigError(f"{path}: generate.{name}: no models.{name} path to write it to")

@@ -24,14 +24,14 @@ from rich.console import Console
 
 from automerge.errors import ConfigError
 from automerge.files import foreign_files, relative_path, replaced_folder, writable_folder, write_text_atomic
-from automerge.interop import mecha_recipe, supermerger_recipe
-from automerge.merge import MergePlan, export_merge, resolve_params
+from automerge.interop import ComfyWorkflow, comfyui_workflow, mecha_recipe, supermerger_recipe
+from automerge.merge import MergePlan, export_merge
 from automerge.report import GridCell, Margin, ReportData, recovery_line, render_report
 from automerge.study import records
 from automerge.study.config import InlineReward, StudyFile, artifact_dir, export_dir
 from automerge.study.records import TrialRecord
 from automerge.study.runtime import Evaluation, StudyRuntime, open_study_plan
-from automerge.study.space import SearchSpace, build_space
+from automerge.study.space import SearchSpace, build_space, target_params
 
 
 def export_study(
@@ -130,6 +130,7 @@ def interop_text(
     title = f"{study_file.name} trial {trial.number}"
     plan = open_study_plan(study_file)
     try:
+        _refuse_foreign_sources(plan, output_format, diffusers_folders=True)
         space = build_space(study_file, plan.arch, plan.method)
         params = space.block_params(trial.params)
         if output_format == "mecha":
@@ -139,6 +140,44 @@ def interop_text(
             )
         names = [model.path.name for model in plan.sources.values()]
         return supermerger_recipe(plan.method.name, params, plan.arch.merge_blocks, names).text(title=title)
+    finally:
+        plan.close()
+
+
+def _refuse_foreign_sources(plan: MergePlan, output_format: str, *, diffusers_folders: bool) -> None:
+    """``ConfigError`` for a source the other tool's recipe cannot name as it is: one with LoRAs (the
+    recipe would merge the bare checkpoint), or a diffusers folder where the tool loads single files."""
+    for name, model in plan.sources.items():
+        if plan.loras.get(name):
+            why = "carries LoRAs, which the recipe would not apply"
+        elif model.layout != "original" and not diffusers_folders:
+            why = "is a diffusers folder (CheckpointLoaderSimple loads single-file checkpoints)"
+        else:
+            continue
+        raise ConfigError(
+            f"--format {output_format}: model {name} ({model.path}) {why}; export the merged checkpoint "
+            "instead (automerge export without --format)"
+        )
+
+
+def interop_workflow(
+    study_file: StudyFile, *, study: optuna.Study, trial_number: int | None = None
+) -> ComfyWorkflow:
+    """The trial's merge as a ComfyUI workflow (its API JSON and UI graph) that loads the sources by
+    file name from ComfyUI's models/checkpoints. Reads only headers."""
+    trial = records.choose_trial(study, trial_number)
+    plan = open_study_plan(study_file)
+    try:
+        _refuse_foreign_sources(plan, "comfyui", diffusers_folders=False)
+        params = build_space(study_file, plan.arch, plan.method).block_params(trial.params)
+        return comfyui_workflow(
+            plan.method.name,
+            params,
+            plan.arch.name,
+            {name: model.path.name for name, model in plan.sources.items()},
+            title=f"{study_file.name} trial {trial.number}",
+            save_name=f"{study_file.name}-trial{trial.number}",
+        )
     finally:
         plan.close()
 
@@ -284,14 +323,16 @@ def _secret_weights(study_file: StudyFile, space: SearchSpace, plan: MergePlan) 
     reward = study_file.reward
     if not isinstance(reward, InlineReward) or reward.reference.target is None:
         return None
-    target = resolve_params(
-        plan.method, reward.reference.target.params, blocks=plan.arch.blocks, source=str(study_file.path)
+    target = target_params(study_file, plan)
+    secret = {d.name: target.lora_strengths[d.lora] for d in space.dimensions if d.lora is not None}
+    secret.update(
+        {
+            d.name: statistics.fmean(target.values[d.param][block] for block in d.blocks)
+            for d in space.dimensions
+            if d.lora is None and all(target.merges(block) for block in d.blocks)
+        }
     )
-    return {
-        d.name: statistics.fmean(target.values[d.param][block] for block in d.blocks)
-        for d in space.dimensions
-        if all(target.merges(block) for block in d.blocks)
-    }
+    return {d.name: secret[d.name] for d in space.dimensions if d.name in secret}
 
 
 def _importances(study: optuna.Study) -> dict[str, float]:

@@ -14,14 +14,14 @@ from PIL import Image
 
 from automerge.checkpoints import warm_hash_cache
 from automerge.errors import ConfigError, RenderError, StudyError
-from automerge.merge import BlockParams, MergePlan, open_plan, plan_checkpoint, resolve_params
+from automerge.merge import BlockParams, MergePlan, open_plan, plan_checkpoint
 from automerge.render import RenderJob, load_payload
 from automerge.render.checks import PromptCollapseCheck
 from automerge.render.renderer import RenderedImage
 from automerge.render.session import RenderSession
 from automerge.rewards import CompositeReward, ReferenceReward, Reward, load_reward
 from automerge.study.config import InlineReward, StudyFile
-from automerge.study.space import SearchSpace, build_space
+from automerge.study.space import SearchSpace, build_space, target_params
 from automerge.terminal import Status
 from automerge.tiny import write_tiny
 
@@ -77,6 +77,7 @@ def open_study_plan(study: StudyFile) -> MergePlan:
         study.models,
         study.method,
         params=study.params,
+        loras=study.loras,
         seed=study.seed,
         dtype=study.export.dtype,
         source=str(study.path),
@@ -129,7 +130,9 @@ class StudyRuntime:
             # 2. The export's metadata names each source's sha256: hash them while the study runs.
             warm_hash_cache(dict.fromkeys(m.path for m in self.plan.sources.values() if m.path.is_file()))
             # 3. The render session: sources on the device, the pipeline around the live weights.
-            self.session = RenderSession(self.plan, self.config, status=status)
+            self.session = RenderSession(
+                self.plan, self.config, status=status, live_loras=self.space.live_loras
+            )
             self.device = self.session.device
             # 4. The reward (a reference target is rendered once, here).
             self.reward = self._reward(status)
@@ -151,12 +154,7 @@ class StudyRuntime:
         if reference.folder is not None:
             return Reward(ReferenceReward(metric=reference.metric, directory=reference.folder))
         if reference.target is not None:
-            params = resolve_params(
-                self.plan.method,
-                reference.target.params,
-                blocks=self.plan.arch.blocks,
-                source=str(self.study.path),
-            )
+            params = target_params(self.study, self.plan)
             status(f"rendering the hidden target's {len(self.reference_jobs)} reference images")
             images = self.render_images(params, self.reference_jobs)
         else:

@@ -6,27 +6,35 @@ value applies to every block of the group. Blocks outside the search keep the st
 (or the method's default). Everything is checked once, when the space is built: parameter names,
 block names, ranges against the method's spec, and the fixed parameters (resolved into ``template``);
 a proposal then only overwrites the searched values of that template.
+
+A LoRA's strength is searched as ``lora.NAME`` (one number, not per block; ``NAME`` as the study's
+``models`` name the LoRA).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 
 from automerge.arch import VAE_BLOCK, Architecture
 from automerge.errors import ConfigError
-from automerge.merge import BlockParams, MergeMethod, resolve_params
+from automerge.merge import BlockParams, MergeMethod, MergePlan, resolve_params
 from automerge.registry import did_you_mean
 from automerge.study.config import SearchParam, StudyFile
+
+LORA_PREFIX = "lora."
+LORA_STRENGTH_LIMIT = 10.0  # as a study file's fixed strengths (LoraEntry)
 
 
 @dataclass(frozen=True)
 class Dimension:
-    """One value Optuna proposes: method parameter ``param`` for every block of ``blocks``."""
+    """One value Optuna proposes: method parameter ``param`` for every block of ``blocks``, or the
+    strength of a LoRA (``param`` "lora.NAME", no blocks)."""
 
-    name: str  # "alpha.IN04"
+    name: str  # "alpha.IN04", "lora.style"
     param: str
     blocks: tuple[str, ...]
     low: float
@@ -40,6 +48,11 @@ class Dimension:
             return value
         steps = round((value - self.low) / self.step)
         return min(self.high, self.low + steps * self.step)
+
+    @property
+    def lora(self) -> str | None:
+        """The LoRA whose strength this is, None for a method parameter."""
+        return self.param.removeprefix(LORA_PREFIX) if self.param.startswith(LORA_PREFIX) else None
 
 
 @dataclass(frozen=True)
@@ -63,10 +76,19 @@ class SearchSpace:
     def block_params(self, values: Mapping[str, float]) -> BlockParams:
         """The parameters of a proposal (Optuna's values by dimension name, e.g. a trial's ``params``)."""
         updates: dict[str, dict[str, float]] = {}
+        strengths: dict[str, float] = {}
         for dimension in self.dimensions:
             value = float(values[dimension.name])
-            updates.setdefault(dimension.param, {}).update(dict.fromkeys(dimension.blocks, value))
-        return self.template.with_values(updates)
+            if dimension.lora is not None:
+                strengths[dimension.lora] = value
+            else:
+                updates.setdefault(dimension.param, {}).update(dict.fromkeys(dimension.blocks, value))
+        return self.template.with_values(updates, lora_strengths=strengths)
+
+    @property
+    def live_loras(self) -> frozenset[str]:
+        """The LoRAs whose strength is searched (the engine keeps what it needs to change them)."""
+        return frozenset(d.lora for d in self.dimensions if d.lora is not None)
 
     def baselines(self) -> list[Baseline]:
         """Every dimension at its low end, high end and midpoint (pure A, pure B, uniform 0.5 for
@@ -96,6 +118,9 @@ def build_space(study: StudyFile, arch: Architecture, method: MergeMethod) -> Se
     taken = set(method.param_names())
     dimensions: list[Dimension] = []
     for param, search in study.search.items():
+        if param.startswith(LORA_PREFIX):
+            dimensions.append(_lora_dimension(param, search, study, source=source))
+            continue
         if param not in taken:
             raise ConfigError(
                 f"{source}: search.{param}: method '{method.name}' takes no parameter '{param}'"
@@ -110,14 +135,60 @@ def _template(
     study: StudyFile, arch: Architecture, method: MergeMethod, dimensions: Sequence[Dimension]
 ) -> BlockParams:
     """The study's fixed ``params`` with every searched block named (at its low end, a valid value), so
-    the merged blocks — the VAE only when a map names it — are those of every proposal."""
+    the merged blocks — the VAE only when a map names it — are those of every proposal; the LoRAs at
+    the strengths the study file gives them."""
     raw = {
         name: dict(value) if isinstance(value, dict) else {"default": value}
         for name, value in study.params.items()
     }
     for dimension in dimensions:
-        raw.setdefault(dimension.param, {}).update(dict.fromkeys(dimension.blocks, dimension.low))
-    return resolve_params(method, raw, blocks=arch.blocks, source=str(study.path))
+        if dimension.lora is None:
+            raw.setdefault(dimension.param, {}).update(dict.fromkeys(dimension.blocks, dimension.low))
+    strengths = {entry.name: entry.strength for entries in study.loras.values() for entry in entries}
+    return resolve_params(method, raw, blocks=arch.blocks, source=str(study.path)).with_loras(strengths)
+
+
+def target_params(study: StudyFile, plan: MergePlan) -> BlockParams:
+    """A hidden target's parameters (``reward.reference.target.params``): method parameters as a
+    recipe gives them, ``lora.NAME`` a LoRA's strength (others at the study file's strengths)."""
+    reward = study.reward
+    assert not isinstance(reward, Path) and reward.reference.target is not None
+    source = f"{study.path}: reward.reference.target.params"
+    raw = reward.reference.target.params
+    strengths = dict(plan.params.lora_strengths)
+    for param, value in raw.items():
+        if not param.startswith(LORA_PREFIX):
+            continue
+        name = param.removeprefix(LORA_PREFIX)
+        if name not in strengths or not isinstance(value, float | int):
+            raise ConfigError(
+                f"{source}: {param} must be one number, the strength of one of the study's LoRAs "
+                f"({', '.join(sorted(strengths)) or 'none'})"
+            )
+        strengths[name] = float(value)
+    params = {param: value for param, value in raw.items() if not param.startswith(LORA_PREFIX)}
+    return resolve_params(plan.method, params, blocks=plan.arch.blocks, source=source).with_loras(strengths)
+
+
+def _lora_dimension(param: str, search: SearchParam, study: StudyFile, *, source: str) -> Dimension:
+    """``search.lora.NAME``: the strength of the study's LoRA NAME, one number for its whole model."""
+    name = param.removeprefix(LORA_PREFIX)
+    names = sorted(study.lora_names)
+    if name not in names:
+        given = f"the study's LoRAs are {', '.join(names)}" if names else "the study applies no LoRA"
+        raise ConfigError(
+            f"{source}: search.{param}: no LoRA named '{name}'{did_you_mean(name, names)}; {given} "
+            "(models: {a: {checkpoint: ..., loras: [{path: ..., name: NAME}]}})"
+        )
+    if search.groups is not None or search.blocks != "all":
+        raise ConfigError(f"{source}: search.{param}: a LoRA strength is one number; remove blocks/groups")
+    for end in (search.low, search.high):
+        if not -LORA_STRENGTH_LIMIT <= end <= LORA_STRENGTH_LIMIT:
+            raise ConfigError(
+                f"{source}: search.{param}: strengths lie in [-{LORA_STRENGTH_LIMIT:g}, {LORA_STRENGTH_LIMIT:g}], "
+                f"got {end:g}"
+            )
+    return Dimension(param, param, (), search.low, search.high, search.step, search.log)
 
 
 def _dimensions(param: str, search: SearchParam, arch: Architecture, *, source: str) -> list[Dimension]:
@@ -141,6 +212,8 @@ def _dimensions(param: str, search: SearchParam, arch: Architecture, *, source: 
 def _check_ranges(dimensions: Sequence[Dimension], method: MergeMethod, *, source: str) -> None:
     specs = {spec.name: spec for spec in method.params}
     for dimension in dimensions:
+        if dimension.lora is not None:
+            continue
         spec = specs[dimension.param]
         for end in (dimension.low, dimension.high):
             problem = spec.check(end)

@@ -92,7 +92,10 @@ def test_export_as_supermerger_prints_the_trials_weights_in_its_block_order(
     assert "mode: Weight sum" in result.out and "model_b: " in result.out
     assert f"test-study trial {trial.number}\t{line.removeprefix('weights alpha: ')}" in result.out
     bad = run(capsys, "export", path, "--format", "comfy")
-    assert bad.code == 2 and "--format: 'comfy' is not a format; use automerge, supermerger, mecha" in bad.err
+    assert (
+        bad.code == 2
+        and "--format: 'comfy' is not a format; use automerge, supermerger, mecha, comfyui" in bad.err
+    )
 
 
 def test_export_as_mecha_writes_a_recipe_sd_mecha_reads(make_study, tmp_path: Path, capsys) -> None:
@@ -109,6 +112,62 @@ def test_export_as_mecha_writes_a_recipe_sd_mecha_reads(make_study, tmp_path: Pa
     assert f"wrote {written}" in result.out.replace("\n", "")
     recipe = sd_mecha.deserialize_path(written)
     assert "weighted_sum" in sd_mecha.serialize(recipe)
+
+
+def test_export_as_comfyui_writes_both_workflow_forms_with_the_trials_ratios(
+    make_study, tmp_path: Path, tiny_models: dict[str, Path], capsys
+) -> None:
+    """``--format comfyui`` writes NAME-trialN.comfyui-api.json and NAME-trialN.comfyui-workflow.json
+    (ratio = A's share = 1 − alpha, per ComfyUI block input) and says how to run them (the graph itself
+    is checked in tests/interop/test_comfyui.py)."""
+    import json
+
+    from cli_helpers import run_cli as run
+
+    path = make_study(trials=3)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    study_file = load_study_file(path)
+    trial = optuna.load_study(study_name=study_file.name, storage=default_storage(study_file)).trials[1]
+    result = run(capsys, "export", path, "--trial", "1", "--format", "comfyui", "-o", tmp_path / "recipes")
+    assert result.code == 0 and trial.number == 1, result.err
+    api_path = tmp_path / "recipes" / "test-study-trial1.comfyui-api.json"
+    graph_path = tmp_path / "recipes" / "test-study-trial1.comfyui-workflow.json"
+    for line in (f"wrote {graph_path}", f"wrote {api_path}", "POST", "models/checkpoints/"):
+        assert line in result.out, line
+    api = json.loads(api_path.read_text())
+    by_class = {node["class_type"]: node["inputs"] for node in api.values()}
+    loaded = [
+        node["inputs"]["ckpt_name"] for node in api.values() if node["class_type"] == "CheckpointLoaderSimple"
+    ]
+    assert loaded == [tiny_models["a"].name, tiny_models["b"].name]
+    unet, text = 1.0 - trial.params["alpha.UNET"], 1.0 - trial.params["alpha.TEXT"]
+    # the study's UNET group is IN00, IN01 and OUT11: time_embed. goes with IN00, out. with OUT11
+    merge = by_class["ModelMergeSD1"]
+    assert merge["time_embed."] == merge["input_blocks.0."] == merge["input_blocks.1."] == unet
+    assert merge["output_blocks.11."] == merge["out."] == unet
+    assert by_class["CLIPMergeSimple"]["ratio"] == text
+    assert by_class["CheckpointSave"]["filename_prefix"] == "checkpoints/test-study-trial1"
+    graph = json.loads(graph_path.read_text())
+    assert graph["version"] == 0.4 and {node["type"] for node in graph["nodes"]} == {*by_class, "Note"}
+
+
+def test_export_as_comfyui_refuses_two_models_of_one_file_name_in_one_line(
+    make_study, tmp_path: Path, tiny_models: dict[str, Path], capsys
+) -> None:
+    """ComfyUI finds checkpoints by file name: two sources named alike is one line, exit code 2."""
+    import shutil
+
+    from cli_helpers import run_cli as run
+
+    models = {}
+    for letter in "ab":
+        (tmp_path / letter).mkdir()
+        models[letter] = str(shutil.copy(tiny_models[letter], tmp_path / letter / "model.safetensors"))
+    path = make_study(trials=1, models=models)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    bad = run(capsys, "export", path, "--format", "comfyui", "-o", tmp_path / "recipes")
+    assert bad.code == 2 and "models a and b are both named 'model.safetensors'" in bad.err
+    assert len(bad.err.strip().splitlines()) == 1 and not (tmp_path / "recipes").exists()
 
 
 def test_the_exported_recipe_loads_from_any_folder_when_the_study_was_named_relatively(
