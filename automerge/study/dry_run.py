@@ -77,7 +77,7 @@ def dry_run(study: StudyFile, *, device: str | None = None, calibrate: bool = Fa
     try:
         space = build_space(study, plan.arch, plan.method)
         jobs = study_jobs(study.payloads)
-        memory = _engine_memory(plan, torch_device, config)
+        memory = _engine_memory(plan, torch_device, config, live_loras=space.live_loras)
         memory += _reward_memory(study, torch_device)
         result = DryRun(
             family=plan.arch.name,
@@ -101,8 +101,11 @@ def dry_run(study: StudyFile, *, device: str | None = None, calibrate: bool = Fa
     return result
 
 
-def _engine_memory(plan: MergePlan, device: torch.device, config: RenderConfig) -> list[MemoryItem]:
-    """Sources and live weights as ``LiveEngine`` holds them (a file given twice is held once)."""
+def _engine_memory(
+    plan: MergePlan, device: torch.device, config: RenderConfig, *, live_loras: frozenset[str] = frozenset()
+) -> list[MemoryItem]:
+    """Sources and live weights as ``LiveEngine`` holds them (a file given twice is held once), and
+    for a source with a searched LoRA strength, its own tensors of the keys its LoRAs adapt."""
     dtype = config.torch_dtype(device)
     storage = config.storage_dtype(device)
     numel = sum(info.numel for _block, _key, info in live_keys(plan))
@@ -117,6 +120,12 @@ def _engine_memory(plan: MergePlan, device: torch.device, config: RenderConfig) 
         for name in held
     ]
     items.append(MemoryItem(f"live merged weights ({dtype_name(dtype)})", numel * dtype.itemsize, "device"))
+    for name, entries in plan.loras.items():
+        if not any(lora_name in live_loras for lora_name, _ in entries):
+            continue
+        adapted = {key for _, lora in entries for key in lora.layers}
+        kept = sum(info.nbytes for _block, key, info in live_keys(plan) if key in adapted)
+        items.append(MemoryItem(f"source {name}'s tensors under its searched LoRAs", kept, where))
     return items
 
 

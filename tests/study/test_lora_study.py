@@ -107,3 +107,15 @@ def _with_search(path: Path, search: dict) -> Path:
     other = path.with_name("other.yaml")
     other.write_text(yaml.safe_dump(data))
     return other
+
+
+def test_the_dry_run_counts_the_tensors_kept_for_a_searched_strength(
+    make_study, tiny_models, style_lora, tmp_path
+) -> None:
+    from automerge.study.dry_run import dry_run
+
+    result = dry_run(load_study_file(lora_study(make_study, tiny_models, style_lora, tmp_path)))
+    kept = [item for item in result.memory if "searched LoRAs" in item.name]
+    assert [item.where for item in kept] == ["device"]
+    assert 0 < kept[0].bytes < next(item.bytes for item in result.memory if item.name.startswith("source a "))
+    assert "lora.style" in result.dimensions
