@@ -1,13 +1,18 @@
 """Image sanity checks run on every trial's renders, cheap and always on, that fail a trial instead of
-letting a broken merge be scored: NaN/black images (``renderer.bad_images``), and the same picture
-for different prompts, which a merge whose text conditioning collapsed renders at every seed.
+letting a broken merge be scored: NaN/black images (``renderer.bad_images``); the same picture for
+different prompts, which a merge whose text conditioning collapsed renders at every seed; and images
+far noisier, smoother, more or less saturated than the baselines' renders of the same prompts and
+seeds (``ImageStats``, ``stats_outlier``), which reward models are known to score too well.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from automerge.render.renderer import RenderedImage
 
@@ -58,3 +63,73 @@ def same_picture_for_different_prompts(
     """The first two of ``rendered`` with different prompts but the same seed, size and settings that
     are the same picture, else None."""
     return PromptCollapseCheck().add(rendered)
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """Cheap per-image statistics of a render (8-bit RGB).
+
+    ``noise``: mean |g − box3(g)| of the grey levels g (0–255) against their 3×3 mean: high-frequency
+    energy, in levels. ``saturation``: mean (max − min) over the channels of each pixel, / 255 (0–1).
+    """
+
+    noise: float
+    saturation: float
+
+    def as_list(self) -> list[float]:
+        return [self.noise, self.saturation]
+
+
+STAT_NAMES = ("noise", "saturation")
+
+
+def image_stats(image: Image.Image) -> ImageStats:
+    """``ImageStats`` of one image."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    grey = pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    padded = np.pad(grey, 1, mode="edge")
+    height, width = grey.shape
+    box = sum(padded[i : i + height, j : j + width] for i in range(3) for j in range(3)) / 9.0
+    chroma = pixels.max(axis=2) - pixels.min(axis=2)
+    return ImageStats(noise=float(np.abs(grey - box).mean()), saturation=float(chroma.mean() / 255.0))
+
+
+STATS_TOLERANCE = 1.0
+STATS_FLOOR = 0.25
+"""An image is out of the baselines' range when a statistic lies beyond the range of the baselines'
+images of the same prompt and seed by more than ``STATS_TOLERANCE`` × max(the range's width,
+``STATS_FLOOR`` × the range's middle); a trial fails when that holds for the median of its images."""
+
+
+def stats_outlier(
+    stats: Mapping[str, ImageStats], baselines: Sequence[Mapping[str, Sequence[float]]]
+) -> str | None:
+    """Why a trial's images are out of the baselines' range (``STATS_TOLERANCE``), None when they are
+    not or when fewer than two baselines rendered its image keys. ``baselines``: each baseline
+    trial's stats by image key, as ``ImageStats.as_list`` stored them."""
+    for index, name in enumerate(STAT_NAMES):
+        excess = []
+        for key, value in stats.items():
+            seen = [float(baseline[key][index]) for baseline in baselines if key in baseline]
+            if len(seen) < 2:
+                continue
+            low, high = min(seen), max(seen)
+            allowed = STATS_TOLERANCE * max(high - low, STATS_FLOOR * (high + low) / 2, 1e-6)
+            mine = value.as_list()[index]
+            excess.append(max(mine - high, low - mine, 0.0) / allowed)
+        if excess and statistics.median(excess) > 1.0:
+            middle = statistics.median(
+                value.as_list()[index] for key, value in stats.items() if any(key in b for b in baselines)
+            )
+            direction = (
+                "above"
+                if middle
+                > statistics.median(float(b[key][index]) for b in baselines for key in stats if key in b)
+                else "below"
+            )
+            return (
+                f"images out of the baselines' range: {name} {middle:.3g} (median over the images) is "
+                f"{direction} what the baselines render for the same prompts and seeds, by more than "
+                f"{STATS_TOLERANCE:g}× their spread"
+            )
+    return None

@@ -13,8 +13,9 @@ from pathlib import Path
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from automerge.errors import AutomergeError
+from automerge.errors import AutomergeError, RenderError
 from automerge.merge import BlockParams
+from automerge.render.checks import image_stats, stats_outlier
 from automerge.study import records
 from automerge.study.runtime import Evaluation, Report, StudyRuntime
 
@@ -62,7 +63,14 @@ class Objective:
                 # 2.–4. Merge in place, render and score: the previews first (multi-fidelity), then
                 #       payload by payload; the pruner may stop the trial after each.
                 evaluation = self._evaluate(trial, params)
-            # 5. Bookkeeping: scores, timings and images for the dashboard and the report.
+            # 5. Sanity of the images against the baselines' (noise, saturation): a merge far outside
+            #    them fails here instead of being scored (reward models score such images too well).
+            stats = {key: image_stats(image) for key, image in evaluation.images.items()}
+            if records.BASELINE not in trial.user_attrs:
+                reason = stats_outlier(stats, records.baseline_image_stats(trial.study))
+                if reason is not None:
+                    raise RenderError(reason)
+            # 6. Bookkeeping: scores, timings and images for the dashboard and the report.
             self.on_stage("record")
             started = time.perf_counter()
             records.write_evaluation(
@@ -71,6 +79,7 @@ class Objective:
                 reward_scores=evaluation.reward_scores,
                 images=self._upload_images(trial, evaluation),
                 image_scores=evaluation.image_scores,
+                image_stats={key: value.as_list() for key, value in stats.items()},
             )
             evaluation.timings["bookkeeping"] = time.perf_counter() - started
             evaluation.timings["sampler"] = sampler_seconds

@@ -28,6 +28,7 @@ BASELINE = "baseline"
 PAYLOAD_SCORES = "payload_scores"
 REWARD_SCORES = "reward_scores"
 IMAGE_SCORES = "image_scores"
+IMAGE_STATS = "image_stats"  # image key → [noise, saturation] (render/checks.py ImageStats)
 PRUNED_AFTER_PAYLOADS = "pruned_after_payloads"
 
 # Study attributes.
@@ -114,13 +115,28 @@ def write_evaluation(
     reward_scores: Mapping[str, float],
     images: Mapping[str, str],
     image_scores: Mapping[str, float] | None = None,
+    image_stats: Mapping[str, list[float]] | None = None,
 ) -> None:
-    """A completed evaluation's scores, each image's score (full precision: MSE-type scores are tiny)
-    and image artifact ids."""
+    """A completed evaluation's scores, each image's score (full precision: MSE-type scores are tiny),
+    image artifact ids and each image's statistics (noise, saturation)."""
     trial.set_user_attr(PAYLOAD_SCORES, [round(v, _DIGITS) for v in payload_scores])
     trial.set_user_attr(REWARD_SCORES, {k: round(v, _DIGITS) for k, v in reward_scores.items()})
     trial.set_user_attr(IMAGE_SCORES, dict(image_scores or {}))
     trial.set_user_attr(IMAGES, dict(images))
+    if image_stats is not None:
+        trial.set_user_attr(
+            IMAGE_STATS, {k: [round(v, _DIGITS) for v in values] for k, values in image_stats.items()}
+        )
+
+
+def baseline_image_stats(study: optuna.Study) -> list[dict[str, list[float]]]:
+    """Each completed baseline trial's image statistics (``IMAGE_STATS``), the range a trial's images
+    are checked against."""
+    return [
+        dict(trial.user_attrs[IMAGE_STATS])
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if trial.user_attrs.get(BASELINE) and IMAGE_STATS in trial.user_attrs
+    ]
 
 
 def write_timings(trial: optuna.Trial, timings: Mapping[str, float]) -> None:

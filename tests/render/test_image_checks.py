@@ -1,13 +1,20 @@
 """Image sanity checks that fail a trial instead of scoring it: the same picture for different prompts
-(a merge whose text conditioning collapsed; issue 18: users lost a night's run to it)."""
+(a merge whose text conditioning collapsed; issue 18: users lost a night's run to it), and images far
+noisier, smoother, more or less saturated than the baselines' renders of the same prompts and seeds."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 
-from automerge.render.checks import same_picture, same_picture_for_different_prompts
+from automerge.render.checks import (
+    ImageStats,
+    image_stats,
+    same_picture,
+    same_picture_for_different_prompts,
+    stats_outlier,
+)
 from automerge.render.payload import RenderJob
 from automerge.render.renderer import RenderedImage
 
@@ -69,3 +76,59 @@ def test_one_differing_pixel_is_enough_to_tell_pictures_apart() -> None:
     changed[3, 4, 1] += 5
     images = [_rendered("a red house", 1, PICTURE), _rendered("a blue boat", 1, changed)]
     assert same_picture_for_different_prompts(images) is None
+
+
+# -- noise and saturation against the baselines ------------------------------------------------------
+
+
+def _scene(seed: int) -> Image.Image:
+    """A smooth coloured picture with some texture (a render's statistics, roughly)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:64, 0:64] / 64.0
+    base = np.stack([0.5 + 0.3 * np.sin(6 * x + seed), 0.4 + 0.3 * y, 0.3 + 0.2 * np.cos(5 * y)], axis=2)
+    return Image.fromarray(np.clip((base + rng.normal(0, 0.02, base.shape)) * 255, 0, 255).astype(np.uint8))
+
+
+def _noisy(image: Image.Image, sigma: float) -> Image.Image:
+    pixels = np.asarray(image).astype(np.float32) + np.random.default_rng(1).normal(0, sigma, (64, 64, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+SCENES = {f"k{i}": _scene(i) for i in range(4)}
+BASELINES = [
+    {key: image_stats(image).as_list() for key, image in SCENES.items()},
+    {key: image_stats(_noisy(image, 2)).as_list() for key, image in SCENES.items()},
+]
+
+
+def test_image_stats_measure_high_frequency_energy_and_chroma() -> None:
+    flat = Image.new("RGB", (16, 16), (200, 40, 40))
+    assert image_stats(flat) == ImageStats(noise=0.0, saturation=pytest.approx(160 / 255))
+    grey_noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)).convert(
+        "RGB"
+    )
+    noisy = image_stats(grey_noise)
+    assert noisy.saturation == 0.0 and noisy.noise > 40
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        (lambda im: _noisy(im, 25), "noise"),
+        (lambda im: im.filter(ImageFilter.GaussianBlur(2)), "noise"),
+        (lambda im: ImageEnhance.Color(im).enhance(2.5), "saturation"),
+        (lambda im: im.convert("L").convert("RGB"), "saturation"),
+    ],
+)
+def test_images_far_outside_the_baselines_range_are_named(change, what) -> None:
+    stats = {key: image_stats(change(image)) for key, image in SCENES.items()}
+    reason = stats_outlier(stats, BASELINES)
+    assert reason is not None and reason.startswith(f"images out of the baselines' range: {what} ")
+
+
+def test_images_within_or_near_the_baselines_range_pass() -> None:
+    between = {key: image_stats(_noisy(image, 1)) for key, image in SCENES.items()}
+    assert stats_outlier(between, BASELINES) is None
+    one_outlier = dict(between, k0=image_stats(_noisy(SCENES["k0"], 60)))  # the median decides
+    assert stats_outlier(one_outlier, BASELINES) is None
+    assert stats_outlier({k: image_stats(_noisy(im, 25)) for k, im in SCENES.items()}, BASELINES[:1]) is None

@@ -451,3 +451,42 @@ def test_a_merge_that_renders_every_prompt_alike_fails_its_trial_with_the_reason
         "RenderError: images i00-s0005 and i01-s0005 are the same picture for different prompts "
         "('a red house', 'a blue boat'; seed 5): the merge ignores the prompt (collapsed text conditioning)"
     )
+
+
+def test_a_trial_whose_images_are_far_noisier_than_the_baselines_fails_with_the_reason(
+    make_study, monkeypatch
+) -> None:
+    """After the baselines (which define the range, each image's statistics stored), every later
+    trial's renders get heavy noise: each fails, naming the statistic, and is not scored."""
+    import numpy as np
+    from PIL import Image
+
+    from automerge.study import records
+
+    evaluate = StudyRuntime.evaluate
+    calls = []
+
+    def noisy_after_the_baselines(self, params, jobs, **kwargs):
+        evaluation = evaluate(self, params, jobs, **kwargs)
+        calls.append(params)
+        if len(calls) > 3:
+            rng = np.random.default_rng(len(calls))
+            for key, image in evaluation.images.items():
+                pixels = np.asarray(image).astype(np.float32) + rng.normal(0, 40, np.asarray(image).shape)
+                evaluation.images[key] = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        return evaluation
+
+    monkeypatch.setattr(StudyRuntime, "evaluate", noisy_after_the_baselines)
+    path = make_study(trials=5, baselines=True)
+    run_study(load_study_file(path), console=QUIET, export=False)
+    study_file = load_study_file(path)
+    study = optuna.load_study(study_name=study_file.name, storage=default_storage(study_file))
+    baselines = [t for t in study.trials if t.user_attrs.get(records.BASELINE)]
+    others = [t for t in study.trials if not t.user_attrs.get(records.BASELINE)]
+    assert [t.state for t in baselines] == [TrialState.COMPLETE] * 3
+    assert all(len(t.user_attrs[records.IMAGE_STATS]) == 2 for t in baselines)  # both images' stats
+    assert others and all(t.state == TrialState.FAIL for t in others)
+    assert all(
+        t.user_attrs[records.FAIL_REASON].startswith("RenderError: images out of the baselines' range: noise")
+        for t in others
+    )
