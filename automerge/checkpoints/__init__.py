@@ -19,10 +19,11 @@ from automerge.checkpoints._open import open_file_checkpoint
 from automerge.checkpoints._pickle_reader import open_pickle_checkpoint
 from automerge.checkpoints._safetensors_reader import open_safetensors
 from automerge.checkpoints._writer import SafetensorsWriter, save_safetensors
-from automerge.checkpoints.model import CONFIGS_METADATA_KEY, SourceModel, open_model
+from automerge.checkpoints.model import CONFIGS_METADATA_KEY, SourceModel, header_json_object, open_model
 from automerge.checkpoints.summary import ModelSummary, summarize
 
 __all__ = [
+    "header_json_object",
     "CACHE_DIR_VARIABLE",
     "CONFIGS_METADATA_KEY",
     "Checkpoint",

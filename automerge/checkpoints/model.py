@@ -76,13 +76,19 @@ def open_model(path: str | Path) -> SourceModel:
 
 
 def _configs_from_header(checkpoint: Checkpoint, path: Path) -> dict[str, Any] | None:
-    text = checkpoint.metadata.get(CONFIGS_METADATA_KEY)
-    if text is None:
+    return header_json_object(checkpoint.metadata, CONFIGS_METADATA_KEY, path=path)
+
+
+def header_json_object(metadata: Mapping[str, str], key: str, *, path: Path) -> dict[str, Any] | None:
+    """The JSON object a safetensors header entry holds (None when the entry is absent or empty);
+    ``CheckpointError`` naming the file and entry when it is not one."""
+    text = metadata.get(key)
+    if not text:
         return None
     try:
-        configs = json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: header entry '{CONFIGS_METADATA_KEY}' is not valid JSON") from None
-    if not isinstance(configs, dict):
-        raise CheckpointError(f"{path}: header entry '{CONFIGS_METADATA_KEY}' must be a JSON object")
-    return configs
+        raise CheckpointError(f"{path}: header entry '{key}' is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: header entry '{key}' must be a JSON object")
+    return data

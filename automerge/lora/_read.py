@@ -12,7 +12,6 @@ ComfyUI and diffusers read a file without alphas. A LoCon ``lora_mid`` (CP/Tucke
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from automerge.arch import ARCHITECTURES, Architecture
-from automerge.checkpoints import Checkpoint, open_safetensors
+from automerge.checkpoints import Checkpoint, header_json_object, open_safetensors
 from automerge.errors import ConfigError
 from automerge.lora._layer import Lora, LoraLayer
 from automerge.lora._names import Site, name_index
@@ -246,15 +245,7 @@ def _check_shapes(
 
 def _peft_config(path: Path, metadata: Mapping[str, str], component: str) -> dict[str, Any]:
     """The PEFT LoraConfig diffusers stores in the header for ``component`` (empty if none)."""
-    raw = metadata.get(PEFT_METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError:
-        raise ConfigError(f"{path}: header entry '{PEFT_METADATA_KEY}' is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: header entry '{PEFT_METADATA_KEY}' is not a JSON object")
+    data = header_json_object(metadata, PEFT_METADATA_KEY, path=path) or {}
     prefixed = {k[len(component) + 1 :]: v for k, v in data.items() if k.startswith(component + ".")}
     return prefixed or {k: v for k, v in data.items() if "." not in k}
 

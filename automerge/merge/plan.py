@@ -20,7 +20,7 @@ import torch
 from automerge.arch import EMA_PREFIX, Architecture
 from automerge.checkpoints import SourceModel, open_model
 from automerge.dtypes import TORCH_DTYPES, dtype_name
-from automerge.errors import ConfigError, MergeError
+from automerge.errors import CheckpointError, ConfigError, MergeError
 from automerge.lora import Lora, apply_loras, read_lora
 from automerge.merge.methods import METHODS, MergeMethod
 from automerge.merge.params import BlockParams, BlockValue, resolve_params
@@ -205,7 +205,7 @@ def _read_lora(entry: LoraEntry, arch: Architecture, model: SourceModel, *, sour
     shapes = {key: checkpoint.info(key).shape for key in checkpoint.keys()}
     try:
         return read_lora(entry.path, arch, shapes=shapes)
-    except ConfigError as error:
+    except (ConfigError, CheckpointError) as error:
         raise ConfigError(f"{source}: LoRA '{entry.name}' on {model.path.name}: {error}") from None
 
 
