@@ -22,6 +22,7 @@ beside the source), and when a strength changes it recomputes those keys of the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,17 +201,21 @@ class LiveEngine:
             raise ValueError(f"LoRA strengths {sorted(fixed)} changed, but the engine holds them fixed")
         self._lora_strengths.update(params.lora_strengths)
         refreshed = set()
-        for block in self._blocks.values():
-            if not block.live_loras & changed:
-                continue
-            for name, raws in block.lora_raw.items():
-                for index, raw in raws.items():
-                    slot = block.slots[index]
-                    part = block.sources[name][slot.offset : slot.offset + slot.numel]
-                    part.copy_(self._with_loras(name, slot.key, raw).reshape(-1))
-                    magnitude = check_finite(part, model=f"{name} with its LoRAs", key=slot.key)
-                    block.source_magnitude = max(block.source_magnitude, magnitude)
-            refreshed.add(block.name)
+        try:
+            for block in self._blocks.values():
+                if not block.live_loras & changed:
+                    continue
+                refreshed.add(block.name)
+                for name, raws in block.lora_raw.items():
+                    for index, raw in raws.items():
+                        slot = block.slots[index]
+                        part = block.sources[name][slot.offset : slot.offset + slot.numel]
+                        part.copy_(self._with_loras(name, slot.key, raw).reshape(-1))
+                        magnitude = check_finite(part, model=f"{name} with its LoRAs", key=slot.key)
+                        block.source_magnitude = max(block.source_magnitude, magnitude)
+        except BaseException:  # e.g. a strength that overflows fp16: redo the half-updated sources next time
+            self._lora_strengths.update(dict.fromkeys(changed, math.nan))
+            raise
         return refreshed
 
     def apply(self, params: BlockParams) -> set[str]:

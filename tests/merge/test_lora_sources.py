@@ -158,3 +158,41 @@ def test_bad_model_entries_are_one_line(tmp_path, models, message) -> None:
     with pytest.raises(ConfigError, match=None) as error:
         load_recipe(recipe)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_strength_that_overflows_fails_that_apply_and_the_next_strength_is_exact(
+    tiny_models, style_lora, tmp_path
+) -> None:
+    """A strength whose source overflows fp16 raises (the trial fails), again when asked again (before:
+    the second time it counted as applied and merged the half-updated sources); the next strength
+    recomputes them and equals the export again."""
+    import dataclasses
+
+    from automerge.arch import ARCHITECTURES
+    from automerge.errors import MergeError
+    from automerge.lora import read_lora
+
+    arch = ARCHITECTURES.get("sd1")
+    with open_safetensors(tiny_models["a"]) as ca:
+        shapes = {key: ca.info(key).shape for key in ca.keys()}
+    lora = read_lora(style_lora, arch, shapes=shapes)
+    layers = [layer for group in lora.layers.values() for layer in group]
+    first = layers[0]  # ×1e8: its delta is beyond fp16's range, the file's dtype
+    big = [dataclasses.replace(first, up=first.up.float() * 1e4, down=first.down.float() * 1e4), *layers[1:]]
+    loud = tmp_path / "loud.safetensors"
+    write_kohya_lora(loud, big, arch)
+    recipe = write_recipe(
+        tmp_path, {"a": lora_model(tiny_models["a"], loud, 0.0), "b": str(tiny_models["b"])}
+    )
+    with plan_merge(load_recipe(recipe), source="r") as plan:
+        engine = LiveEngine(plan, EngineOptions(live_loras=frozenset({"loud"})))
+        engine.apply(plan.params)
+        for _ in range(2):  # the same strength again is not taken as applied: it fails again
+            with pytest.raises(MergeError):
+                engine.apply(plan.params.with_values({}, lora_strengths={"loud": 10.0}))
+        params = plan.params.with_values({}, lora_strengths={"loud": 0.001})
+        engine.apply(params)
+        exported = export_merge(plan.with_params(params), tmp_path / "m.safetensors", dtype=torch.float32)
+        with open_safetensors(exported) as merged:
+            for key in engine.live_keys():
+                assert torch.equal(engine.live_tensor(key), merged.load(key)), key
