@@ -385,6 +385,7 @@ def _export_comfyui(study_file: StudyFile, stored: optuna.Study, *, trial: int, 
         f'wrote {api} (ComfyUI\'s API: POST {{"prompt": <its contents>}} to http://127.0.0.1:8188/prompt)',
         f"both load {', '.join(workflow.checkpoints)} from ComfyUI's models/checkpoints/ (copy or link them "
         f"there) and save output/checkpoints/{stem}_00001_.safetensors",
+        *([f"and {', '.join(workflow.loras)} from models/loras/"] if workflow.loras else []),
         "where ComfyUI's result differs from automerge's: the workflow's Note node",
     ):
         console.print(line, highlight=False, soft_wrap=True)

@@ -1,7 +1,9 @@
 """ComfyUI workflows: the same per-block merge with ComfyUI's stock nodes, as the API ("prompt") JSON
 that ``POST /prompt`` runs and as the UI graph (format version 0.4) that loads by drag and drop.
 
-The graph: one ``CheckpointLoaderSimple`` per model; the UNet through ``ModelMergeSD1`` (SD2:
+The graph: one ``CheckpointLoaderSimple`` per model, then a ``LoraLoader`` per LoRA on it (the same
+strength on model and text encoders: ComfyUI adds strength·(alpha/rank)·up@down in float32, as
+automerge does); the UNet through ``ModelMergeSD1`` (SD2:
 ``ModelMergeSD2``, SDXL: ``ModelMergeSDXL``), one ratio per key prefix; the text encoders through
 ``CLIPMergeSimple`` (one ratio, BASE); ``CheckpointSave`` with A's VAE, as automerge keeps it. A merge
 node patches a copy of model1 with model2: w = ratio·w1 + (1 − ratio)·w2, the ratio of the longest
@@ -75,6 +77,7 @@ class ComfyWorkflow:
     graph: dict[str, Any]  # the UI graph: nodes, links, a Note node with ``notes``, version 0.4
     checkpoints: tuple[str, ...]  # the file names it loads from ComfyUI's models/checkpoints
     notes: tuple[str, ...]  # where ComfyUI's result or conventions differ from automerge's
+    loras: tuple[str, ...] = ()  # the file names it loads from ComfyUI's models/loras
 
     def api_json(self) -> str:
         return json.dumps(self.api, indent=2, ensure_ascii=False) + "\n"
@@ -107,24 +110,33 @@ def comfyui_workflow(
     *,
     title: str,
     save_name: str,
+    loras: Mapping[str, Sequence[tuple[str, float]]] | None = None,
 ) -> ComfyWorkflow:
     """The workflow of ``method`` with per-block ``params`` on the checkpoint file ``models`` (by letter:
-    a, b and, for add_difference, c); a block automerge leaves unmerged has alpha 0 (A). The save node
-    writes ``checkpoints/<save_name>`` in ComfyUI's output folder. ``ConfigError`` for what the stock
-    nodes cannot express."""
-    alphas = _check(method, params, family, models)
+    a, b and, for add_difference, c), each with its ``loras`` (file name, strength) applied first; a
+    block automerge leaves unmerged has alpha 0 (A). The save node writes ``checkpoints/<save_name>`` in
+    ComfyUI's output folder. ``ConfigError`` for what the stock nodes cannot express."""
+    loras = {letter: list(entries) for letter, entries in (loras or {}).items() if entries}
+    alphas = _check(method, params, family, models, loras)
     scale = max(1.0, *alphas.values()) if method == "add_difference" else 1.0
-    nodes = _merge_nodes(method, alphas, family, models, scale=scale, save_name=save_name)
-    notes = differences(family, method, scale=scale)
+    nodes = _merge_nodes(method, alphas, family, models, loras, scale=scale, save_name=save_name)
+    notes = differences(family, method, scale=scale, loras=bool(loras))
     return ComfyWorkflow(
         api=_api_prompt(nodes, title=title, notes=notes),
         graph=_ui_graph(nodes, title=title, notes=notes),
         checkpoints=tuple(models.values()),
         notes=notes,
+        loras=tuple(dict.fromkeys(name for entries in loras.values() for name, _ in entries)),
     )
 
 
-def _check(method: str, params: BlockParams, family: str, models: Mapping[str, str]) -> dict[str, float]:
+def _check(
+    method: str,
+    params: BlockParams,
+    family: str,
+    models: Mapping[str, str],
+    loras: Mapping[str, Sequence[tuple[str, float]]],
+) -> dict[str, float]:
     """The alpha of every block, or ``ConfigError`` for a merge ComfyUI's stock nodes cannot make."""
     if method not in METHODS:
         raise ConfigError(
@@ -148,6 +160,13 @@ def _check(method: str, params: BlockParams, family: str, models: Mapping[str, s
                 "finds checkpoints by file name in models/checkpoints; rename one"
             )
         names[name] = letter
+    for letter, entries in loras.items():
+        for name, strength in entries:
+            if abs(strength) > LORA_STRENGTH_LIMIT:
+                raise ConfigError(
+                    f"--format comfyui: LoRA {name} on model {letter} has strength {strength!r}; "
+                    f"LoraLoader takes -{LORA_STRENGTH_LIMIT:g} to {LORA_STRENGTH_LIMIT:g}"
+                )
     return block_alphas(params, ARCHITECTURES.get(family).merge_blocks, output_format="comfyui")
 
 
@@ -165,6 +184,7 @@ class _Graph:
 
 
 LOADER_OUTPUTS = ("MODEL", "CLIP", "VAE")  # CheckpointLoaderSimple's outputs, by slot
+LORA_STRENGTH_LIMIT = 100.0  # LoraLoader's strength_model / strength_clip range (nodes.py)
 
 
 def _merge_nodes(
@@ -172,11 +192,13 @@ def _merge_nodes(
     alphas: Mapping[str, float],
     family: str,
     models: Mapping[str, str],
+    loras: Mapping[str, Sequence[tuple[str, float]]],
     *,
     scale: float,
     save_name: str,
 ) -> list[_Node]:
-    """Loaders, the difference A + k·(B − C) (add_difference), the two merges with A, the save."""
+    """Loaders (and LoRA loaders), the difference A + k·(B − C) (add_difference), the two merges with
+    A, the save."""
     graph = _Graph()
     loaders = {
         letter: graph.add(
@@ -188,6 +210,21 @@ def _merge_nodes(
         kind: {letter: _Link(node, slot, kind) for letter, node in loaders.items()}
         for slot, kind in enumerate(LOADER_OUTPUTS)
     }
+    for letter, entries in loras.items():
+        for name, strength in entries:
+            node = graph.add(
+                "LoraLoader",
+                f"{letter.upper()} + {name} × {strength:g}",
+                [
+                    ("model", source["MODEL"][letter]),
+                    ("clip", source["CLIP"][letter]),
+                    ("lora_name", name),
+                    ("strength_model", strength),
+                    ("strength_clip", strength),
+                ],
+                ("MODEL", "CLIP"),
+            )
+            source["MODEL"][letter], source["CLIP"][letter] = _Link(node, 0, "MODEL"), _Link(node, 1, "CLIP")
     other = {"MODEL": source["MODEL"]["b"], "CLIP": source["CLIP"]["b"]}
     if method == "add_difference":
         for kind, prefix in (("MODEL", "ModelMerge"), ("CLIP", "CLIPMerge")):
@@ -232,7 +269,7 @@ def _difference(graph: _Graph, prefix: str, source: Mapping[str, _Link], *, scal
     return _Link(total, 0, kind)
 
 
-def differences(family: str, method: str, *, scale: float) -> tuple[str, ...]:
+def differences(family: str, method: str, *, scale: float, loras: bool = False) -> tuple[str, ...]:
     """Where ComfyUI's conventions, and the checkpoint it saves, differ from automerge's."""
     last_out = f"OUT{MERGE_NODES[family][1] - 1:02d}"
     notes = [
@@ -250,6 +287,11 @@ def differences(family: str, method: str, *, scale: float) -> tuple[str, ...]:
         "with its own metadata (prompt, workflow), to output/checkpoints/; the VAE is A's",
         "the UI shows a ratio to 2 decimals and rounds it to 0.01 when edited; the files hold the exact values",
     ]
+    if loras:
+        notes.append(
+            "each LoRA goes through a LoraLoader before the merge, with its strength on the UNet and the "
+            "text encoders alike, as automerge applies it; ComfyUI loads the files from models/loras"
+        )
     if method == "add_difference":
         notes.insert(
             1,

@@ -16,7 +16,7 @@ per-key seeds). The export goes through the same ``merge_into``, so both compute
 LoRAs. A source's LoRAs are applied once, when it is loaded (``MergePlan.load``, as the export reads
 it). A LoRA whose strength a study searches is *live* (``EngineOptions.live_loras``): for its source
 the engine also keeps the checkpoint's own tensors of the keys its LoRAs adapt (in the file's dtype,
-beside the source), and when a strength changes it recomputes those keys of the source with the same
+beside the source; LoRAs are added in float32), and when a strength changes it recomputes those keys of the source with the same
 ``apply_loras`` and re-merges their blocks: nothing is read again.
 """
 
@@ -182,7 +182,7 @@ class LiveEngine:
             for lora_name, lora in self._live_loras[name]
             if key in lora.layers
         ]
-        return apply_loras(raw, key, applied)
+        return apply_loras(raw.float(), key, applied)
 
     def _refresh_lora_sources(self, params: BlockParams) -> set[str]:
         """Recompute the sources' keys adapted by LoRAs whose strength ``params`` changes; returns

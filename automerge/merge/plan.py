@@ -59,11 +59,12 @@ class MergePlan:
         return dataclasses.replace(self, params=params)
 
     def load(self, name: str, key: str) -> torch.Tensor:
-        """Source ``name``'s tensor ``key`` as merged: the checkpoint's, plus Σ strength·delta of the
-        source's LoRAs that adapt it (computed in fp32, in the stored dtype; CPU)."""
+        """Source ``name``'s tensor ``key`` as merged: the checkpoint's as stored, or, where LoRAs adapt
+        it, the checkpoint's plus Σ strength·ΔW in float32 (not rounded back to an fp16 file's dtype
+        before the merge, as ComfyUI's LoraLoader → merge nodes keep it too)."""
         tensor = self.sources[name].checkpoint.load(key)
         applied = self.loras_on(name, key)
-        return apply_loras(tensor, key, applied) if applied else tensor
+        return apply_loras(tensor.float(), key, applied) if applied else tensor
 
     def loras_on(self, name: str, key: str) -> list[tuple[Lora, float]]:
         """(LoRA, strength) of source ``name``'s LoRAs that adapt ``key``, in the recipe's order."""

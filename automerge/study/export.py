@@ -144,11 +144,14 @@ def interop_text(
         plan.close()
 
 
-def _refuse_foreign_sources(plan: MergePlan, output_format: str, *, diffusers_folders: bool) -> None:
-    """``ConfigError`` for a source the other tool's recipe cannot name as it is: one with LoRAs (the
-    recipe would merge the bare checkpoint), or a diffusers folder where the tool loads single files."""
+def _refuse_foreign_sources(
+    plan: MergePlan, output_format: str, *, diffusers_folders: bool, loras: bool = False
+) -> None:
+    """``ConfigError`` for a source the other tool's recipe cannot name as it is: one with LoRAs where
+    the recipe cannot apply them (it would merge the bare checkpoint), or a diffusers folder where the
+    tool loads single files."""
     for name, model in plan.sources.items():
-        if plan.loras.get(name):
+        if plan.loras.get(name) and not loras:
             why = "carries LoRAs, which the recipe would not apply"
         elif model.layout != "original" and not diffusers_folders:
             why = "is a diffusers folder (CheckpointLoaderSimple loads single-file checkpoints)"
@@ -168,7 +171,7 @@ def interop_workflow(
     trial = records.choose_trial(study, trial_number)
     plan = open_study_plan(study_file)
     try:
-        _refuse_foreign_sources(plan, "comfyui", diffusers_folders=False)
+        _refuse_foreign_sources(plan, "comfyui", diffusers_folders=False, loras=True)
         params = build_space(study_file, plan.arch, plan.method).block_params(trial.params)
         return comfyui_workflow(
             plan.method.name,
@@ -177,6 +180,10 @@ def interop_workflow(
             {name: model.path.name for name, model in plan.sources.items()},
             title=f"{study_file.name} trial {trial.number}",
             save_name=f"{study_file.name}-trial{trial.number}",
+            loras={
+                letter: [(lora.path.name, params.lora_strengths[name]) for name, lora in entries]
+                for letter, entries in plan.loras.items()
+            },
         )
     finally:
         plan.close()

@@ -15,8 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from automerge.arch import ARCHITECTURES, reference_keys
+from automerge.checkpoints import open_model
 from automerge.errors import ConfigError
 from automerge.interop.comfyui import ComfyWorkflow, block_inputs, comfyui_workflow
+from automerge.lora import extract_lora, read_lora, write_kohya_lora
 from automerge.merge import BlockParams, export_merge, plan_merge, recipe_from_data
 
 # The nodes the export may use: INPUT_TYPES()["required"] in declaration order (type, or FLOAT with
@@ -26,6 +28,7 @@ from automerge.merge import BlockParams, export_merge, plan_merge, recipe_from_d
 # comfy_extras/nodes_model_merging_model_specific.py at 0c74543 (ModelMergeSD2 is ModelMergeSD1).
 RATIO = ("FLOAT", 0.0, 1.0)
 MULTIPLIER = ("FLOAT", -10.0, 10.0)
+LORA_STRENGTH = ("FLOAT", -100.0, 100.0)  # LoraLoader (nodes.py)
 SD1_BLOCKS = [
     "time_embed.",
     "label_emb.",
@@ -56,6 +59,16 @@ NODES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         ("MODEL",),
     ),
     "CheckpointSave": ({"model": "MODEL", "clip": "CLIP", "vae": "VAE", "filename_prefix": "STRING"}, ()),
+    "LoraLoader": (
+        {
+            "model": "MODEL",
+            "clip": "CLIP",
+            "lora_name": "COMBO",
+            "strength_model": LORA_STRENGTH,
+            "strength_clip": LORA_STRENGTH,
+        },
+        ("MODEL", "CLIP"),
+    ),
 }
 NAMES = {"a": "a.safetensors", "b": "b.safetensors", "c": "base.safetensors"}
 
@@ -300,9 +313,38 @@ NODE_FUNCTIONS: dict[str, Callable[..., tuple[Any, ...]]] = {
 }
 
 
-def _run(api: Mapping[str, Any], checkpoints: Path) -> dict[str, torch.Tensor]:
+def _lora_loader(
+    folder: Path,
+    family: str,
+    model: _Patched,
+    clip: _Patched,
+    lora_name: str,
+    strength_model: float,
+    strength_clip: float,
+) -> tuple[_Patched, _Patched]:
+    """LoraLoader: each adapted weight gets the patch strength·ΔW queued (comfy.sd.load_lora_for_models,
+    ``add_patches(patches, strength)``); ΔW = (alpha/rank)·up@down as automerge's LoRA tests pin it."""
+    shapes = {"model." + k: w.shape for k, w in model.weights.items()} | {
+        k: w.shape for k, w in clip.weights.items()
+    }
+    lora = read_lora(folder / lora_name, ARCHITECTURES.get(family), shapes=shapes)
+    patched = []
+    for target, strength, prefix in ((model, strength_model, "model."), (clip, strength_clip, "")):
+        patches = {key: list(queued) for key, queued in target.patches.items()}
+        for key in lora.keys():
+            name = key.removeprefix(prefix) if prefix and key.startswith(prefix + UNET) else key
+            if name in target.weights and (prefix or not key.startswith("model.")):
+                delta = lora.delta(key, target.weights[name].shape)
+                patches.setdefault(name, []).append((strength, (delta,), 1.0))
+        patched.append(_Patched(target.weights, patches))
+    return patched[0], patched[1]
+
+
+def _run(
+    api: Mapping[str, Any], checkpoints: Path, *, loras: Path | None = None, family: str = "sd1"
+) -> dict[str, torch.Tensor]:
     """Run the API graph (node by node, each once its inputs exist) with the loaders reading
-    ``checkpoints``; the tensors CheckpointSave writes."""
+    ``checkpoints`` (and ``loras``); the tensors CheckpointSave writes."""
     outputs: dict[str, tuple[Any, ...]] = {}
     while len(outputs) < len(api):
         for node_id, node in api.items():
@@ -312,6 +354,9 @@ def _run(api: Mapping[str, Any], checkpoints: Path) -> dict[str, torch.Tensor]:
             args = {k: outputs[v[0]][v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
             if node["class_type"] == "CheckpointLoaderSimple":
                 outputs[node_id] = _load(checkpoints / args["ckpt_name"])
+            elif node["class_type"] == "LoraLoader":
+                assert loras is not None
+                outputs[node_id] = _lora_loader(loras, family, **args)
             else:
                 outputs[node_id] = NODE_FUNCTIONS[node["class_type"]](**args)
     (saved,) = (outputs[i][0] for i, node in api.items() if node["class_type"] == "CheckpointSave")
@@ -385,6 +430,63 @@ def test_the_graph_run_on_tiny_models_gives_automerge_s_export(
         size = a[key].float().abs() + scale * (
             b[key].float().abs() + (c[key].float().abs() if len(letters) == 3 else 0)
         )
+        if not torch.all((theirs[key].float() - ours[key]).abs() <= 8 * eps * size):
+            far.append(key)
+    assert far == []
+
+
+def test_sources_with_loras_go_through_lora_loaders_and_the_graph_gives_automerge_s_export(
+    family_models, tmp_path: Path
+) -> None:
+    """A LoRA on A (0.7) and another on B (−0.4), both made from the tiny family: LoraLoader nodes
+    before the merge, and the graph's tensors equal automerge's export up to float32 rounding."""
+    family, paths = family_models
+    arch = ARCHITECTURES.get(family)
+    lora_folder = tmp_path / "loras"
+    lora_folder.mkdir()
+    with (
+        open_model(paths["c"]) as base,
+        open_model(paths["a"]) as tuned_a,
+        open_model(paths["b"]) as tuned_b,
+    ):
+        for name, tuned in (("one.safetensors", tuned_a), ("two.safetensors", tuned_b)):
+            layers = extract_lora(base.checkpoint, tuned.checkpoint, arch, rank=3).layers
+            write_kohya_lora(lora_folder / name, layers, arch)
+    strengths = {"a": [("one.safetensors", 0.7)], "b": [("two.safetensors", -0.4)]}
+    params = _params(family, _spread(0.1, 0.9))
+    workflow = comfyui_workflow(
+        "weighted_sum",
+        params,
+        family,
+        {x: paths[x].name for x in "ab"},
+        title="t",
+        save_name="t",
+        loras=strengths,
+    )
+    assert workflow.loras == ("one.safetensors", "two.safetensors")
+    assert [n["class_type"] for n in workflow.api.values()].count("LoraLoader") == 2
+    theirs = _run(workflow.api, paths["a"].parent, loras=lora_folder, family=family)
+    recipe = recipe_from_data(
+        {
+            "models": {
+                x: {"checkpoint": str(paths[x]), "loras": [{"path": str(lora_folder / f), "strength": s}]}
+                for x, ((f, s),) in strengths.items()
+            },
+            "method": "weighted_sum",
+            "params": {"alpha": dict(params.values["alpha"])},
+            "dtype": "fp32",
+        },
+        source="t",
+    )
+    with plan_merge(recipe, source="t") as plan:
+        ours = load_file(str(export_merge(plan, tmp_path / "ours.safetensors")))
+    a, b = (load_file(str(paths[x])) for x in "ab")
+    eps = torch.finfo(torch.float32).eps
+    far = []
+    for key in theirs:
+        if not theirs[key].is_floating_point() or key.endswith(".logit_scale"):
+            continue  # position_ids: A's in both; logit_scale: the CLIP nodes' documented skip
+        size = a[key].float().abs() + b[key].float().abs() + ours[key].abs()
         if not torch.all((theirs[key].float() - ours[key]).abs() <= 8 * eps * size):
             far.append(key)
     assert far == []
