@@ -7,6 +7,12 @@ appends VAE = 0, A's VAE, as automerge keeps it). Its alpha is B's share, as aut
 Weight sum = A·(1 − α) + B·α, Add difference = A + (B − C)·α. Values are written exactly (Python's
 shortest repr), so the string parses back to the same floats.
 
+supermerger also reads an extended SDXL form of 109 values (110 with VAE; its ``BLOCKIDXLLL``: CLIP-L
+and CLIP-G apart, each transformer block of IN04–IN08, M00 and OUT00–OUT05 apart, TIME and LABEL);
+automerge's SDXL blocks are the 20 of the short form, so the short form is written (every value of the
+long form would repeat its block's). Its calcmodes (normal, cosineA/B, trainDifference, smoothAdd,
+extract, tensor, self, plus random) have no TIES, DARE or DELLA, so those are refused.
+
 Where the results differ (checked against supermerger 0b1c491): its SD2/SDXL OpenCLIP
 ``positional_embedding``, ``text_projection`` and ``logit_scale`` are not merged (automerge merges them
 in BASE), and versions before its commit 2cbd062 (2025-11-27) put SD1 ``time_embed`` in OUT11 and
@@ -28,6 +34,8 @@ MODES: dict[str, tuple[str, str]] = {
     "train_difference": ("Add difference", "trainDifference"),
 }
 """automerge method → supermerger (mode, calcmode) that computes the same per key."""
+
+XL_WEIGHTS = 20  # the short SDXL MBW string: BASE, IN00–IN08, M00, OUT00–OUT08
 
 DIFFERENCES = (
     "SD2/SDXL OpenCLIP positional_embedding, text_projection and logit_scale are not merged by "
@@ -56,6 +64,11 @@ class SupermergerRecipe:
             f"{title}\t{self.weights_alpha}",
             f"# where supermerger's result differs: {DIFFERENCES}",
         ]
+        if len(self.weights_alpha.split(",")) == XL_WEIGHTS:
+            lines.append(
+                "# the short SDXL form (20 values); supermerger's extended 109-value form is not needed: "
+                "automerge's blocks give each of its parts its block's value"
+            )
         return "\n".join(lines) + "\n"
 
 
