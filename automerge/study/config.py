@@ -273,14 +273,20 @@ class StudyFile(Schema):
         """sha256 of what defines the search problem; the trial budget, timeout, stopping, export and
         storage may change between runs, these may not. Paths count relative to the study file's
         folder, so a study resumes from any working directory and after its project folder moved."""
-        return _sha256_json(as_plain(self.model_dump(include=SEARCH_FIELDS), relative_to=self.path.parent))
+        return _sha256_json(self._search_problem())
+
+    def _search_problem(self) -> dict[str, Any]:
+        """The search fields as plain data; ``loras`` only when some model has LoRAs, so that studies
+        made before LoRAs existed keep their fingerprints (and resume)."""
+        fields = SEARCH_FIELDS if self.loras else SEARCH_FIELDS - {"loras"}
+        return as_plain(self.model_dump(include=fields), relative_to=self.path.parent)
 
     def content_fingerprints(self) -> dict[str, str]:
         """sha256 of each part of the search problem with the contents of the files it names: each
         payload's resolved jobs (prompts, seeds, settings, previews) and the reward manifest(s) as
         parsed, so that an edited payload or manifest is a changed problem while a comment is not."""
-        plain = as_plain(self.model_dump(include=SEARCH_FIELDS), relative_to=self.path.parent)
-        parts = {name: _sha256_json(plain.get(name)) for name in sorted(SEARCH_FIELDS)}
+        plain = self._search_problem()
+        parts = {name: _sha256_json(plain.get(name)) for name in sorted(SEARCH_FIELDS) if name in plain}
         parts["payloads"] = _sha256_json([plain["payloads"], [_payload_content(p) for p in self.payloads]])
         if isinstance(self.reward, Path):
             parts["reward"] = _sha256_json([plain["reward"], _manifest_content(self.reward)])

@@ -490,3 +490,28 @@ def test_a_trial_whose_images_are_far_noisier_than_the_baselines_fails_with_the_
         t.user_attrs[records.FAIL_REASON].startswith("RenderError: images out of the baselines' range: noise")
         for t in others
     )
+
+
+def test_a_study_without_loras_keeps_the_fingerprints_earlier_versions_stored(tmp_path: Path) -> None:
+    """Values computed by automerge at eadc0d5 (before LoRAs existed) for this study: they must not
+    change, or every study made before would be refused on resume as a changed problem."""
+    (tmp_path / "a.safetensors").touch()
+    (tmp_path / "b.safetensors").touch()
+    (tmp_path / "p.yaml").write_text(
+        "defaults: {steps: 4, cfg: 5.0, width: 64, height: 64, scheduler: euler, seeds: [1, 2], "
+        'negative_prompt: "blurry"}\n'
+        "items:\n"
+        '  - prompt: "a lighthouse on a cliff at dusk, oil painting"\n'
+        '  - prompt: "portrait of an old fisherman, photo"\n'
+        '  - {prompt: "a bowl of red apples on a wooden table", weight: 0.5}\n'
+    )
+    (tmp_path / "s.yaml").write_text(
+        "name: fp\nmodels: {a: a.safetensors, b: b.safetensors}\nsearch: {alpha: {blocks: all}}\n"
+        "payloads: [p.yaml]\nreward: {reference: {metric: mse, folder: .}}\n"
+    )
+    study = load_study_file(tmp_path / "s.yaml")
+    assert study.search_fingerprint() == "45b518f5ad05bfe294a48d6da3592371e0dc8282aa5207f012404f5067d03217"
+    parts = study.content_fingerprints()
+    assert sorted(parts) == ["generate", "method", "models", "params", "payloads", "reward", "search", "seed"]
+    assert parts["models"] == "904e1a17c1ca3d6e54e38fdaf6050839d9f8389050bdf03569d89a2ceca8d5dc"
+    assert parts["payloads"] == "cec29408127ee3955c15901e392d51fde62c538cae1922ab33ebe80793deb5a4"
