@@ -273,6 +273,9 @@ def extract_lora_command(
         raise ConfigError(f"-o {out}: the LoRA must be a .safetensors file")
     fix = "pass another path with -o"
     check_creatable(out.parent, fix=fix)
+    for source in (a, b):
+        if out.exists() and source.exists() and out.samefile(source):
+            raise ConfigError(f"-o {out}: is the model {source} itself; write the LoRA to another path")
     svd_device = _svd_device(device)
     with open_model(a) as model_a, open_model(b) as model_b:
         arch = model_a.arch

@@ -247,3 +247,18 @@ def test_writing_refuses_a_layer_kohya_loras_do_not_have(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="no LoRA layers to write"):
         write_kohya_lora(tmp_path / "x.safetensors", [], ARCHITECTURES.get("sd1"))
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_extract_lora_never_writes_over_a_source(
+    capsys: pytest.CaptureFixture[str], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """-o naming model B (by another path) would have replaced it by the atomic rename."""
+    import shutil
+
+    b = shutil.copy(tiny_models["a"], tmp_path / "b.safetensors")
+    before = Path(b).read_bytes()
+    link = tmp_path / "same.safetensors"
+    link.symlink_to(b)
+    result = run_cli(capsys, "extract-lora", tiny_models["c"], b, "-o", link)
+    assert result.code == 2 and "is the model" in result.err and len(result.err.strip().splitlines()) == 1
+    assert Path(b).read_bytes() == before
