@@ -25,6 +25,7 @@ from automerge.dtypes import ComputeDtypeName, DtypeName
 
 MODEL_LETTER = re.compile(r"[a-z]")
 LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+LORA_STRENGTH_LIMIT = 10.0  # |strength| of a LoRA, fixed or searched
 
 
 class LoraEntry(Schema):
@@ -32,7 +33,9 @@ class LoraEntry(Schema):
     states it); ``name`` (default: the file's stem) is how a study searches it (``lora.NAME``)."""
 
     path: FileRef
-    strength: float = Field(1.0, ge=-10, le=10, description="multiplier of the LoRA's delta, as in A1111")
+    strength: float = Field(
+        1.0, ge=-LORA_STRENGTH_LIMIT, le=LORA_STRENGTH_LIMIT, description="multiplier of the LoRA's delta"
+    )
     name: str = ""
 
     @model_validator(mode="after")

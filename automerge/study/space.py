@@ -22,11 +22,11 @@ import optuna
 from automerge.arch import VAE_BLOCK, Architecture
 from automerge.errors import ConfigError
 from automerge.merge import BlockParams, MergeMethod, MergePlan, resolve_params
+from automerge.merge.recipe import LORA_STRENGTH_LIMIT
 from automerge.registry import did_you_mean
 from automerge.study.config import SearchParam, StudyFile
 
 LORA_PREFIX = "lora."
-LORA_STRENGTH_LIMIT = 10.0  # as a study file's fixed strengths (LoraEntry)
 
 
 @dataclass(frozen=True)
