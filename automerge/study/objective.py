@@ -46,6 +46,7 @@ class Objective:
         self.budget = budget  # the study's total trials, shared by every worker (None: no limit)
         self.interruptible = interruptible  # where Ctrl-C/SIGTERM may raise (see interruption.py)
         self.last_finished = time.perf_counter()
+        self._baselines_done: list[dict[str, list[float]]] | None = None  # see _baseline_stats
 
     def __call__(self, trial: optuna.Trial) -> float:
         if self.budget is not None and places_before(trial) >= self.budget:
@@ -67,7 +68,7 @@ class Objective:
             #    them fails here instead of being scored (reward models score such images too well).
             stats = {key: image_stats(image) for key, image in evaluation.images.items()}
             if records.BASELINE not in trial.user_attrs:
-                reason = stats_outlier(stats, records.baseline_image_stats(trial.study))
+                reason = stats_outlier(stats, self._baseline_stats(trial.study))
                 if reason is not None:
                     raise RenderError(reason)
             # 6. Bookkeeping: scores, timings and images for the dashboard and the report.
@@ -99,6 +100,16 @@ class Objective:
             raise TrialFailed(reason) from error
         finally:
             self.last_finished = time.perf_counter()
+
+    def _baseline_stats(self, study: optuna.Study) -> list[dict[str, list[float]]]:
+        """The baselines' image statistics: read from the storage until every baseline has them, then
+        kept (they never change), so later trials do not read every trial back."""
+        if self._baselines_done is None:
+            stats = records.baseline_image_stats(study)
+            if len(stats) < len(self.runtime.space.baselines()) or not self.runtime.study.baselines:
+                return stats
+            self._baselines_done = stats
+        return self._baselines_done
 
     def _evaluate(self, trial: optuna.Trial, params: BlockParams) -> Evaluation:
         """Each preview rung, reported at steps 0..F−1, then the full payload at F, F+1, ...; the
