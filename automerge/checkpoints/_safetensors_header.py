@@ -43,10 +43,12 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class SafetensorsHeader:
-    """A validated header: string metadata and the tensors by name."""
+    """A validated header: string metadata, the tensors by name, and its own length in bytes (the data
+    section starts at 8 + ``length``)."""
 
     metadata: Mapping[str, str]
     tensors: Mapping[str, TensorEntry]
+    length: int
 
 
 class _HeaderProblem(Exception):
@@ -90,7 +92,7 @@ def parse_header(raw: bytes, *, data_bytes: int) -> SafetensorsHeader:
     metadata = _parse_metadata(document.pop(METADATA_KEY, None))
     tensors = {name: _parse_entry(name, entry) for name, entry in document.items()}
     _check_tiling(tensors, data_bytes=data_bytes)
-    return SafetensorsHeader(metadata=metadata, tensors=tensors)
+    return SafetensorsHeader(metadata=metadata, tensors=tensors, length=len(raw))
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

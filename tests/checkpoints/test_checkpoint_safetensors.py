@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import mmap
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from automerge.checkpoints import Checkpoint, TensorInfo, open_file_checkpoint, open_safetensors
+from automerge.checkpoints import (
+    Checkpoint,
+    TensorInfo,
+    open_file_checkpoint,
+    open_safetensors,
+    save_safetensors,
+)
 from automerge.checkpoints import _safetensors_reader as reader_module
 from automerge.errors import CheckpointError
 
@@ -31,27 +38,17 @@ def _header_length(path: Path) -> int:
     return length
 
 
-class _SpySafeOpen:
-    """Records every ``safe_open`` and ``get_tensor`` call made through the reader module."""
+class _SpyMmap:
+    """Counts the memory maps the reader module makes."""
 
-    def __init__(self, real: Any) -> None:
-        self.real, self.opened = real, 0
-        self.loaded: list[str] = []
+    ACCESS_COPY = mmap.ACCESS_COPY
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __init__(self) -> None:
+        self.opened = 0
+
+    def mmap(self, *args: Any, **kwargs: Any) -> mmap.mmap:
         self.opened += 1
-        handle, spy = self.real(*args, **kwargs), self
-
-        class _Handle:
-            def get_tensor(self, key: str) -> torch.Tensor:
-                spy.loaded.append(key)
-                tensor: torch.Tensor = handle.get_tensor(key)
-                return tensor
-
-            def __exit__(self, *exc: object) -> None:
-                handle.__exit__(*exc)
-
-        return _Handle()
+        return mmap.mmap(*args, **kwargs)
 
 
 def test_keys_are_sorted_and_infos_match_the_tensors(tmp_path: Path) -> None:
@@ -80,8 +77,8 @@ def test_load_returns_the_stored_tensor_on_cpu_in_its_dtype(tmp_path: Path) -> N
 def test_keys_and_info_read_only_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "model.safetensors"
     save_file({"big": torch.zeros(4096), "small": torch.ones(2)}, path)
-    spy = _SpySafeOpen(safe_open)
-    monkeypatch.setattr(reader_module, "safe_open", spy)
+    spy = _SpyMmap()
+    monkeypatch.setattr(reader_module, "mmap", spy)
     bytes_read: list[int] = []
     real_open = Path.open
 
@@ -101,10 +98,25 @@ def test_keys_and_info_read_only_the_header(tmp_path: Path, monkeypatch: pytest.
     with open_safetensors(path) as checkpoint:
         assert checkpoint.info("big").nbytes == 4096 * 4
         assert checkpoint.keys() == ["big", "small"]
-        assert (spy.opened, spy.loaded) == (0, [])
+        assert spy.opened == 0
         assert 0 < sum(bytes_read) == 8 + _header_length(path) < path.stat().st_size
         assert torch.equal(checkpoint.load("small"), torch.ones(2))
-        assert (spy.opened, spy.loaded) == (1, ["small"])
+        assert torch.equal(checkpoint.load("big"), torch.zeros(4096))
+        assert spy.opened == 1  # one map for every tensor
+
+
+def test_a_loaded_tensor_outlives_close_and_an_unaligned_one_is_read(tmp_path: Path) -> None:
+    """Views keep the map alive after ``close``; a tensor whose offset is not a multiple of its
+    element size (the format allows it) is copied out instead of viewed."""
+    path = tmp_path / "model.safetensors"
+    tensors = {"a": torch.arange(3, dtype=torch.uint8), "b": torch.arange(4, dtype=torch.float32)}
+    save_safetensors(path, tensors)  # in this order: b starts at byte 3 of the data
+    header = json.loads(path.read_bytes()[8 : 8 + _header_length(path)])
+    assert header["b"]["data_offsets"][0] == 3
+    with open_safetensors(path) as checkpoint:
+        kept = checkpoint.load("a")
+        assert torch.equal(checkpoint.load("b"), torch.arange(4, dtype=torch.float32))
+    assert torch.equal(kept, torch.arange(3, dtype=torch.uint8))
 
 
 def test_info_works_when_the_data_section_is_garbage(tmp_path: Path) -> None:
