@@ -109,7 +109,10 @@ def merge(
     dtype: Annotated[str | None, typer.Option(help="fp16 | bf16 | fp32 (default: the recipe's).")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda: where the math runs.")] = "cpu",
 ) -> None:
-    """Merge a recipe into a checkpoint, streamed key by key (A1111/ComfyUI load it as is)."""
+    """Merge a recipe into a checkpoint, streamed key by key (A1111/ComfyUI load it as is).
+
+    A merge that was killed or interrupted continues where it stopped when run again."""
+    from automerge.commands import MergeProgress
     from automerge.dtypes import torch_dtype
     from automerge.merge import export_merge, load_recipe, plan_merge
 
@@ -118,8 +121,9 @@ def merge(
         raise ConfigError(f"-o {out}: the output must be a .safetensors file")
     plan = plan_merge(load_recipe(recipe), source=str(recipe))
     try:
-        with console.status(f"merging {plan.method.name} of {len(plan.sources)} models"):
-            export_merge(plan, out, dtype=out_dtype, device=device)
+        label = f"merging {plan.method.name} of {len(plan.sources)} models"
+        with MergeProgress(console, label=label) as progress:
+            export_merge(plan, out, dtype=out_dtype, device=device, progress=progress, notify=progress.notify)
     finally:
         plan.close()
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {plan.arch.title})")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from automerge.errors import ConfigError
@@ -43,6 +45,60 @@ def render_command(
             return [save_png(image, out) for image in session.render(jobs)]
     finally:
         plan.close()
+
+
+class MergeProgress:
+    """What ``automerge merge`` shows while it writes: on a terminal, one live line (keys n/N, bar,
+    bytes, ETA from the bytes merged by this run: a resumed merge's earlier keys do not count toward
+    the rate); everywhere, the export's notices (resuming, discarded) and, when interrupted, how to
+    resume. Pass it as ``export_merge``'s ``progress`` and its ``notify`` as ``notify``."""
+
+    def __init__(self, console: Console, *, label: str) -> None:
+        self.console = console
+        self.done_keys = self.total_keys = 0
+        self._live = console.is_terminal
+        self._progress = Progress(
+            TextColumn(label),
+            TextColumn("{task.fields[keys]}"),
+            BarColumn(bar_width=16),
+            DownloadColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(compact=True),
+            console=console,
+            transient=True,
+        )
+        self._task = self._progress.add_task("merge", total=None, keys="", start=False)
+
+    def __enter__(self) -> Self:
+        if self._live:
+            self._progress.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._live:
+            self._progress.__exit__(exc_type, exc, traceback)
+        if exc_type is KeyboardInterrupt and self.done_keys:
+            self.console.print(
+                f"{self.done_keys} of {self.total_keys} keys merged are kept: run the same command "
+                "again to resume",
+                highlight=False,
+            )
+
+    def __call__(self, done_keys: int, total_keys: int, done_bytes: int, total_bytes: int) -> None:
+        keys = f"{done_keys}/{total_keys} keys"
+        if not self.total_keys:  # the first call: what a resumed merge found already written is no rate
+            self._progress.reset(self._task, total=total_bytes, completed=done_bytes, keys=keys)
+        else:
+            self._progress.update(self._task, completed=done_bytes, keys=keys)
+        self.done_keys, self.total_keys = done_keys, total_keys
+
+    def notify(self, line: str) -> None:
+        self.console.print(line, highlight=False)
 
 
 def serve_dashboard(

@@ -7,6 +7,7 @@ the file's own layout, ``info`` from the header only, ``load`` one tensor at a t
 """
 
 from automerge.checkpoints._base import Checkpoint, TensorInfo
+from automerge.checkpoints._duplicates import duplicate_files
 from automerge.checkpoints._hashing import (
     CACHE_DIR_VARIABLE,
     a1111_legacy_hash,
@@ -18,7 +19,12 @@ from automerge.checkpoints._hashing import (
 from automerge.checkpoints._open import open_file_checkpoint
 from automerge.checkpoints._pickle_reader import open_pickle_checkpoint
 from automerge.checkpoints._safetensors_reader import open_safetensors
-from automerge.checkpoints._writer import SafetensorsWriter, save_safetensors
+from automerge.checkpoints._writer import (
+    ResumableSafetensorsWriter,
+    SafetensorsWriter,
+    partial_paths,
+    save_safetensors,
+)
 from automerge.checkpoints.model import CONFIGS_METADATA_KEY, SourceModel, header_json_object, open_model
 from automerge.checkpoints.summary import ModelSummary, summarize
 
@@ -28,12 +34,15 @@ __all__ = [
     "CONFIGS_METADATA_KEY",
     "Checkpoint",
     "ModelSummary",
+    "ResumableSafetensorsWriter",
     "SafetensorsWriter",
     "SourceModel",
     "TensorInfo",
     "a1111_legacy_hash",
     "a1111_short_hash",
     "cached_sha256",
+    "duplicate_files",
+    "partial_paths",
     "open_file_checkpoint",
     "open_model",
     "open_pickle_checkpoint",

@@ -10,8 +10,11 @@ buffers, no copy into the modules, no file. The engine holds tensors only; it bu
 
 Per block, the cheapest exact path is used (``merge_into``): a method's fused ``inplace`` op on the
 whole flat block (weighted sum: one ``torch.lerp(out=...)``), else the element-wise method through a
-chunk-sized scratch buffer, else the method per key (TIES, DARE, slerp, ...: per-tensor statistics,
-per-key seeds). The export goes through the same ``merge_into``, so both compute the same bits.
+chunk-sized scratch buffer, else the method per key (slerp, ...: per-tensor statistics, per-key
+seeds). The export goes through the same ``merge_into``, so both compute the same bits. Task
+arithmetic (ties, dare, dare_ties, della) is the exception: its per-key ranks and draws are made once
+per block and kept beside the sources, and each re-merge runs element-wise over the flat block
+(``_sparse_live``, equal bit for bit to the export's keys; ``EngineOptions.task_statistics``).
 
 LoRAs. A source's LoRAs are applied once, when it is loaded (``MergePlan.load``, as the export reads
 it). A LoRA whose strength a study searches is *live* (``EngineOptions.live_loras``): for its source
@@ -22,9 +25,11 @@ beside the source; LoRAs are added in float32), and when a strength changes it r
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,9 +37,12 @@ import torch
 from automerge.arch import Architecture
 from automerge.checkpoints import TensorInfo
 from automerge.lora import Lora, apply_loras
-from automerge.merge.methods import check_finite, generator_for, merge_into
+from automerge.merge._sparse_live import LiveTaskArithmetic, statistics_bytes
+from automerge.merge.methods import check_finite, merge_into, noise_for
 from automerge.merge.params import BlockParams, changed_blocks
 from automerge.merge.plan import MergePlan
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,9 @@ class EngineOptions:
     offload: bool = False
     chunk_numel: int | None = None  # elements per chunk of element-wise merges (None: by device)
     live_loras: frozenset[str] = frozenset()  # LoRAs whose strength may change between applies
+    # ties, dare, dare_ties, della: keep per-element ranks / draws beside the sources for fast exact
+    # re-merges (``_sparse_live``; 4–8 bytes per element per model); False merges them key by key
+    task_statistics: bool = True
 
 
 def live_keys(plan: MergePlan) -> Iterator[tuple[str, str, TensorInfo]]:
@@ -88,6 +99,27 @@ def live_keys(plan: MergePlan) -> Iterator[tuple[str, str, TensorInfo]]:
         block = plan.arch.block_of(key, info.dtype)
         if block is not None and plan.arch.targets(key):
             yield block, key, info
+
+
+def task_statistics_bytes(plan: MergePlan, *, alpha_only_blocks: Collection[str] = ()) -> tuple[int, int]:
+    """(bytes of the per-element ranks / draws the engine keeps for ties, dare, dare_ties or della
+    over the merged blocks, bytes of the merged deltas it keeps for ``alpha_only_blocks``, whose α
+    alone changes between applies); (0, 0) for other methods (``--dry-run`` counts them)."""
+    numel: dict[str, int] = {}
+    for block, _key, info in live_keys(plan):
+        if plan.params.merges(block):
+            numel[block] = numel.get(block, 0) + info.numel
+    size = partial(
+        statistics_bytes, plan.method, models=len(plan.model_names), compute_dtype=plan.compute_dtype
+    )
+    alpha_only = sum(n for block, n in numel.items() if block in alpha_only_blocks)
+    return size(numel=sum(numel.values()))[0], size(numel=alpha_only)[1]
+
+
+def statistics_fit(needed: int, free: int) -> bool:
+    """Whether the fast task-arithmetic statistics (``needed`` bytes) go on a GPU with ``free`` bytes
+    left after the sources: at most half of it, the rest kept for the renders' activations."""
+    return needed <= free // 2
 
 
 def held_sources(plan: MergePlan) -> dict[str, str]:
@@ -115,6 +147,7 @@ class LiveEngine:
         self._lora_strengths = dict(plan.params.lora_strengths)  # what the resident sources carry
         self._live_loras = self._device_loras()
         self._load_sources()
+        self._task = self._task_arithmetic()
         self._applied: BlockParams | None = None
 
     # -- construction ------------------------------------------------------------------------------
@@ -141,6 +174,35 @@ class LiveEngine:
             for name, entries in self.plan.loras.items()
             if any(lora_name in live for lora_name, _ in entries)
         }
+
+    def _task_arithmetic(self) -> LiveTaskArithmetic | None:
+        """The fast exact merge of ties, dare, dare_ties and della (None for other methods, or when
+        ``task_statistics`` is off): its statistics live where the sources do."""
+        method, compute = self.plan.method, self.plan.compute_dtype
+        if not self.options.task_statistics or not LiveTaskArithmetic.handles(method, compute):
+            return None
+        keep_on = torch.device("cpu") if self.options.offload else self.device
+        if keep_on.type == "cuda":
+            needed = task_statistics_bytes(self.plan)[0]
+            free, _total = torch.cuda.mem_get_info(keep_on)
+            if not statistics_fit(needed, free):
+                _log.warning(
+                    "%s re-merges key by key: its per-element ranks/draws (%.1f GiB) do not fit in half of "
+                    "the %.1f GiB the GPU has free beside the sources (the renders need the rest)",
+                    method.name,
+                    needed / 2**30,
+                    free / 2**30,
+                )
+                return None
+        return LiveTaskArithmetic(
+            method,
+            seed=self.plan.seed,
+            compute_dtype=compute,
+            device=self.device,
+            keep_on=torch.device("cpu") if self.options.offload else self.device,
+            staged=self.options.offload,
+            chunk_numel=self.options.chunk_numel,
+        )
 
     def _load_sources(self) -> None:
         storage = self.options.source_dtype or self.options.dtype
@@ -221,9 +283,10 @@ class LiveEngine:
     def apply(self, params: BlockParams) -> set[str]:
         """Re-merge the blocks whose parameters changed since the last ``apply`` (LoRA strengths
         included); returns them."""
-        todo = (changed_blocks(self._applied, params) | self._refresh_lora_sources(params)) & set(
-            self._blocks
-        )
+        refreshed = self._refresh_lora_sources(params)
+        if self._task is not None:
+            self._task.sources_changed(refreshed)
+        todo = (changed_blocks(self._applied, params) | refreshed) & set(self._blocks)
         if self._applied is None:
             todo = set(self._blocks)
         for name in todo:
@@ -255,11 +318,32 @@ class LiveEngine:
             block.out.copy_(sources["a"])
             return
         method, values = self.plan.method, params.for_block(block.name)
+        weights = params.model_weights(block.name, self.plan.model_names)
         models = [sources[name] for name in self.plan.model_names]
         base = sources[self.plan.base_name] if self.plan.base_name else None
+        if self._task is not None and base is not None:
+            merged = self._task.merge_block(
+                block.name,
+                block.slots,
+                block.out,
+                models,
+                base,
+                params=values,
+                weights=weights,
+                source_magnitude=block.source_magnitude,
+            )
+            if merged:  # else its sign election is not provably exact here: key by key below
+                return
         if method.elementwise and not method.random:
             self._merge_into(
-                block.out, models, base, values, key=f"block {block.name}", seed_key="", block=block
+                block.out,
+                models,
+                base,
+                values,
+                key=f"block {block.name}",
+                seed_key="",
+                block=block,
+                weights=weights,
             )
             return
         for slot in block.slots:
@@ -272,6 +356,7 @@ class LiveEngine:
                 key=slot.key,
                 seed_key=slot.key,
                 block=block,
+                weights=weights,
             )
 
     def _merge_into(
@@ -284,9 +369,10 @@ class LiveEngine:
         key: str,
         seed_key: str,
         block: _Block,
+        weights: Sequence[float] | None,
     ) -> None:
         method = self.plan.method
-        generator = generator_for(seed_key, self.plan.seed, self.device) if method.random else None
+        noise = noise_for(seed_key, self.plan.seed) if method.random else None
         merge_into(
             out,
             method,
@@ -294,7 +380,8 @@ class LiveEngine:
             base,
             key=key,
             params=values,
-            generator=generator,
+            noise=noise,
+            weights=weights,
             compute_dtype=self.plan.compute_dtype,
             chunk_numel=self.options.chunk_numel,
             source_magnitude=block.source_magnitude,

@@ -4,14 +4,17 @@ Peak memory stays near one tensor per source (plus the method's temporaries), no
 The file has model A's key names and layout (minus EMA), so A1111 and ComfyUI load it as is, and a
 metadata header with the recipe, each source's file name, sha256 and A1111 short hash, A1111's
 ``sd_merge_recipe`` / ``sd_merge_models`` (in the shape A1111 writes them), modelspec fields and
-automerge's version. Written atomically (temporary file + rename).
+automerge's version. Written atomically and resumably (``ResumableSafetensorsWriter``): a killed export
+run again with the same fingerprint (recipe, output dtype, device, each source's path, size and mtime,
+versions, header) merges only the keys the killed run had not written, into the same bytes.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,24 +22,25 @@ import torch
 from automerge._version import __version__
 from automerge.checkpoints import (
     CONFIGS_METADATA_KEY,
-    SafetensorsWriter,
+    ResumableSafetensorsWriter,
     TensorInfo,
     a1111_legacy_hash,
     a1111_short_hash,
     cached_sha256,
 )
-from automerge.errors import ConfigError
-from automerge.merge.methods import check_finite, generator_for, merge_into
+from automerge.errors import ConfigError, MergeError
+from automerge.merge.methods import LazySources, MergeMethod, check_finite, merge_into, noise_for
 from automerge.merge.plan import MergePlan
 
 
 def merged_tensors(
-    plan: MergePlan, *, dtype: torch.dtype, device: str = "cpu"
+    plan: MergePlan, *, dtype: torch.dtype, device: str = "cpu", skip: Collection[str] = ()
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) in A's key order: merged keys computed, the rest copied from A; EMA dropped."""
+    """(key, tensor) in A's key order: merged keys computed, the rest copied from A; EMA dropped, and
+    the keys in ``skip`` (already written by a resumed export) neither read nor computed."""
     primary = plan.primary.checkpoint
     for key in primary.keys():
-        if not plan.arch.is_exported(key):
+        if not plan.arch.is_exported(key) or key in skip:
             continue
         info = primary.info(key)
         block = plan.merged_block(key, info.dtype)
@@ -60,25 +64,59 @@ def merge_key(
     plan: MergePlan, key: str, *, block: str, dtype: torch.dtype, device: str = "cpu"
 ) -> torch.Tensor:
     """One merged tensor in ``dtype`` (computed in the plan's compute dtype, like the live engine);
-    sources are checked for NaN/Inf first."""
-    names = [*plan.model_names, *([plan.base_name] if plan.base_name else [])]
-    loaded = {name: _load(plan, name, key, device) for name in names}
-    models = [loaded[name][0] for name in plan.model_names]
-    base = loaded[plan.base_name][0] if plan.base_name else None
-    generator = generator_for(key, plan.seed, device) if plan.method.random else None
-    out = torch.empty(models[0].shape, dtype=dtype, device=device)
-    merge_into(
-        out,
-        plan.method,
-        models,
-        base,
-        key=key,
-        params=plan.params.for_block(block),
-        generator=generator,
-        compute_dtype=plan.compute_dtype,
-        source_magnitude=max(magnitude for _, magnitude in loaded.values()),
-    )
+    sources are checked for NaN/Inf as they are read. Methods of any number of models stream over
+    ``LazySources`` (each model read when the method reaches it, so memory does not grow with the
+    number of models); the others get their sources loaded, with max |x| for the growth bound."""
+    base = _load(plan, plan.base_name, key, device) if plan.base_name else None
+    deferred = plan.method.max_models is None and _carries_non_finite(plan.method)
+    if plan.method.max_models is None:
+        models: Sequence[torch.Tensor] = _lazy_sources(plan, key, device, check=not deferred)
+        magnitude = None  # N-model methods have no growth bound to use it with
+    else:
+        loaded = [_load(plan, name, key, device) for name in plan.model_names]
+        models = [tensor for tensor, _ in loaded]
+        magnitude = max(found for _, found in [*loaded, *([base] if base is not None else [])])
+    shape = plan.sources[plan.model_names[0]].checkpoint.info(key).shape
+    out = torch.empty(shape, dtype=dtype, device=device)
+    try:
+        merge_into(
+            out,
+            plan.method,
+            models,
+            None if base is None else base[0],
+            key=key,
+            params=plan.params.for_block(block),
+            noise=noise_for(key, plan.seed) if plan.method.random else None,
+            weights=plan.params.model_weights(block, plan.model_names),
+            compute_dtype=plan.compute_dtype,
+            source_magnitude=magnitude,
+        )
+    except MergeError:
+        if deferred:  # name the damaged source, when one is (else the result overflowed: as raised)
+            for name in plan.model_names:
+                _load(plan, name, key, device)
+        raise
     return out
+
+
+def _carries_non_finite(method: MergeMethod) -> bool:
+    """Element-wise, non-random methods are sums and products of their sources, so a NaN or Inf in
+    any source makes the result non-finite (0·Inf is NaN too): the output's check catches it, and the
+    sources need no check of their own (N fewer passes per key) unless it fails."""
+    return method.elementwise and not method.random
+
+
+def _lazy_sources(plan: MergePlan, key: str, device: str, *, check: bool) -> LazySources:
+    """The non-base models' tensors ``key``, read on each access (and checked for NaN/Inf when
+    ``check``), in the compute dtype (the upcast the merge would make anyway)."""
+    shape = plan.sources[plan.model_names[0]].checkpoint.info(key).shape
+    loaders = [partial(_load_upcast, plan, name, key, device, check=check) for name in plan.model_names]
+    return LazySources(loaders, shape=shape, dtype=plan.compute_dtype)
+
+
+def _load_upcast(plan: MergePlan, name: str, key: str, device: str, *, check: bool) -> torch.Tensor:
+    tensor = _load(plan, name, key, device)[0] if check else plan.load(name, key).to(device)
+    return tensor.to(plan.compute_dtype)
 
 
 def _load(plan: MergePlan, name: str, key: str, device: str) -> tuple[torch.Tensor, float]:
@@ -211,6 +249,11 @@ def refuse_source_as_output(plan: MergePlan, out: Path) -> None:
             )
 
 
+ExportProgress = Callable[[int, int, int, int], None]
+"""``progress(done_keys, total_keys, done_bytes, total_bytes)``: called once before the first key (the
+counts then are what a resumed export found already written) and after each key."""
+
+
 def export_merge(
     plan: MergePlan,
     out: Path,
@@ -219,28 +262,89 @@ def export_merge(
     device: str = "cpu",
     extra_metadata: Mapping[str, str] | None = None,
     title: str | None = None,
+    progress: ExportProgress | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> Path:
-    """Merge ``plan`` into the safetensors file ``out`` (streamed, atomic) in ``dtype`` (default: the
-    plan's); returns ``out``.
+    """Merge ``plan`` into the safetensors file ``out`` (streamed, atomic, resumable) in ``dtype``
+    (default: the plan's); returns ``out``.
 
     The sources are hashed (through the hash cache) in background threads while the merge runs; the
     header is written first with placeholder hashes of the final length and rewritten in place
-    before the file is committed.
+    before the file is committed. Until then the bytes go to ``.<name>.partial`` beside ``out``, with a
+    journal of the keys written: an export killed or interrupted (KeyboardInterrupt) is continued by
+    the next call with the same fingerprint, which merges only the missing keys; one that fails on its
+    inputs (``MergeError``) deletes them. ``notify`` gets one line when a partial export is resumed or
+    discarded (and why); ``progress`` gets the counts (see ``ExportProgress``).
     """
     refuse_source_as_output(plan, out)
     out_dtype = dtype or plan.dtype
     infos = output_infos(plan, dtype=out_dtype)
     files = {name: model.path for name, model in plan.sources.items() if model.path.is_file()}
     placeholders = {name: f"{i:064x}" if name in files else "" for i, name in enumerate(plan.sources, 1)}
+    fingerprint = export_fingerprint(plan, dtype=out_dtype, device=device)
     pool = ThreadPoolExecutor(max_workers=max(1, len(files)), thread_name_prefix="automerge-sha256")
     try:
         hashing = {name: pool.submit(cached_sha256, path) for name, path in files.items()}
         metadata = export_metadata(plan, extra=extra_metadata, title=title, digests=placeholders)
-        with SafetensorsWriter(out, infos, metadata=metadata) as writer:
-            for key, tensor in merged_tensors(plan, dtype=out_dtype, device=device):
-                writer.write(key, tensor.cpu())
+        with ResumableSafetensorsWriter(out, infos, metadata=metadata, fingerprint=fingerprint) as writer:
+            _announce(writer, total=len(infos), notify=notify or (lambda line: None))
+            _write_merged(plan, writer, infos, dtype=out_dtype, device=device, progress=progress)
             digests = {name: hashing[name].result() if name in hashing else "" for name in plan.sources}
             writer.update_metadata(export_metadata(plan, extra=extra_metadata, title=title, digests=digests))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return out
+
+
+def _announce(writer: ResumableSafetensorsWriter, *, total: int, notify: Callable[[str], None]) -> None:
+    if writer.discarded:
+        notify(f"discarded the partial merge {writer.partial.name}: {writer.discarded}; starting over")
+    if writer.done:
+        notify(f"resuming: {len(writer.done)} of {total} keys already merged")
+
+
+def _write_merged(
+    plan: MergePlan,
+    writer: ResumableSafetensorsWriter,
+    infos: Mapping[str, TensorInfo],
+    *,
+    dtype: torch.dtype,
+    device: str,
+    progress: ExportProgress | None,
+) -> None:
+    """Merge and write every key the writer does not hold yet, reporting the counts after each."""
+    report = progress or (lambda *counts: None)
+    total_bytes = sum(info.nbytes for info in infos.values())
+    keys, done_bytes = len(writer.done), sum(infos[key].nbytes for key in writer.done)
+    report(keys, len(infos), done_bytes, total_bytes)
+    for key, tensor in merged_tensors(plan, dtype=dtype, device=device, skip=writer.done):
+        writer.write(key, tensor.cpu())
+        keys, done_bytes = keys + 1, done_bytes + infos[key].nbytes
+        report(keys, len(infos), done_bytes, total_bytes)
+
+
+def export_fingerprint(plan: MergePlan, *, dtype: torch.dtype, device: str) -> dict[str, str]:
+    """What determines the exported bytes besides the header, each part under the name a resumed
+    export reports it by when it changed: recipe, output dtype, device kind, each source file's path,
+    size and mtime (LoRAs too), automerge's and torch's versions."""
+    recipe = plan.recipe().to_yaml_dict(model_path=lambda path: str(path.absolute()))
+    fingerprint = {
+        "the recipe": json.dumps(recipe, sort_keys=True),
+        "the output dtype": str(dtype),
+        "the device": torch.device(device).type,
+        "automerge's version": __version__,
+        "torch's version": torch.__version__,
+    }
+    for name, model in plan.sources.items():
+        fingerprint[f"model {name} ({model.path.name})"] = _stamp(model.path)
+    for entries in plan.loras.values():
+        for name, lora in entries:
+            fingerprint[f"LoRA {name} ({lora.path.name})"] = _stamp(lora.path)
+    return fingerprint
+
+
+def _stamp(path: Path) -> str:
+    """Path, size and modification time of a file, or of each file of a diffusers folder."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = [(file, file.stat()) for file in files]
+    return "\n".join(f"{file.absolute()} {stat.st_size} {stat.st_mtime_ns}" for file, stat in stats)

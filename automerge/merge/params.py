@@ -5,6 +5,12 @@ Every parameter of a merge method may be one number (all blocks) or a per-block 
 Product rule: the ``VAE`` block is merged only when some parameter's map names it explicitly;
 otherwise it gets no entry and ``BlockParams.merges("VAE")`` is False.
 
+A method that takes per-model weights (``MergeMethod.weighted``) also takes ``weight.NAME`` for each
+non-base model NAME (default 1, range [0, inf), 0 drops the model's contribution), a number or a
+per-block map like any parameter. They live beside the method's parameters in ``values`` — none when
+no weight is given (every model weighs 1), else one entry per non-base model — but ``for_block``
+gives the method's own only, and ``model_weights`` the block's weights in model order.
+
 ``BlockParams`` also carries the strength of each LoRA applied to a source (by the LoRA's name), since
 a study may search those too; they are not per block.
 """
@@ -21,10 +27,18 @@ from typing import Any
 from automerge.arch import VAE_BLOCK
 from automerge.errors import ConfigError
 from automerge.merge.methods import MergeMethod, ParamSpec
+from automerge.merge.recipe import WEIGHT_PREFIX
 from automerge.registry import did_you_mean
 
 BlockValue = float | Mapping[str, float]  # as written in YAML: one number, or {default, BLOCK: number}
 DEFAULT_KEY = "default"
+
+
+def weight_spec(model: str) -> ParamSpec:
+    """The parameter ``weight.MODEL``: model MODEL's weight in a weighted method, default 1, [0, inf)."""
+    return ParamSpec(
+        name=f"{WEIGHT_PREFIX}{model}", default=1.0, low=0.0, high=None, doc=f"weight of model {model}"
+    )
 
 
 @dataclass(frozen=True)
@@ -41,7 +55,24 @@ class BlockParams:
         return block in self.blocks
 
     def for_block(self, block: str) -> dict[str, float]:
-        """All parameters for one merged block, ready for ``merge_tensor(params=...)``."""
+        """The method's parameters for one merged block, ready for ``merge_tensor(params=...)``."""
+        return {name: value for name, value in self._all_for_block(block).items() if not _is_weight(name)}
+
+    def model_weights(self, block: str, model_names: Sequence[str]) -> list[float] | None:
+        """The block's weight of each of ``model_names`` (``merge_tensor(weights=...)``); None when
+        no weight is given (every model weighs 1, or the method takes no weights)."""
+        values = self._all_for_block(block)
+        if not any(_is_weight(name) for name in values):
+            return None
+        return [values[f"{WEIGHT_PREFIX}{name}"] for name in model_names]
+
+    def value(self, param: str, block: str) -> float:
+        """Parameter ``param`` (a method parameter or ``weight.NAME``) in merged ``block``; a model
+        weight that no value was given for is 1."""
+        values = self._all_for_block(block)
+        return values.get(param, 1.0) if _is_weight(param) else values[param]
+
+    def _all_for_block(self, block: str) -> dict[str, float]:
         if not self.merges(block):
             raise KeyError(f"block '{block}' is not merged (merged: {', '.join(self.blocks)})")
         return {name: per_block[block] for name, per_block in self.values.items()}
@@ -88,16 +119,28 @@ class BlockParams:
 
 
 def resolve_params(
-    method: MergeMethod, raw: Mapping[str, BlockValue], *, blocks: Sequence[str], source: str
+    method: MergeMethod,
+    raw: Mapping[str, BlockValue],
+    *,
+    blocks: Sequence[str],
+    source: str,
+    model_names: Sequence[str] = (),
+    base_name: str | None = None,
 ) -> BlockParams:
-    """Validate ``raw`` against ``method``'s ParamSpecs and the family's ``blocks``; ``ConfigError``s name ``source``."""
+    """Validate ``raw`` against ``method``'s ParamSpecs, the family's ``blocks`` and, for a weighted
+    method, ``weight.NAME`` against the non-base ``model_names``; ``ConfigError``s name ``source``."""
     specs = {spec.name: spec for spec in method.params}
+    weights = {spec.name: spec for spec in map(weight_spec, model_names if method.weighted else ())}
     for name in raw:
-        if name not in specs:
+        if _is_weight(name) and name not in weights:
+            _check_weight_name(str(name), method, weights, base_name=base_name, source=source)
+        elif name not in specs and name not in weights:
             takes = f"it takes: {', '.join(specs)}" if specs else "it takes no parameters"
             raise ConfigError(
                 f"{source}: method '{method.name}' takes no parameter '{name}'{did_you_mean(str(name), list(specs))}; {takes}"
             )
+    if any(_is_weight(name) for name in raw):  # one weight given: every model's weight is in values
+        specs.update(weights)
     parsed = {name: _parse(spec, raw.get(name), blocks=blocks, source=source) for name, spec in specs.items()}
     named_vae = any(VAE_BLOCK in explicit for _, explicit in parsed.values())
     merged = tuple(block for block in blocks if block != VAE_BLOCK or named_vae)
@@ -109,7 +152,8 @@ def resolve_params(
 
 
 def changed_blocks(old: BlockParams | None, new: BlockParams) -> set[str]:
-    """Blocks whose parameters differ, or that are merged in only one of the two (all when ``old`` is None).
+    """Blocks whose parameters (model weights included) differ, or that are merged in only one of
+    the two (all when ``old`` is None).
 
     Compares values only: the caller re-merges everything when the method itself changed.
     """
@@ -118,8 +162,36 @@ def changed_blocks(old: BlockParams | None, new: BlockParams) -> set[str]:
     return {
         block
         for block in set(old.blocks) | set(new.blocks)
-        if not (old.merges(block) and new.merges(block) and old.for_block(block) == new.for_block(block))
+        if not (
+            old.merges(block) and new.merges(block) and old._all_for_block(block) == new._all_for_block(block)
+        )
     }
+
+
+def _is_weight(name: str) -> bool:
+    return name.startswith(WEIGHT_PREFIX)
+
+
+def _check_weight_name(
+    name: str, method: MergeMethod, weights: Mapping[str, ParamSpec], *, base_name: str | None, source: str
+) -> None:
+    """``ConfigError`` for ``weight.X`` that no model of this merge takes (the caller found no spec)."""
+    if not method.weighted:
+        raise ConfigError(
+            f"{source}: method '{method.name}' takes no per-model weights ('{name}'); remove it, or use a "
+            "method that takes weights (see `automerge methods`)"
+        )
+    model = name.removeprefix(WEIGHT_PREFIX)
+    if model == base_name:
+        raise ConfigError(
+            f"{source}: '{name}': model {model} is the base, which weighs nothing (the other models' "
+            f"differences from it are weighted); remove it"
+        )
+    names = [key.removeprefix(WEIGHT_PREFIX) for key in weights]
+    raise ConfigError(
+        f"{source}: '{name}': there is no model '{model}' to weigh{did_you_mean(model, names)}; "
+        f"the weighted models are {', '.join(names) or 'none'}"
+    )
 
 
 def _parse(

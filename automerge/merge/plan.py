@@ -11,6 +11,7 @@ uses it directly); ``plan_checkpoint`` plans one checkpoint as itself (for rende
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +19,15 @@ from pathlib import Path
 import torch
 
 from automerge.arch import EMA_PREFIX, Architecture
-from automerge.checkpoints import SourceModel, open_model
+from automerge.checkpoints import SourceModel, duplicate_files, open_model
 from automerge.dtypes import TORCH_DTYPES, dtype_name
 from automerge.errors import CheckpointError, ConfigError, MergeError
 from automerge.lora import Lora, apply_loras, read_lora
 from automerge.merge.methods import METHODS, MergeMethod
 from automerge.merge.params import BlockParams, BlockValue, resolve_params
-from automerge.merge.recipe import LoraEntry, Recipe
+from automerge.merge.recipe import BASE_NAME, WEIGHT_PREFIX, LoraEntry, Recipe, model_order
 
-BASE_NAME = "c"
+log = logging.getLogger("automerge.merge")
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class MergePlan:
 
     method: MergeMethod
     arch: Architecture
-    sources: Mapping[str, SourceModel]  # by letter, "a" first
+    sources: Mapping[str, SourceModel]  # by name, in model order (a, b, c, ..., z, aa, ...)
     model_names: tuple[str, ...]  # the non-base models in order (a, b, d, ...)
     base_name: str | None
     params: BlockParams
@@ -106,7 +107,9 @@ class MergePlan:
 
 
 def method_roles(method: MergeMethod, names: list[str], *, source: str) -> tuple[tuple[str, ...], str | None]:
-    """Split model letters into (non-base models, base) for ``method``; errors say what to change."""
+    """Split model names into (non-base models in model order, base) for ``method``; errors say what
+    to change."""
+    names = sorted(names, key=model_order)
     base = BASE_NAME if method.needs_base else None
     if method.needs_base and BASE_NAME not in names:
         raise ConfigError(
@@ -138,15 +141,19 @@ def open_plan(
     source: str,
 ) -> MergePlan:
     """Check everything and open the sources (lazily: headers only) and their LoRAs (read whole:
-    they are small); ``source`` names the file (and field) the values came from in every error."""
+    they are small); ``source`` names the file (and field) the values came from in every error.
+    A model whose file equals an earlier model's is merged once (``_drop_duplicates``)."""
     merge_method = METHODS.get(method, where=f"{source}: field 'method'")
     model_names, base_name = method_roles(merge_method, list(models), source=source)
     opened: dict[str, SourceModel] = {}
     try:
-        for name, path in sorted(models.items()):
-            opened[name] = open_model(path)
+        for name in sorted(models, key=model_order):
+            opened[name] = open_model(models[name])
         arch = _common_arch(opened, source=source)
         lora_entries = loras or {}
+        for name in _drop_duplicates(opened, merge_method, model_names, lora_entries, params, source=source):
+            opened.pop(name).close()
+        model_names = tuple(name for name in model_names if name in opened)
         read = {
             letter: tuple(
                 (entry.name, _read_lora(entry, arch, opened[letter], source=source)) for entry in entries
@@ -160,9 +167,14 @@ def open_plan(
             sources=opened,
             model_names=model_names,
             base_name=base_name,
-            params=resolve_params(merge_method, params, blocks=arch.blocks, source=source).with_loras(
-                strengths
-            ),
+            params=resolve_params(
+                merge_method,
+                params,
+                blocks=arch.blocks,
+                source=source,
+                model_names=model_names,
+                base_name=base_name,
+            ).with_loras(strengths),
             seed=seed,
             dtype=TORCH_DTYPES[dtype],
             compute_dtype=TORCH_DTYPES[compute_dtype],
@@ -210,12 +222,62 @@ def _read_lora(entry: LoraEntry, arch: Architecture, model: SourceModel, *, sour
         raise ConfigError(f"{source}: LoRA '{entry.name}' on {model.path.name}: {error}") from None
 
 
+_SHOWN_PER_FAMILY = 4  # models named per family in the error; the rest are counted
+
+
 def _common_arch(sources: Mapping[str, SourceModel], *, source: str) -> Architecture:
-    families = {name: model.arch.name for name, model in sources.items()}
-    if len(set(families.values())) > 1:
-        shown = ", ".join(f"{name} is {family}" for name, family in families.items())
+    """The one family of every source (headers only); else ``MergeError`` listing the models of each
+    family: ``sd1: a (anime.safetensors), b (photo.safetensors); sdxl: d (xl.safetensors)``."""
+    by_family: dict[str, list[str]] = {}
+    for name, model in sources.items():
+        by_family.setdefault(model.arch.name, []).append(f"{name} ({model.path.name})")
+    if len(by_family) > 1:
+        shown = "; ".join(
+            f"{family}: {', '.join(names[:_SHOWN_PER_FAMILY])}"
+            + (f" and {len(names) - _SHOWN_PER_FAMILY} more" if len(names) > _SHOWN_PER_FAMILY else "")
+            for family, names in by_family.items()
+        )
         raise MergeError(f"{source}: models of different families cannot be merged: {shown}")
     return sources["a"].arch
+
+
+def _drop_duplicates(
+    opened: Mapping[str, SourceModel],
+    method: MergeMethod,
+    model_names: Sequence[str],
+    loras: Mapping[str, Sequence[LoraEntry]],
+    params: Mapping[str, BlockValue],
+    *,
+    source: str,
+) -> list[str]:
+    """The non-base models to drop because an earlier one is the same file (same bytes, without
+    LoRAs), each with a one-line notice: a method over any number of models would count it twice.
+    Only for such methods, never model a, and only while the method keeps enough models."""
+    if method.max_models is not None:
+        return []
+    candidates = {
+        name: opened[name].path for name in model_names if not loras.get(name) and opened[name].path.is_file()
+    }
+    dropped = []
+    for name, earlier in duplicate_files(candidates).items():
+        if name == "a" or len(model_names) - len(dropped) <= method.min_models:
+            continue
+        if f"{WEIGHT_PREFIX}{name}" in params:
+            raise ConfigError(
+                f"{source}: models.{name} ({opened[name].path}) is the same file as models.{earlier} "
+                f"({opened[earlier].path}) and is merged once; remove {WEIGHT_PREFIX}{name}, or the duplicate"
+            )
+        log.warning(
+            "%s: models.%s (%s) is the same file as models.%s (%s): merged once, %s dropped",
+            source,
+            name,
+            opened[name].path,
+            earlier,
+            opened[earlier].path,
+            name,
+        )
+        dropped.append(name)
+    return dropped
 
 
 def check_shapes(plan: MergePlan) -> None:

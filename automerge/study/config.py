@@ -13,14 +13,20 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from automerge.arch import ARCHITECTURES
 from automerge.config import FileRef, Schema, parse_file
 from automerge.dtypes import DtypeName
 from automerge.errors import ConfigError, StudyError
 from automerge.files import relative_path
-from automerge.merge.recipe import LoraEntry, check_lora_names, check_model_letters, lift_model_entries
+from automerge.merge.recipe import (
+    LoraEntry,
+    check_lora_names,
+    check_model_names,
+    context_dir,
+    lift_model_entries,
+)
 from automerge.render.config import RenderConfig
 from automerge.rewards.manifest import MANIFEST_SUFFIXES, find_manifest
 
@@ -131,7 +137,7 @@ class TinyModelSpec(Schema):
 
     tiny: str = Field(description="the family: sd1, sd2, sdxl, ... (any registered architecture)")
     seed: int = 0
-    like: str | None = Field(None, description="letter of another generated model to fine-tune from")
+    like: str | None = Field(None, description="name of another generated model to fine-tune from")
     delta: float = Field(0.05, gt=0)
 
     @field_validator("tiny")
@@ -187,7 +193,7 @@ class StudyFile(Schema):
     )
     models: dict[str, FileRef]
     loras: dict[str, list[LoraEntry]] = Field(
-        default_factory=dict, description="per model letter, LoRAs applied to it (from models.X.loras)"
+        default_factory=dict, description="per model name, LoRAs applied to it (from models.X.loras)"
     )
     generate: dict[str, TinyModelSpec] = Field(default_factory=dict)
     method: str = "weighted_sum"
@@ -226,13 +232,13 @@ class StudyFile(Schema):
 
     @model_validator(mode="before")
     @classmethod
-    def _entries(cls, data: Any) -> Any:
-        return lift_model_entries(data)
+    def _entries(cls, data: Any, info: ValidationInfo) -> Any:
+        return lift_model_entries(data, base_dir=context_dir(info))
 
     @field_validator("models")
     @classmethod
-    def _model_letters(cls, models: dict[str, Path]) -> dict[str, Path]:
-        return check_model_letters(models)
+    def _model_names(cls, models: dict[str, Path]) -> dict[str, Path]:
+        return check_model_names(models)
 
     @model_validator(mode="after")
     def _lora_names(self) -> StudyFile:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,13 +21,13 @@ import torch
 
 from automerge.dtypes import dtype_name
 from automerge.merge import MergePlan
-from automerge.merge.engine import held_sources, live_keys
+from automerge.merge.engine import held_sources, live_keys, task_statistics_bytes
 from automerge.render.config import RenderConfig
 from automerge.rewards import CompositeManifest, find_manifest, read_manifest
 from automerge.study import records
 from automerge.study.config import InlineReward, StudyFile
 from automerge.study.runtime import StudyRuntime, generate_models, open_study_plan, study_jobs
-from automerge.study.space import build_space
+from automerge.study.space import Dimension, build_space
 
 HEADROOM = 0.15
 """Share of the free memory left for activations, the VAE decode and the allocator's slack."""
@@ -75,9 +76,10 @@ def dry_run(study: StudyFile, *, device: str | None = None, calibrate: bool = Fa
     generate_models(study)
     plan = open_study_plan(study)
     try:
-        space = build_space(study, plan.arch, plan.method)
+        space = build_space(study, plan.arch, plan.method, model_names=plan.model_names)
         jobs = study_jobs(study.payloads)
         memory = _engine_memory(plan, torch_device, config, live_loras=space.live_loras)
+        memory += _task_memory(plan, config, alpha_only=_alpha_only_blocks(space.dimensions))
         memory += _reward_memory(study, torch_device)
         result = DryRun(
             family=plan.arch.name,
@@ -127,6 +129,28 @@ def _engine_memory(
         kept = sum(info.nbytes for _block, key, info in live_keys(plan) if key in adapted)
         items.append(MemoryItem(f"source {name}'s tensors under its searched LoRAs", kept, where))
     return items
+
+
+def _task_memory(plan: MergePlan, config: RenderConfig, *, alpha_only: frozenset[str]) -> list[MemoryItem]:
+    """ties / dare / dare_ties / della: the per-element ranks and draws ``LiveEngine`` keeps beside
+    the sources for fast exact re-merges, and the merged deltas of the blocks whose α alone is searched."""
+    ranks, merged = task_statistics_bytes(plan, alpha_only_blocks=alpha_only)
+    where = "host" if config.offload else "device"
+    items = []
+    if ranks:
+        items.append(
+            MemoryItem(f"{plan.method.name} ranks / draws per element (live re-merge)", ranks, where)
+        )
+    if merged:
+        items.append(MemoryItem("merged deltas of the blocks whose α alone is searched", merged, where))
+    return items
+
+
+def _alpha_only_blocks(dimensions: Sequence[Dimension]) -> frozenset[str]:
+    """Blocks whose α is searched and no other method parameter (their merged delta is reused)."""
+    alpha = {block for d in dimensions if d.param == "alpha" for block in d.blocks}
+    other = {block for d in dimensions if d.param != "alpha" and d.lora is None for block in d.blocks}
+    return frozenset(alpha - other)
 
 
 def _reward_memory(study: StudyFile, device: torch.device) -> list[MemoryItem]:

@@ -52,7 +52,11 @@ def export_study(
     check_export_folder(out, fix=fix)
     plan = runtime.plan if runtime is not None else open_study_plan(study_file)
     try:
-        space = runtime.space if runtime is not None else build_space(study_file, plan.arch, plan.method)
+        space = (
+            runtime.space
+            if runtime is not None
+            else build_space(study_file, plan.arch, plan.method, model_names=plan.model_names)
+        )
         trial_plan = plan.with_params(space.block_params(trial.params))
         with replaced_folder(out) as staged:  # the folder always holds one trial's three files
             # 1. The recipe, loadable by `automerge merge` from anywhere (paths relative to itself).
@@ -131,7 +135,7 @@ def interop_text(
     plan = open_study_plan(study_file)
     try:
         _refuse_foreign_sources(plan, output_format, diffusers_folders=True)
-        space = build_space(study_file, plan.arch, plan.method)
+        space = build_space(study_file, plan.arch, plan.method, model_names=plan.model_names)
         params = space.block_params(trial.params)
         if output_format == "mecha":
             models = {name: model.path.absolute() for name, model in plan.sources.items()}
@@ -172,7 +176,9 @@ def interop_workflow(
     plan = open_study_plan(study_file)
     try:
         _refuse_foreign_sources(plan, "comfyui", diffusers_folders=False, loras=True)
-        params = build_space(study_file, plan.arch, plan.method).block_params(trial.params)
+        params = build_space(study_file, plan.arch, plan.method, model_names=plan.model_names).block_params(
+            trial.params
+        )
         return comfyui_workflow(
             plan.method.name,
             params,
@@ -334,7 +340,7 @@ def _secret_weights(study_file: StudyFile, space: SearchSpace, plan: MergePlan) 
     secret = {d.name: target.lora_strengths[d.lora] for d in space.dimensions if d.lora is not None}
     secret.update(
         {
-            d.name: statistics.fmean(target.values[d.param][block] for block in d.blocks)
+            d.name: statistics.fmean(target.value(d.param, block) for block in d.blocks)
             for d in space.dimensions
             if d.lora is None and all(target.merges(block) for block in d.blocks)
         }

@@ -121,7 +121,9 @@ class StudyRuntime:
         self.study = study
         self.plan = open_study_plan(study)
         try:
-            self.space: SearchSpace = build_space(study, self.plan.arch, self.plan.method)
+            self.space: SearchSpace = build_space(
+                study, self.plan.arch, self.plan.method, model_names=self.plan.model_names
+            )
             self.jobs = study_jobs(study.payloads)
             self.preview_jobs = [study_jobs(study.payloads, fidelity=r) for r in range(preview_rungs(study))]
             # a hidden target is rendered at every fidelity, so previews are scored against their own kind

@@ -8,7 +8,9 @@ block names, ranges against the method's spec, and the fixed parameters (resolve
 a proposal then only overwrites the searched values of that template.
 
 A LoRA's strength is searched as ``lora.NAME`` (one number, not per block; ``NAME`` as the study's
-``models`` name the LoRA).
+``models`` name the LoRA). A weighted method's model weights are parameters ``weight.NAME`` like any
+other (per block, or per group); ``search.weights`` is the shorthand for all of them: for every
+non-base model one dimension ``weight.NAME`` over every block, or ``weight.NAME.GROUP`` per group.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import optuna
 from automerge.arch import VAE_BLOCK, Architecture
 from automerge.errors import ConfigError
 from automerge.merge import BlockParams, MergeMethod, MergePlan, resolve_params
-from automerge.merge.recipe import LORA_STRENGTH_LIMIT
+from automerge.merge.params import weight_spec
+from automerge.merge.plan import method_roles
+from automerge.merge.recipe import LORA_STRENGTH_LIMIT, WEIGHT_PREFIX
 from automerge.registry import did_you_mean
 from automerge.study.config import SearchParam, StudyFile
 
 LORA_PREFIX = "lora."
+WEIGHTS = "weights"  # search.weights: every non-base model's weight.NAME
 
 
 @dataclass(frozen=True)
@@ -112,14 +117,27 @@ class SearchSpace:
         return f"all {where}" if value is None else f"all {value:g}"
 
 
-def build_space(study: StudyFile, arch: Architecture, method: MergeMethod) -> SearchSpace:
-    """Dimensions for ``study.search`` on family ``arch`` and ``method``, every check done here."""
+def build_space(
+    study: StudyFile, arch: Architecture, method: MergeMethod, *, model_names: Sequence[str] | None = None
+) -> SearchSpace:
+    """Dimensions for ``study.search`` on family ``arch`` and ``method``, every check done here.
+    ``model_names``: the non-base models the plan merges (default: the study's, by the method's roles;
+    a plan may have dropped a duplicate file)."""
     source = str(study.path)
+    roles = method_roles(method, list(study.models), source=source)
+    models = tuple(roles[0] if model_names is None else model_names)
     taken = set(method.param_names())
     dimensions: list[Dimension] = []
     for param, search in study.search.items():
         if param.startswith(LORA_PREFIX):
             dimensions.append(_lora_dimension(param, search, study, source=source))
+            continue
+        if param == WEIGHTS or param.startswith(WEIGHT_PREFIX):
+            dimensions.extend(
+                _weight_dimensions(
+                    param, search, study=study, arch=arch, method=method, models=models, base_name=roles[1]
+                )
+            )
             continue
         if param not in taken:
             raise ConfigError(
@@ -128,11 +146,70 @@ def build_space(study: StudyFile, arch: Architecture, method: MergeMethod) -> Se
             )
         dimensions.extend(_dimensions(param, search, arch, source=source))
     _check_ranges(dimensions, method, source=source)
-    return SearchSpace(tuple(dimensions), _template(study, arch, method, dimensions), method)
+    template = _template(study, arch, method, dimensions, model_names=models, base_name=roles[1])
+    return SearchSpace(tuple(dimensions), template, method)
+
+
+def _weight_dimensions(
+    param: str,
+    search: SearchParam,
+    *,
+    study: StudyFile,
+    arch: Architecture,
+    method: MergeMethod,
+    models: Sequence[str],
+    base_name: str | None,
+) -> list[Dimension]:
+    """``search.weight.NAME`` (like any parameter), or ``search.weights``: one ``weight.NAME`` over
+    every block (or ``weight.NAME.GROUP`` per group) for each non-base model."""
+    source = str(study.path)
+    if not method.weighted:
+        raise ConfigError(
+            f"{source}: search.{param}: method '{method.name}' takes no per-model weights; use a method "
+            "that does (see `automerge methods`) or remove it"
+        )
+    if param != WEIGHTS:
+        model = param.removeprefix(WEIGHT_PREFIX)
+        if model not in models:
+            why = "is the base, which weighs nothing" if model == base_name else "is not a weighted model"
+            raise ConfigError(
+                f"{source}: search.{param}: model '{model}' {why}{did_you_mean(model, models)}; "
+                f"the weighted models are {', '.join(models)}"
+            )
+        if WEIGHTS in study.search:
+            raise ConfigError(f"{source}: search.{param}: search.{WEIGHTS} searches it already; remove one")
+        return _dimensions(param, search, arch, source=source)
+    if search.blocks != "all":
+        raise ConfigError(
+            f"{source}: search.{WEIGHTS}: gives one weight per model (over every block) or per group; "
+            "use groups: {NAME: [BLOCK, ...]} instead of blocks"
+        )
+    if search.groups is not None:
+        return [
+            d for model in models for d in _dimensions(f"{WEIGHT_PREFIX}{model}", search, arch, source=source)
+        ]
+    return [
+        Dimension(
+            f"{WEIGHT_PREFIX}{model}",
+            f"{WEIGHT_PREFIX}{model}",
+            arch.merge_blocks,
+            search.low,
+            search.high,
+            search.step,
+            search.log,
+        )
+        for model in models
+    ]
 
 
 def _template(
-    study: StudyFile, arch: Architecture, method: MergeMethod, dimensions: Sequence[Dimension]
+    study: StudyFile,
+    arch: Architecture,
+    method: MergeMethod,
+    dimensions: Sequence[Dimension],
+    *,
+    model_names: Sequence[str],
+    base_name: str | None,
 ) -> BlockParams:
     """The study's fixed ``params`` with every searched block named (at its low end, a valid value), so
     the merged blocks — the VAE only when a map names it — are those of every proposal; the LoRAs at
@@ -145,12 +222,16 @@ def _template(
         if dimension.lora is None:
             raw.setdefault(dimension.param, {}).update(dict.fromkeys(dimension.blocks, dimension.low))
     strengths = {entry.name: entry.strength for entries in study.loras.values() for entry in entries}
-    return resolve_params(method, raw, blocks=arch.blocks, source=str(study.path)).with_loras(strengths)
+    resolved = resolve_params(
+        method, raw, blocks=arch.blocks, source=str(study.path), model_names=model_names, base_name=base_name
+    )
+    return resolved.with_loras(strengths)
 
 
 def target_params(study: StudyFile, plan: MergePlan) -> BlockParams:
-    """A hidden target's parameters (``reward.reference.target.params``): method parameters as a
-    recipe gives them, ``lora.NAME`` a LoRA's strength (others at the study file's strengths)."""
+    """A hidden target's parameters (``reward.reference.target.params``): method parameters and model
+    weights (``weight.NAME``) as a recipe gives them, ``lora.NAME`` a LoRA's strength (others at the
+    study file's strengths)."""
     reward = study.reward
     assert not isinstance(reward, Path) and reward.reference.target is not None
     source = f"{study.path}: reward.reference.target.params"
@@ -167,7 +248,15 @@ def target_params(study: StudyFile, plan: MergePlan) -> BlockParams:
             )
         strengths[name] = float(value)
     params = {param: value for param, value in raw.items() if not param.startswith(LORA_PREFIX)}
-    return resolve_params(plan.method, params, blocks=plan.arch.blocks, source=source).with_loras(strengths)
+    resolved = resolve_params(
+        plan.method,
+        params,
+        blocks=plan.arch.blocks,
+        source=source,
+        model_names=plan.model_names,
+        base_name=plan.base_name,
+    )
+    return resolved.with_loras(strengths)
 
 
 def _lora_dimension(param: str, search: SearchParam, study: StudyFile, *, source: str) -> Dimension:
@@ -214,7 +303,7 @@ def _check_ranges(dimensions: Sequence[Dimension], method: MergeMethod, *, sourc
     for dimension in dimensions:
         if dimension.lora is not None:
             continue
-        spec = specs[dimension.param]
+        spec = specs.get(dimension.param) or weight_spec(dimension.param.removeprefix(WEIGHT_PREFIX))
         for end in (dimension.low, dimension.high):
             problem = spec.check(end)
             if problem is not None:

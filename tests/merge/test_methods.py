@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Annotated
 
@@ -18,17 +19,20 @@ from torch import Tensor
 from automerge.errors import MergeError
 from automerge.merge.methods import (
     METHODS,
+    LazySources,
     MergeMethod,
+    Noise,
     Param,
     ParamSpec,
     all_finite,
     check_finite,
-    generator_for,
     max_magnitude,
     merge_into,
     merge_tensor,
+    noise_for,
     register_method,
 )
+from automerge.merge.methods._task_core import counter_uniform, noise_key
 from automerge.merge.methods.task_arithmetic import TaskArithmetic, _top_k
 
 
@@ -36,16 +40,24 @@ def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def _noise(seed: int = 0, key: str = "k") -> Noise:
+    return Noise(seed=seed, key=key)
 
 
 def _run(
-    name: str, models: Sequence[Tensor], base: Tensor | None, *, seed: int = 0, **params: float
+    name: str,
+    models: Sequence[Tensor],
+    base: Tensor | None,
+    *,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+    **params: float,
 ) -> Tensor:
     method = METHODS.get(name)
-    randomness = {"generator": _gen(seed)} if method.random else {}
-    return method.fn(list(models), base, **(method.defaults() | params), **randomness)
+    extras: dict[str, object] = {"noise": _noise(seed)} if method.random else {}
+    if weights is not None:
+        extras["weights"] = weights
+    return method.fn(list(models), base, **(method.defaults() | params), **extras)
 
 
 def _f64(*tensors: Tensor) -> list[Tensor]:
@@ -149,9 +161,15 @@ def test_ties_breaks_magnitude_ties_by_position() -> None:
     assert torch.equal(result, torch.tensor([1.0, 1.0, 0.0, 0.0]))
 
 
-def _masks(generator: torch.Generator, keep: Tensor | float, shape: torch.Size, count: int) -> list[Tensor]:
-    """The documented draws: one torch.rand per model, in model order; kept where draw < p."""
-    return [torch.rand(shape, generator=generator) < keep for _ in range(count)]
+def _draws(noise: Noise, shape: torch.Size, model_index: int) -> Tensor:
+    """The documented draws of one model: counter_uniform keyed by (seed, key, model index)."""
+    keys = noise_key(noise.seed, noise.key, model_index)
+    return counter_uniform(keys, 0, math.prod(shape)).view(shape)
+
+
+def _masks(noise: Noise, keep: Tensor | float, shape: torch.Size, count: int) -> list[Tensor]:
+    """Model i is kept where its draw u < p."""
+    return [_draws(noise, shape, i) < keep for i in range(count)]
 
 
 def _disjoint_mean_reference(deltas: list[Tensor]) -> Tensor:
@@ -163,7 +181,7 @@ def _disjoint_mean_reference(deltas: list[Tensor]) -> Tensor:
 
 def test_dare_matches_direct_drop_and_rescale_by_one_over_density() -> None:
     a, b, c = _randn(30, seed=11), _randn(30, seed=12), _randn(30, seed=13)
-    masks = _masks(_gen(5), 0.3, c.shape, 2)
+    masks = _masks(_noise(5), 0.3, c.shape, 2)
     expected = c.double() + 0.8 * sum(m * (x - c).double() / 0.3 for m, x in zip(masks, [a, b], strict=True))
     result = _run("dare", [a, b], c, seed=5, alpha=0.8, density=0.3)
     torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
@@ -185,12 +203,15 @@ def test_ties_selection_equals_the_stable_sort_definition_with_many_equal_magnit
 ) -> None:
     """Values rounded to few levels make hundreds of |Δ| equal at the threshold, of both signs."""
     delta = (_randn(37, 29, 3, seed=8) * 4).round().to(dtype) / 8
-    assert torch.equal(_top_k(delta, density=density), _top_k_by_stable_sort(delta, density))
+    keep, probability = _top_k(delta, 0, density=density)
+    assert probability == 1.0
+    kept = delta if keep is None else torch.where(keep, delta, 0.0)
+    assert torch.equal(kept, _top_k_by_stable_sort(delta, density))
 
 
 def test_dare_ties_matches_direct_drop_then_sign_election() -> None:
     a, b, c = _randn(30, seed=14), _randn(30, seed=15), _randn(30, seed=16)
-    masks = _masks(_gen(6), 0.6, c.shape, 2)
+    masks = _masks(_noise(6), 0.6, c.shape, 2)
     dropped = [m * (x - c) / 0.6 for m, x in zip(masks, [a, b], strict=True)]
     expected = c.double() + 1.2 * _disjoint_mean_reference(dropped)
     result = _run("dare_ties", [a, b], c, seed=6, alpha=1.2, density=0.6)
@@ -206,10 +227,11 @@ def test_dare_is_unbiased_and_keeps_about_density_of_the_elements() -> None:
 
 
 def _della_keep_reference(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """Ascending rank of |Δ|, equal |Δ| mirrored from top-k's order: the earlier element ranks higher."""
     magnitude = delta.abs().flatten().numpy()
     n = magnitude.size
     rank = np.empty(n)
-    rank[np.argsort(magnitude, kind="stable")] = np.arange(1, n + 1)
+    rank[np.argsort(-magnitude, kind="stable")] = np.arange(n, 0, -1)
     spread = min(epsilon, 2 * density, 2 * (1 - density))
     keep = density + spread * (rank / n - (n + 1) / (2 * n))
     return torch.from_numpy(keep).reshape(delta.shape)
@@ -218,11 +240,10 @@ def _della_keep_reference(delta: Tensor, density: float, epsilon: float) -> Tens
 def test_della_matches_direct_rank_dependent_drop_rescale_and_sign_election() -> None:
     a, b, c = _randn(5, 8, seed=17), _randn(5, 8, seed=18), _randn(5, 8, seed=19)
     deltas = [a - c, b - c]
-    generator = _gen(7)
     dropped = []
-    for delta in deltas:
+    for i, delta in enumerate(deltas):
         keep = _della_keep_reference(delta, 0.4, 0.3)
-        survives = torch.rand(delta.shape, generator=generator) < keep.float()
+        survives = _draws(_noise(7), delta.shape, i) < keep
         dropped.append(torch.where(survives, delta.double() / keep, 0.0))
     expected = c.double() + 0.9 * _disjoint_mean_reference(dropped)
     result = _run("della", [a, b], c, seed=7, alpha=0.9, density=0.4, epsilon=0.3)
@@ -354,7 +375,7 @@ def _sources(
 def _call(
     method: MergeMethod, models: list[Tensor], base: Tensor | None, params: dict[str, float] | None = None
 ):
-    randomness = {"generator": _gen(9)} if method.random else {}
+    randomness = {"noise": _noise(9)} if method.random else {}
     return method.fn(models, base, **(params or method.defaults()), **randomness)
 
 
@@ -428,20 +449,20 @@ def test_any_number_methods_accept_four_models(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [name for name, method in METHODS.items() if not method.random])
-def test_deterministic_methods_take_no_generator_and_merge_tensor_passes_none(name: str) -> None:
+def test_deterministic_methods_take_no_noise_and_merge_tensor_passes_none(name: str) -> None:
     method = METHODS.get(name)
-    assert "generator" not in inspect.signature(method.fn).parameters
+    assert "noise" not in inspect.signature(method.fn).parameters
     models, base = _sources(method, (6,))
-    with_generator = merge_tensor(method, models, base, key="k", params=method.defaults(), generator=_gen(1))
-    assert torch.equal(with_generator, _call(method, models, base))
+    with_noise = merge_tensor(method, models, base, key="k", params=method.defaults(), noise=_noise(1))
+    assert torch.equal(with_noise, _call(method, models, base))
 
 
 @pytest.mark.parametrize("name", [name for name, method in METHODS.items() if method.random])
-def test_random_methods_refuse_to_run_without_a_generator(name: str) -> None:
+def test_random_methods_refuse_to_run_without_noise(name: str) -> None:
     method = METHODS.get(name)
     models, base = _sources(method, (6,))
-    with pytest.raises(ValueError, match="needs a torch.Generator"):
-        method.fn(models, base, generator=None, **method.defaults())
+    with pytest.raises(ValueError, match=f"merge method '{name}' is random and needs a Noise"):
+        method.fn(models, base, noise=None, **method.defaults())
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -450,8 +471,8 @@ def test_merge_tensor_upcasts_half_precision_sources(name: str) -> None:
     models, base = _sources(method, (4, 4))
     half = [m.half() for m in models]
     half_base = None if base is None else base.half()
-    generator = _gen(9) if method.random else None
-    result = merge_tensor(method, half, half_base, key="k", params=method.defaults(), generator=generator)
+    noise = _noise(9) if method.random else None
+    result = merge_tensor(method, half, half_base, key="k", params=method.defaults(), noise=noise)
     expected = _call(method, [m.float() for m in half], None if half_base is None else half_base.float())
     assert result.dtype == torch.float32
     assert torch.equal(result, expected)
@@ -467,9 +488,9 @@ def test_merge_into_equals_merge_tensor_cast_to_the_output_dtype(
     method = METHODS.get(name)
     models, base = _sources(method, (5, 3, 3, 3), dtype=dtype)
     params = method.defaults() | ({"alpha": 0.37} if "alpha" in method.param_names() else {})
-    expected = merge_tensor(method, models, base, key="k", params=params, generator=_gen(9)).to(dtype)
+    expected = merge_tensor(method, models, base, key="k", params=params, noise=_noise(9)).to(dtype)
     out = torch.full_like(expected, math.nan)
-    merge_into(out, method, models, base, key="k", params=params, generator=_gen(9), chunk_numel=chunk_numel)
+    merge_into(out, method, models, base, key="k", params=params, noise=_noise(9), chunk_numel=chunk_numel)
     assert torch.equal(out, expected)
 
 
@@ -518,7 +539,7 @@ def test_merge_into_catches_an_overflow_to_the_output_dtype_with_or_without_a_so
             c,
             key="k",
             params={"alpha": 2.0},
-            generator=None,
+            noise=None,
             source_magnitude=magnitude,
         )
 
@@ -577,13 +598,22 @@ def test_param_specs_are_derived_from_the_signature_in_order() -> None:
     assert method.defaults() == {"alpha": 0.25, "steps": 3.0}
 
 
-def test_a_method_is_random_exactly_when_it_takes_a_generator() -> None:
-    def noisy(models: list[Tensor], base: Tensor | None, *, alpha: Weight = 0.5, generator: torch.Generator):
+def test_a_method_is_random_exactly_when_it_takes_noise() -> None:
+    def noisy(models: list[Tensor], base: Tensor | None, *, alpha: Weight = 0.5, noise: Noise):
         """A + α·noise"""
-        return models[0] + alpha * torch.randn(models[0].shape, generator=generator)
+        return models[0] + alpha * noise.uniform(0, 0, models[0].numel(), "cpu").view_as(models[0])
 
     method = MergeMethod.from_function(noisy, name="noisy", needs_base=False)
-    assert method.random and method.param_names() == ("alpha",)
+    assert method.random and not method.weighted and method.param_names() == ("alpha",)
+
+
+def test_a_method_is_weighted_exactly_when_it_takes_weights() -> None:
+    def mean(models: list[Tensor], base: Tensor | None, *, weights: Sequence[float] | None = None):
+        """Σ wi·Mi / Σ wi"""
+        return models[0].clone()
+
+    method = MergeMethod.from_function(mean, name="mean", needs_base=False, max_models=None)
+    assert method.weighted and not method.random and method.params == ()
 
 
 def _untyped_param(models: list[Tensor], base: Tensor | None, *, alfa: float = 0.5):
@@ -631,9 +661,17 @@ def _var_positional(models: list[Tensor], base: Tensor | None, *more: Tensor):
     return models[0]
 
 
-def _optional_generator(
-    models: list[Tensor], base: Tensor | None, *, generator: torch.Generator | None = None
-):
+def _optional_noise(models: list[Tensor], base: Tensor | None, *, noise: Noise | None = None):
+    """A"""
+    return models[0]
+
+
+def _required_weights(models: list[Tensor], base: Tensor | None, *, weights: Sequence[float]):
+    """A"""
+    return models[0]
+
+
+def _weights_as_a_list(models: list[Tensor], base: Tensor | None, *, weights: list[float] | None = None):
     """A"""
     return models[0]
 
@@ -654,7 +692,9 @@ def _no_docstring(models: list[Tensor], base: Tensor | None, *, alpha: Weight = 
         (_one_positional, r"must take \(models, base, \*, <param>"),
         (_var_keyword, r"must take \(models, base, \*, <param>.*\*\*params"),
         (_var_positional, r"must take \(models, base, \*, <param>.*\*more"),
-        (_optional_generator, r"a random method takes `generator: torch.Generator` without a default"),
+        (_optional_noise, r"a random method takes `noise: Noise` without a default"),
+        (_required_weights, r"a weighted method takes `weights: Sequence\[float\] \| None = None`"),
+        (_weights_as_a_list, r"a weighted method takes `weights: Sequence\[float\] \| None = None`"),
         (_no_docstring, "the docstring's first line must give the formula"),
     ],
 )
@@ -716,6 +756,7 @@ def test_param_spec_low_above_high_is_a_programming_error_naming_the_parameter()
 # Every method's parameters, as recipes and studies rely on them: (name, default, low, high, integer).
 DECLARED = {
     "add_difference": [("alpha", 1.0, 0.0, 2.0, False)],
+    "average": [],
     "dare": [("alpha", 1.0, 0.0, 2.0, False), ("density", 0.5, 0.0, 1.0, False)],
     "dare_ties": [("alpha", 1.0, 0.0, 2.0, False), ("density", 0.5, 0.0, 1.0, False)],
     "della": [
@@ -726,6 +767,7 @@ DECLARED = {
     "geometric_median": [("max_iter", 100.0, 1.0, 1000.0, True)],
     "model_stock": [("alpha", 1.0, 0.0, 2.0, False)],
     "slerp": [("alpha", 0.5, 0.0, 1.0, False)],
+    "task_sum": [("alpha", 1.0, 0.0, 2.0, False)],
     "ties": [("alpha", 1.0, 0.0, 2.0, False), ("density", 0.5, 0.0, 1.0, False)],
     "train_difference": [("alpha", 1.0, 0.0, 1.0, False)],
     "weighted_sum": [("alpha", 0.5, 0.0, 1.0, False)],
@@ -759,8 +801,14 @@ def test_task_arithmetic_variants_derive_their_specs_from_the_composed_signature
     method = METHODS.get(name)
     assert isinstance(method.fn, TaskArithmetic)
     signature = inspect.signature(method.fn)
-    assert list(signature.parameters) == ["models", "base", *params, *(["generator"] if random else [])]
-    assert method.param_names() == params and method.random is random
+    assert list(signature.parameters) == [
+        "models",
+        "base",
+        *params,
+        *(["noise"] if random else []),
+        "weights",
+    ]
+    assert method.param_names() == params and method.random is random and method.weighted
 
 
 def test_each_task_arithmetic_variant_keeps_its_own_formula_and_reference() -> None:
@@ -778,12 +826,12 @@ def test_a_new_task_arithmetic_variant_is_one_configured_instance() -> None:
     method = MergeMethod.from_function(variant, name="top_k_sum", needs_base=True, max_models=None)
     c = torch.zeros(4)
     deltas = [torch.tensor([3.0, -1.0, 2.0, 0.5]), torch.tensor([-1.0, -2.0, 1.5, 0.1])]
-    result = merge_tensor(method, deltas, c, key="k", params={"alpha": 0.5, "density": 0.5}, generator=None)
+    result = merge_tensor(method, deltas, c, key="k", params={"alpha": 0.5, "density": 0.5}, noise=None)
     torch.testing.assert_close(result, 0.5 * torch.tensor([3.0, -2.0, 3.5, 0.0]))
 
 
-def _sloppy_sparsifier(delta: Tensor, *, density: float = 0.5) -> Tensor:
-    return delta
+def _sloppy_sparsifier(delta: Tensor, model_index: int, *, density: float = 0.5) -> tuple[None, float]:
+    return None, 1.0
 
 
 def test_a_sparsifier_parameter_without_param_metadata_fails_registration() -> None:
@@ -794,24 +842,38 @@ def test_a_sparsifier_parameter_without_param_metadata_fails_registration() -> N
         MergeMethod.from_function(variant, name="sloppy", needs_base=True)
 
 
-def _two_positional_sparsifier(delta: Tensor, density: Weight = 0.5) -> Tensor:
-    return delta
+def _three_positional_sparsifier(
+    delta: Tensor, model_index: int, density: Weight = 0.5
+) -> tuple[None, float]:
+    return None, 1.0
 
 
-def _alpha_sparsifier(delta: Tensor, *, alpha: Weight = 0.5) -> Tensor:
-    return delta
+def _no_model_index_sparsifier(delta: Tensor, *, density: Weight = 0.5) -> tuple[None, float]:
+    return None, 1.0
 
 
-def _variadic_sparsifier(*deltas: Tensor, density: Weight = 0.5) -> Tensor:
-    return deltas[0]
+def _alpha_sparsifier(delta: Tensor, model_index: int, *, alpha: Weight = 0.5) -> tuple[None, float]:
+    return None, 1.0
+
+
+def _weights_sparsifier(
+    delta: Tensor, model_index: int, *, weights: Sequence[float] | None = None
+) -> tuple[None, float]:
+    return None, 1.0
+
+
+def _variadic_sparsifier(*deltas: Tensor, density: Weight = 0.5) -> tuple[None, float]:
+    return None, 1.0
 
 
 @pytest.mark.parametrize(
     ("sparsify", "message"),
     [
-        (_two_positional_sparsifier, r"must take \(delta, \*, <param>"),
-        (_variadic_sparsifier, r"must take \(delta, \*, <param>"),
+        (_three_positional_sparsifier, r"must take \(delta, model_index, \*, <param>"),
+        (_no_model_index_sparsifier, r"must take \(delta, model_index, \*, <param>"),
+        (_variadic_sparsifier, r"must take \(delta, model_index, \*, <param>"),
         (_alpha_sparsifier, r"parameter names \['alpha'\] are taken"),
+        (_weights_sparsifier, r"parameter names \['weights'\] are taken"),
     ],
 )
 def test_a_sparsifier_takes_the_delta_and_keywords_of_its_own(
@@ -822,7 +884,7 @@ def test_a_sparsifier_takes_the_delta_and_keywords_of_its_own(
 
 
 # ---------------------------------------------------------------------------------------------
-# merge_tensor, check_finite, generator_for
+# merge_tensor, check_finite, noise_for
 # ---------------------------------------------------------------------------------------------
 
 
@@ -830,7 +892,7 @@ def test_merge_tensor_rejects_a_non_finite_result_naming_method_and_key() -> Non
     a, b, c = torch.ones(3), torch.tensor([1.0, math.inf, 1.0]), torch.zeros(3)
     with pytest.raises(MergeError) as caught:
         merge_tensor(
-            METHODS.get("add_difference"), [a, b], c, key="x.weight", params={"alpha": 1.0}, generator=None
+            METHODS.get("add_difference"), [a, b], c, key="x.weight", params={"alpha": 1.0}, noise=None
         )
     assert str(caught.value) == (
         "merge method 'add_difference' produced NaN/Inf values for tensor 'x.weight' (alpha=1); "
@@ -855,9 +917,7 @@ def test_merge_tensor_rejects_sources_that_cannot_be_merged(
     models: list[Tensor], base: Tensor | None, message: str
 ) -> None:
     with pytest.raises(MergeError, match=f"'add_difference', tensor 'k': .*{message}"):
-        merge_tensor(
-            METHODS.get("add_difference"), models, base, key="k", params={"alpha": 1.0}, generator=None
-        )
+        merge_tensor(METHODS.get("add_difference"), models, base, key="k", params={"alpha": 1.0}, noise=None)
 
 
 def test_check_finite_names_model_and_key() -> None:
@@ -867,10 +927,326 @@ def test_check_finite_names_model_and_key() -> None:
         check_finite(torch.tensor([math.nan, 1.0, -math.inf]), model="b", key=key)
 
 
-def test_generator_for_is_seeded_from_blake2b_of_seed_and_key() -> None:
-    expected = int.from_bytes(hashlib.blake2b(b"7\0a.weight", digest_size=8).digest(), "little")
-    assert generator_for("a.weight", 7, "cpu").initial_seed() == expected
-    draw = torch.rand(8, generator=generator_for("a.weight", 7, "cpu"))
-    assert torch.equal(draw, torch.rand(8, generator=generator_for("a.weight", 7, "cpu")))
-    assert not torch.equal(draw, torch.rand(8, generator=generator_for("b.weight", 7, "cpu")))
-    assert not torch.equal(draw, torch.rand(8, generator=generator_for("a.weight", 8, "cpu")))
+def test_noise_for_draws_from_blake2b_of_seed_key_and_model_index() -> None:
+    noise = noise_for("a.weight", 7)
+    assert noise == Noise(seed=7, key="a.weight")
+    digest = hashlib.blake2b(b"7\0a.weight\x002", digest_size=8).digest()
+    assert noise_key(7, "a.weight", 2) == (
+        int.from_bytes(digest[:4], "little"),
+        int.from_bytes(digest[4:], "little"),
+    )
+    draw = noise.uniform(2, 0, 64, "cpu")
+    assert draw.dtype == torch.float32 and 0.0 <= draw.min() and draw.max() < 1.0
+    assert torch.equal(draw, noise_for("a.weight", 7).uniform(2, 0, 64, "cpu"))
+    assert torch.equal(draw, counter_uniform(noise_key(7, "a.weight", 2), 0, 64))
+    for other in (
+        noise_for("b.weight", 7).uniform(2, 0, 64, "cpu"),
+        noise_for("a.weight", 8).uniform(2, 0, 64, "cpu"),
+        noise.uniform(3, 0, 64, "cpu"),
+    ):
+        assert not torch.equal(draw, other)
+
+
+# ---------------------------------------------------------------------------------------------
+# N-model methods stream over the models: stacked references, weights, O(1) models held
+# ---------------------------------------------------------------------------------------------
+
+N_MODEL = [name for name, method in METHODS.items() if method.max_models is None]
+WEIGHTS = [0.5, 1.5, 0.0, 2.0, 0.75]
+FEWER_ITERATIONS = {"geometric_median": {"max_iter": 5.0}}
+
+
+def _five(shape: tuple[int, ...] = (6, 7)) -> tuple[list[Tensor], Tensor]:
+    base = _randn(*shape, seed=200)
+    return [base + _randn(*shape, seed=201 + i) for i in range(5)], base
+
+
+def _left_to_right(stacked: Tensor) -> Tensor:
+    """Σ over dim 0 in model order (the documented order; ``sum(dim=0)`` may add in another)."""
+    total = stacked[0].clone()
+    for row in stacked[1:]:
+        total += row
+    return total
+
+
+def _elected_reference(kept: list[Tensor], weights: Sequence[float]) -> Tensor:
+    """Stacked: T / W over the kept Δi whose sign is sign(Σ kept Δi), W = Σ of their weights."""
+    stacked = torch.stack(kept)  # (N, *shape)
+    elected = torch.sign(_left_to_right(stacked))
+    agree = torch.sign(stacked) * elected > 0
+    column = torch.tensor(weights, dtype=stacked.dtype).view(-1, *[1] * (stacked.dim() - 1))
+    total = _left_to_right(torch.where(agree, stacked, 0.0))
+    weight = _left_to_right(torch.where(agree, column, 0.0))
+    return total / torch.where(weight > 0, weight, 1.0)
+
+
+def _task_reference(
+    name: str, models: list[Tensor], base: Tensor, weights: Sequence[float], alpha: float, density: float
+) -> Tensor:
+    """Each variant from its definition on stacked deltas, with the documented masks."""
+    from automerge.merge.methods.task_arithmetic import _della_keep
+
+    deltas = [model - base for model in models]
+    if name == "ties":
+        masks = [_top_k_by_stable_sort(delta, density) != 0 for delta in deltas]
+        probabilities: list[Tensor | float] = [1.0] * len(deltas)
+    elif name == "della":
+        probabilities = [_della_keep(delta, density, 0.1) for delta in deltas]
+        masks = [_draws(_noise(3), base.shape, i) < p for i, p in enumerate(probabilities)]
+    else:
+        masks, probabilities = _masks(_noise(3), density, base.shape, len(deltas)), [density] * len(deltas)
+    kept = [
+        w * torch.where(mask, delta / p, 0.0)
+        for w, mask, delta, p in zip(weights, masks, deltas, probabilities, strict=True)
+    ]
+    merged = _left_to_right(torch.stack(kept)) if name == "dare" else _elected_reference(kept, weights)
+    return base + alpha * merged
+
+
+@pytest.mark.parametrize("name", ["ties", "dare", "dare_ties", "della"])
+def test_streamed_task_arithmetic_equals_the_stacked_definition_with_weights(name: str) -> None:
+    models, base = _five()
+    models[1][0, :3] = base[0, :3]  # zero deltas: never kept by sign, never agree
+    params = {"alpha": 0.8, "density": 0.6}
+    result = _run(name, models, base, seed=3, weights=WEIGHTS, **params)
+    assert torch.equal(result, _task_reference(name, models, base, WEIGHTS, **params))
+
+
+def _old_top_k(delta: Tensor, density: float) -> Tensor:
+    """The definition before streaming: the kept Δ itself (zeros elsewhere)."""
+    return _top_k_by_stable_sort(delta, density)
+
+
+def _old_disjoint_mean(deltas: Tensor) -> Tensor:
+    """The definition before streaming (count of agreeing models, no weights)."""
+    elected = torch.sign(deltas.sum(dim=0))
+    agree = torch.sign(deltas) * elected > 0
+    count = agree.sum(dim=0).clamp(min=1)
+    return torch.where(agree, deltas, 0.0).sum(dim=0) / count
+
+
+def test_ties_and_dare_with_every_weight_one_equal_their_old_definitions() -> None:
+    """Two models: the old ``sum(dim=0)`` of two rows is their one addition, so the bits must agree."""
+    models, base = _five((9, 4))
+    models = models[:2]
+    old_ties = base + 0.7 * _old_disjoint_mean(torch.stack([_old_top_k(m - base, 0.4) for m in models]))
+    masks = _masks(_noise(3), 0.4, base.shape, 2)
+    dropped = [torch.where(mask, (m - base) / 0.4, 0.0) for mask, m in zip(masks, models, strict=True)]
+    old_dare = base + 0.7 * torch.stack(dropped).sum(dim=0)
+    old_dare_ties = base + 0.7 * _old_disjoint_mean(torch.stack(dropped))
+    for weights in (None, [1.0] * 2):
+        assert torch.equal(_run("ties", models, base, weights=weights, alpha=0.7, density=0.4), old_ties)
+        assert torch.equal(
+            _run("dare", models, base, seed=3, weights=weights, alpha=0.7, density=0.4), old_dare
+        )
+        assert torch.equal(
+            _run("dare_ties", models, base, seed=3, weights=weights, alpha=0.7, density=0.4), old_dare_ties
+        )
+
+
+def test_task_sum_is_dare_at_density_one_and_base_plus_weighted_deltas() -> None:
+    models, base = _five()
+    result = _run("task_sum", models, base, weights=WEIGHTS, alpha=0.6)
+    assert torch.equal(result, _run("dare", models, base, weights=WEIGHTS, alpha=0.6, density=1.0))
+    expected = base.double() + 0.6 * sum(
+        w * (m - base).double() for w, m in zip(WEIGHTS, models, strict=True)
+    )
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_average_is_the_weighted_mean_and_a_model_twice_is_that_model() -> None:
+    models, _ = _five()
+    expected = sum(w * m.double() for w, m in zip(WEIGHTS, models, strict=True)) / sum(WEIGHTS)
+    torch.testing.assert_close(
+        _run("average", models, None, weights=WEIGHTS).double(), expected, rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(
+        _run("average", models, None).double(), torch.stack(models).double().mean(dim=0), rtol=0, atol=1e-6
+    )
+    assert torch.equal(_run("average", [models[0]] * 2, None), models[0])
+
+
+def test_average_with_weights_summing_to_zero_raises_merge_error() -> None:
+    with pytest.raises(MergeError, match=r"'average': the model weights \[0.0, 0.0\] sum to 0"):
+        _run("average", [torch.ones(2), torch.zeros(2)], None, weights=[0.0, 0.0])
+
+
+def _weiszfeld_reference(points: Tensor, weights: Tensor, iterations: int = 500) -> Tensor:
+    """Stacked float64 Weiszfeld from the weighted mean."""
+    flat = points.reshape(len(points), -1)
+    median = (weights @ flat) / weights.sum()
+    for _ in range(iterations):
+        coefficients = weights / torch.linalg.vector_norm(flat - median, dim=1).clamp(min=1e-8)
+        median = (coefficients @ flat) / coefficients.sum()
+    return median.view(points.shape[1:])
+
+
+def test_streamed_geometric_median_equals_stacked_weiszfeld_with_weights() -> None:
+    models, _ = _five((4, 5))
+    weights = [1.0, 2.0, 0.5, 1.0, 3.0]
+    expected = _weiszfeld_reference(torch.stack(models).double(), torch.tensor(weights, dtype=torch.float64))
+    result = _run("geometric_median", models, None, weights=weights, max_iter=1000)
+    torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-5)
+    unweighted = _weiszfeld_reference(torch.stack(models).double(), torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(
+        _run("geometric_median", models, None, max_iter=1000).double(), unweighted, rtol=0, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("count", [2, 5])
+def test_streamed_model_stock_equals_the_pairwise_cosine_definition(count: int) -> None:
+    models, base = _five((3, 8))
+    models = models[:count]
+    deltas = [(m - base).double().flatten() for m in models]
+    cosines = [
+        torch.dot(deltas[i], deltas[j]) / (deltas[i].norm() * deltas[j].norm())
+        for i in range(count)
+        for j in range(i + 1, count)
+    ]
+    cos = sum(cosines) / len(cosines)
+    t = count * cos / (1 + (count - 1) * cos)
+    expected = base.double() + 0.9 * t * torch.stack(deltas).mean(0).view(base.shape)
+    torch.testing.assert_close(
+        _run("model_stock", models, base, alpha=0.9).double(), expected, rtol=0, atol=1e-5
+    )
+
+
+class _CountingLoads:
+    """Loaders that hand out a fresh copy of each model per access and count accesses and, by weak
+    references, how many loaded tensors are alive at once (the peak is reached at a load)."""
+
+    def __init__(self, models: list[Tensor]) -> None:
+        self.models = models
+        self.loads = [0] * len(models)
+        self.refs: list[weakref.ref[Tensor]] = []
+        self.peak = 0
+
+    def _load(self, index: int) -> Tensor:
+        self.loads[index] += 1
+        tensor = self.models[index].clone()
+        self.refs.append(weakref.ref(tensor))
+        self.peak = max(self.peak, sum(ref() is not None for ref in self.refs))
+        return tensor
+
+    def sources(self) -> LazySources:
+        loaders = [lambda i=i: self._load(i) for i in range(len(self.models))]
+        return LazySources(loaders, shape=self.models[0].shape, dtype=self.models[0].dtype)
+
+
+@pytest.mark.parametrize("name", N_MODEL)
+def test_n_model_methods_hold_at_most_two_loaded_models_whatever_their_number(name: str) -> None:
+    method = METHODS.get(name)
+    base = _randn(5, 4, seed=300) if method.needs_base else None
+    models = [_randn(5, 4, seed=301 + i) for i in range(8)]
+    params = method.defaults() | FEWER_ITERATIONS.get(name, {})
+    counting = _CountingLoads(models)
+    noise = _noise(4) if method.random else None
+    result = merge_tensor(method, counting.sources(), base, key="k", params=params, noise=noise)
+    assert counting.peak <= 2  # the model being read and at most the one before it
+    assert len(set(counting.loads)) == 1  # every model read equally often: once per pass
+    assert torch.equal(result, merge_tensor(method, models, base, key="k", params=params, noise=noise))
+    out = torch.empty(5, 4)
+    merge_into(out, method, _CountingLoads(models).sources(), base, key="k", params=params, noise=noise)
+    assert torch.equal(out, result)
+
+
+@pytest.mark.parametrize(
+    ("name", "passes"), [("ties", 2), ("dare", 1), ("task_sum", 1), ("average", 1), ("model_stock", 1)]
+)
+def test_n_model_methods_read_each_model_once_per_pass(name: str, passes: int) -> None:
+    method = METHODS.get(name)
+    models, base = _five()
+    counting = _CountingLoads(models)
+    merge_tensor(
+        method,
+        counting.sources(),
+        base if method.needs_base else None,
+        key="k",
+        params=method.defaults(),
+        noise=_noise(),
+    )
+    assert counting.loads == [passes] * 5
+
+
+def test_lazy_sources_are_checked_from_their_header_without_loading() -> None:
+    def never() -> Tensor:
+        raise AssertionError("loaded")
+
+    lazy = LazySources([never] * 3, shape=(2, 3), dtype=torch.float16)
+    assert len(lazy) == 3 and lazy.shape == (2, 3) and lazy.dtype == torch.float16
+    with pytest.raises(
+        MergeError, match=r"'ties', tensor 'k': sources have different shapes \[\(2,\), \(2, 3\)\]"
+    ):
+        merge_tensor(METHODS.get("ties"), lazy, torch.zeros(2), key="k", params={}, noise=None)
+    ints = LazySources([never] * 2, shape=(2,), dtype=torch.int64)
+    with pytest.raises(MergeError, match="torch.int64.*not a float dtype"):
+        merge_tensor(METHODS.get("average"), ints, None, key="k", params={}, noise=None)
+
+
+def test_lazy_sources_refuse_a_tensor_that_disagrees_with_the_header() -> None:
+    lazy = LazySources([lambda: torch.zeros(3)], shape=(2,), dtype=torch.float32)
+    with pytest.raises(
+        MergeError, match=r"lazy source 0 loaded a \(3,\) torch.float32 tensor, its header says \(2,\)"
+    ):
+        lazy[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "weights", "message"),
+    [
+        (
+            "add_difference",
+            [1.0, 1.0],
+            r"'add_difference', tensor 'k': takes no per-model weights, got \[1.0, 1.0\]",
+        ),
+        ("ties", [1.0], r"'ties', tensor 'k': needs one weight per non-base model \(2\), got \[1.0\]"),
+        ("ties", [1.0, math.nan], r"'ties', tensor 'k': weights must be finite numbers, got \[1.0, nan\]"),
+    ],
+)
+def test_merge_tensor_rejects_weights_the_method_cannot_use(
+    name: str, weights: list[float], message: str
+) -> None:
+    method = METHODS.get(name)
+    models, base = _sources(method, (3,), count=2)
+    with pytest.raises(MergeError, match=message):
+        merge_tensor(method, models, base, key="k", params=method.defaults(), noise=None, weights=weights)
+
+
+@pytest.mark.parametrize("name", [name for name, method in METHODS.items() if method.weighted])
+def test_weighted_methods_with_all_weights_one_equal_the_default(name: str) -> None:
+    method = METHODS.get(name)
+    models, base = _sources(method, (4, 3), count=3)
+    params = method.defaults() | FEWER_ITERATIONS.get(name, {})
+    noise = _noise(2) if method.random else None
+    default = merge_tensor(method, models, base, key="k", params=params, noise=noise)
+    ones = merge_tensor(method, models, base, key="k", params=params, noise=noise, weights=[1.0] * 3)
+    assert torch.equal(default, ones)
+
+
+def test_counter_uniform_draws_do_not_depend_on_the_chunking() -> None:
+    keys = noise_key(11, "x.weight", 3)
+    whole = counter_uniform(keys, 0, 1000)
+    parts = [counter_uniform(keys, start, stop - start) for start, stop in [(0, 1), (1, 333), (333, 1000)]]
+    assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(counter_uniform(keys, 2**33 + 5, 10), counter_uniform(keys, 2**33, 20)[5:15])
+
+
+def test_dare_keeps_density_of_the_elements_and_draws_are_uniform() -> None:
+    n = 100_000
+    result = _run("dare", [torch.ones(n)], torch.zeros(n), seed=8, alpha=1.0, density=0.3)
+    assert set(result.unique().tolist()) <= {0.0, (torch.ones(1) / 0.3).item()}
+    assert abs((result != 0).float().mean().item() - 0.3) < 0.01  # σ ≈ 0.0015
+    draws = counter_uniform(noise_key(8, "k", 0), 0, n)
+    assert abs(draws.mean().item() - 0.5) < 0.01 and draws.min() >= 0 and draws.max() < 1
+
+
+def test_dare_masks_differ_between_models_and_keys() -> None:
+    n = 1000
+    ones = torch.ones(n)
+    first = _run("dare", [ones, ones], torch.zeros(n), seed=1, density=0.5)
+    assert not torch.equal(_draws(_noise(1), (n,), 0) < 0.5, _draws(_noise(1), (n,), 1) < 0.5)
+    assert set(first.unique().tolist()) == {0.0, 2.0, 4.0}  # both, one or neither kept
+    other_key = METHODS.get("dare").fn(
+        [ones, ones], torch.zeros(n), alpha=1.0, density=0.5, noise=_noise(1, "other")
+    )
+    assert not torch.equal(first, other_key)

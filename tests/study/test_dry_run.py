@@ -34,6 +34,22 @@ def test_the_memory_plan_is_what_the_live_engine_holds(make_study) -> None:
     assert plan.seconds_per_trial is None  # not run yet, not calibrated: no guess
 
 
+def test_a_ties_study_plans_its_ranks_and_the_merged_deltas_of_blocks_searched_in_alpha_alone(
+    make_study, tiny_models
+) -> None:
+    models = {name: str(tiny_models[name]) for name in "abc"}
+    search = {
+        "alpha": {"groups": {"TEXT": ["BASE"], "UNET": ["IN00", "IN01", "OUT11"]}},
+        "density": {"groups": {"IN": ["IN00"]}},
+    }
+    plan = dry_run(load_study_file(make_study(models=models, method="ties", search=search)))
+    items = {item.name: item.bytes for item in plan.memory}
+    live = next(size for name, size in items.items() if name.startswith("live"))  # fp32 on the CPU
+    ranks = items["ties ranks / draws per element (live re-merge)"]  # int32 for 2 models, VAE unmerged
+    merged = items["merged deltas of the blocks whose α alone is searched"]  # BASE, IN01, OUT11: fp32
+    assert live < ranks < 2 * live and 0 < merged < ranks / 2
+
+
 def test_dry_run_prints_the_plan_and_runs_nothing(make_study, capsys) -> None:
     path = make_study()
     result = run_cli(capsys, "optimize", path, "--dry-run")

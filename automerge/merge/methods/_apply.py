@@ -1,28 +1,94 @@
-"""Running one merge method on one tensor: checks, upcasting, per-key seeding, finiteness."""
+"""Running one merge method on one tensor: checks, lazy upcasting, per-key noise, finiteness.
+
+Sources are any ``Sequence[Tensor]``: a list of loaded tensors, or a ``LazySources`` that loads a
+model's tensor on each access, so that methods over N models hold O(1) tensors at a time.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import overload
 
 import torch
 from torch import Tensor
 
 from automerge.errors import MergeError
 from automerge.merge.methods._spec import MergeMethod
+from automerge.merge.methods._task_core import Noise
 
 
-def generator_for(key: str, seed: int, device: torch.device | str) -> torch.Generator:
-    """A generator on ``device`` seeded with blake2b-64(seed, key): stable across runs and processes.
+def noise_for(key: str, seed: int) -> Noise:
+    """The draws of tensor ``key`` for a recipe's ``seed``: counter-based, so stable across runs,
+    processes and devices, and independent of which other keys were merged before it."""
+    return Noise(seed=seed, key=key)
 
-    Random methods are seeded per tensor key so a recipe always gives the same model, and the
-    stream of one key does not depend on which other keys were merged before it.
-    """
-    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int.from_bytes(digest, "little"))
-    return generator
+
+class LazySources(Sequence[Tensor]):
+    """Models whose tensors are loaded on each access (``loaders[i]()``, never cached), with the
+    ``shape`` and ``dtype`` every loader returns known up front (from the files' headers), so that
+    checks need no load and a streaming method holds one model at a time."""
+
+    def __init__(
+        self, loaders: Sequence[Callable[[], Tensor]], *, shape: Sequence[int], dtype: torch.dtype
+    ) -> None:
+        self._loaders = tuple(loaders)
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    @overload
+    def __getitem__(self, index: int) -> Tensor: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Tensor]: ...
+    def __getitem__(self, index: int | slice) -> Tensor | Sequence[Tensor]:
+        if isinstance(index, slice):
+            return LazySources(self._loaders[index], shape=self.shape, dtype=self.dtype)
+        tensor = self._loaders[index]()
+        if tensor.shape != self.shape or tensor.dtype != self.dtype:
+            raise MergeError(
+                f"lazy source {index} loaded a {tuple(tensor.shape)} {tensor.dtype} tensor, its header "
+                f"says {tuple(self.shape)} {self.dtype}; the file changed while merging"
+            )
+        return tensor
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for index in range(len(self)):
+            yield self[index]
+
+
+class _Upcast(Sequence[Tensor]):
+    """``models`` seen in ``dtype``: each access converts (a copy, or the tensor itself when it
+    already has ``dtype``), so N sources are never all upcast at once."""
+
+    def __init__(self, models: Sequence[Tensor], dtype: torch.dtype) -> None:
+        self._models = models
+        self._dtype = dtype
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    @overload
+    def __getitem__(self, index: int) -> Tensor: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Tensor]: ...
+    def __getitem__(self, index: int | slice) -> Tensor | Sequence[Tensor]:
+        if isinstance(index, slice):
+            return _Upcast(self._models[index], self._dtype)
+        return self._models[index].to(self._dtype)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for index in range(len(self)):
+            yield self[index]
+
+
+def _layout(models: Sequence[Tensor]) -> list[tuple[torch.Size, torch.dtype]]:
+    """(shape, dtype) of each model, from ``LazySources``' header values without loading any."""
+    if isinstance(models, LazySources):
+        return [(models.shape, models.dtype)] * len(models)
+    return [(model.shape, model.dtype) for model in models]
 
 
 def max_magnitude(tensor: Tensor) -> float:
@@ -74,24 +140,49 @@ def merge_tensor(
     *,
     key: str,
     params: Mapping[str, float],
-    generator: torch.Generator | None,
+    noise: Noise | None,
+    weights: Sequence[float] | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """``method.fn`` on the sources upcast to ``compute_dtype``; the result stays in ``compute_dtype``.
 
-    ``generator`` is passed to random methods only (``method.random``); the others take none.
+    Each model is upcast when the method reads it (``models`` may be a ``LazySources``), never all at
+    once. ``noise`` is passed to random methods only (``method.random``); ``weights`` (one per model,
+    None = the method's default, all 1) to weighted methods only.
 
     Raises ``MergeError`` naming the method and ``key`` for sources that cannot be merged (missing
-    base, wrong count, different shapes, non-float) and for a result with NaN/Inf values.
+    base, wrong count, different shapes, non-float), weights the method does not take or of the
+    wrong count, and for a result with NaN/Inf values.
     """
     _check_sources(method, models, base, key=key)
-    upcast = [model.to(compute_dtype) for model in models]
+    _check_weights(method, weights, len(models), key=key)
     upcast_base = None if base is None else base.to(compute_dtype)
-    randomness = {"generator": generator} if method.random else {}  # only random methods take one
-    result = method.fn(upcast, upcast_base, **params, **randomness)
+    result = method.fn(
+        _Upcast(models, compute_dtype), upcast_base, **params, **_extras(method, noise, weights)
+    )
     if not all_finite(result):
         raise _non_finite_result(method, key, params)
     return result
+
+
+def _extras(method: MergeMethod, noise: Noise | None, weights: Sequence[float] | None) -> dict[str, object]:
+    """The keywords beyond the parameters: noise for random methods, weights for weighted ones."""
+    extras: dict[str, object] = {"noise": noise} if method.random else {}
+    if weights is not None:
+        extras["weights"] = [float(weight) for weight in weights]
+    return extras
+
+
+def _check_weights(method: MergeMethod, weights: Sequence[float] | None, count: int, *, key: str) -> None:
+    if weights is None:
+        return
+    where = f"merge method '{method.name}', tensor '{key}'"
+    if not method.weighted:
+        raise MergeError(f"{where}: takes no per-model weights, got {list(weights)}; remove them")
+    if len(weights) != count:
+        raise MergeError(f"{where}: needs one weight per non-base model ({count}), got {list(weights)}")
+    if not all(math.isfinite(weight) for weight in weights):
+        raise MergeError(f"{where}: weights must be finite numbers, got {list(weights)}")
 
 
 def _non_finite_result(method: MergeMethod, key: str, params: Mapping[str, float]) -> MergeError:
@@ -115,7 +206,8 @@ def merge_into(
     *,
     key: str,
     params: Mapping[str, float],
-    generator: torch.Generator | None,
+    noise: Noise | None,
+    weights: Sequence[float] | None = None,
     compute_dtype: torch.dtype = torch.float32,
     chunk_numel: int | None = None,
     source_magnitude: float | None = None,
@@ -123,30 +215,34 @@ def merge_into(
     """``out`` ← ``merge_tensor(...)`` cast to ``out.dtype``, bit for bit, without whole-tensor temporaries.
 
     The cheapest exact path is taken: a method's fused ``inplace`` op when every tensor already has
-    ``out``'s dtype (weighted sum: one ``lerp``); else, for element-wise methods, ``chunk_numel``
-    elements at a time through one compute-dtype scratch buffer (``compute_into``, or the method on
-    the upcast chunk), which is exact because no element depends on another; else the method on the
-    whole tensor. ``out`` is checked for NaN/Inf after the cast, so an overflow to fp16 is caught too,
-    unless ``source_magnitude`` (max |x| over the finite sources) and the method's ``growth`` bound
-    prove the result finite.
+    ``out``'s dtype (weighted sum: one ``lerp``); else, for element-wise methods on loaded sources,
+    ``chunk_numel`` elements at a time through one compute-dtype scratch buffer (``compute_into``, or
+    the method on the upcast chunk), which is exact because no element depends on another; else the
+    method on the whole tensor (always for ``LazySources``: each chunk would load every model again).
+    ``out`` is checked for NaN/Inf after the cast, so an overflow to fp16 is caught too, unless
+    ``source_magnitude`` (max |x| over the finite sources) and the method's ``growth`` bound prove the
+    result finite.
     """
     _check_sources(method, models, base, key=key)
-    if tuple(out.shape) != tuple(models[0].shape):
-        raise MergeError(
-            f"tensor '{key}': output shape {tuple(out.shape)} != source shape {tuple(models[0].shape)}"
-        )
-    sources = [*models, *([] if base is None else [base])]
-    if (
-        method.inplace is not None
-        and compute_dtype == torch.float32
-        and all(s.dtype == out.dtype for s in sources)
-    ):
+    _check_weights(method, weights, len(models), key=key)
+    shape = _layout(models)[0][0]
+    if out.shape != shape:
+        raise MergeError(f"tensor '{key}': output shape {tuple(out.shape)} != source shape {tuple(shape)}")
+    dtypes = {dtype for _, dtype in _layout(models)} | ({base.dtype} if base is not None else set())
+    if method.inplace is not None and compute_dtype == torch.float32 and dtypes == {out.dtype}:
         method.inplace(out, models, base, **params)
-    elif method.elementwise and not method.random:
-        _merge_elementwise_chunks(out, method, models, base, params, compute_dtype, chunk_numel)
+    elif method.elementwise and not method.random and not isinstance(models, LazySources):
+        _merge_elementwise_chunks(out, method, models, base, params, weights, compute_dtype, chunk_numel)
     else:
         result = merge_tensor(
-            method, models, base, key=key, params=params, generator=generator, compute_dtype=compute_dtype
+            method,
+            models,
+            base,
+            key=key,
+            params=params,
+            noise=noise,
+            weights=weights,
+            compute_dtype=compute_dtype,
         )
         out.copy_(result)
     if not result_is_surely_finite(method, params, out.dtype, source_magnitude) and not all_finite(out):
@@ -159,15 +255,17 @@ def _merge_elementwise_chunks(
     models: Sequence[Tensor],
     base: Tensor | None,
     params: Mapping[str, float],
+    weights: Sequence[float] | None,
     compute_dtype: torch.dtype,
     chunk_numel: int | None,
 ) -> None:
     flat_out = out.view(-1)
-    flat_models = [model.reshape(-1) for model in models]
+    flat_models = [model.reshape(-1) for model in models]  # views of loaded tensors
     flat_base = None if base is None else base.reshape(-1)
     total = flat_out.numel()
     chunk = min(total, chunk_numel or default_chunk_numel(out.device))
     scratch = torch.empty(chunk, dtype=compute_dtype, device=out.device) if method.compute_into else None
+    extras = _extras(method, None, weights)  # not random: no noise
     for start in range(0, total, chunk):
         part = slice(start, min(total, start + chunk))
         chunk_models = [model[part] for model in flat_models]
@@ -176,13 +274,14 @@ def _merge_elementwise_chunks(
             result = scratch[: part.stop - start]
             method.compute_into(result, chunk_models, chunk_base, **params)
         else:
-            upcast = [model.to(compute_dtype) for model in chunk_models]
             upcast_base = None if chunk_base is None else chunk_base.to(compute_dtype)
-            result = method.fn(upcast, upcast_base, **params)  # not random: no generator
+            result = method.fn(_Upcast(chunk_models, compute_dtype), upcast_base, **params, **extras)
         flat_out[part].copy_(result)
 
 
 def _check_sources(method: MergeMethod, models: Sequence[Tensor], base: Tensor | None, *, key: str) -> None:
+    """Base, count, one shape and float dtypes, from the sources' metadata (``LazySources``: its
+    header values; nothing is loaded or copied)."""
     where = f"merge method '{method.name}', tensor '{key}'"
     if method.needs_base and base is None:
         raise MergeError(f"{where}: needs a base model (C), none was given")
@@ -190,13 +289,13 @@ def _check_sources(method: MergeMethod, models: Sequence[Tensor], base: Tensor |
     if count < low or (high is not None and count > high):
         wanted = f"{low}" if high == low else f"at least {low}" if high is None else f"{low} to {high}"
         raise MergeError(f"{where}: takes {wanted} non-base models, got {count}")
-    sources = [*models, *([] if base is None else [base])]
-    shapes = {tuple(source.shape) for source in sources}
+    layout = [*_layout(models), *([] if base is None else [(base.shape, base.dtype)])]
+    shapes = {tuple(shape) for shape, _ in layout}
     if len(shapes) > 1:
         raise MergeError(
             f"{where}: sources have different shapes {sorted(shapes)}; they are not one architecture"
         )
-    dtypes = {source.dtype for source in sources if not source.is_floating_point()}
+    dtypes = {dtype for _, dtype in layout if not dtype.is_floating_point}
     if dtypes:
         raise MergeError(
             f"{where}: {sorted(map(str, dtypes))} is not a float dtype; such tensors are copied, not merged"

@@ -2,12 +2,16 @@
 
 A method function has the signature
 ``fn(models, base, *, <param>: Annotated[float, Param(low, high, doc)] = default, ...) -> Tensor``:
-``models`` = [A, B, ...] (the non-base sources in order), ``base`` = C or None, all of one float
-dtype and shape; it returns a new tensor of that dtype and shape and never modifies or returns an
-input. Integer parameters are ``Annotated[int, Param(...)]``; a method is random exactly when it
-takes the keyword ``generator: torch.Generator``. ``register_method`` derives the ``ParamSpec``s
-from the signature (as sd-mecha does with typed parameters), so defaults and ranges are written
-once; the function's first docstring line is the formula shown to users.
+``models`` = [A, B, ...] (the non-base sources in order: any ``Sequence``, possibly lazy, which
+loads a tensor on each access, so N-model methods stream over it holding O(1) tensors), ``base`` =
+C or None, all of one float dtype and shape; it returns a new tensor of that dtype and shape and
+never modifies or returns an input. Integer parameters are ``Annotated[int, Param(...)]``. Two
+keywords are not parameters: a method is random exactly when it takes ``noise: Noise`` (its draws,
+keyed by the recipe's seed and the tensor key), and weighted exactly when it takes
+``weights: Sequence[float] | None = None`` (one weight per non-base model in model order, None = all
+1). ``register_method`` derives the ``ParamSpec``s from the signature (as sd-mecha does with typed
+parameters), so defaults and ranges are written once; the function's first docstring line is the
+formula shown to users.
 """
 
 from __future__ import annotations
@@ -15,16 +19,18 @@ from __future__ import annotations
 import inspect
 import math
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import torch
 from torch import Tensor
 
+from automerge.merge.methods._task_core import Noise
 from automerge.registry import Registry
 
-_GENERATOR = "generator"
+_NOISE = "noise"
+_WEIGHTS = "weights"
+_WEIGHTS_ANNOTATION = Sequence[float] | None
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,8 @@ class MergeMethod:
     needs_base: bool  # the base model C is required
     min_models: int  # number of non-base models
     max_models: int | None  # None = any number
-    random: bool  # takes a torch.Generator
+    random: bool  # takes ``noise: Noise``
+    weighted: bool  # takes ``weights``: one weight per non-base model
     formula: str  # one line, shown in `automerge methods` and the docs
     elementwise: bool = False  # each output element depends only on the same element of the inputs
     # Optional fast paths; each must give exactly what ``fn`` gives (see ``merge_into``):
@@ -124,10 +131,10 @@ class MergeMethod:
         compute_into: Callable[..., None] | None = None,
         growth: Callable[..., float] | None = None,
     ) -> MergeMethod:
-        """``fn`` with its ``ParamSpec``s and randomness derived from its signature; a declaration
-        that cannot be derived, or inconsistent metadata, is a ``TypeError``."""
+        """``fn`` with its ``ParamSpec``s, randomness and weights derived from its signature; a
+        declaration that cannot be derived, or inconsistent metadata, is a ``TypeError``."""
         where = f"merge method '{name}' ({_qualified_name(fn)})"
-        params, random = _derive_params(fn, where=where)
+        params, random, weighted = _derive_params(fn, where=where)
         doc = inspect.getdoc(fn)
         if not doc:
             raise TypeError(f"{where}: the docstring's first line must give the formula")
@@ -143,6 +150,7 @@ class MergeMethod:
             min_models=min_models,
             max_models=max_models,
             random=random,
+            weighted=weighted,
             formula=doc.splitlines()[0],
             elementwise=elementwise,
             inplace=inplace,
@@ -185,8 +193,9 @@ def register_method(
     return wrap
 
 
-def _derive_params(fn: Callable[..., Tensor], *, where: str) -> tuple[tuple[ParamSpec, ...], bool]:
-    """(the ``ParamSpec`` of each keyword parameter in order, whether ``fn`` takes a generator)."""
+def _derive_params(fn: Callable[..., Tensor], *, where: str) -> tuple[tuple[ParamSpec, ...], bool, bool]:
+    """(the ``ParamSpec`` of each keyword parameter in order, whether ``fn`` takes noise, whether it
+    takes per-model weights)."""
     signature = _signature(fn, where=where)
     parameters = list(signature.parameters.values())
     positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -196,12 +205,13 @@ def _derive_params(fn: Callable[..., Tensor], *, where: str) -> tuple[tuple[Para
             f"{where}: must take (models, base, *, <param>: Annotated[float, Param(...)] = default, ...), "
             f"takes {signature}"
         )
-    keywords = [p for p in parameters if p.kind is p.KEYWORD_ONLY]
-    for parameter in keywords:
-        if parameter.name == _GENERATOR:
-            _check_generator(parameter, where=where)
-    specs = tuple(_param_spec(p, where=where) for p in keywords if p.name != _GENERATOR)
-    return specs, len(specs) < len(keywords)
+    keywords = {p.name: p for p in parameters if p.kind is p.KEYWORD_ONLY}
+    if _NOISE in keywords:
+        _check_noise(keywords[_NOISE], where=where)
+    if _WEIGHTS in keywords:
+        _check_weights(keywords[_WEIGHTS], where=where)
+    specs = tuple(_param_spec(p, where=where) for n, p in keywords.items() if n not in (_NOISE, _WEIGHTS))
+    return specs, _NOISE in keywords, _WEIGHTS in keywords
 
 
 def _signature(fn: Callable[..., Tensor], *, where: str) -> inspect.Signature:
@@ -212,11 +222,19 @@ def _signature(fn: Callable[..., Tensor], *, where: str) -> inspect.Signature:
         raise TypeError(f"{where}: cannot evaluate its annotations ({error})") from None
 
 
-def _check_generator(parameter: inspect.Parameter, *, where: str) -> None:
-    if parameter.annotation is not torch.Generator or parameter.default is not parameter.empty:
+def _check_noise(parameter: inspect.Parameter, *, where: str) -> None:
+    if parameter.annotation is not Noise or parameter.default is not parameter.empty:
         raise TypeError(
-            f"{where}: a random method takes `generator: torch.Generator` without a default "
-            f"(the engine seeds one per key), got `{parameter}`"
+            f"{where}: a random method takes `noise: Noise` without a default "
+            f"(the engine gives one per key, see noise_for), got `{parameter}`"
+        )
+
+
+def _check_weights(parameter: inspect.Parameter, *, where: str) -> None:
+    if parameter.annotation != _WEIGHTS_ANNOTATION or parameter.default is not None:
+        raise TypeError(
+            f"{where}: a weighted method takes `weights: Sequence[float] | None = None` "
+            f"(None: every model weighs 1), got `{parameter}`"
         )
 
 
@@ -269,8 +287,17 @@ def _qualified_name(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{qualname}" if qualname else repr(fn)
 
 
-def require_generator(generator: torch.Generator | None, *, method: str) -> torch.Generator:
-    """Random methods draw only from the generator they are given, never from global state."""
-    if generator is None:
-        raise ValueError(f"merge method '{method}' is random and needs a torch.Generator (see generator_for)")
-    return generator
+def require_noise(noise: Noise | None, *, method: str) -> Noise:
+    """Random methods draw only from the noise they are given, never from global state."""
+    if noise is None:
+        raise ValueError(f"merge method '{method}' is random and needs a Noise (see noise_for)")
+    return noise
+
+
+def model_weights(weights: Sequence[float] | None, count: int, *, method: str) -> list[float]:
+    """The per-model weights as floats (None: all 1); a count other than ``count`` is a ``ValueError``."""
+    if weights is None:
+        return [1.0] * count
+    if len(weights) != count:
+        raise ValueError(f"merge method '{method}' got {len(weights)} weights for {count} models")
+    return [float(weight) for weight in weights]

@@ -1,9 +1,9 @@
-"""Model Stock: move from the base toward the mean fine-tune by a ratio set by how aligned the deltas are."""
+"""Model Stock: move from the base toward the mean fine-tune by a ratio set by how aligned the deltas
+are; one pass over the models, holding one at a time."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import combinations
 from typing import Annotated
 
 import torch
@@ -24,17 +24,23 @@ def model_stock(
     """C + α·t·mean(Δi), t = N·cosθ / (1 + (N−1)·cosθ), cosθ = mean pairwise cosine of the flattened Δi
 
     Model Stock (Jang et al. 2024) as in mergekit (filter_wise off) and sd-mecha; α (default 1) is
-    automerge's addition so the ratio can be tuned per block. When the deltas cancel exactly
-    (1 + (N−1)·cosθ = 0) t is taken as 0 and the result is C (mergekit gives NaN there).
+    automerge's addition so the ratio can be tuned per block. Streamed: with ui = Δi/max(‖Δi‖, 1e-12),
+    the mean pairwise cosine is (‖Σ ui‖² − Σ ‖ui‖²) / (N(N−1)), so one pass accumulates ΣΔi, Σ ui and
+    Σ ‖ui‖² (the last bits differ from summing the pairwise dot products). When the deltas cancel
+    exactly (1 + (N−1)·cosθ = 0) t is taken as 0 and the result is C (mergekit gives NaN there).
     """
     assert base is not None
-    deltas = [(model - base).flatten() for model in models]  # N × (n,)
-    units = [d / torch.linalg.vector_norm(d).clamp(min=_NORM_FLOOR) for d in deltas]
-    cosines = torch.stack([torch.dot(u, v) for u, v in combinations(units, 2)])  # (N(N−1)/2,)
-    cos = cosines.mean().clamp(-1.0, 1.0)
-    n = len(deltas)
+    delta_sum, unit_sum = torch.zeros_like(base), torch.zeros_like(base)
+    unit_square_sum = torch.zeros((), dtype=base.dtype, device=base.device)
+    for model in models:
+        delta = model - base
+        unit = delta / torch.linalg.vector_norm(delta).clamp(min=_NORM_FLOOR)
+        delta_sum += delta
+        unit_sum += unit
+        unit_square_sum += torch.linalg.vector_norm(unit).square()
+    n = len(models)
+    cos = ((torch.linalg.vector_norm(unit_sum).square() - unit_square_sum) / (n * (n - 1))).clamp(-1.0, 1.0)
     denominator = 1 + (n - 1) * cos
     safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     t = torch.where(denominator > 0, n * cos / safe, torch.zeros_like(cos))
-    mean_delta = torch.stack(deltas).mean(dim=0).view_as(base)
-    return base + (alpha * t) * mean_delta
+    return base + (alpha * t) * (delta_sum / n)

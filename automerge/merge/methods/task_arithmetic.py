@@ -1,16 +1,19 @@
-"""Task arithmetic on the deltas Δi = Mi − C: TIES, DARE, DARE-TIES and DELLA.
+"""Task arithmetic on the deltas Δi = Mi − C: TIES, DARE, DARE-TIES, DELLA and the plain task sum.
 
-One generalized callable, ``TaskArithmetic`` (mergekit's GeneralizedTaskArithmeticMerge): sparsify
-each Δi, then either sum them or elect a sign per element and take the disjoint mean, and add α
-times the result to C. The registered methods are configured instances that differ only in the
-sparsifier (top-k, Bernoulli drop, DELLA's rank-dependent drop) and ``elect``. A sparsifier
-``sparsify(delta, *, <param>: Annotated[float, Param(...)] = default, ...)`` declares its own
-parameters, and ``generator: torch.Generator`` when it is random; an instance's signature is α
-followed by them, from which ``register_method`` derives the method's parameters.
+One generalized callable, ``TaskArithmetic`` (mergekit's GeneralizedTaskArithmeticMerge): a keep
+mask per Δi, then either the sum of the kept Δi or a sign election and the disjoint mean, and α
+times the result added to C. The registered variants are configured instances that differ only in
+the sparsifier (top-k, Bernoulli drop, DELLA's rank-dependent drop) and ``elect``. A sparsifier
+``sparsify(delta, model_index, *, <param>: Annotated[float, Param(...)] = default, ...)`` returns
+(keep mask or None, keep probability p) and declares its own parameters, and ``noise: Noise`` when
+it is random; an instance's signature is α, then them, then the per-model ``weights``, from which
+``register_method`` derives the method's parameters.
 
-Sparsifiers work on the whole tensor flattened (one ranking per tensor). Random ones draw only
-from the given generator, in model order, so equal generator states give equal results; CPU and
-CUDA generators produce different streams.
+The arithmetic is ``_task_core``'s, element by element in the same order as the live engine's
+chunked merge (so both give the same bits), streamed over the models: the sum takes one pass, the
+sign election two (S = Σ kept_i, then T and W with kept_i recomputed); memory stays at a few tensors
+whatever the number of models. Masks are per tensor (one ranking of |Δi| over the whole tensor);
+random draws are ``counter_uniform`` keyed by (seed, key, model index), the same on every device.
 """
 
 from __future__ import annotations
@@ -22,21 +25,30 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from automerge.merge.methods._spec import Param, register_method, require_generator
+from automerge.merge.methods._spec import Param, model_weights, register_method, require_noise
+from automerge.merge.methods._task_core import (
+    Noise,
+    add_agreeing,
+    add_into,
+    apply_delta,
+    disjoint_mean,
+    weighted_delta,
+)
 
 Scale = Annotated[float, Param(0.0, 2.0, "scale of the merged delta added to C")]
 Density = Annotated[float, Param(0.0, 1.0, "fraction of each delta kept (0 keeps nothing: the result is C)")]
 Epsilon = Annotated[float, Param(0.0, 1.0, "spread of DELLA's keep probability across magnitude ranks")]
 
-Sparsifier = Callable[..., Tensor]  # sparsify(delta, **params) -> delta with elements zeroed (rescaled)
+Keep = tuple[Tensor | None, Tensor | float]  # (keep mask, None = every element; keep probability p)
+Sparsifier = Callable[..., Keep]  # sparsify(delta, model_index, **params) -> (keep, p)
 
 
 class TaskArithmetic:
-    """C + α·combine(sparsify(Mi − C)); combine = disjoint mean after sign election, or sum.
+    """C + α·combine(w_i·keep_i·Δi / p_i); combine = disjoint mean after sign election, or sum.
 
     A configured instance is a merge method: its ``__signature__`` is ``(models, base, *, alpha,
-    <the sparsifier's keyword parameters>)`` and its docstring is ``doc`` (the variant's formula
-    line, then its reference).
+    <the sparsifier's keyword parameters>, weights)`` and its docstring is ``doc`` (the variant's
+    formula line, then its reference).
     """
 
     __signature__: inspect.Signature
@@ -49,42 +61,82 @@ class TaskArithmetic:
         self.__signature__ = _compose_signature(sparsify)
 
     def __call__(
-        self, models: Sequence[Tensor], base: Tensor | None, *, alpha: Scale = 1.0, **sparsify_params: Any
+        self,
+        models: Sequence[Tensor],
+        base: Tensor | None,
+        *,
+        alpha: Scale = 1.0,
+        weights: Sequence[float] | None = None,
+        **sparsify_params: Any,
     ) -> Tensor:
         """The merge; ``sparsify_params`` are the sparsifier's (see ``__signature__``)."""
         assert base is not None
-        if "generator" in self.__signature__.parameters:
-            require_generator(sparsify_params.get("generator"), method=self.name)
-        sparse = [self.sparsify(model - base, **sparsify_params) for model in models]
-        deltas = torch.stack(sparse)  # (N, *shape)
-        merged = _disjoint_mean(deltas) if self.elect else deltas.sum(dim=0)
-        return base + alpha * merged
+        if "noise" in self.__signature__.parameters:
+            require_noise(sparsify_params.get("noise"), method=self.name)
+        w = model_weights(weights, len(models), method=self.name)
+        merged = (
+            self._elect(models, base, w, sparsify_params)
+            if self.elect
+            else self._sum(models, base, w, sparsify_params)
+        )
+        return apply_delta(base, merged, alpha)
+
+    def _kept(self, model: Tensor, index: int, base: Tensor, weight: float, params: dict[str, Any]) -> Tensor:
+        """kept_i = w_i · where(keep_i, Δi / p_i, 0) for model ``index``."""
+        keep, probability = self.sparsify(model - base, index, **params)
+        return weighted_delta(model, base, keep, probability, weight)
+
+    def _sum(self, models: Sequence[Tensor], base: Tensor, w: list[float], params: dict[str, Any]) -> Tensor:
+        """S = kept_0 + kept_1 + ... (one pass, left to right)."""
+        total: Tensor | None = None
+        for i, model in enumerate(models):
+            kept = self._kept(model, i, base, w[i], params)
+            if total is None:
+                total = kept
+            else:
+                add_into(total, kept)
+        assert total is not None
+        return total
+
+    def _elect(
+        self, models: Sequence[Tensor], base: Tensor, w: list[float], params: dict[str, Any]
+    ) -> Tensor:
+        """T / W over the kept_i whose sign is sign(S) (two passes: S, then T and W)."""
+        elected = self._sum(models, base, w, params).sign_()
+        agreeing_sum, agreeing_weight = torch.zeros_like(base), torch.zeros_like(base)
+        for i, model in enumerate(models):
+            kept = self._kept(model, i, base, w[i], params)
+            add_agreeing(agreeing_sum, agreeing_weight, kept, elected, w[i])
+        return disjoint_mean(agreeing_sum, agreeing_weight)
 
     def __repr__(self) -> str:
         return f"TaskArithmetic({self.name!r}, sparsify={self.sparsify.__name__}, elect={self.elect})"
 
 
 def _compose_signature(sparsify: Sparsifier) -> inspect.Signature:
-    """``TaskArithmetic.__call__``'s ``(models, base, *, alpha)`` + ``sparsify``'s keyword parameters."""
+    """``TaskArithmetic.__call__``'s ``(models, base, *, alpha)`` + ``sparsify``'s keyword parameters
+    + ``weights``."""
     merge = inspect.signature(TaskArithmetic.__call__, eval_str=True)
     head = [p for p in merge.parameters.values() if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+    tail = [p for p in head if p.name == "weights"]
+    head = [p for p in head if p.name != "weights"]
     own = inspect.signature(sparsify, eval_str=True)
     parameters = list(own.parameters.values())
-    keywords = parameters[1:]
+    keywords = parameters[2:]
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if (
-        not parameters
-        or parameters[0].kind not in positional
+        len(parameters) < 2
+        or any(p.kind not in positional for p in parameters[:2])
         or any(p.kind is not p.KEYWORD_ONLY for p in keywords)
     ):
         raise TypeError(
-            f"sparsifier {sparsify.__name__}: must take (delta, *, <param>: Annotated[float, Param(...)] "
-            f"= default, ...), takes {own}"
+            f"sparsifier {sparsify.__name__}: must take (delta, model_index, *, <param>: "
+            f"Annotated[float, Param(...)] = default, ...), takes {own}"
         )
-    clash = {p.name for p in head} & {p.name for p in keywords}
+    clash = {p.name for p in [*head, *tail]} & {p.name for p in keywords}
     if clash:
         raise TypeError(f"sparsifier {sparsify.__name__}: parameter names {sorted(clash)} are taken")
-    return merge.replace(parameters=[*head, *keywords])
+    return merge.replace(parameters=[*head, *keywords, *tail])
 
 
 def _register(variant: TaskArithmetic) -> TaskArithmetic:
@@ -92,15 +144,7 @@ def _register(variant: TaskArithmetic) -> TaskArithmetic:
     return variant
 
 
-def _disjoint_mean(deltas: Tensor) -> Tensor:
-    """Mean of the Δi whose sign equals sign(ΣΔi), per element; 0 where none agree (TIES)."""
-    elected = torch.sign(deltas.sum(dim=0))  # (*shape); 0 where the sum is exactly 0
-    agree = torch.sign(deltas) * elected > 0  # (N, *shape); zero deltas never agree
-    count = agree.sum(dim=0).clamp(min=1)
-    return torch.where(agree, deltas, 0.0).sum(dim=0) / count
-
-
-# -- sparsifiers ------------------------------------------------------------------------------------
+# -- sparsifiers: (keep mask, keep probability) of one model's delta ------------------------------
 
 
 def _keep_count(density: float, numel: int) -> int:
@@ -108,8 +152,8 @@ def _keep_count(density: float, numel: int) -> int:
     return min(numel, int(density * numel + 0.5))
 
 
-def _top_k(delta: Tensor, *, density: Density = 0.5) -> Tensor:
-    """Keep the k largest |Δ| (ties broken by position: the earlier element wins), zero the rest.
+def _top_k(delta: Tensor, model_index: int, *, density: Density = 0.5) -> Keep:
+    """Keep the k largest |Δ| (ties broken by position: the earlier element wins); p = 1.
 
     The k-th largest |Δ| is found with one selection (``kthvalue``), not a sort: every element
     above it is kept, and of the elements equal to it, the first k − #above in index order.
@@ -118,52 +162,53 @@ def _top_k(delta: Tensor, *, density: Density = 0.5) -> Tensor:
     n = flat.numel()
     k = _keep_count(density, n)
     if k == n:
-        return delta.clone()
+        return None, 1.0
     if k == 0:
-        return torch.zeros_like(delta)
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device), 1.0
     magnitude = flat.abs()
     threshold = torch.kthvalue(magnitude, n - k + 1).values
     keep = magnitude > threshold
     room = k - int(keep.sum())
     tied = torch.nonzero(magnitude == threshold).squeeze(1)  # ascending positions
     keep[tied[:room]] = True
-    return torch.where(keep, flat, 0.0).view_as(delta)
+    return keep.view(delta.shape), 1.0
 
 
-def _bernoulli_drop(delta: Tensor, *, density: Density = 0.5, generator: torch.Generator) -> Tensor:
-    """DARE: keep each element with probability density, divide the survivors by density."""
-    return _drop(delta, density, generator)
+def _bernoulli_drop(delta: Tensor, model_index: int, *, density: Density = 0.5, noise: Noise) -> Keep:
+    """DARE: keep element j where u_j < density (u = the model's counter-based draws); p = density."""
+    return _draws(delta, model_index, noise) < density, density
 
 
 def _della_drop(
-    delta: Tensor, *, density: Density = 0.5, epsilon: Epsilon = 0.1, generator: torch.Generator
-) -> Tensor:
-    """DELLA: keep each element with its rank-dependent probability p, divide the survivors by p."""
-    return _drop(delta, _della_keep(delta, density, epsilon), generator)
+    delta: Tensor, model_index: int, *, density: Density = 0.5, epsilon: Epsilon = 0.1, noise: Noise
+) -> Keep:
+    """DELLA: keep element j where u_j < p_j, its rank-dependent probability; p = p_j."""
+    probability = _della_keep(delta, density, epsilon)
+    return _draws(delta, model_index, noise) < probability, probability
 
 
-def _drop(delta: Tensor, keep: Tensor | float, generator: torch.Generator) -> Tensor:
-    """Keep each element with probability ``keep`` and divide survivors by it (expectation kept)."""
-    draw = torch.rand(delta.shape, generator=generator, dtype=delta.dtype, device=delta.device)
-    survives = draw < keep  # never where keep == 0, so the division there is never selected
-    return torch.where(survives, delta / keep, 0.0)
+def _draws(delta: Tensor, model_index: int, noise: Noise) -> Tensor:
+    """u_j ~ U[0, 1), float32, for every element of ``delta`` (counted from element 0)."""
+    return noise.uniform(model_index, 0, delta.numel(), delta.device).view(delta.shape)
 
 
 def _della_keep(delta: Tensor, density: float, epsilon: float) -> Tensor:
-    """p_keep = density + ε'·(r/n − (n+1)/(2n)), ε' = min(ε, 2·density, 2·(1 − density)).
+    """p_j = density + ε'·(r_j/n − (n+1)/(2n)), ε' = min(ε, 2·density, 2·(1 − density)).
 
-    r = 1…n is the ascending rank of |Δ| (ties by position). The cap ε' keeps every p_keep in
-    [0, 1] and centred on density (mergekit instead rejects density ± ε outside (0, 1)), so the
-    expected kept fraction is density and density 0 or 1 keeps nothing or everything.
+    r_j = 1…n is the ascending rank of |Δ_j|, with equal |Δ| ordered as the mirror of top-k's order:
+    among equal |Δ| the EARLIER element gets the HIGHER rank (r = n − its place in top-k's stable
+    descending order). The cap ε' keeps every p_j in [0, 1] and centred on density (mergekit instead
+    rejects density ± ε outside (0, 1)), so the expected kept fraction is density and density 0 or 1
+    keeps nothing or everything.
     """
     flat = delta.flatten()
     n = flat.numel()
     spread = min(epsilon, 2 * density, 2 * (1 - density))
-    order = torch.argsort(flat.abs(), stable=True)
+    order = torch.argsort(flat.abs(), descending=True, stable=True)  # top-k's order
     rank = torch.empty_like(flat)
-    rank[order] = torch.arange(1, n + 1, dtype=flat.dtype, device=flat.device)
+    rank[order] = torch.arange(n, 0, -1, dtype=flat.dtype, device=flat.device)
     keep = density + spread * (rank / n - (n + 1) / (2 * n))
-    return keep.clamp(0.0, 1.0).view_as(delta)  # the clamp only absorbs rounding
+    return keep.clamp(0.0, 1.0).view(delta.shape)  # the clamp only absorbs rounding
 
 
 # -- the registered variants ------------------------------------------------------------------------
@@ -178,6 +223,8 @@ ties = _register(
         TIES-merging (Yadav et al. 2023) as in mergekit's "ties" and sd-mecha's ties_sum: per tensor
         keep the ⌊density·n + ½⌋ largest |Δi| (ties by position), elect the sign of the sum, average
         the kept Δi of that sign (0 where the sum is exactly 0 or none agree; mergekit elects + there).
+        Per-model weights w_i (default 1) scale each kept Δi, and the mean divides by the agreeing
+        models' Σ w_i (mergekit's weighted disjoint mean).
         """,
     )
 )
@@ -191,7 +238,9 @@ dare = _register(
 
         DARE (Yu et al. 2023), mergekit's "dare_linear" without weight normalisation: survivors are
         rescaled by 1/density (keep probability), as in sd-mecha and the paper — not to the original
-        L1 norm (mergekit's optional rescale_norm).
+        L1 norm (mergekit's optional rescale_norm). Per-model weights w_i (default 1) scale each Δi.
+        The draws are counter-based per (seed, tensor key, model), so the mask of an element does not
+        depend on the device or on how the tensor is chunked.
         """,
     )
 )
@@ -204,7 +253,8 @@ dare_ties = _register(
         doc="""C + α·disjoint_mean(mask_i·Δi / density), mask_i ~ Bernoulli(density), sign = sign(Σ)
 
         mergekit's "dare_ties" (sd-mecha's ties_sum_with_dropout): DARE's drop-and-rescale by
-        1/density, then TIES sign election on the sum and the mean of the agreeing survivors.
+        1/density, then TIES sign election on the sum and the mean of the agreeing survivors, weighted
+        by the per-model weights w_i (default 1) as in ties.
         """,
     )
 )
@@ -219,7 +269,36 @@ della = _register(
         DELLA-merging (Deep et al. 2024; mergekit's "della", sd-mecha's della_eps): drop with a keep
         probability that grows with the magnitude rank r (1 = smallest |Δ|, per tensor), rescale each
         survivor by 1/p_i (the paper; sd-mecha divides every survivor by density), then TIES sign
-        election. ε is capped at ε' so that every p_i lies in [0, 1] around density.
+        election (weighted by w_i as in ties). ε is capped at ε' so that every p_i lies in [0, 1]
+        around density. Equal |Δ| are ranked as the mirror of ties' top-k: the earlier element ranks
+        higher.
         """,
     )
 )
+
+
+@register_method("task_sum", needs_base=True, max_models=None, elementwise=True)
+def task_sum(
+    models: Sequence[Tensor],
+    base: Tensor | None,
+    *,
+    alpha: Scale = 1.0,
+    weights: Sequence[float] | None = None,
+) -> Tensor:
+    """C + α·Σ w_i·(Mi − C)
+
+    Task arithmetic (Ilharco et al. 2023; mergekit's "task_arithmetic", sd-mecha's add_difference
+    over many models): the weighted deltas summed without sparsifying or normalising. DARE at
+    density 1 gives the same bits; this is its one-pass, draw-free form.
+    """
+    assert base is not None
+    w = model_weights(weights, len(models), method="task_sum")
+    total: Tensor | None = None
+    for i, model in enumerate(models):
+        kept = weighted_delta(model, base, None, 1.0, w[i])
+        if total is None:
+            total = kept
+        else:
+            add_into(total, kept)
+    assert total is not None
+    return apply_delta(base, total, alpha)

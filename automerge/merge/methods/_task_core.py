@@ -1,0 +1,107 @@
+"""The element-wise core of task arithmetic over N models, shared by the export (one key at a time,
+models streamed) and the live engine (chunks of a block): the same operations in the same order on
+each element, so both give the same bits.
+
+Per model i (in model order): Δi = Mi − C in the compute dtype, a keep mask and a keep probability
+p_i (1 for top-k), and a weight w_i (1 when the recipe gives none):
+
+    kept_i = w_i · where(keep_i, Δi / p_i, 0)                       (``weighted_delta``)
+    sum:    S = kept_0 + kept_1 + ...  (left to right)               (``add_into``)
+    elect:  T = Σ where(s_i·sign(S) > 0, kept_i, 0),  W = Σ where(s_i·sign(S) > 0, w_i, 0),
+            s_i = sign(kept_i); merged = T / W where W > 0, else 0   (``add_agreeing`` + ``disjoint_mean``)
+    out = C + α · merged                                             (``apply_delta``)
+
+With every w_i = 1, W counts the agreeing models: the disjoint mean of TIES. ``elect`` needs two
+passes over the models (S first, then T and W), each recomputing kept_i: memory stays at a few
+tensors whatever N is.
+
+Random drops draw from ``counter_uniform``: a counter-based generator (a 32-bit integer hash of the
+element's index, keyed by (seed, tensor key, model index)), so the draw of element j does not depend
+on which other elements, chunks or keys were computed before it, and needs no stored mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+_MULTIPLIER = 0x45D9F3B  # the integer hash's multiplier (< 2^27, so products stay below 2^59)
+
+
+def noise_key(seed: int, key: str, model_index: int) -> tuple[int, int]:
+    """Two 32-bit keys of one model's draws for one tensor: blake2b of (seed, key, model index)."""
+    digest = hashlib.blake2b(f"{seed}\0{key}\0{model_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds) of int64 values in [0, 2^32)."""
+    x = (((x >> 16) ^ x) * _MULTIPLIER) & _MASK32
+    x = (((x >> 16) ^ x) * _MULTIPLIER) & _MASK32
+    return (x >> 16) ^ x
+
+
+def counter_uniform(
+    keys: tuple[int, int], start: int, count: int, *, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Uniform float32 draws in [0, 1) for elements start … start + count − 1 of one tensor: the top
+    24 bits of mix32(mix32((index + k0) mod 2^32) xor k1), times 2^−24 (exact in float32)."""
+    index = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    x = _mix32(_mix32((index + keys[0]) & _MASK32) ^ keys[1])
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+@dataclass(frozen=True)
+class Noise:
+    """The random draws of one tensor of a random merge: ``seed`` (the recipe's) and the tensor's
+    ``key``; each model's draws are ``counter_uniform`` keyed by (seed, key, model index)."""
+
+    seed: int
+    key: str
+
+    def uniform(self, model_index: int, start: int, count: int, device: torch.device | str) -> Tensor:
+        """Model ``model_index``'s float32 draws in [0, 1) for elements start … start + count − 1."""
+        return counter_uniform(noise_key(self.seed, self.key, model_index), start, count, device=device)
+
+
+def weighted_delta(
+    model: Tensor, base: Tensor, keep: Tensor | None, keep_probability: Tensor | float, weight: float
+) -> Tensor:
+    """kept_i = w_i · where(keep_i, (Mi − C) / p_i, 0); ``keep`` None keeps every element, a
+    ``keep_probability`` of 1 divides by nothing. A new tensor in the inputs' (compute) dtype."""
+    delta = model - base
+    if not (isinstance(keep_probability, float) and keep_probability == 1.0):
+        delta = delta / keep_probability
+    if keep is not None:
+        delta = torch.where(keep, delta, 0.0)
+    return delta.mul_(weight)
+
+
+def add_into(total: Tensor, kept: Tensor) -> None:
+    """S ← S + kept_i (in place)."""
+    total.add_(kept)
+
+
+def add_agreeing(
+    agreeing_sum: Tensor, agreeing_weight: Tensor, kept: Tensor, elected: Tensor, weight: float
+) -> None:
+    """T ← T + where(agree, kept_i, 0), W ← W + where(agree, w_i, 0), agree = sign(kept_i)·elected > 0
+    (``elected`` = sign(S); a zero kept_i never agrees)."""
+    agree = torch.sign(kept) * elected > 0
+    agreeing_sum.add_(torch.where(agree, kept, 0.0))
+    agreeing_weight.add_(torch.where(agree, weight, 0.0))
+
+
+def disjoint_mean(agreeing_sum: Tensor, agreeing_weight: Tensor) -> Tensor:
+    """T / W where W > 0, else 0 (in place into ``agreeing_sum``, which is returned)."""
+    safe = torch.where(agreeing_weight > 0, agreeing_weight, 1.0)
+    return agreeing_sum.div_(safe)
+
+
+def apply_delta(base: Tensor, merged: Tensor, alpha: float) -> Tensor:
+    """C + α · merged (a new tensor)."""
+    return base + alpha * merged

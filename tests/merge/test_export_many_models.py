@@ -1,0 +1,90 @@
+"""The streaming export of an N-model merge: sources read lazily, one model at a time, give exactly
+what ``merge_tensor`` gives on the loaded tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from automerge.errors import MergeError
+from automerge.merge import export_merge, plan_merge, recipe_from_data
+from automerge.merge.methods import merge_tensor, noise_for
+from automerge.tiny import write_tiny
+
+
+@pytest.fixture(scope="module")
+def five_models(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Base c and five fine-tunes of it: the session's a, b, d and two more."""
+    folder = tmp_path_factory.mktemp("five")
+    extra = {
+        name: write_tiny("sd1", folder / f"{name}.safetensors", seed=seed, like=tiny_models["c"], delta=0.2)
+        for seed, name in [(11, "e"), (12, "f")]
+    }
+    return {name: tiny_models[name] for name in "abdc"} | extra
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("dare_ties", {"alpha": 0.9, "density": 0.5, "weight.d": 0.5}),  # random, weighted, two passes
+        ("average", {"weight.a": 2.0}),  # no base, element-wise: whole tensors when lazy
+    ],
+)
+def test_export_of_five_models_equals_merge_tensor_on_the_loaded_sources(
+    method: str, params: dict, five_models: dict[str, Path], tmp_path: Path
+) -> None:
+    data = {
+        "models": {k: str(v) for k, v in five_models.items()},
+        "method": method,
+        "params": params,
+        "seed": 5,
+    }
+    plan = plan_merge(recipe_from_data(data, source="t.yaml"), source="t.yaml")
+    if not plan.method.needs_base:  # c is a model like the others then
+        assert len(plan.model_names) == 6
+    else:
+        assert len(plan.model_names) == 5
+    exported = load_file(export_merge(plan, tmp_path / "out.safetensors"))
+    checked = 0
+    for key in list(plan.primary.checkpoint.keys())[::4]:  # a sample: the export merged them all
+        block = plan.merged_block(key, plan.primary.checkpoint.info(key).dtype)
+        if block is None or not plan.arch.is_exported(key):
+            continue
+        models = [plan.load(name, key) for name in plan.model_names]
+        base = plan.load(plan.base_name, key) if plan.base_name else None
+        expected = merge_tensor(
+            plan.method,
+            models,
+            base,
+            key=key,
+            params=plan.params.for_block(block),
+            noise=noise_for(key, plan.seed) if plan.method.random else None,
+            weights=plan.params.model_weights(block, plan.model_names),
+            compute_dtype=plan.compute_dtype,
+        ).to(plan.dtype)
+        assert torch.equal(exported[key], expected), key
+        checked += 1
+    plan.close()
+    assert checked > 25
+
+
+def test_a_damaged_source_of_an_element_wise_n_model_export_is_named(
+    five_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Element-wise methods check only their output (a NaN in any source reaches it), then look for
+    the damaged source to name it, as the others do when they read each source."""
+    tensors = load_file(five_models["e"])
+    key = next(k for k in tensors if k.startswith("model.diffusion_model.input_blocks.1"))
+    tensors[key].view(-1)[2] = float("nan")
+    damaged = tmp_path / "e_nan.safetensors"
+    save_file(tensors, damaged)
+    models = {k: str(v) for k, v in five_models.items()} | {"e": str(damaged)}
+    data = {"models": models, "method": "average"}
+    plan = plan_merge(recipe_from_data(data, source="t.yaml"), source="t.yaml")
+    with pytest.raises(MergeError, match=rf"model e \(e_nan.safetensors\): tensor '{key}' has NaN/Inf"):
+        export_merge(plan, tmp_path / "out.safetensors")
+    plan.close()
+    assert not (tmp_path / "out.safetensors").exists()
