@@ -1,7 +1,9 @@
 """merge_speed's settings, sources (tiny, or real-size from ``_sources``) and plans, and the live
 re-merge: ``LiveEngine.apply`` of every block (weighted sum, interleaved with the copy floor), of one
 block alone (IN04 and the largest, against their byte share), and of the 3-source methods
-add_difference and TIES (against the floor scaled to 3 reads + 1 write)."""
+add_difference and TIES (against the floor scaled to 3 reads + 1 write). TIES twice: density and α
+changed in every block at every step (a study's trial), and α alone in some blocks (its merged delta
+reused), each against a copy floor run between its steps."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import Timing, device_peak, release, reset_device_peak, rss_anon_bytes, seconds, sync, timed
+from _common import GIB, Timing, device_peak, release, reset_device_peak, rss_anon_bytes, seconds, sync, timed
 from _sources import CopyFloor, real_sources
 
 from automerge.dtypes import TORCH_DTYPES
@@ -40,6 +42,7 @@ class Settings:
     sizes: tuple[str, ...]  # "tiny", "real"
     workdir: Path | None
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    ties_alpha_blocks: tuple[str, ...] | None = None  # TIES α-only steps change these (None: all)
 
     @property
     def live_dtype(self) -> torch.dtype:
@@ -106,6 +109,7 @@ class MethodResult:
     construct_s: float  # LiveEngine(...): reading, checking and packing the sources
     first_apply_s: float  # the warm-up: every block merged into untouched output buffers
     device_peak_bytes: int | None
+    notes: str = ""  # shown in the table instead of "informational"
 
     @property
     def ratio(self) -> float:
@@ -218,6 +222,73 @@ def measure_method(
     return result
 
 
+TIES_FLOOR_NUMEL = 1 << 27  # elements of TIES's interleaved copy floor (its time scaled per byte)
+
+
+def ties_params(plan: MergePlan, step: int, *, alpha_only: tuple[str, ...] | None = None) -> BlockParams:
+    """α and density per block (VAE named, so every block merges). ``alpha_only`` None: both change in
+    every block at every step (a study's trial: α 0.3 + 0.01·step + 0.001·i, density 0.3 +
+    0.07·(step mod 6) + 0.001·i); else density stays at step 0's and only those blocks' α changes."""
+    alphas, densities = {}, {}
+    for index, block in enumerate(plan.arch.blocks):
+        alpha_step = step if alpha_only is None or block in alpha_only else 0
+        density_step = step if alpha_only is None else 0
+        alphas[block] = round(0.3 + 0.01 * alpha_step + 0.001 * index, 6)
+        densities[block] = round(0.3 + 0.07 * (density_step % 6) + 0.001 * index, 6)
+    values = {"alpha": alphas, "density": densities}
+    return resolve_params(plan.method, values, blocks=plan.arch.blocks, source=SOURCE)
+
+
+def measure_ties(sources: Mapping[str, Path], *, reps: int, settings: Settings) -> list[MethodResult]:
+    """TIES re-merges: of every block with density and α changed at each step, then of the
+    ``settings.ties_alpha_blocks`` with α alone changed (the first such apply, which also keeps the
+    merged deltas, reported as its first apply). Both against a copy floor run before each step, per
+    byte, scaled to 3 reads + 1 write of the re-merged bytes."""
+    device, itemsize = settings.device, settings.live_dtype.itemsize
+    plan = make_plan(sources, "ties", {})
+    engine, construct_s = _build(plan, settings)
+    block_bytes = engine.block_bytes()
+    floor_numel = min(sum(block_bytes.values()) // itemsize, TIES_FLOOR_NUMEL)
+    floor = CopyFloor.allocate(floor_numel, dtype=settings.live_dtype, device=device)
+    first_apply_s = seconds(partial(engine.apply, ties_params(plan, 0)), device=device)  # builds the ranks
+    floor_runs: list[float] = []
+
+    def runs(steps: range, alpha_only: tuple[str, ...] | None) -> list[float]:
+        out = []
+        for step in steps:
+            floor_runs.append(seconds(partial(floor.add, floor_numel), device=device))
+            out.append(
+                seconds(partial(engine.apply, ties_params(plan, step, alpha_only=alpha_only)), device=device)
+            )
+        return out
+
+    both = runs(range(1, reps + 1), None)
+    held = engine._task.held_bytes() if engine._task is not None else 0
+    alpha_blocks = settings.ties_alpha_blocks or tuple(block_bytes)
+    engine.apply(ties_params(plan, 0))  # density back to step 0's: the next steps change α alone
+    keep_s = runs(range(1, 2), alpha_blocks)[0]  # merges, and keeps the merged deltas
+    alpha = runs(range(2, reps + 2), alpha_blocks)
+    held_alpha = engine._task.held_bytes() if engine._task is not None else 0
+    per_byte = statistics.median(floor_runs) / (3 * floor_numel * itemsize)
+    peak = device_peak(device)
+    alpha_bytes = sum(block_bytes[name] for name in alpha_blocks)
+    label = "all blocks" if settings.ties_alpha_blocks is None else ", ".join(alpha_blocks)
+    results = [
+        MethodResult(
+            "ties (density and α changed)", len(block_bytes), sum(block_bytes.values()), 4, Timing.of(both),
+            per_byte * 4 * sum(block_bytes.values()), construct_s, first_apply_s, peak,
+            f"ranks etc. held: {held / GIB:.2f} GiB; first apply (ranks built) {ms(first_apply_s)}",
+        ),
+        MethodResult(
+            f"ties (α only: {label})", len(alpha_blocks), alpha_bytes, 4, Timing.of(alpha), per_byte * 4 * alpha_bytes,
+            construct_s, keep_s, peak,
+            f"first α-only apply (merges, keeps merged Δ) {ms(keep_s)}; held {held_alpha / GIB:.2f} GiB",
+        ),
+    ]  # fmt: skip
+    plan.close()
+    return results
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
@@ -230,17 +301,21 @@ def measure_live(sources: Mapping[str, Path], settings: Settings, *, size: str) 
     print(
         f"  weighted_sum all blocks: {ms(live.weighted_sum.merge.median_s)}, floor {ms(live.floor.median_s)}"
     )
-    methods = [
-        ("add_difference", settings.slow_reps),
-        ("ties", settings.ties_reps if size == "real" else settings.slow_reps),
-    ]
-    for method, reps in methods:
-        if reps <= 0:
-            continue
+    if settings.slow_reps > 0:
         result = measure_method(
-            sources, method, reps=reps, floor_seconds_per_byte=per_byte, settings=settings
+            sources,
+            "add_difference",
+            reps=settings.slow_reps,
+            floor_seconds_per_byte=per_byte,
+            settings=settings,
         )
         release(settings.device)
         live.others.append(result)
-        print(f"  {method} all blocks: {ms(result.merge.median_s)}")
+        print(f"  add_difference all blocks: {ms(result.merge.median_s)}")
+    ties_reps = settings.ties_reps if size == "real" else settings.slow_reps
+    if ties_reps > 0:
+        for result in measure_ties(sources, reps=ties_reps, settings=settings):
+            live.others.append(result)
+            print(f"  {result.method}: {ms(result.merge.median_s)} ({result.ratio:.2f}× its floor)")
+        release(settings.device)
     return live

@@ -84,7 +84,7 @@ def live_rows(size: str, live: LiveResult) -> list[tuple[str, ...]]:
             ms(other.merge.median_s),
             f"{ms(other.floor_s)} (floor × 4/3, 3 reads + 1 write)",
             f"{other.ratio:.2f}×",
-            "informational",
+            other.notes or "informational",
         ))  # fmt: skip
     return rows
 
@@ -172,6 +172,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slow-reps", type=int, default=3, help="add_difference repetitions")
     parser.add_argument("--ties-reps", type=int, default=1, help="TIES repetitions at real size (0: skip)")
     parser.add_argument(
+        "--ties-alpha-blocks",
+        help="blocks whose α alone changes in TIES's α-only steps, comma list (default: all; fewer "
+        "blocks hold fewer merged deltas, 4 bytes per element)",
+    )
+    parser.add_argument(
         "--export-pairs", type=int, default=2, help="floor/export pairs (ABBA order; 0 skips the export)"
     )
     parser.add_argument("--sizes", default="tiny,real", help="comma list of tiny, real")
@@ -207,6 +212,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         sizes=sizes,
         workdir=args.workdir,
         threads=args.threads if args.threads or not quick else 1,
+        ties_alpha_blocks=tuple(b.strip() for b in args.ties_alpha_blocks.split(","))
+        if args.ties_alpha_blocks
+        else None,
     )
 
 
