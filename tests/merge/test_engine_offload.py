@@ -10,9 +10,14 @@ import torch
 
 from automerge.merge import EngineOptions, LiveEngine, MergePlan, plan_merge, recipe_from_data, resolve_params
 
-# One method per merge path of the engine: fused in-place op, element-wise on the flat block,
-# per key with a seeded generator.
-PATHS = {"weighted_sum": ("a", "b"), "add_difference": ("a", "b", "c"), "dare": ("a", "b", "c")}
+# One method per merge path of the engine: fused in-place op, element-wise on the flat block, per
+# key (slerp: a norm per tensor), and task arithmetic from its kept ranks/draws (dare).
+PATHS = {
+    "weighted_sum": ("a", "b"),
+    "add_difference": ("a", "b", "c"),
+    "slerp": ("a", "b"),
+    "dare": ("a", "b", "c"),
+}
 
 
 def _plan(models: dict[str, Path], method: str) -> MergePlan:
