@@ -10,21 +10,11 @@ import pytest
 import torch
 import yaml
 
-from automerge.checkpoints import open_model, open_safetensors
+from automerge.checkpoints import open_safetensors
 from automerge.errors import ConfigError
-from automerge.lora import extract_lora, write_kohya_lora
+from automerge.lora import write_kohya_lora
 from automerge.merge import EngineOptions, LiveEngine, export_merge, load_recipe, plan_merge
 from automerge.tiny import write_tiny
-
-
-@pytest.fixture(scope="module")
-def style_lora(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A rank-4 LoRA of (d − c): a real difference LoRA of the tiny SD1 family."""
-    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
-    with open_model(tiny_models["c"]) as base, open_model(tiny_models["d"]) as tuned:
-        extraction = extract_lora(base.checkpoint, tuned.checkpoint, base.arch, rank=4)
-    write_kohya_lora(path, extraction.layers, base.arch)
-    return path
 
 
 def write_recipe(folder: Path, models: dict, **changes) -> Path:

@@ -24,7 +24,32 @@ def noise_for(key: str, seed: int) -> Noise:
     return Noise(seed=seed, key=key)
 
 
-class LazySources(Sequence[Tensor]):
+class _OnAccess(Sequence[Tensor]):
+    """A sequence of tensors made on each access (``_item``), never all held at once; a slice is
+    another such sequence (``_sliced``)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _item(self, index: int) -> Tensor:
+        raise NotImplementedError
+
+    def _sliced(self, index: slice) -> Sequence[Tensor]:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> Tensor: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Tensor]: ...
+    def __getitem__(self, index: int | slice) -> Tensor | Sequence[Tensor]:
+        return self._sliced(index) if isinstance(index, slice) else self._item(index)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for index in range(len(self)):
+            yield self._item(index)
+
+
+class LazySources(_OnAccess):
     """Models whose tensors are loaded on each access (``loaders[i]()``, never cached), with the
     ``shape`` and ``dtype`` every loader returns known up front (from the files' headers), so that
     checks need no load and a streaming method holds one model at a time."""
@@ -39,13 +64,10 @@ class LazySources(Sequence[Tensor]):
     def __len__(self) -> int:
         return len(self._loaders)
 
-    @overload
-    def __getitem__(self, index: int) -> Tensor: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[Tensor]: ...
-    def __getitem__(self, index: int | slice) -> Tensor | Sequence[Tensor]:
-        if isinstance(index, slice):
-            return LazySources(self._loaders[index], shape=self.shape, dtype=self.dtype)
+    def _sliced(self, index: slice) -> Sequence[Tensor]:
+        return LazySources(self._loaders[index], shape=self.shape, dtype=self.dtype)
+
+    def _item(self, index: int) -> Tensor:
         tensor = self._loaders[index]()
         if tensor.shape != self.shape or tensor.dtype != self.dtype:
             raise MergeError(
@@ -54,12 +76,8 @@ class LazySources(Sequence[Tensor]):
             )
         return tensor
 
-    def __iter__(self) -> Iterator[Tensor]:
-        for index in range(len(self)):
-            yield self[index]
 
-
-class _Upcast(Sequence[Tensor]):
+class _Upcast(_OnAccess):
     """``models`` seen in ``dtype``: each access converts (a copy, or the tensor itself when it
     already has ``dtype``), so N sources are never all upcast at once."""
 
@@ -70,18 +88,11 @@ class _Upcast(Sequence[Tensor]):
     def __len__(self) -> int:
         return len(self._models)
 
-    @overload
-    def __getitem__(self, index: int) -> Tensor: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[Tensor]: ...
-    def __getitem__(self, index: int | slice) -> Tensor | Sequence[Tensor]:
-        if isinstance(index, slice):
-            return _Upcast(self._models[index], self._dtype)
-        return self._models[index].to(self._dtype)
+    def _sliced(self, index: slice) -> Sequence[Tensor]:
+        return _Upcast(self._models[index], self._dtype)
 
-    def __iter__(self) -> Iterator[Tensor]:
-        for index in range(len(self)):
-            yield self[index]
+    def _item(self, index: int) -> Tensor:
+        return self._models[index].to(self._dtype)
 
 
 def _layout(models: Sequence[Tensor]) -> list[tuple[torch.Size, torch.dtype]]:
