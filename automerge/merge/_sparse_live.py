@@ -38,6 +38,7 @@ from torch import Tensor
 
 from automerge.errors import MergeError
 from automerge.merge.methods import MergeMethod, max_magnitude, noise_for
+from automerge.merge.methods._task_core import magnitude_order
 from automerge.merge.methods.task_arithmetic import (
     TaskArithmetic,
     _bernoulli_drop,
@@ -425,8 +426,7 @@ def _ranked(
         c = base[part].to(dtype)
         for i, model in enumerate(models):
             magnitude = (model[part].to(dtype) - c).abs_()
-            # |Δ| ≥ +0: its bits as integers sort as its values; stable: equal |Δ| by position
-            order = torch.sort(magnitude.view(_BITS[dtype]).neg_(), stable=True).indices
+            order = magnitude_order(magnitude)
             if places:  # place[order[j]] = j
                 out[i, part].index_copy_(0, order, torch.arange(n, dtype=torch.int32, device=device))
             else:  # as ``_della_keep``: rank[order[j]] = n − j, then r/n − (n+1)/(2n)

@@ -32,7 +32,7 @@ from automerge.merge.methods import (
     noise_for,
     register_method,
 )
-from automerge.merge.methods._task_core import counter_uniform, noise_key
+from automerge.merge.methods._task_core import counter_uniform, magnitude_order, noise_key
 from automerge.merge.methods.task_arithmetic import TaskArithmetic, _top_k
 
 
@@ -1128,9 +1128,11 @@ class _CountingLoads:
         self.peak = max(self.peak, sum(ref() is not None for ref in self.refs))
         return tensor
 
-    def sources(self) -> LazySources:
+    def sources(self, cache_bytes: int = 0) -> LazySources:
         loaders = [lambda i=i: self._load(i) for i in range(len(self.models))]
-        return LazySources(loaders, shape=self.models[0].shape, dtype=self.models[0].dtype)
+        return LazySources(
+            loaders, shape=self.models[0].shape, dtype=self.models[0].dtype, cache_bytes=cache_bytes
+        )
 
 
 @pytest.mark.parametrize("name", N_MODEL)
@@ -1151,13 +1153,26 @@ def test_n_model_methods_hold_at_most_two_loaded_models_whatever_their_number(na
 
 
 @pytest.mark.parametrize(
-    ("name", "passes"), [("ties", 2), ("dare", 1), ("task_sum", 1), ("average", 1), ("model_stock", 1)]
+    ("name", "passes", "kept_cache_bytes"),
+    [
+        ("ties", 1, 5 * 42 * 4),  # the five kept deltas fit: the election reuses them
+        ("ties", 2, 5 * 42 * 4 - 1),  # one byte short: the election reads every model again
+        ("dare", 1, 0),
+        ("task_sum", 1, 0),
+        ("average", 1, 0),
+        ("model_stock", 1, 0),
+    ],
 )
-def test_n_model_methods_read_each_model_once_per_pass(name: str, passes: int) -> None:
+def test_n_model_methods_read_each_model_once_per_pass(
+    name: str, passes: int, kept_cache_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from automerge.merge.methods import task_arithmetic
+
+    monkeypatch.setattr(task_arithmetic, "KEPT_CACHE_BYTES", kept_cache_bytes)
     method = METHODS.get(name)
     models, base = _five()
     counting = _CountingLoads(models)
-    merge_tensor(
+    result = merge_tensor(
         method,
         counting.sources(),
         base if method.needs_base else None,
@@ -1166,6 +1181,29 @@ def test_n_model_methods_read_each_model_once_per_pass(name: str, passes: int) -
         noise=_noise(),
     )
     assert counting.loads == [passes] * 5
+    assert torch.equal(
+        result,
+        merge_tensor(
+            method,
+            models,
+            base if method.needs_base else None,
+            key="k",
+            params=method.defaults(),
+            noise=_noise(),
+        ),
+    )
+
+
+def test_lazy_sources_keep_what_fits_their_cache_and_load_the_rest_on_each_access() -> None:
+    models = [_randn(3, 4, seed=310 + i) for i in range(4)]  # 4 × 48 bytes
+    for budget, loads in ((4 * 48, [1] * 4), (4 * 48 - 1, [3] * 4)):
+        counting = _CountingLoads(models)
+        lazy = counting.sources(cache_bytes=budget)
+        for _ in range(3):
+            assert all(torch.equal(got, want) for got, want in zip(lazy, models, strict=True))
+        assert counting.loads == loads, budget
+    cached = _CountingLoads(models).sources(cache_bytes=4 * 48)
+    assert cached[-1] is cached[3]  # one entry per model, however it is indexed
 
 
 def test_lazy_sources_are_checked_from_their_header_without_loading() -> None:
@@ -1250,3 +1288,12 @@ def test_dare_masks_differ_between_models_and_keys() -> None:
         [ones, ones], torch.zeros(n), alpha=1.0, density=0.5, noise=_noise(1, "other")
     )
     assert not torch.equal(first, other_key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_magnitude_order_is_the_stable_descending_argsort_in_every_float_width(dtype: torch.dtype) -> None:
+    """The integer view of |Δ| orders as the values, with +0, ties, subnormals and infinity."""
+    values = torch.tensor([0.0, 2.0, 1e-40, 2.0, float("inf"), 0.5, 0.0, 1e-5, 2.0], dtype=torch.float64)
+    magnitude = torch.cat([values, _randn(200, seed=320).double().abs()]).to(dtype)
+    expected = torch.argsort(magnitude, descending=True, stable=True)
+    assert torch.equal(magnitude_order(magnitude), expected)

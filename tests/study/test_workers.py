@@ -93,6 +93,9 @@ def test_three_workers_run_exactly_the_budget_with_distinct_points_the_baselines
     baselines = [trial.user_attrs.get("baseline") for trial in finished if trial.user_attrs.get("baseline")]
     assert sorted(baselines) == ["A", "B", "uniform 0.5"]
     assert all(trial.user_attrs.get("images") for trial in finished)
+    # `optimize --workers 3` starts the workers and exports once, itself: no worker exports
+    assert all(f"worker {i} on the study's device" in done.stdout for i in range(3)), done.stdout
+    assert not any("exported" in (path.parent / f"study-worker{i}.log").read_text() for i in range(3))
     assert done.stdout.count("exported trial") == 1
     assert (path.parent / "out" / "test-study" / "model.safetensors").is_file()
 
@@ -158,21 +161,6 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(make_st
     assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert retried[0].params == running[0].params  # the same point, run again
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
-
-
-@pytest.mark.slow
-def test_optimize_with_workers_starts_them_and_exports_once(make_study) -> None:
-    path = make_study(trials=4, baselines=False)
-    done = _optimize_with_workers(path, 2)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "worker 0 on the study's device" in done.stdout and "worker 1" in done.stdout
-    for index in (0, 1):
-        log = (path.parent / f"study-worker{index}.log").read_text()
-        assert "exported" not in log  # the workers do not export; the launcher does, once
-    assert done.stdout.count("exported trial") == 1
-    assert (path.parent / "out" / "test-study" / "model.safetensors").is_file()
-    study = find_study(load_study_file(path))
-    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 4
 
 
 def test_gpus_and_workers_are_checked_before_anything_starts(make_study, capsys) -> None:

@@ -28,6 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+_SAME_WIDTH_INTEGERS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 _MASK32 = 0xFFFFFFFF
 _MULTIPLIER = 0x45D9F3B  # the integer hash's multiplier (< 2^27, so products stay below 2^59)
 
@@ -66,6 +72,18 @@ class Noise:
     def uniform(self, model_index: int, start: int, count: int, device: torch.device | str) -> Tensor:
         """Model ``model_index``'s float32 draws in [0, 1) for elements start … start + count − 1."""
         return counter_uniform(noise_key(self.seed, self.key, model_index), start, count, device=device)
+
+
+def magnitude_bits(magnitude: Tensor) -> Tensor:
+    """``magnitude`` (every element ≥ +0, e.g. |Δ|) viewed as signed integers of its width: non-negative
+    IEEE floats order as their bits do, and integer selections and sorts are radix based (a stable
+    argsort of float32 is ~12× slower on CPU than of its int32 bits)."""
+    return magnitude.view(_SAME_WIDTH_INTEGERS[magnitude.dtype])
+
+
+def magnitude_order(magnitude: Tensor) -> Tensor:
+    """Positions of a flat ``magnitude`` (≥ +0) in top-k's order: descending, equal values by position."""
+    return torch.sort(magnitude_bits(magnitude).neg(), stable=True).indices
 
 
 def weighted_delta(

@@ -32,12 +32,17 @@ from automerge.merge.methods._task_core import (
     add_into,
     apply_delta,
     disjoint_mean,
+    magnitude_bits,
+    magnitude_order,
     weighted_delta,
 )
 
 Scale = Annotated[float, Param(0.0, 2.0, "scale of the merged delta added to C")]
 Density = Annotated[float, Param(0.0, 1.0, "fraction of each delta kept (0 keeps nothing: the result is C)")]
 Epsilon = Annotated[float, Param(0.0, 1.0, "spread of DELLA's keep probability across magnitude ranks")]
+
+KEPT_CACHE_BYTES = 16 << 20
+"""The sign election's second pass reuses the first pass's kept_i when all N together fit in this."""
 
 Keep = tuple[Tensor | None, Tensor | float]  # (keep mask, None = every element; keep probability p)
 Sparsifier = Callable[..., Keep]  # sparsify(delta, model_index, **params) -> (keep, p)
@@ -86,13 +91,23 @@ class TaskArithmetic:
         keep, probability = self.sparsify(model - base, index, **params)
         return weighted_delta(model, base, keep, probability, weight)
 
-    def _sum(self, models: Sequence[Tensor], base: Tensor, w: list[float], params: dict[str, Any]) -> Tensor:
-        """S = kept_0 + kept_1 + ... (one pass, left to right)."""
+    def _sum(
+        self,
+        models: Sequence[Tensor],
+        base: Tensor,
+        w: list[float],
+        params: dict[str, Any],
+        keep: list[Tensor] | None = None,
+    ) -> Tensor:
+        """S = kept_0 + kept_1 + ... (one pass, left to right); each kept_i is appended to ``keep``
+        when given."""
         total: Tensor | None = None
         for i, model in enumerate(models):
             kept = self._kept(model, i, base, w[i], params)
+            if keep is not None:
+                keep.append(kept)
             if total is None:
-                total = kept
+                total = kept if keep is None else kept.clone()  # the sum is made in place
             else:
                 add_into(total, kept)
         assert total is not None
@@ -101,11 +116,15 @@ class TaskArithmetic:
     def _elect(
         self, models: Sequence[Tensor], base: Tensor, w: list[float], params: dict[str, Any]
     ) -> Tensor:
-        """T / W over the kept_i whose sign is sign(S) (two passes: S, then T and W)."""
-        elected = self._sum(models, base, w, params).sign_()
+        """T / W over the kept_i whose sign is sign(S) (two passes: S, then T and W). The kept_i of the
+        first pass are kept for the second when together they take ≤ ``KEPT_CACHE_BYTES``; above it,
+        the second pass computes them again (memory stays at a few tensors whatever N is)."""
+        fits = len(models) * base.numel() * base.dtype.itemsize <= KEPT_CACHE_BYTES
+        first: list[Tensor] | None = [] if fits else None
+        elected = self._sum(models, base, w, params, first).sign_()
         agreeing_sum, agreeing_weight = torch.zeros_like(base), torch.zeros_like(base)
-        for i, model in enumerate(models):
-            kept = self._kept(model, i, base, w[i], params)
+        for i in range(len(models)):
+            kept = first[i] if first is not None else self._kept(models[i], i, base, w[i], params)
             add_agreeing(agreeing_sum, agreeing_weight, kept, elected, w[i])
         return disjoint_mean(agreeing_sum, agreeing_weight)
 
@@ -155,8 +174,8 @@ def _keep_count(density: float, numel: int) -> int:
 def _top_k(delta: Tensor, model_index: int, *, density: Density = 0.5) -> Keep:
     """Keep the k largest |Δ| (ties broken by position: the earlier element wins); p = 1.
 
-    The k-th largest |Δ| is found with one selection (``kthvalue``), not a sort: every element
-    above it is kept, and of the elements equal to it, the first k − #above in index order.
+    The k-th largest |Δ| is found with one selection (``kthvalue`` of its bits), not a sort: every
+    element above it is kept, and of the elements equal to it, the first k − #above in index order.
     """
     flat = delta.flatten()
     n = flat.numel()
@@ -165,7 +184,7 @@ def _top_k(delta: Tensor, model_index: int, *, density: Density = 0.5) -> Keep:
         return None, 1.0
     if k == 0:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device), 1.0
-    magnitude = flat.abs()
+    magnitude = magnitude_bits(flat.abs())
     threshold = torch.kthvalue(magnitude, n - k + 1).values
     keep = magnitude > threshold
     room = k - int(keep.sum())
@@ -204,7 +223,7 @@ def _della_keep(delta: Tensor, density: float, epsilon: float) -> Tensor:
     flat = delta.flatten()
     n = flat.numel()
     spread = min(epsilon, 2 * density, 2 * (1 - density))
-    order = torch.argsort(flat.abs(), descending=True, stable=True)  # top-k's order
+    order = magnitude_order(flat.abs())
     rank = torch.empty_like(flat)
     rank[order] = torch.arange(n, 0, -1, dtype=flat.dtype, device=flat.device)
     keep = density + spread * (rank / n - (n + 1) / (2 * n))
