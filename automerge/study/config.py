@@ -89,6 +89,11 @@ class SamplerConfig(Schema):
         3, ge=0, description="auto: every n-th trial is a one-coordinate step from the best (0: never)"
     )
     local_after: int = Field(20, ge=0, description="auto: complete trials before the first local step")
+    local_steps: Literal["gaussian", "compass"] = Field(
+        "gaussian",
+        description="auto: a random coordinate moved by a Gaussian step, or the coordinates in turn "
+        "with steps that double on a win and reverse or halve on a loss",
+    )
 
     @field_validator("name")
     @classmethod

@@ -167,10 +167,19 @@ class DistinctProposals(SeededWrapper):
         return {}
 
 
+LOCAL_STEP = "automerge:local_step"
+"""System attribute of a compass step's trial: {"name", "delta" (in the search scale), "from" (the
+incumbent's value when it was proposed)}; the study's record of each coordinate's step size."""
+
+
 class LocalSteps(SeededWrapper):
     """``inner``, except that once ``after`` trials are complete, every ``every``-th trial (by number)
-    is a local step: the best complete trial's parameters with one coordinate moved by a Gaussian step
-    of σ = s × its range, s log-uniform in [1 %, 30 %] (rounded to the grid, clipped to the range).
+    is a local step: the best complete trial's parameters with one coordinate moved.
+
+    ``mode`` "gaussian": a random coordinate, moved by a Gaussian step of σ = s × its range, s
+    log-uniform in [1 %, 30 %]. ``mode`` "compass": the coordinates in turn, each with a step kept in
+    the study (``compass_delta``): doubled after a step that beat the incumbent, halved and reversed
+    after one that did not. Rounded to the grid, clipped to the range.
 
     A GP's acquisition leaves a dimension that moves the reward little (the deepest UNet blocks on
     small renders) wherever its first good trials put it, often on a range edge; a one-coordinate
@@ -178,11 +187,20 @@ class LocalSteps(SeededWrapper):
     (issue 12: the demo's MID group)."""
 
     def __init__(
-        self, inner: optuna.samplers.BaseSampler, *, seed: int | None = None, every: int = 3, after: int = 20
+        self,
+        inner: optuna.samplers.BaseSampler,
+        *,
+        seed: int | None = None,
+        every: int = 3,
+        after: int = 20,
+        mode: str = "gaussian",
     ) -> None:
         super().__init__(inner, seed=seed)
+        if mode not in ("gaussian", "compass"):
+            raise ValueError(f"local step mode {mode!r}: gaussian or compass")
         self.every = every
         self.after = after
+        self.mode = mode
         self.steps = 0
 
     def sample_relative(
@@ -194,11 +212,17 @@ class LocalSteps(SeededWrapper):
         best = _best_complete(study)
         if best is None or any(name not in best.params for name in names):
             return self.inner.sample_relative(study, trial, search_space)
-        rng = self._rng.rng
         point = {name: best.params[name] for name in names}
-        name = names[rng.randint(len(names))]
-        scale = float(np.exp(rng.uniform(np.log(0.01), np.log(0.3))))
-        point[name] = _moved(search_space[name], point[name], scale, rng)
+        if self.mode == "compass":
+            name, delta = _compass(study, trial, names, point, search_space)
+            point[name] = _shifted(search_space[name], point[name], delta)
+            record = {"name": name, "delta": delta, "from": best.value}
+            study._storage.set_trial_system_attr(trial._trial_id, LOCAL_STEP, record)
+        else:
+            rng = self._rng.rng
+            name = names[rng.randint(len(names))]
+            scale = float(np.exp(rng.uniform(np.log(0.01), np.log(0.3))))
+            point[name] = _moved(search_space[name], point[name], scale, rng)
         self.steps += 1
         return point
 
@@ -206,6 +230,82 @@ class LocalSteps(SeededWrapper):
         if self.every <= 0 or trial.number % self.every != 0:
             return False
         return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= self.after
+
+
+CompassStep = tuple[float, bool]
+"""An earlier compass step on one coordinate: (delta in the search scale, whether it beat the
+incumbent it started from)."""
+
+_COMPASS_FIRST = 0.1  # the first step of a coordinate, as a fraction of its range
+_COMPASS_FLOOR = 0.002  # below this fraction of the range a coordinate's step starts again
+
+
+def compass_delta(history: Sequence[CompassStep], *, value: float, low: float, high: float) -> float:
+    """The next step of one coordinate (at ``value`` in [low, high], search scale) from its earlier
+    steps, oldest first (Rosenbrock's rule): none → 10 % of the range towards the middle; the last one
+    won → twice it; it lost → half of it the other way. Below 0.2 % of the range it starts again."""
+    span = high - low
+    towards_middle = 1.0 if value <= (low + high) / 2 else -1.0
+    if not history:
+        return towards_middle * _COMPASS_FIRST * span
+    delta, won = history[-1]
+    delta = 2 * delta if won else -delta / 2
+    if abs(delta) < _COMPASS_FLOOR * span:
+        return towards_middle * _COMPASS_FIRST * span
+    return float(np.clip(delta, -span, span))
+
+
+def _compass(
+    study: Study,
+    trial: FrozenTrial,
+    names: Sequence[str],
+    point: dict[str, Any],
+    search_space: dict[str, BaseDistribution],
+) -> tuple[str, float]:
+    """(coordinate, delta) of the next compass step: the coordinates in turn (by the number of compass
+    steps the study holds), each from its own finished steps."""
+    records = [
+        (t, t.system_attrs[LOCAL_STEP])
+        for t in study.get_trials(deepcopy=False)
+        if LOCAL_STEP in t.system_attrs and t.number != trial.number
+    ]
+    name = names[len(records) % len(names)]
+    maximize = study.direction == StudyDirection.MAXIMIZE
+    history = [
+        (float(record["delta"]), t.state == TrialState.COMPLETE and _beats(t.value, record["from"], maximize))
+        for t, record in sorted(records, key=lambda pair: pair[0].number)
+        if record["name"] == name and t.state.is_finished()
+    ]
+    low, high, value = _search_scale(search_space[name], point[name])
+    delta = compass_delta(history, value=value, low=low, high=high)
+    if float(np.clip(value + delta, low, high)) == value:
+        delta = -delta  # on the edge it points out of: the step goes inwards
+    return name, delta
+
+
+def _beats(value: float | None, incumbent: float | None, maximize: bool) -> bool:
+    if value is None or incumbent is None:
+        return False
+    return value > incumbent if maximize else value < incumbent
+
+
+def _search_scale(
+    distribution: optuna.distributions.FloatDistribution | optuna.distributions.IntDistribution, value: float
+) -> tuple[float, float, float]:
+    """(low, high, value) on the scale steps are taken in: log for a log range."""
+    if distribution.log:
+        return float(np.log(distribution.low)), float(np.log(distribution.high)), float(np.log(value))
+    return float(distribution.low), float(distribution.high), float(value)
+
+
+def _shifted(
+    distribution: optuna.distributions.FloatDistribution | optuna.distributions.IntDistribution,
+    value: float,
+    delta: float,
+) -> float:
+    """``value`` + ``delta`` on the search scale, on the distribution's grid and inside its range."""
+    low, high, at = _search_scale(distribution, value)
+    return _on_grid(distribution, float(np.clip(at + delta, low, high)))
 
 
 def _best_complete(study: Study) -> FrozenTrial | None:
@@ -238,10 +338,15 @@ def _moved(
 ) -> float:
     """``value`` plus a Gaussian step of σ = ``scale`` × the range (in log space for a log range), on
     the distribution's grid and inside its range."""
-    low, high = distribution.low, distribution.high
-    if distribution.log:
-        low, high, value = np.log(low), np.log(high), np.log(value)
-    moved = float(np.clip(value + rng.normal(0.0, scale * (high - low)), low, high))
+    low, high, at = _search_scale(distribution, value)
+    return _on_grid(distribution, float(np.clip(at + rng.normal(0.0, scale * (high - low)), low, high)))
+
+
+def _on_grid(
+    distribution: optuna.distributions.FloatDistribution | optuna.distributions.IntDistribution,
+    moved: float,
+) -> float:
+    """A point of the search scale back in the distribution: exp for a log range, rounded to its step."""
     if distribution.log:
         moved = float(np.exp(moved))
     step = distribution.step
@@ -262,7 +367,9 @@ def _auto(config: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:
         n_startup_trials=config.startup_trials,
         deterministic_objective=True,
     )
-    local = LocalSteps(warped, seed=seed, every=config.local_every, after=config.local_after)
+    local = LocalSteps(
+        warped, seed=seed, every=config.local_every, after=config.local_after, mode=config.local_steps
+    )
     return DistinctProposals(local, seed=seed)
 
 

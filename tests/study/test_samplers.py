@@ -205,6 +205,52 @@ def test_local_steps_move_one_coordinate_of_the_best_trial_on_their_turns() -> N
     assert study.best_value > max(t.value for t in study.trials[:6])  # the steps improved the best
 
 
+def test_compass_delta_doubles_on_a_win_and_halves_and_reverses_on_a_loss() -> None:
+    from automerge.study.samplers import compass_delta
+
+    def step(history, value=0.3):
+        return compass_delta(history, value=value, low=0.0, high=1.0)
+
+    assert step([]) == 0.1 and step([], value=0.8) == -0.1  # 10 % of the range towards the middle
+    assert step([(0.1, True)]) == 0.2  # a win: twice as far the same way
+    assert step([(0.1, False)]) == -0.05  # a loss: half of it, the other way
+    assert step([(0.2, True), (-0.2, False)]) == 0.1  # only the last step counts
+    assert step([(0.8, True), (1.6, True)]) == 1.0  # never more than the range
+    assert step([(0.003, False)]) == 0.1  # below 0.2 % of the range: again from 10 %
+
+
+def test_compass_steps_take_the_coordinates_in_turn_and_find_a_weak_one_on_an_edge() -> None:
+    """The demo's failure (issue 12): a coordinate that moves the objective 100× less than the others,
+    left by the global phase on a range edge. Compass steps from the incumbent take each coordinate in
+    turn and walk the weak one to its optimum."""
+    from automerge.study.samplers import LOCAL_STEP, LocalSteps
+
+    class Stuck(optuna.samplers.RandomSampler):
+        """Proposes the strong coordinates at their optimum and the weak one on its far edge."""
+
+        def infer_relative_search_space(self, study, trial):
+            return optuna.search_space.intersection_search_space(study.get_trials(deepcopy=False))
+
+        def sample_relative(self, study, trial, space):
+            return {"strong1": 0.3, "strong2": 0.7, "weak": 1.0} if space else {}
+
+    sampler = LocalSteps(Stuck(seed=0), seed=0, every=2, after=2, mode="compass")
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+
+    def objective(trial: optuna.Trial) -> float:
+        a, b = trial.suggest_float("strong1", 0, 1), trial.suggest_float("strong2", 0, 1)
+        weak = trial.suggest_float("weak", 0, 1)
+        return (a - 0.3) ** 2 + (b - 0.7) ** 2 + 0.01 * (weak - 0.4) ** 2
+
+    study.optimize(objective, n_trials=60)
+    steps = [t for t in study.trials if LOCAL_STEP in t.system_attrs]
+    assert [t.system_attrs[LOCAL_STEP]["name"] for t in steps[:6]] == ["strong1", "strong2", "weak"] * 2
+    for step in steps:  # one coordinate of the incumbent moved
+        best = min(study.trials[: step.number], key=lambda t: t.value)
+        assert sum(step.params[n] != best.params[n] for n in step.params) == 1, (step.params, best.params)
+    assert abs(study.best_params["weak"] - 0.4) < 0.02, study.best_params
+
+
 def test_local_steps_are_off_with_every_zero() -> None:
     from automerge.study.samplers import LocalSteps
 
