@@ -106,17 +106,12 @@ def _carries_non_finite(method: MergeMethod) -> bool:
     return method.elementwise and not method.random
 
 
-LAZY_CACHE_BYTES = 16 << 20
-"""A key's N source tensors are kept after their first read when together they fit in this (16 MiB):
-a multi-pass method then reads small keys once; memory does not grow with N."""
-
-
 def _lazy_sources(plan: MergePlan, key: str, device: str, *, check: bool) -> LazySources:
     """The non-base models' tensors ``key``, read on each access (and checked for NaN/Inf when
     ``check``), in the compute dtype (the upcast the merge would make anyway)."""
     shape = plan.sources[plan.model_names[0]].checkpoint.info(key).shape
     loaders = [partial(_load_upcast, plan, name, key, device, check=check) for name in plan.model_names]
-    return LazySources(loaders, shape=shape, dtype=plan.compute_dtype, cache_bytes=LAZY_CACHE_BYTES)
+    return LazySources(loaders, shape=shape, dtype=plan.compute_dtype)
 
 
 def _load_upcast(plan: MergePlan, name: str, key: str, device: str, *, check: bool) -> torch.Tensor:

@@ -1128,15 +1128,18 @@ class _CountingLoads:
         self.peak = max(self.peak, sum(ref() is not None for ref in self.refs))
         return tensor
 
-    def sources(self, cache_bytes: int = 0) -> LazySources:
+    def sources(self) -> LazySources:
         loaders = [lambda i=i: self._load(i) for i in range(len(self.models))]
-        return LazySources(
-            loaders, shape=self.models[0].shape, dtype=self.models[0].dtype, cache_bytes=cache_bytes
-        )
+        return LazySources(loaders, shape=self.models[0].shape, dtype=self.models[0].dtype)
 
 
 @pytest.mark.parametrize("name", N_MODEL)
-def test_n_model_methods_hold_at_most_two_loaded_models_whatever_their_number(name: str) -> None:
+def test_n_model_methods_hold_at_most_two_loaded_models_whatever_their_number(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from automerge.merge.methods import _spec
+
+    monkeypatch.setattr(_spec, "MULTI_PASS_BYTES", 0)  # as for keys too large to hold between passes
     method = METHODS.get(name)
     base = _randn(5, 4, seed=300) if method.needs_base else None
     models = [_randn(5, 4, seed=301 + i) for i in range(8)]
@@ -1153,10 +1156,12 @@ def test_n_model_methods_hold_at_most_two_loaded_models_whatever_their_number(na
 
 
 @pytest.mark.parametrize(
-    ("name", "passes", "kept_cache_bytes"),
+    ("name", "passes", "multi_pass_bytes"),
     [
         ("ties", 1, 5 * 42 * 4),  # the five kept deltas fit: the election reuses them
         ("ties", 2, 5 * 42 * 4 - 1),  # one byte short: the election reads every model again
+        ("geometric_median", 1, 5 * 42 * 4),  # the five models fit: held for every Weiszfeld step
+        ("geometric_median", 1 + 5, 5 * 42 * 4 - 1),  # the mean, then one read per step (max_iter 5)
         ("dare", 1, 0),
         ("task_sum", 1, 0),
         ("average", 1, 0),
@@ -1164,20 +1169,21 @@ def test_n_model_methods_hold_at_most_two_loaded_models_whatever_their_number(na
     ],
 )
 def test_n_model_methods_read_each_model_once_per_pass(
-    name: str, passes: int, kept_cache_bytes: int, monkeypatch: pytest.MonkeyPatch
+    name: str, passes: int, multi_pass_bytes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from automerge.merge.methods import task_arithmetic
+    from automerge.merge.methods import _spec
 
-    monkeypatch.setattr(task_arithmetic, "KEPT_CACHE_BYTES", kept_cache_bytes)
+    monkeypatch.setattr(_spec, "MULTI_PASS_BYTES", multi_pass_bytes)
     method = METHODS.get(name)
     models, base = _five()
+    params = method.defaults() | FEWER_ITERATIONS.get(name, {})
     counting = _CountingLoads(models)
     result = merge_tensor(
         method,
         counting.sources(),
         base if method.needs_base else None,
         key="k",
-        params=method.defaults(),
+        params=params,
         noise=_noise(),
     )
     assert counting.loads == [passes] * 5
@@ -1188,22 +1194,10 @@ def test_n_model_methods_read_each_model_once_per_pass(
             models,
             base if method.needs_base else None,
             key="k",
-            params=method.defaults(),
+            params=params,
             noise=_noise(),
         ),
     )
-
-
-def test_lazy_sources_keep_what_fits_their_cache_and_load_the_rest_on_each_access() -> None:
-    models = [_randn(3, 4, seed=310 + i) for i in range(4)]  # 4 × 48 bytes
-    for budget, loads in ((4 * 48, [1] * 4), (4 * 48 - 1, [3] * 4)):
-        counting = _CountingLoads(models)
-        lazy = counting.sources(cache_bytes=budget)
-        for _ in range(3):
-            assert all(torch.equal(got, want) for got, want in zip(lazy, models, strict=True))
-        assert counting.loads == loads, budget
-    cached = _CountingLoads(models).sources(cache_bytes=4 * 48)
-    assert cached[-1] is cached[3]  # one entry per model, however it is indexed
 
 
 def test_lazy_sources_are_checked_from_their_header_without_loading() -> None:

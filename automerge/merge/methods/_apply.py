@@ -50,50 +50,30 @@ class _OnAccess(Sequence[Tensor]):
 
 
 class LazySources(_OnAccess):
-    """Models whose tensors are loaded on access (``loaders[i]()``), with the ``shape`` and ``dtype``
-    every loader returns known up front (from the files' headers), so that checks need no load and a
-    streaming method holds one model at a time.
-
-    When all N tensors together take at most ``cache_bytes``, each is loaded once and kept, so a
-    method's later passes (TIES's election, each Weiszfeld step) read nothing again; above it, every
-    access loads. Memory stays bounded by ``cache_bytes`` plus a few tensors, whatever N is.
-    """
+    """Models whose tensors are loaded on each access (``loaders[i]()``, never cached), with the
+    ``shape`` and ``dtype`` every loader returns known up front (from the files' headers), so that
+    checks need no load and a streaming method holds one model at a time."""
 
     def __init__(
-        self,
-        loaders: Sequence[Callable[[], Tensor]],
-        *,
-        shape: Sequence[int],
-        dtype: torch.dtype,
-        cache_bytes: int = 0,
+        self, loaders: Sequence[Callable[[], Tensor]], *, shape: Sequence[int], dtype: torch.dtype
     ) -> None:
         self._loaders = tuple(loaders)
         self.shape = torch.Size(shape)
         self.dtype = dtype
-        self._cache_bytes = cache_bytes
-        total = len(self._loaders) * self.shape.numel() * dtype.itemsize
-        self._cache: dict[int, Tensor] | None = {} if total <= cache_bytes else None
 
     def __len__(self) -> int:
         return len(self._loaders)
 
     def _sliced(self, index: slice) -> Sequence[Tensor]:
-        return LazySources(
-            self._loaders[index], shape=self.shape, dtype=self.dtype, cache_bytes=self._cache_bytes
-        )
+        return LazySources(self._loaders[index], shape=self.shape, dtype=self.dtype)
 
     def _item(self, index: int) -> Tensor:
-        index = range(len(self._loaders))[index]  # -1 is the last: one cache entry per model
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
         tensor = self._loaders[index]()
         if tensor.shape != self.shape or tensor.dtype != self.dtype:
             raise MergeError(
                 f"lazy source {index} loaded a {tuple(tensor.shape)} {tensor.dtype} tensor, its header "
                 f"says {tuple(self.shape)} {self.dtype}; the file changed while merging"
             )
-        if self._cache is not None:
-            self._cache[index] = tensor
         return tensor
 
 
@@ -104,6 +84,8 @@ class _Upcast(_OnAccess):
     def __init__(self, models: Sequence[Tensor], dtype: torch.dtype) -> None:
         self._models = models
         self._dtype = dtype
+        self.shape = _layout(models)[0][0] if len(models) else torch.Size()
+        self.dtype = dtype
 
     def __len__(self) -> int:
         return len(self._models)

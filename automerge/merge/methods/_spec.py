@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import torch
 from torch import Tensor
 
 from automerge.merge.methods._task_core import Noise
@@ -301,3 +302,21 @@ def model_weights(weights: Sequence[float] | None, count: int, *, method: str) -
     if len(weights) != count:
         raise ValueError(f"merge method '{method}' got {len(weights)} weights for {count} models")
     return [float(weight) for weight in weights]
+
+
+MULTI_PASS_BYTES = 16 << 20
+"""A method that passes over its models more than once holds them (or what it derives from each, e.g.
+TIES's kept deltas) between passes when all N together take at most this (16 MiB): small keys are
+then read and derived once; above it, each pass reads again, so memory does not grow with N."""
+
+
+def fits_between_passes(count: int, shape: Sequence[int], dtype: torch.dtype) -> bool:
+    """True when ``count`` tensors of ``shape`` and ``dtype`` take ≤ ``MULTI_PASS_BYTES``."""
+    return count * math.prod(shape) * dtype.itemsize <= MULTI_PASS_BYTES
+
+
+def held_if_small(models: Sequence[Tensor]) -> Sequence[Tensor]:
+    """``models`` as a list of loaded tensors when they fit between passes, else ``models`` itself (a
+    lazy sequence, which knows its ``shape`` and ``dtype`` without loading, stays lazy)."""
+    like = models if hasattr(models, "shape") and hasattr(models, "dtype") else models[0]
+    return list(models) if fits_between_passes(len(models), like.shape, like.dtype) else models

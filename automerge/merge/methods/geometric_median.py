@@ -9,7 +9,7 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from automerge.merge.methods._spec import Param, model_weights, register_method
+from automerge.merge.methods._spec import Param, held_if_small, model_weights, register_method
 from automerge.merge.methods.average import weighted_mean
 
 _DISTANCE_FLOOR = 1e-8  # ε in 1/max(‖Mi − m‖, ε): a model at m gets a large, finite weight
@@ -28,12 +28,14 @@ def geometric_median(
 
     sd-mecha's geometric_median (after krishnap25/geom_median, which also takes weights wi, default
     1): norms over the whole tensor; stops early when ‖m_new − m‖ ≤ 1e-7·‖m‖. Each step is one pass
-    over the models holding one at a time (sums accumulated left to right, so the last bits differ
-    from a stacked matrix product); one device sync per step for the stopping test.
+    over the models, held between steps when they fit in ``MULTI_PASS_BYTES``, else read holding one
+    at a time; sums accumulate left to right, so the last bits differ from a stacked matrix product;
+    one device sync per step for the stopping test.
     """
     w = model_weights(weights, len(models), method="geometric_median")
     if any(weight < 0 for weight in w):
         raise ValueError(f"merge method 'geometric_median' takes weights ≥ 0, got {w}")
+    models = held_if_small(models)  # small keys: read once for every step
     median = weighted_mean(models, w, method="geometric_median")
     for _ in range(int(max_iter)):  # the config layer passes whole numbers as floats
         updated = _weiszfeld_step(models, w, median)

@@ -25,7 +25,13 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from automerge.merge.methods._spec import Param, model_weights, register_method, require_noise
+from automerge.merge.methods._spec import (
+    Param,
+    fits_between_passes,
+    model_weights,
+    register_method,
+    require_noise,
+)
 from automerge.merge.methods._task_core import (
     Noise,
     add_agreeing,
@@ -40,9 +46,6 @@ from automerge.merge.methods._task_core import (
 Scale = Annotated[float, Param(0.0, 2.0, "scale of the merged delta added to C")]
 Density = Annotated[float, Param(0.0, 1.0, "fraction of each delta kept (0 keeps nothing: the result is C)")]
 Epsilon = Annotated[float, Param(0.0, 1.0, "spread of DELLA's keep probability across magnitude ranks")]
-
-KEPT_CACHE_BYTES = 16 << 20
-"""The sign election's second pass reuses the first pass's kept_i when all N together fit in this."""
 
 Keep = tuple[Tensor | None, Tensor | float]  # (keep mask, None = every element; keep probability p)
 Sparsifier = Callable[..., Keep]  # sparsify(delta, model_index, **params) -> (keep, p)
@@ -117,10 +120,9 @@ class TaskArithmetic:
         self, models: Sequence[Tensor], base: Tensor, w: list[float], params: dict[str, Any]
     ) -> Tensor:
         """T / W over the kept_i whose sign is sign(S) (two passes: S, then T and W). The kept_i of the
-        first pass are kept for the second when together they take ≤ ``KEPT_CACHE_BYTES``; above it,
-        the second pass computes them again (memory stays at a few tensors whatever N is)."""
-        fits = len(models) * base.numel() * base.dtype.itemsize <= KEPT_CACHE_BYTES
-        first: list[Tensor] | None = [] if fits else None
+        first pass are kept for the second when they fit (``fits_between_passes``); else the second
+        pass reads and computes them again (memory stays at a few tensors whatever N is)."""
+        first: list[Tensor] | None = [] if fits_between_passes(len(models), base.shape, base.dtype) else None
         elected = self._sum(models, base, w, params, first).sign_()
         agreeing_sum, agreeing_weight = torch.zeros_like(base), torch.zeros_like(base)
         for i in range(len(models)):
