@@ -290,7 +290,12 @@ def optimize(
     summary = run_study(
         study_file, extra_trials=trials, timeout=seconds, console=console, device=device, export=export
     )
-    if summary.best_trial is not None:
+    if summary.front:
+        shown = ", ".join(map(str, summary.front))
+        console.print(
+            f"Pareto front: {len(summary.front)} trials ({shown}); knee point: trial {summary.best_trial}"
+        )
+    elif summary.best_trial is not None:
         console.print(f"best trial {summary.best_trial}: {summary.best_value:.6g}")
     if summary.interrupted:
         sys.exit(130)
@@ -332,6 +337,7 @@ def _run_workers(
     """Start the workers, wait for them, then export the best trial once."""
     from automerge.commands import launch_workers
     from automerge.study import best_trial, export_study, find_study
+    from automerge.study.records import front_trials, multi_objective
 
     worker_args = [
         f"--{name}={value}"
@@ -345,7 +351,11 @@ def _run_workers(
                 f"worker {index} exited with code {code}; see {study.stem}-worker{index}.log", highlight=False
             )
     stored = find_study(study_file)
-    if export and stored is not None and best_trial(stored.trials) is not None:
+    if stored is not None and multi_objective(stored):
+        done = bool(front_trials(stored))
+    else:
+        done = stored is not None and best_trial(stored.trials) is not None
+    if export and stored is not None and done:
         export_study(study_file, study=stored, console=console)
     if any(code != 0 for code in codes):
         sys.exit(130 if 130 in codes else max(codes))
@@ -401,6 +411,14 @@ def export(
     trial: Annotated[int | None, typer.Option(help="Trial number (default: the best).")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder.")] = None,
     storage: StorageOption = None,
+    pick: Annotated[
+        str | None,
+        typer.Option(
+            help="Several objectives: which Pareto-front trial to export when --trial is not given: knee "
+            "(the default: nearest the ideal point) or weighted:W1,W2,… (the highest weighted sum of the "
+            "objectives, each normalised by the front's range).",
+        ),
+    ] = None,
     output_format: Annotated[
         str,
         typer.Option(
@@ -412,13 +430,16 @@ def export(
         ),
     ] = "automerge",
 ) -> None:
-    """Write recipe.yaml, model.safetensors and report.html for the best (or a given) trial."""
+    """Write recipe.yaml, model.safetensors and report.html for the best (or a given) trial; with
+    several objectives, for a Pareto-front trial picked by --pick (default: the knee point)."""
     from automerge.interop import FORMATS
     from automerge.study import choose_trial, default_storage, find_study
+    from automerge.study.pareto import KNEE, parse_pick
+    from automerge.study.records import multi_objective, pick_trial
 
     if output_format not in ("automerge", *FORMATS):
         raise ConfigError(f"--format: '{output_format}' is not a format; use automerge, {', '.join(FORMATS)}")
-
+    rule = parse_pick(pick) if pick is not None else None
     study_file = _study_file(study, storage)
     stored = find_study(study_file)
     if stored is None:
@@ -426,13 +447,16 @@ def export(
             f"{study}: no study '{study_file.name}' in {default_storage(study_file)}; "
             f"run automerge optimize {study} first (or set storage: to where it lives)"
         )
-    chosen = choose_trial(stored, trial)  # a wrong --trial is said before the render stack loads
+    # a wrong --trial or --pick is said before the render stack loads
+    chosen = choose_trial(stored, trial, pick=rule)
     if output_format != "automerge":
+        if multi_objective(stored) and trial is None:  # the recipe itself may go to stdout
+            err_console.print(pick_trial(stored, rule or KNEE).reason, highlight=False)
         _export_recipe(study_file, stored, output_format, trial=chosen.number, out=out)
         return
     from automerge.study import export_study
 
-    export_study(study_file, study=stored, trial_number=trial, out_dir=out, console=console)
+    export_study(study_file, study=stored, trial_number=trial, out_dir=out, console=console, pick=rule)
 
 
 @app.command()

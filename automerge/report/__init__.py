@@ -1,6 +1,14 @@
 """Reports: ``report.html`` drawn from ``ReportData`` (a leaf: it imports nothing from the rest of
 automerge; the study gathers the data)."""
 
-from automerge.report.html import GridCell, Margin, ReportData, recovery_line, render_report
+from automerge.report.html import (
+    GridCell,
+    Margin,
+    ParetoData,
+    ParetoPoint,
+    ReportData,
+    recovery_line,
+    render_report,
+)
 
-__all__ = ["GridCell", "Margin", "ReportData", "recovery_line", "render_report"]
+__all__ = ["GridCell", "Margin", "ParetoData", "ParetoPoint", "ReportData", "recovery_line", "render_report"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 GridCell = tuple[str | None, float | None]
@@ -20,6 +21,35 @@ th{background:#f5f7f9} td:first-child,th:first-child{text-align:left}
 .grid img{width:128px;height:auto;image-rendering:pixelated;display:block}
 .muted{color:#6b7785} .good{color:#17803d} .chart{background:#fbfcfd;border:1px solid #e4e8ec}
 """
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One complete trial of a study with several objectives, as the front's scatter draws it."""
+
+    number: int
+    label: str  # "A", "uniform 0.5", "trial 7"
+    values: tuple[float, ...]  # one score per objective, as stored
+    on_front: bool
+    baseline: bool = False
+    thumbnails: tuple[str | None, ...] = ()  # data URIs of its first images (the first on hover)
+
+
+@dataclass
+class ParetoData:
+    """What a study with several objectives adds to the report: the objectives, every complete
+    trial's scores, how the exported trial was chosen."""
+
+    names: list[str]
+    maximize: list[bool]
+    points: list[ParetoPoint]
+    how: str  # "picked trial 7 … the knee point …", or "chosen with --trial 7"
+    importances: dict[str, dict[str, float]] = field(default_factory=dict)  # objective → parameter → share
+    validation: list[tuple[str, tuple[float, ...]]] = field(default_factory=list)
+
+    def scores_text(self, values: tuple[float, ...]) -> str:
+        """``near-a -0.00123 · near-b -0.0456``."""
+        return " · ".join(f"{_e(n)} {v:.6g}" for n, v in zip(self.names, values, strict=True))
 
 
 @dataclass
@@ -47,6 +77,7 @@ class ReportData:
     validation: list[tuple[str, float]] = field(default_factory=list)
     confidence: list[Margin] = field(default_factory=list)
     confidence_source: str = ""
+    pareto: ParetoData | None = None  # several objectives: the front instead of a best
 
     def recovery_errors(self) -> dict[str, float]:
         """|recovered − secret| per searched dimension of a hidden-target study; {} otherwise."""
@@ -179,6 +210,177 @@ def weights_svg(weights: list[tuple[str, float, float, float]], secret: dict[str
     return f'<svg class=chart width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
 
 
+_PARETO_STYLE = (
+    "<style>.pt .thumb{visibility:hidden}.pt:hover .thumb{visibility:visible}"
+    ".front-grid img{width:96px;height:auto;image-rendering:pixelated}</style>"
+)
+
+
+def front_svg(
+    pareto: ParetoData,
+    x: int,
+    y: int,
+    *,
+    exported: int,
+    width: int = 640,
+    height: int = 440,
+) -> str:
+    """Objective ``x`` against objective ``y``, every complete trial a dot (its number and scores on
+    hover, with its first image), the Pareto front's trials green, numbered and linked to their row of
+    images, the baselines orange, the exported trial ringed; with two objectives the front is joined."""
+    points = pareto.points
+    if not points:
+        return "<p class=muted>no completed trials</p>"
+    left, right, top, bottom = 78, 24, 16, 48
+    xs, ys = [p.values[x] for p in points], [p.values[y] for p in points]
+    px, py = _axis(xs, left, width - right), _axis(ys, height - bottom, top)
+    parts = [_axes_svg(xs, ys, px, py, left, right, top, bottom, width, height, pareto, x, y)]
+    front = sorted((p for p in points if p.on_front), key=lambda p: p.values[x])
+    if len(pareto.names) == 2 and len(front) > 1:
+        line = " ".join(f"{px(p.values[x]):.1f},{py(p.values[y]):.1f}" for p in front)
+        parts.append(f'<polyline points="{line}" fill="none" stroke="#17803d" stroke-width="1.5"/>')
+    for point in sorted(points, key=lambda p: (p.on_front, p.baseline)):  # the front on top
+        parts.append(_front_point(point, px(point.values[x]), py(point.values[y]), pareto, exported, width))
+    return (
+        f'<svg class=chart width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+        f"{''.join(parts)}</svg>"
+    )
+
+
+def _axis(values: list[float], start: float, stop: float) -> Callable[[float], float]:
+    """Value → pixel, the values' range padded by 6 % on each side (a range of one value: ±1)."""
+    low, high = min(values), max(values)
+    pad = (high - low) * 0.06 or 1.0
+    low, high = low - pad, high + pad
+    return lambda value: start + (stop - start) * (value - low) / (high - low)
+
+
+def _axes_svg(
+    xs: list[float],
+    ys: list[float],
+    px: Callable[[float], float],
+    py: Callable[[float], float],
+    left: int,
+    right: int,
+    top: int,
+    bottom: int,
+    width: int,
+    height: int,
+    pareto: ParetoData,
+    x: int,
+    y: int,
+) -> str:
+    """Both axes with 5 ticks over the values' range, labelled with the objective and its direction."""
+
+    def title(index: int) -> str:
+        better = "higher" if pareto.maximize[index] else "lower"
+        return f"{_e(pareto.names[index])} ({better} is better)"
+
+    parts = [
+        f'<line x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}" stroke="#555"/>'
+        f'<line x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}" stroke="#555"/>'
+    ]
+    for share in (0.0, 0.25, 0.5, 0.75, 1.0):
+        vx = min(xs) + share * (max(xs) - min(xs))
+        vy = min(ys) + share * (max(ys) - min(ys))
+        parts.append(
+            f'<text x="{px(vx):.1f}" y="{height - bottom + 16}" font-size="10" text-anchor="middle">{vx:.3g}</text>'
+            f'<text x="{left - 6}" y="{py(vy) + 4:.1f}" font-size="10" text-anchor="end">{vy:.3g}</text>'
+        )
+    middle = (top + height - bottom) / 2
+    parts.append(
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 8}" font-size="12" text-anchor="middle">'
+        f"{title(x)}</text>"
+        f'<text x="14" y="{middle:.0f}" font-size="12" text-anchor="middle" '
+        f'transform="rotate(-90 14 {middle:.0f})">{title(y)}</text>'
+    )
+    return "".join(parts)
+
+
+def _front_point(
+    point: ParetoPoint, cx: float, cy: float, pareto: ParetoData, exported: int, width: int
+) -> str:
+    """One trial's dot: its tooltip (number and scores), its first image shown on hover, a link to its
+    row of images when it is on the front."""
+    colour = "#b36b00" if point.baseline else "#17803d" if point.on_front else "#8aa1b8"
+    radius = 5 if point.on_front or point.baseline else 3
+    name = f"{_e(point.label)} · " if point.baseline else ""
+    parts = [
+        f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{radius}" fill="{colour}"/>'
+        f"<title>{name}trial {point.number}: {pareto.scores_text(point.values)}"
+        f"{' · on the Pareto front' if point.on_front else ''}</title>"
+    ]
+    if point.number == exported:
+        parts.append(
+            f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="9" fill="none" stroke="#c0392b" stroke-width="2"/>'
+        )
+    if point.on_front or point.baseline:
+        text = point.label if point.baseline else str(point.number)
+        parts.append(
+            f'<text x="{cx + 7:.1f}" y="{cy - 6:.1f}" font-size="11" fill="{colour}">{_e(text)}</text>'
+        )
+    if point.thumbnails and point.thumbnails[0]:
+        tx, ty = min(cx + 10, width - 100), max(cy - 106, 0)
+        parts.append(
+            f'<image class=thumb href="{point.thumbnails[0]}" x="{tx:.1f}" y="{ty:.1f}" width="96" height="96"/>'
+        )
+    group = f"<g class=pt>{''.join(parts)}</g>"
+    return f'<a href="#front-trial-{point.number}">{group}</a>' if point.on_front else group
+
+
+def _pareto_section(data: ReportData, pareto: ParetoData) -> str:
+    """The front: one scatter for two objectives, one per pair for more; then its trials' images."""
+    count = len(pareto.names)
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    size = {"width": 640, "height": 440} if count == 2 else {"width": 420, "height": 320}
+    plots = "".join(front_svg(pareto, i, j, exported=data.exported_number, **size) for i, j in pairs)
+    front = [p for p in pareto.points if p.on_front]
+    return (
+        f'<h2 id="pareto-front">Pareto front: {len(front)} of {len(pareto.points)} complete trials</h2>'
+        + _PARETO_STYLE
+        + "<p>Each dot is a complete trial (hover: its number, scores and first image); green: on the front "
+        "(no other trial is at least as good in every objective and better in one), numbered and linked "
+        "to its images below; orange: the baselines; red ring: the exported trial. Any trial exports with "
+        "<code>automerge export STUDY --trial N</code>; <code>--pick knee</code> or "
+        "<code>--pick weighted:W1,W2</code> picks one of the front.</p>" + plots + _front_grid(pareto, front)
+    )
+
+
+def _front_grid(pareto: ParetoData, front: list[ParetoPoint]) -> str:
+    """The front's trials, best in the first objective first: scores and first images."""
+    if not front:
+        return ""
+    sign = 1.0 if pareto.maximize[0] else -1.0
+    rows = []
+    for point in sorted(front, key=lambda p: -sign * p.values[0]):
+        images = "".join(
+            f'<img src="{uri}" alt="trial {point.number}">' for uri in point.thumbnails if uri is not None
+        )
+        rows.append(
+            f'<tr id="front-trial-{point.number}"><td>trial {point.number}</td><td>{_e(point.label)}</td>'
+            + "".join(f"<td>{value:.6g}</td>" for value in point.values)
+            + f"<td>{images or '<span class=muted>no images stored</span>'}</td></tr>"
+        )
+    head = "".join(f"<th>{_e(h)}</th>" for h in ["trial", "label", *pareto.names, "images"])
+    return f'<div class="front-grid"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
+
+
+def _pareto_baselines(pareto: ParetoData) -> str:
+    rows = [[_e(p.label), p.number, *(f"{v:.6g}" for v in p.values)] for p in pareto.points if p.baseline]
+    return "<h2>Baselines</h2>" + _table(["baseline", "trial", *pareto.names], rows)
+
+
+def _pareto_importances(pareto: ParetoData) -> str:
+    if not pareto.importances:
+        return "<h2>Parameter importances</h2><p class=muted>needs at least 4 completed trials</p>"
+    params = list(dict.fromkeys(k for shares in pareto.importances.values() for k in shares))
+    rows = [
+        [_e(param), *(f"{pareto.importances.get(n, {}).get(param, 0.0):.3f}" for n in pareto.names)]
+        for param in params
+    ]
+    return "<h2>Parameter importances (per objective)</h2>" + _table(["parameter", *pareto.names], rows)
+
+
 def _table(header: list[str], rows: list[list[object]]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
@@ -240,17 +442,61 @@ def _recovery(data: ReportData) -> str:
 
 
 def _headline(data: ReportData) -> str:
-    """``best trial 7, score 0.91``; for another exported trial, the best is named too."""
+    """``best trial 7, score 0.91``; for another exported trial, the best is named too; with several
+    objectives, the exported trial's scores, whether it is on the front and how it was chosen."""
+    if data.pareto is not None:
+        point = next((p for p in data.pareto.points if p.number == data.exported_number), None)
+        scores = data.pareto.scores_text(point.values) if point else ""
+        where = "on the Pareto front" if point and point.on_front else "not on the Pareto front"
+        return f"exported trial <b>{data.exported_number}</b>: <b class=good>{scores}</b>, {where}"
     exported = f"trial <b>{data.exported_number}</b>, score <b class=good>{data.exported_value:.6g}</b>"
     if data.exported_number == data.best_number:
         return f"best {exported}"
     return f"exported {exported} (the best is trial {data.best_number}, score {data.best_value:.6g})"
 
 
+def _single_sections(data: ReportData) -> tuple[str, str, str, str]:
+    """Baselines, best-so-far curve, importances and validation of a study with one score."""
+    baselines = "<h2>Baselines</h2>" + _table(
+        ["baseline", "trial", "score"], [[_e(label), n, f"{v:.6g}"] for label, n, v in data.baselines]
+    )
+    importances = "<h2>Parameter importances</h2>" + (
+        _table(["parameter", "importance"], [[_e(k), f"{v:.3f}"] for k, v in data.importances.items()])
+        if data.importances
+        else "<p class=muted>needs at least 4 completed trials</p>"
+    )
+    validation = (
+        "<h2>Validation (held-out payloads)</h2>"
+        + _table(["model", "score"], [[_e(label), f"{value:.6g}"] for label, value in data.validation])
+        if data.validation
+        else ""
+    )
+    curve = "<h2>Best so far</h2>" + curve_svg(data.curve, baselines=data.baselines)
+    return baselines, curve, importances, validation
+
+
+def _pareto_sections(data: ReportData, pareto: ParetoData) -> tuple[str, str, str, str]:
+    """Baselines, the front, importances and validation of a study with several objectives."""
+    validation = (
+        "<h2>Validation (held-out payloads)</h2>"
+        + _table(
+            ["model", *pareto.names],
+            [[_e(label), *(f"{v:.6g}" for v in values)] for label, values in pareto.validation],
+        )
+        if pareto.validation
+        else ""
+    )
+    return _pareto_baselines(pareto), _pareto_section(data, pareto), _pareto_importances(pareto), validation
+
+
 def render_report(data: ReportData) -> str:
     """The whole page as one HTML string."""
     stages = sorted(data.timings.items(), key=lambda kv: -kv[1])
     total = sum(data.timings.values()) or 1.0
+    baselines, progress, importances, validation = (
+        _single_sections(data) if data.pareto is None else _pareto_sections(data, data.pareto)
+    )
+    scored = "; each image's score under it" if data.pareto is None else ""
     parts = [
         f"<!doctype html><html><head><meta charset=utf-8><title>automerge report: {_e(data.title)}</title>",
         f"<style>{_STYLE}</style></head><body>",
@@ -258,12 +504,10 @@ def render_report(data: ReportData) -> str:
         f"<p>{_headline(data)} · "
         f"{data.trial_count} trials ({data.completed_count} complete, {data.pruned_count} pruned, {data.failed_count} failed)"
         + (f" · {_e(data.stop_reason)}" if data.stop_reason else "")
-        + "</p>",
-        "<h2>Baselines</h2>"
-        + _table(
-            ["baseline", "trial", "score"], [[_e(label), n, f"{v:.6g}"] for label, n, v in data.baselines]
-        ),
-        "<h2>Best so far</h2>" + curve_svg(data.curve, baselines=data.baselines),
+        + "</p>"
+        + (f"<p class=muted>{_e(data.pareto.how)}</p>" if data.pareto and data.pareto.how else ""),
+        baselines,
+        progress,
         f"<h2>Per-block weights of trial {data.exported_number}</h2>"
         + weights_svg(data.weights, data.secret)
         + (
@@ -272,26 +516,17 @@ def render_report(data: ReportData) -> str:
             else ""
         ),
         _recovery(data),
-        "<h2>Parameter importances</h2>"
-        + (
-            _table(["parameter", "importance"], [[_e(k), f"{v:.3f}"] for k, v in data.importances.items()])
-            if data.importances
-            else "<p class=muted>needs at least 4 completed trials</p>"
-        ),
+        importances,
         "<h2>Time per trial (median)</h2>"
         + _table(
             ["stage", "seconds", "share"], [[_e(s), f"{v:.3f}", f"{100 * v / total:.1f}%"] for s, v in stages]
         ),
     ]
-    if data.validation:
-        parts.append(
-            "<h2>Validation (held-out payloads)</h2>"
-            + _table(["model", "score"], [[_e(label), f"{value:.6g}"] for label, value in data.validation])
-        )
+    if validation:
+        parts.append(validation)
     parts.append(_confidence(data))
     parts.append(
-        f"<h2>Images: trial {data.exported_number} vs baselines (same seeds; each image's score under it)</h2>"
-        + _grid(data)
+        f"<h2>Images: trial {data.exported_number} vs baselines (same seeds{scored})</h2>" + _grid(data)
     )
     parts.append("</body></html>")
     return "\n".join(parts)

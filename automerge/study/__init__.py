@@ -1,5 +1,6 @@
 """The optimization loop: study files, search space, samplers, early stopping, the per-trial
-objective, trial records, resume and storage, and the export of a study's trials. The only package
+objective, trial records, the Pareto front of several objectives, resume and storage, and the
+export of a study's trials. The only package
 that imports optuna.
 
 Names are imported on first use (as ``automerge``'s own): `automerge export --trial N` checks N
@@ -11,6 +12,7 @@ import importlib
 from typing import Any
 
 _PUBLIC = {
+    "ObjectiveConfig": "config",
     "SamplerConfig": "config",
     "StudyFile": "config",
     "artifact_dir": "config",
@@ -21,16 +23,22 @@ _PUBLIC = {
     "export_study": "export",
     "interop_text": "export",
     "interop_workflow": "export",
+    "PickRule": "pareto",
+    "parse_pick": "pareto",
     "TrialRecord": "records",
     "best_trial": "records",
     "choose_trial": "records",
+    "front_trials": "records",
+    "pick_trial": "records",
     "RunSummary": "runner",
     "open_study": "runner",
     "run_study": "runner",
     "Evaluation": "runtime",
     "StudyRuntime": "runtime",
+    "MULTI_OBJECTIVE_SAMPLERS": "samplers",
     "SAMPLERS": "samplers",
     "WarpedGPSampler": "samplers",
+    "make_multi_objective_sampler": "samplers",
     "make_sampler": "samplers",
     "find_study": "storage",
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,7 +80,10 @@ class SearchParam(Schema):
 
 
 class SamplerConfig(Schema):
-    name: str = Field("auto", description="a registered sampler: auto, gp, tpe, cmaes, random, qmc")
+    name: str = Field(
+        "auto",
+        description="a registered sampler: auto, gp, tpe, cmaes, random, qmc; nsga2, nsga3 with several objectives",
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1)
     startup_trials: int = Field(10, ge=0)
     warp_margin: float = Field(
@@ -98,9 +102,13 @@ class SamplerConfig(Schema):
     @field_validator("name")
     @classmethod
     def _known_sampler(cls, name: str) -> str:
-        from automerge.study.samplers import SAMPLERS  # the registry imports this module's types
+        from automerge.registry import did_you_mean
+        from automerge.study.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS  # they import this module
 
-        return SAMPLERS.require(name)
+        if name in SAMPLERS or name in MULTI_OBJECTIVE_SAMPLERS:
+            return name
+        known = sorted({*SAMPLERS.names(), *MULTI_OBJECTIVE_SAMPLERS.names()})
+        raise ValueError(f"unknown sampler '{name}'{did_you_mean(name, known)}; known: {', '.join(known)}")
 
 
 class EarlyStoppingConfig(Schema):
@@ -179,7 +187,80 @@ class InlineReward(Schema):
     reference: InlineReference
 
 
-SEARCH_FIELDS = {"models", "loras", "method", "search", "params", "seed", "payloads", "reward", "generate"}
+_OBJECTIVE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+class ObjectiveConfig(Schema):
+    """One score of a study with several objectives: a reward (what ``reward:`` takes: a manifest, a
+    composite or ``{reference: …}``), whether it is maximized or minimized, and its name in the
+    report, the dashboard and the terminal (default: the manifest's name, or ``METRIC-SOURCE`` for an
+    inline reference, e.g. ``mse-target``). A bare manifest or ``{reference: …}`` is the reward
+    itself, maximized."""
+
+    reward: FileRef | InlineReward
+    direction: Literal["maximize", "minimize"] = "maximize"
+    name: str | None = Field(
+        None, max_length=60, description="letters, digits, '.', '_' and '-', starting with a letter or digit"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_reward(cls, data: Any) -> Any:
+        if isinstance(data, str | Path):
+            return {"reward": data}
+        if isinstance(data, dict) and "reference" in data and "reward" not in data:
+            rest = {key: value for key, value in data.items() if key != "reference"}
+            return {"reward": {"reference": data["reference"]}, **rest}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _a_plain_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(_OBJECTIVE_NAME, name):
+            raise ValueError(
+                "an objective's name is letters, digits, '.', '_' and '-', starting with a letter or digit"
+            )
+        return name
+
+    @property
+    def label(self) -> str:
+        """``name``, else the manifest's stem or ``METRIC-SOURCE`` (``mse-target``, ``ssim-anime``)."""
+        if self.name is not None:
+            return self.name
+        if isinstance(self.reward, Path):
+            return self.reward.stem
+        reference = self.reward.reference
+        source = (
+            "target"
+            if reference.target is not None
+            else (reference.checkpoint or reference.folder or Path("reference")).stem
+        )
+        return f"{reference.metric}-{source}"
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """One score of a study, as the runtime computes it: ``reward:`` (named ``score``, maximized) or
+    one entry of ``objectives:``; ``field`` names it in error lines."""
+
+    field: str
+    name: str
+    direction: Literal["maximize", "minimize"]
+    reward: Path | InlineReward
+
+
+SEARCH_FIELDS = {
+    "models",
+    "loras",
+    "method",
+    "search",
+    "params",
+    "seed",
+    "payloads",
+    "reward",
+    "objectives",
+    "generate",
+}
 
 
 def _sha256_json(data: Any) -> str:
@@ -207,7 +288,10 @@ class StudyFile(Schema):
     seed: int = Field(0, ge=0, description="merge seed for random methods")
     payloads: list[FileRef] = Field(min_length=1)
     validation_payloads: list[FileRef] = Field(default_factory=list)
-    reward: FileRef | InlineReward
+    reward: FileRef | InlineReward | None = None
+    objectives: list[ObjectiveConfig] | None = Field(
+        None, min_length=1, description="several scores, each maximized or minimized: the Pareto front"
+    )
     sampler: SamplerConfig = SamplerConfig()
     pruner: Literal["none", "median"] = "none"
     multi_fidelity: MultiFidelityConfig | None = None
@@ -250,6 +334,23 @@ class StudyFile(Schema):
         check_lora_names(self.loras, self.models)
         return self
 
+    @model_validator(mode="after")
+    def _one_way_to_score(self) -> StudyFile:
+        if self.reward is not None and self.objectives is not None:
+            raise ValueError(
+                "reward and objectives: give one of them, not both (reward: one score; "
+                "objectives: a list of scores, each with a direction)"
+            )
+        if self.reward is None and self.objectives is None:
+            raise ValueError(
+                "field 'reward' is required (or objectives: a list of scores, each with a direction)"
+            )
+        if self.objectives is not None:
+            check_objectives(self)
+        if not self.multi_objective:
+            check_single_objective_sampler(self.sampler.name)
+        return self
+
     @property
     def lora_names(self) -> set[str]:
         return {entry.name for entries in self.loras.values() for entry in entries}
@@ -280,6 +381,21 @@ class StudyFile(Schema):
     def timeout_seconds(self) -> float | None:
         return parse_duration(self.timeout)
 
+    @property
+    def multi_objective(self) -> bool:
+        """Two or more ``objectives``: a Pareto front instead of a best trial."""
+        return self.objectives is not None and len(self.objectives) > 1
+
+    @property
+    def scorings(self) -> list[Scoring]:
+        """The study's scores in order: ``reward:`` as one maximized score, else each objective."""
+        if self.reward is not None:
+            return [Scoring("reward", "score", "maximize", self.reward)]
+        return [
+            Scoring(f"objectives[{index}].reward", objective.label, objective.direction, objective.reward)
+            for index, objective in enumerate(self.objectives or ())
+        ]
+
     def search_fingerprint(self) -> str:
         """sha256 of what defines the search problem; the trial budget, timeout, stopping, export and
         storage may change between runs, these may not. Paths count relative to the study file's
@@ -287,9 +403,11 @@ class StudyFile(Schema):
         return _sha256_json(self._search_problem())
 
     def _search_problem(self) -> dict[str, Any]:
-        """The search fields as plain data; ``loras`` only when some model has LoRAs, so that studies
-        made before LoRAs existed keep their fingerprints (and resume)."""
-        fields = SEARCH_FIELDS if self.loras else SEARCH_FIELDS - {"loras"}
+        """The search fields as plain data; ``loras`` only when some model has LoRAs and ``reward`` or
+        ``objectives`` only the one given, so that studies made before LoRAs and objectives existed
+        keep their fingerprints (and resume)."""
+        absent = {name for name in ("reward", "objectives") if getattr(self, name) is None}
+        fields = SEARCH_FIELDS - absent - (set() if self.loras else {"loras"})
         return as_plain(self.model_dump(include=fields), relative_to=self.path.parent)
 
     def content_fingerprints(self) -> dict[str, str]:
@@ -301,7 +419,69 @@ class StudyFile(Schema):
         parts["payloads"] = _sha256_json([plain["payloads"], [_payload_content(p) for p in self.payloads]])
         if isinstance(self.reward, Path):
             parts["reward"] = _sha256_json([plain["reward"], _manifest_content(self.reward)])
+        if self.objectives is not None:
+            manifests = [
+                _manifest_content(o.reward) if isinstance(o.reward, Path) else None for o in self.objectives
+            ]
+            parts["objectives"] = _sha256_json([plain["objectives"], manifests])
         return parts
+
+
+def check_single_objective_sampler(name: str) -> None:
+    """A sampler of several objectives only (NSGA-II/III) on a study with one score: a ``ValueError``."""
+    from automerge.study.samplers import SAMPLERS
+
+    if name not in SAMPLERS:
+        raise ValueError(
+            f"sampler.name: {name} is for several objectives; with one score use {', '.join(SAMPLERS.names())}"
+        )
+
+
+SINGLE_OBJECTIVE_KNOBS = ("warp_margin", "local_every", "local_after", "local_steps")
+"""``auto``'s settings for one score (its warp and local steps), refused with several objectives."""
+
+
+def check_objectives(study: StudyFile) -> None:
+    """What several objectives rule out, each a ``ValueError`` naming the field and the fix: names
+    used twice, a lone minimized objective, pruning and previews (Optuna prunes single-objective
+    studies only), samplers for one score and ``auto``'s single-score settings."""
+    from automerge.study.samplers import MULTI_OBJECTIVE_SAMPLERS
+
+    objectives = study.objectives or []
+    labels = [objective.label for objective in objectives]
+    for index, label in enumerate(labels):
+        if label in labels[:index]:
+            raise ValueError(
+                f"objectives[{index}]: the name '{label}' is taken by objectives[{labels.index(label)}]; "
+                f"give each objective its own name, e.g. name: {label}-2"
+            )
+    if len(objectives) == 1 and objectives[0].direction == "minimize":
+        raise ValueError(
+            "objectives[0].direction: a single objective is maximized, as reward: is; minimize needs a "
+            "second objective (or a reward whose higher score is better)"
+        )
+    if len(objectives) < 2:
+        return
+    if study.pruner != "none":
+        raise ValueError(
+            f"pruner: {study.pruner} needs one score (Optuna prunes single-objective studies only); "
+            "remove pruner: for several objectives"
+        )
+    if study.multi_fidelity is not None:
+        raise ValueError(
+            "multi_fidelity: previews are promoted by one score; remove multi_fidelity: for several objectives"
+        )
+    name = study.sampler.name
+    if name not in MULTI_OBJECTIVE_SAMPLERS:
+        raise ValueError(
+            f"sampler.name: {name} optimizes one score; with several objectives use "
+            f"{', '.join(MULTI_OBJECTIVE_SAMPLERS.names())}"
+        )
+    for knob in SINGLE_OBJECTIVE_KNOBS:
+        if knob in study.sampler.model_fields_set:
+            raise ValueError(
+                f"sampler.{knob}: auto's {knob} is for one score; remove it for several objectives"
+            )
 
 
 def _payload_content(path: Path) -> list[Any]:
@@ -351,15 +531,32 @@ def load_study_file(path: Path | str) -> StudyFile:
         for index, payload in enumerate(getattr(study, field)):
             if not payload.is_file():
                 raise ConfigError(f"{path}: {field}[{index}]: payload file {payload} does not exist")
-    if isinstance(study.reward, Path) and not study.reward.is_file():
-        if study.reward.suffix in MANIFEST_SUFFIXES:
-            raise ConfigError(f"{path}: reward: manifest {study.reward} does not exist (see rewards/*.yaml)")
-        try:  # a manifest name: rewards/NAME.yaml beside the study, in the working directory or bundled
-            reward = find_manifest(study.reward.name, near=study.path.parent).resolve()
-            object.__setattr__(study, "reward", reward)  # the file's models are frozen
-        except ConfigError as error:
-            raise ConfigError(f"{path}: reward: {error}") from None
+    if isinstance(study.reward, Path):
+        object.__setattr__(study, "reward", _manifest(study.reward, path, study, "reward"))  # frozen models
+    if study.objectives is not None:
+        objectives = [
+            objective.model_copy(
+                update={"reward": _manifest(objective.reward, path, study, f"objectives[{index}].reward")}
+            )
+            if isinstance(objective.reward, Path)
+            else objective
+            for index, objective in enumerate(study.objectives)
+        ]
+        object.__setattr__(study, "objectives", objectives)
     return study
+
+
+def _manifest(reward: Path, path: Path, study: StudyFile, field: str) -> Path:
+    """A reward manifest named by path, or by name: rewards/NAME.yaml beside the study, in the working
+    directory or bundled; ``ConfigError`` naming ``field`` when there is none."""
+    if reward.is_file():
+        return reward
+    if reward.suffix in MANIFEST_SUFFIXES:
+        raise ConfigError(f"{path}: {field}: manifest {reward} does not exist (see rewards/*.yaml)")
+    try:
+        return find_manifest(reward.name, near=study.path.parent).resolve()
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {field}: {error}") from None
 
 
 def default_storage(study: StudyFile) -> str:

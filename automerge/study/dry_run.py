@@ -154,10 +154,15 @@ def _alpha_only_blocks(dimensions: Sequence[Dimension]) -> frozenset[str]:
 
 
 def _reward_memory(study: StudyFile, device: torch.device) -> list[MemoryItem]:
-    """Reward models by the size of their weight files (as stored); a reference reward holds images."""
-    if isinstance(study.reward, InlineReward):
+    """Reward models (every objective's) by the size of their weight files (as stored); a reference
+    reward holds images."""
+    return [item for scoring in study.scorings for item in _manifest_memory(scoring.reward, device)]
+
+
+def _manifest_memory(reward: Path | InlineReward, device: torch.device) -> list[MemoryItem]:
+    if isinstance(reward, InlineReward):
         return []
-    manifest_path = find_manifest(study.reward)
+    manifest_path = find_manifest(reward)
     manifest = read_manifest(manifest_path)
     members = (
         [find_manifest(m.manifest, near=manifest_path.parent) for m in manifest.members]

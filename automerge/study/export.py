@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import statistics
+import warnings
 from pathlib import Path
 
 import optuna
@@ -26,9 +28,18 @@ from automerge.errors import ConfigError
 from automerge.files import foreign_files, relative_path, replaced_folder, writable_folder, write_text_atomic
 from automerge.interop import ComfyWorkflow, comfyui_workflow, mecha_recipe, supermerger_recipe
 from automerge.merge import MergePlan, export_merge
-from automerge.report import GridCell, Margin, ReportData, recovery_line, render_report
+from automerge.report import (
+    GridCell,
+    Margin,
+    ParetoData,
+    ParetoPoint,
+    ReportData,
+    recovery_line,
+    render_report,
+)
 from automerge.study import records
 from automerge.study.config import InlineReward, StudyFile, artifact_dir, export_dir
+from automerge.study.pareto import KNEE, PickRule
 from automerge.study.records import TrialRecord
 from automerge.study.runtime import Evaluation, StudyRuntime, open_study_plan
 from automerge.study.space import SearchSpace, build_space, target_params
@@ -42,11 +53,23 @@ def export_study(
     trial_number: int | None = None,
     out_dir: Path | None = None,
     console: Console | None = None,
+    pick: PickRule | None = None,
 ) -> Path:
     """Write recipe.yaml, model.safetensors and report.html for one trial; returns the folder.
-    ``runtime``: the running study's (its open sources are reused, validation payloads scored)."""
+    ``runtime``: the running study's (its open sources are reused, validation payloads scored).
+    With several objectives and no ``trial_number``, the front trial ``pick`` chooses (default: the
+    knee point), said in one line."""
     console = console or Console()
-    trial = records.choose_trial(study, trial_number)
+    trial = records.choose_trial(study, trial_number, pick=pick)
+    how = ""
+    if records.multi_objective(study):
+        how = (
+            records.pick_trial(study, pick or KNEE).reason
+            if trial_number is None
+            else f"chosen with --trial {trial_number}"
+        )
+        if trial_number is None:
+            console.print(how, highlight=False)
     fix = "pass another folder with -o DIR" if out_dir else "set export.dir in the study file, or pass -o DIR"
     out = Path(out_dir or export_dir(study_file)).absolute()
     check_export_folder(out, fix=fix)
@@ -65,12 +88,12 @@ def export_study(
             # 2. The checkpoint, streamed from the sources (on the device the study merged on).
             _export_checkpoint(trial_plan, staged / "model.safetensors", study_file, study, trial, console)
             # 3. The report.
-            data = report_data(study_file, study, trial, space, plan=plan, runtime=runtime)
+            data = report_data(study_file, study, trial, space, plan=plan, runtime=runtime, how=how)
             write_text_atomic(staged / "report.html", render_report(data))
     finally:
         if runtime is None:
             plan.close()
-    console.print(f"exported trial {trial.number} (score {trial.value:.6g}) to {out}/")
+    console.print(f"exported trial {trial.number} ({_scores_text(study, trial)}) to {out}/")
     console.print(f"report: {out / 'report.html'}")
     recovered = recovery_line(data)
     if recovered is not None:
@@ -79,6 +102,14 @@ def export_study(
 
 
 EXPORT_FILES = ("recipe.yaml", "model.safetensors", "report.html")
+
+
+def _scores_text(study: optuna.Study, trial: FrozenTrial) -> str:
+    """``score 0.91``; with several objectives ``near-a -0.00123, near-b -0.0456``."""
+    if not records.multi_objective(study):
+        return f"score {trial.value:.6g}"
+    names = records.objective_names(study)
+    return ", ".join(f"{name} {value:.6g}" for name, value in zip(names, trial.values, strict=True))
 
 
 def check_export_folder(out: Path, *, fix: str) -> None:
@@ -110,11 +141,12 @@ def _export_checkpoint(
     device = study.user_attrs.get(records.MERGE_DEVICE, "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"
-    metadata = {
-        "automerge.study": study_file.name,
-        "automerge.trial": str(trial.number),
-        "automerge.score": repr(trial.value),
-    }
+    metadata = {"automerge.study": study_file.name, "automerge.trial": str(trial.number)}
+    if records.multi_objective(study):
+        names = records.objective_names(study)
+        metadata["automerge.scores"] = json.dumps(dict(zip(names, trial.values, strict=True)))
+    else:
+        metadata["automerge.score"] = repr(trial.value)
     with console.status(f"exporting trial {trial.number} to {path}"):
         export_merge(
             plan,
@@ -203,18 +235,25 @@ def report_data(
     *,
     plan: MergePlan,
     runtime: StudyRuntime | None,
+    how: str = "",
 ) -> ReportData:
-    """Everything report.html shows, from the study's trial records."""
+    """Everything report.html shows, from the study's trial records; with several objectives, the
+    Pareto front (``how``: how the exported trial was chosen) instead of a best."""
     trials = records.records(study)
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = TrialRecord.of(records.best_trial(study.get_trials(deepcopy=False)) or exported)
+    several = records.multi_objective(study)
+    best = TrialRecord.of(
+        exported if several else records.best_trial(study.get_trials(deepcopy=False)) or exported
+    )
     chosen = TrialRecord.of(exported)
     baselines = [t for t in completed if t.baseline is not None]
-    title = f"{'best' if chosen.number == best.number else 'exported'} (trial {chosen.number})"
+    title = (
+        f"{'best' if chosen.number == best.number and not several else 'exported'} (trial {chosen.number})"
+    )
     columns = [(title, chosen)] + [(t.label, t) for t in baselines if t.number != chosen.number]
     store = FileSystemArtifactStore(str(artifact_dir(study_file)))
     grid = _image_grid([record for _, record in columns], store)
-    references = _reference_images(study_file, runtime)
+    references = {} if several else _reference_images(study_file, runtime)  # one column per target: not yet
     if references:
         for key, cells in grid.items():
             cells.append((references.get(key), None))
@@ -229,12 +268,14 @@ def report_data(
             "the study's own payloads (no validation_payloads: the search optimized these, so the margin "
             "favours the best)"
         )
+    if several:  # the exported trial is a trade-off: no margin over the baselines in one score
+        per_image = {}
     return ReportData(
         title=study_file.name,
         exported_number=chosen.number,
-        exported_value=float(exported.value),
+        exported_value=float(chosen.values[0]),
         best_number=best.number,
-        best_value=float(best.value or 0.0),
+        best_value=float(best.values[0]),
         trial_count=len(trials),
         completed_count=len(completed),
         failed_count=sum(t.state == TrialState.FAIL for t in trials),
@@ -251,7 +292,65 @@ def report_data(
         validation=[(label, evaluation.value) for label, evaluation in validated],
         confidence=margins_over_baselines(per_image, best=title),
         confidence_source=confidence_source,
+        pareto=_pareto_data(study, trials, store, how=how, validated=validated) if several else None,
     )
+
+
+def _pareto_data(
+    study: optuna.Study,
+    trials: list[TrialRecord],
+    store: FileSystemArtifactStore,
+    *,
+    how: str,
+    validated: list[tuple[str, Evaluation]],
+) -> ParetoData:
+    """Every complete trial's scores, whether it is on the front, its first image (the front's: its
+    first four) as a thumbnail; each objective's parameter importances."""
+    front = {t.number for t in records.front_trials(study)}
+    names = records.objective_names(study)
+    points = [
+        ParetoPoint(
+            number=t.number,
+            label=t.label,
+            values=t.values,
+            on_front=t.number in front,
+            baseline=t.baseline is not None,
+            thumbnails=tuple(
+                _thumbnail_uri(store, t.images[key])
+                for key in sorted(t.images)[: 4 if t.number in front else 1]
+            ),
+        )
+        for t in trials
+        if t.state == TrialState.COMPLETE
+    ]
+    return ParetoData(
+        names=names,
+        maximize=records.maximize_flags(study),
+        points=points,
+        how=how,
+        importances={name: _importances(study, objective=index) for index, name in enumerate(names)},
+        validation=[(label, tuple(e.objective_scores.values())) for label, e in validated],
+    )
+
+
+THUMBNAIL_PIXELS = 96
+
+
+def _thumbnail_uri(store: FileSystemArtifactStore, artifact_id: str) -> str | None:
+    """The stored image at most ``THUMBNAIL_PIXELS`` wide and high, as a PNG data URI (None when gone):
+    the front's scatter shows one per trial, so the report stays small."""
+    from PIL import Image
+
+    try:
+        with store.open_reader(artifact_id) as reader:
+            image = Image.open(io.BytesIO(reader.read()))
+            image.load()
+    except (ArtifactNotFound, OSError):
+        return None
+    image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _image_grid(columns: list[TrialRecord], store: FileSystemArtifactStore) -> dict[str, list[GridCell]]:
@@ -348,11 +447,21 @@ def _secret_weights(study_file: StudyFile, space: SearchSpace, plan: MergePlan) 
     return {d.name: secret[d.name] for d in space.dimensions if d.name in secret}
 
 
-def _importances(study: optuna.Study) -> dict[str, float]:
+def _importances(study: optuna.Study, *, objective: int | None = None) -> dict[str, float]:
+    """Optuna's parameter importances of the value, or of objective ``objective``'s score (as a loss:
+    Optuna's evaluator with a target looks for low values, so a maximized score is negated)."""
     if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 4:
         return {}
+    if objective is None:
+        target = None
+    else:
+        sign = -1.0 if study.directions[objective] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        target = lambda trial: sign * trial.values[objective]  # noqa: E731
     try:
-        return dict(optuna.importance.get_param_importances(study))
+        with warnings.catch_warnings():
+            if target is not None:  # the evaluator's reminder that a target is minimized: it is
+                warnings.simplefilter("ignore", UserWarning)
+            return dict(optuna.importance.get_param_importances(study, target=target))
     except (RuntimeError, ValueError):
         return {}
 

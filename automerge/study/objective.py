@@ -48,7 +48,7 @@ class Objective:
         self.last_finished = time.perf_counter()
         self._baselines_done: list[dict[str, list[float]]] | None = None  # see _baseline_stats
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         if self.budget is not None and places_before(trial) >= self.budget:
             records.write_failure(trial, records.OVER_BUDGET)
             trial.study.stop()
@@ -81,12 +81,14 @@ class Objective:
                 images=self._upload_images(trial, evaluation),
                 image_scores=evaluation.image_scores,
                 image_stats={key: value.as_list() for key, value in stats.items()},
+                objective_scores=evaluation.objective_scores,
+                objective_image_scores=evaluation.objective_image_scores,
             )
             evaluation.timings["bookkeeping"] = time.perf_counter() - started
             evaluation.timings["sampler"] = sampler_seconds
             records.write_timings(trial, evaluation.timings)
             self.on_trial(trial.number, evaluation)
-            return evaluation.value
+            return evaluation.told
         except optuna.TrialPruned:
             records.write_pruned(trial)
             raise
@@ -113,8 +115,9 @@ class Objective:
 
     def _evaluate(self, trial: optuna.Trial, params: BlockParams) -> Evaluation:
         """Each preview rung, reported at steps 0..F−1, then the full payload at F, F+1, ...; the
-        trial's timings add up every evaluation it made."""
-        report = _reporter(trial)
+        trial's timings add up every evaluation it made. A study with several objectives reports
+        nothing (Optuna prunes single-objective studies only)."""
+        report = _reporter(trial) if len(self.runtime.objectives) == 1 else _no_report
         previews = []
         for rung, jobs in enumerate(self.runtime.preview_jobs):
             previews.append(self.runtime.evaluate(params, jobs, on_stage=self.on_stage))
@@ -150,6 +153,10 @@ def places_before(trial: optuna.Trial) -> int:
     exactly the lower number gets it."""
     taken = trial.study.get_trials(deepcopy=False, states=records.TAKEN_STATES)
     return sum(1 for other in taken if other.number < trial.number)
+
+
+def _no_report(step: int, value: float) -> None:
+    pass
 
 
 def _reporter(trial: optuna.Trial) -> Report:

@@ -3,7 +3,8 @@ attribute names.
 
 The objective writes a trial's scores, stage timings and image artifact ids (``write_evaluation``) or
 why it failed (``write_failure``); export, report, progress and the benchmarks read them back as a
-``TrialRecord``. Best-trial selection is here once (``best_trial``).
+``TrialRecord``. Best-trial selection is here once (``best_trial``); with several objectives, the
+front and the pick of one of its trials (``front_trials``, ``pick_trial``).
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import numpy as np
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from automerge.errors import StudyError
+from automerge.errors import ConfigError, StudyError
+from automerge.study import pareto
 
 STAGES = ("sampler", "merge", "render", "score", "bookkeeping")
 """The stages of a trial, in order; ``timings`` holds seconds per stage."""
@@ -29,6 +33,8 @@ PAYLOAD_SCORES = "payload_scores"
 REWARD_SCORES = "reward_scores"
 IMAGE_SCORES = "image_scores"
 IMAGE_STATS = "image_stats"  # image key → [noise, saturation] (render/checks.py ImageStats)
+OBJECTIVE_SCORES = "objective_scores"  # several objectives: objective → score
+OBJECTIVE_IMAGE_SCORES = "objective_image_scores"  # several objectives: objective → image key → score
 PRUNED_AFTER_PAYLOADS = "pruned_after_payloads"
 
 # Study attributes.
@@ -67,14 +73,17 @@ class TrialRecord:
     reward_scores: Mapping[str, float] = field(default_factory=dict)  # mean raw score per reward
     image_scores: Mapping[str, float] = field(default_factory=dict)  # image key → its score
     fail_reason: str | None = None
+    values: tuple[float, ...] = ()  # a complete trial's value, or each objective's score
+    objective_scores: Mapping[str, float] = field(default_factory=dict)  # several objectives: name → score
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> TrialRecord:
         attrs = trial.user_attrs
+        values = tuple(trial.values or ()) if trial.state == TrialState.COMPLETE else ()
         return cls(
             number=trial.number,
             state=trial.state,
-            value=trial.value if trial.state == TrialState.COMPLETE else None,
+            value=values[0] if len(values) == 1 else None,
             params=MappingProxyType(dict(trial.params)),
             baseline=attrs.get(BASELINE),
             timings=MappingProxyType({k: float(v) for k, v in attrs.get(TIMINGS, {}).items()}),
@@ -83,6 +92,10 @@ class TrialRecord:
             reward_scores=MappingProxyType({k: float(v) for k, v in attrs.get(REWARD_SCORES, {}).items()}),
             image_scores=MappingProxyType({k: float(v) for k, v in attrs.get(IMAGE_SCORES, {}).items()}),
             fail_reason=attrs.get(FAIL_REASON),
+            values=values,
+            objective_scores=MappingProxyType(
+                {k: float(v) for k, v in attrs.get(OBJECTIVE_SCORES, {}).items()}
+            ),
         )
 
     @property
@@ -98,9 +111,63 @@ def records(study: optuna.Study, *, states: Iterable[TrialState] | None = None) 
 
 
 def best_trial(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
-    """The completed trial with the highest value, the earliest on ties; None when none completed."""
-    completed = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    """The completed trial with the highest value, the earliest on ties; None when none completed
+    (and in a study with several objectives, which has a front instead: ``front_trials``)."""
+    completed = [t for t in trials if t.state == TrialState.COMPLETE and len(t.values or ()) == 1]
     return max(completed, key=lambda t: (t.value, -t.number)) if completed else None
+
+
+def multi_objective(study: optuna.Study) -> bool:
+    """Whether the study has several objectives (a Pareto front, no best trial)."""
+    return len(study.directions) > 1
+
+
+def objective_names(study: optuna.Study) -> list[str]:
+    """The objectives' names as the study stores them (``set_metric_names``), else objective 1, 2, …"""
+    return list(study.metric_names or [f"objective {i + 1}" for i in range(len(study.directions))])
+
+
+def maximize_flags(study: optuna.Study) -> list[bool]:
+    return [direction == StudyDirection.MAXIMIZE for direction in study.directions]
+
+
+def front_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The completed trials no other completed trial dominates, by number."""
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not completed:
+        return []
+    points = pareto.maximized(np.array([t.values for t in completed]), maximize_flags(study))
+    return [t for t, on in zip(completed, pareto.front_mask(points), strict=True) if on]
+
+
+@dataclass(frozen=True)
+class Picked:
+    """The trial a pick rule chose on the front, and one line that says why."""
+
+    trial: FrozenTrial
+    reason: str
+
+
+def pick_trial(study: optuna.Study, rule: pareto.PickRule = pareto.KNEE) -> Picked:
+    """The front trial ``rule`` picks (objectives normalised by the front's range), and why."""
+    front = front_trials(study)
+    if not front:
+        raise StudyError(f"study '{study.study_name}' has no completed trial to export yet")
+    names = objective_names(study)
+    if rule.weights and len(rule.weights) != len(names):
+        raise ConfigError(
+            f"--pick {rule.text}: {len(rule.weights)} weight(s) for the {len(names)} objectives "
+            f"{', '.join(names)}; give one weight per objective, in that order"
+        )
+    points = pareto.maximized(np.array([t.values for t in front]), maximize_flags(study))
+    row, why = pareto.pick(points, rule)
+    trial = front[row]
+    scores = ", ".join(f"{name} {value:.6g}" for name, value in zip(names, trial.values, strict=True))
+    return Picked(
+        trial,
+        f"picked trial {trial.number} ({scores}) of the {len(front)} on the Pareto front "
+        f"(--pick {rule.text}): {why}, each objective normalised by the front's range",
+    )
 
 
 def baseline_attrs(label: str) -> dict[str, str]:
@@ -116,9 +183,12 @@ def write_evaluation(
     images: Mapping[str, str],
     image_scores: Mapping[str, float] | None = None,
     image_stats: Mapping[str, list[float]] | None = None,
+    objective_scores: Mapping[str, float] | None = None,
+    objective_image_scores: Mapping[str, Mapping[str, float]] | None = None,
 ) -> None:
     """A completed evaluation's scores, each image's score (full precision: MSE-type scores are tiny),
-    image artifact ids and each image's statistics (noise, saturation)."""
+    image artifact ids and each image's statistics (noise, saturation); with several objectives,
+    each objective's score and image scores (full precision) too."""
     trial.set_user_attr(PAYLOAD_SCORES, [round(v, _DIGITS) for v in payload_scores])
     trial.set_user_attr(REWARD_SCORES, {k: round(v, _DIGITS) for k, v in reward_scores.items()})
     trial.set_user_attr(IMAGE_SCORES, dict(image_scores or {}))
@@ -126,6 +196,11 @@ def write_evaluation(
     if image_stats is not None:
         trial.set_user_attr(
             IMAGE_STATS, {k: [round(v, _DIGITS) for v in values] for k, values in image_stats.items()}
+        )
+    if objective_scores:
+        trial.set_user_attr(OBJECTIVE_SCORES, dict(objective_scores))
+        trial.set_user_attr(
+            OBJECTIVE_IMAGE_SCORES, {k: dict(v) for k, v in (objective_image_scores or {}).items()}
         )
 
 
@@ -152,10 +227,21 @@ def write_pruned(trial: optuna.Trial) -> None:
     trial.set_user_attr(PRUNED_AFTER_PAYLOADS, True)
 
 
-def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
-    """Trial ``number`` (it must be complete), or the best when ``number`` is None."""
+def choose_trial(
+    study: optuna.Study, number: int | None, *, pick: pareto.PickRule | None = None
+) -> FrozenTrial:
+    """Trial ``number`` (it must be complete), or the best when ``number`` is None; with several
+    objectives, the front trial ``pick`` chooses (default: the knee point)."""
+    several = multi_objective(study)
+    if pick is not None and number is not None:
+        raise ConfigError(f"--trial {number} and --pick {pick.text}: give one of them")
+    if pick is not None and not several:
+        raise ConfigError(
+            f"--pick {pick.text}: study '{study.study_name}' has one score, so its best trial is exported; "
+            "--pick chooses on the Pareto front of a study with several objectives (use --trial N)"
+        )
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = best_trial(completed)
+    best = pick_trial(study, pick or pareto.KNEE).trial if several and completed else best_trial(completed)
     if best is None:
         raise StudyError(f"study '{study.study_name}' has no completed trial to export yet")
     if number is None:
@@ -165,7 +251,12 @@ def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
             return trial
     shown = ", ".join(str(t.number) for t in completed[:20])
     more = f" and {len(completed) - 20} more" if len(completed) > 20 else ""
+    which = (
+        f"front: {', '.join(str(t.number) for t in front_trials(study))}"
+        if several
+        else f"best: {best.number}"
+    )
     raise StudyError(
         f"study '{study.study_name}': trial {number} is not a completed trial; "
-        f"completed: {shown}{more} (best: {best.number})"
+        f"completed: {shown}{more} ({which})"
     )

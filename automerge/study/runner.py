@@ -1,5 +1,6 @@
 """``automerge optimize``: create or resume the Optuna study, run trials until the budget, the timeout
-or early stopping, survive failing trials and Ctrl-C/SIGTERM, then export the best trial.
+or early stopping, survive failing trials and Ctrl-C/SIGTERM, then export the best trial (with
+several objectives: the Pareto front's knee point).
 
 Per trial (``objective.py``): the sampler proposes → the engine merges in place → render → score →
 Optuna is told; per-payload intermediate values let a pruner stop bad trials early. Each trial keeps
@@ -9,6 +10,7 @@ its scores, timings and images (as Optuna artifacts, shown by optuna-dashboard).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from automerge.study.objective import Objective, TrialFailed
 from automerge.study.progress import TrialProgress
 from automerge.study.pruners import make_pruner
 from automerge.study.runtime import StudyRuntime, preview_rungs
-from automerge.study.samplers import make_sampler
+from automerge.study.samplers import make_multi_objective_sampler, make_sampler
 from automerge.study.stopping import BudgetTaken, ConsecutiveFailures, EarlyStopping
 from automerge.study.storage import fail_trials_that_never_beat, find_study, open_storage
 from automerge.terminal import duration_text, startup_status
@@ -46,6 +48,7 @@ class RunSummary:
     interrupted: bool = False
     export_dir: Path | None = None
     timings: dict[str, list[float]] = field(default_factory=dict)
+    front: list[int] = field(default_factory=list)  # several objectives: the Pareto front's trials
 
 
 def open_study(study: StudyFile) -> optuna.Study:
@@ -57,20 +60,28 @@ def _create_or_load(study: StudyFile, existing: optuna.Study | None) -> tuple[op
     """(the study with its sampler and pruner, whether this call created it), given ``existing``
     from ``find_study``. Workers starting at the same instant race to create it; the storage lets
     exactly one win (the study name is unique)."""
+    several = study.multi_objective
     options = {
         "study_name": study.name,
         "storage": open_storage(default_storage(study), heartbeat=study.heartbeat),
-        "sampler": make_sampler(study.sampler),
+        "sampler": make_multi_objective_sampler(study.sampler) if several else make_sampler(study.sampler),
         "pruner": make_pruner(study, rungs=preview_rungs(study)),
     }
+    directions = (
+        {"directions": [s.direction for s in study.scorings]} if several else {"direction": "maximize"}
+    )
     created = existing is None
     try:
-        result = optuna.create_study(direction="maximize", load_if_exists=not created, **options)
+        result = optuna.create_study(load_if_exists=not created, **directions, **options)
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it meanwhile
         created = False
         result = optuna.load_study(**options)
     result.set_user_attr(records.FINGERPRINT, study.search_fingerprint())
     result.set_user_attr(records.FINGERPRINTS, study.content_fingerprints())
+    if several:  # optuna-dashboard's Pareto front and plots name the objectives
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            result.set_metric_names([s.name for s in study.scorings])
     return result, created
 
 
@@ -126,13 +137,10 @@ def run_study(
                 enqueue_baselines(study, runtime)
             timeout = timeout if timeout is not None else study_file.timeout_seconds
             _optimize(study, runtime, summary, store, remaining, extra_trials, timeout, stopping, console)
-        # 5. Export the best trial so far (also after an interruption).
-        best = records.best_trial(study.get_trials(deepcopy=False)) if study is not None else None
+        # 5. Export the best trial so far, or the front's knee point (also after an interruption).
         summary.completed = finished_count(study) if study is not None else 0
-        if best is not None:
-            summary.best_trial, summary.best_value = best.number, best.value
-            if export:
-                summary.export_dir = export_study(study_file, study=study, runtime=runtime, console=console)
+        if study is not None and _summarize(summary, study) and export:
+            summary.export_dir = export_study(study_file, study=study, runtime=runtime, console=console)
     finally:
         if runtime is not None:
             runtime.close()
@@ -145,6 +153,20 @@ def run_study(
             f"({duration_text(elapsed / summary.ran)} per trial, start-up and export included)"
         )
     return summary
+
+
+def _summarize(summary: RunSummary, study: optuna.Study) -> bool:
+    """The best trial and its value (with several objectives: the front, and its knee point as the
+    trial to export) into ``summary``; False when no trial completed."""
+    if records.multi_objective(study):
+        summary.front = [t.number for t in records.front_trials(study)]
+        if summary.front:
+            summary.best_trial = records.pick_trial(study).trial.number
+        return bool(summary.front)
+    best = records.best_trial(study.get_trials(deepcopy=False))
+    if best is not None:
+        summary.best_trial, summary.best_value = best.number, best.value
+    return best is not None
 
 
 def _early_stopping(study_file: StudyFile) -> EarlyStopping | None:
@@ -188,7 +210,15 @@ def _optimize(
     console: Console,
 ) -> None:
     """Optuna's loop with the progress display and the stopping callbacks; fills ``summary``."""
-    progress = TrialProgress(console, total=remaining, start_best=_best_value(study))
+    several = records.multi_objective(study)
+    progress = TrialProgress(
+        console,
+        total=remaining,
+        start_best=_best_value(study),
+        objectives=records.objective_names(study) if several else (),
+    )
+    if several:
+        progress.show_front(study)
     failures = ConsecutiveFailures(limit=MAX_CONSECUTIVE_FAILURES)
     heartbeat = runtime.study.heartbeat
     fail_trials_that_never_beat(study, heartbeat)  # a dead worker's trial, before it holds the budget

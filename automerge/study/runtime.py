@@ -19,8 +19,8 @@ from automerge.render import RenderJob, load_payload
 from automerge.render.checks import PromptCollapseCheck
 from automerge.render.renderer import RenderedImage
 from automerge.render.session import RenderSession
-from automerge.rewards import CompositeReward, ReferenceReward, Reward, load_reward
-from automerge.study.config import InlineReward, StudyFile
+from automerge.rewards import CompositeReward, ReferenceReward, Reward, ScoreResult, load_reward
+from automerge.study.config import InlineReward, Scoring, StudyFile
 from automerge.study.space import SearchSpace, build_space, target_params
 from automerge.terminal import Status
 from automerge.tiny import write_tiny
@@ -46,14 +46,62 @@ class StudyJob:
 
 @dataclass
 class Evaluation:
-    """One evaluated parameter set: the trial value and everything the report and dashboard show."""
+    """One evaluated parameter set: the trial value and everything the report and dashboard show.
+    With several objectives, ``objective_scores`` holds each one's score (``value`` is the first's)
+    and ``objective_image_scores`` each one's image scores; ``payload_scores`` and ``image_scores``
+    are then empty."""
 
     value: float
     payload_scores: list[float]
-    reward_scores: dict[str, float]  # mean raw score per reward component
+    reward_scores: dict[str, float]  # mean raw score per reward component ("OBJECTIVE.component")
     images: dict[str, Image.Image]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     image_scores: dict[str, float] = field(default_factory=dict)  # image key → its combined score
+    objective_scores: dict[str, float] = field(default_factory=dict)  # objective → score, in order
+    objective_image_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def told(self) -> float | list[float]:
+        """What Optuna is told: the value, or each objective's score."""
+        return list(self.objective_scores.values()) if self.objective_scores else self.value
+
+
+@dataclass(frozen=True)
+class LoadedObjective:
+    """One loaded score of the study: its name, direction and reward (``reward:`` is one of these)."""
+
+    name: str
+    direction: str
+    reward: Reward | CompositeReward
+
+
+@dataclass
+class _Tally:
+    """One objective's running score over a trial's payloads: Σ weight·score / Σ weight."""
+
+    weighted: float = 0.0
+    total_weight: float = 0.0
+    payload_scores: list[float] = field(default_factory=list)
+    raw: dict[str, list[float]] = field(default_factory=dict)
+    image_scores: dict[str, float] = field(default_factory=dict)
+
+    def add(self, keys: Sequence[str], weights: Sequence[float], result: ScoreResult) -> None:
+        """One payload's images, scored."""
+        for component in result.components:
+            self.raw.setdefault(component.name, []).extend(component.raw)
+        payload_value = sum(w * s for w, s in zip(weights, result.scores, strict=True)) / sum(weights)
+        self.payload_scores.append(payload_value)
+        self.weighted += payload_value * sum(weights)
+        self.total_weight += sum(weights)
+        self.image_scores.update({key: float(v) for key, v in zip(keys, result.scores, strict=True)})
+
+    @property
+    def value(self) -> float:
+        return self.weighted / self.total_weight
+
+    def reward_scores(self) -> dict[str, float]:
+        """Mean raw score per reward component."""
+        return {name: sum(values) / len(values) for name, values in self.raw.items()}
 
 
 def generate_models(study: StudyFile) -> None:
@@ -136,14 +184,23 @@ class StudyRuntime:
                 self.plan, self.config, status=status, live_loras=self.space.live_loras
             )
             self.device = self.session.device
-            # 4. The reward (a reference target is rendered once, here).
-            self.reward = self._reward(status)
+            # 4. The reward, or each objective's (a reference target is rendered once, here).
+            self.reference_images: dict[str, Image.Image] = {}  # the report shows them beside the best
+            self.objectives = [
+                LoadedObjective(scoring.name, scoring.direction, self._reward(scoring, status))
+                for scoring in study.scorings
+            ]
         except BaseException:
             self.plan.close()
             raise
 
-    def _reward(self, status: Status) -> Reward | CompositeReward:
-        reward = self.study.reward
+    @property
+    def reward(self) -> Reward | CompositeReward:
+        """The study's reward (its first objective's, with several)."""
+        return self.objectives[0].reward
+
+    def _reward(self, scoring: Scoring, status: Status) -> Reward | CompositeReward:
+        reward = scoring.reward
         if isinstance(reward, Path):
             status(f"loading the reward model {reward.stem}")
             loaded = load_reward(reward, device=str(self.device))
@@ -152,18 +209,18 @@ class StudyRuntime:
             return loaded
         assert isinstance(reward, InlineReward)
         reference = reward.reference
-        self.reference_images: dict[str, Image.Image] = {}  # the report shows them beside the best
         if reference.folder is not None:
             return Reward(ReferenceReward(metric=reference.metric, directory=reference.folder))
         if reference.target is not None:
-            params = target_params(self.study, self.plan)
+            params = target_params(self.study, self.plan, reward=reward, field=scoring.field)
             status(f"rendering the hidden target's {len(self.reference_jobs)} reference images")
             images = self.render_images(params, self.reference_jobs)
         else:
             assert reference.checkpoint is not None
             status(f"rendering {len(self.reference_jobs)} reference images with {reference.checkpoint.name}")
-            images = self._render_checkpoint(reference.checkpoint)
-        self.reference_images = images
+            images = self._render_checkpoint(reference.checkpoint, field=scoring.field)
+        if not self.reference_images:  # the first reference's (the only one of a study with one score)
+            self.reference_images = images
         return Reward(ReferenceReward.from_images(images, metric=reference.metric))
 
     def _fit_zscores(self, reward: CompositeReward, status: Status) -> None:
@@ -179,13 +236,13 @@ class StudyRuntime:
             keys += [job.key for job in self.jobs]  # a reference member looks its image up by key
         reward.set_baseline(reward.raw_scores(images, prompts, keys=keys))
 
-    def _render_checkpoint(self, checkpoint: Path) -> dict[str, Image.Image]:
+    def _render_checkpoint(self, checkpoint: Path, *, field: str = "reward") -> dict[str, Image.Image]:
         """Reference images rendered once from another checkpoint, with its own short-lived session."""
         plan = plan_checkpoint(checkpoint)
         try:
             if plan.arch.name != self.plan.arch.name:
                 raise StudyError(
-                    f"{self.study.path}: reward.reference.checkpoint {checkpoint} is {plan.arch.name}, "
+                    f"{self.study.path}: {field}.reference.checkpoint {checkpoint} is {plan.arch.name}, "
                     f"the study's models are {self.plan.arch.name}"
                 )
             session = RenderSession(plan, self.config)
@@ -210,9 +267,10 @@ class StudyRuntime:
         report: Report | None = None,
         on_stage: Status | None = None,
     ) -> Evaluation:
-        """Merge in place, render and score ``jobs`` payload by payload; ``report(step, value)`` after
-        each payload may raise to prune; ``on_stage(name)`` as each stage starts. Value = Σ
-        weight·score / Σ weight over every image."""
+        """Merge in place, render and score ``jobs`` payload by payload, each image rendered once and
+        scored by every objective; ``report(step, value)`` after each payload (the first objective's
+        value) may raise to prune; ``on_stage(name)`` as each stage starts. Value = Σ weight·score /
+        Σ weight over every image."""
         on_stage = on_stage or (lambda name: None)
         timings = {"merge": 0.0, "render": 0.0, "score": 0.0}
         on_stage("merge")
@@ -220,9 +278,7 @@ class StudyRuntime:
         self.session.apply(params)
         timings["merge"] = time.perf_counter() - started
         images: dict[str, Image.Image] = {}
-        image_scores: dict[str, float] = {}
-        weighted, total_weight, payload_scores = 0.0, 0.0, []
-        raw: dict[str, list[float]] = {}
+        tallies = [_Tally() for _ in self.objectives]
         collapse = PromptCollapseCheck()
         for payload in sorted({job.payload for job in jobs}):
             group = [job for job in jobs if job.payload == payload]
@@ -233,31 +289,51 @@ class StudyRuntime:
             _refuse_collapsed(collapse.add(rendered))
             on_stage("score")
             started = time.perf_counter()
-            result = self.reward.score(
-                [r.image for r in rendered],
-                [job.job.prompt for job in group],
-                keys=[job.key for job in group],
-            )
+            keys = [job.key for job in group]
+            results = [
+                objective.reward.score(
+                    [r.image for r in rendered], [job.job.prompt for job in group], keys=keys
+                )
+                for objective in self.objectives
+            ]
             timings["score"] += time.perf_counter() - started
-            for component in result.components:
-                raw.setdefault(component.name, []).extend(component.raw)
-            weights = [job.job.weight for job in group]
-            payload_value = sum(w * s for w, s in zip(weights, result.scores, strict=True)) / sum(weights)
-            payload_scores.append(payload_value)
-            weighted += payload_value * sum(weights)
-            total_weight += sum(weights)
+            for tally, result in zip(tallies, results, strict=True):
+                tally.add(keys, [job.job.weight for job in group], result)
             images.update({job.key: r.image for job, r in zip(group, rendered, strict=True)})
-            image_scores.update({job.key: float(v) for job, v in zip(group, result.scores, strict=True)})
             if report is not None:
-                report(len(payload_scores) - 1, weighted / total_weight)
-        value = weighted / total_weight
-        if not math.isfinite(value):
-            raise StudyError(f"the trial score is {value} (a reward returned a non-finite value)")
-        reward_scores = {name: sum(values) / len(values) for name, values in raw.items()}
-        return Evaluation(value, payload_scores, reward_scores, images, timings, image_scores)
+                report(len(tallies[0].payload_scores) - 1, tallies[0].value)
+        return _evaluation(self.objectives, tallies, images, timings)
 
     def close(self) -> None:
         self.plan.close()
+
+
+def _evaluation(
+    objectives: Sequence[LoadedObjective],
+    tallies: Sequence[_Tally],
+    images: dict[str, Image.Image],
+    timings: dict[str, float],
+) -> Evaluation:
+    """The trial's evaluation from each objective's tally; a non-finite score is a ``StudyError``."""
+    for objective, tally in zip(objectives, tallies, strict=True):
+        if not math.isfinite(tally.value):
+            which = f"objective {objective.name}'s score" if len(tallies) > 1 else "the trial score"
+            raise StudyError(f"{which} is {tally.value} (a reward returned a non-finite value)")
+    if len(tallies) == 1:
+        only = tallies[0]
+        return Evaluation(
+            only.value, only.payload_scores, only.reward_scores(), images, timings, only.image_scores
+        )
+    pairs = list(zip(objectives, tallies, strict=True))
+    return Evaluation(
+        tallies[0].value,
+        [],
+        {f"{o.name}.{component}": value for o, t in pairs for component, value in t.reward_scores().items()},
+        images,
+        timings,
+        objective_scores={o.name: t.value for o, t in pairs},
+        objective_image_scores={o.name: t.image_scores for o, t in pairs},
+    )
 
 
 def _refuse_collapsed(pair: tuple[RenderedImage, RenderedImage] | None) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
 
@@ -28,7 +27,7 @@ from automerge.merge.params import weight_spec
 from automerge.merge.plan import method_roles
 from automerge.merge.recipe import LORA_STRENGTH_LIMIT, WEIGHT_PREFIX
 from automerge.registry import did_you_mean
-from automerge.study.config import SearchParam, StudyFile
+from automerge.study.config import InlineReward, SearchParam, StudyFile
 
 LORA_PREFIX = "lora."
 WEIGHTS = "weights"  # search.weights: every non-base model's weight.NAME
@@ -228,14 +227,16 @@ def _template(
     return resolved.with_loras(strengths)
 
 
-def target_params(study: StudyFile, plan: MergePlan) -> BlockParams:
-    """A hidden target's parameters (``reward.reference.target.params``): method parameters and model
-    weights (``weight.NAME``) as a recipe gives them, ``lora.NAME`` a LoRA's strength (others at the
-    study file's strengths)."""
-    reward = study.reward
-    assert not isinstance(reward, Path) and reward.reference.target is not None
-    source = f"{study.path}: reward.reference.target.params"
-    raw = reward.reference.target.params
+def target_params(
+    study: StudyFile, plan: MergePlan, *, reward: InlineReward | None = None, field: str = "reward"
+) -> BlockParams:
+    """A hidden target's parameters (``reward.reference.target.params``, or those of ``reward`` given
+    at ``field``, an objective's): method parameters and model weights (``weight.NAME``) as a recipe
+    gives them, ``lora.NAME`` a LoRA's strength (others at the study file's strengths)."""
+    inline = reward if reward is not None else study.reward
+    assert isinstance(inline, InlineReward) and inline.reference.target is not None
+    source = f"{study.path}: {field}.reference.target.params"
+    raw = inline.reference.target.params
     strengths = dict(plan.params.lora_strengths)
     for param, value in raw.items():
         if not param.startswith(LORA_PREFIX):

@@ -1,5 +1,6 @@
 """When a study stops by itself: early stopping that really stops (patience on the best value with a
-minimum improvement), and a run of failing trials.
+minimum improvement; with several objectives, on the Pareto front's hypervolume with a minimum
+relative gain), and a run of failing trials.
 
 Early stopping is stateless: computed from the study's completed trials, so it survives resume and
 gives the same answer whoever asks. Both are Optuna callbacks that call ``study.stop()``. (Optuna's
@@ -8,12 +9,14 @@ Terminator is deprecated since 4.9 and is not used.)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from automerge.study import records
+from automerge.study import pareto, records
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,63 @@ def early_stop_decision(trials: list[FrozenTrial], *, patience: int, min_delta: 
     return StopDecision(stop, best_trial, reason)
 
 
+def front_hypervolumes(trials: list[FrozenTrial], *, maximize: Sequence[bool]) -> list[tuple[int, float]]:
+    """(trial number, hypervolume of the front of the completed trials up to it), in number order.
+    Each objective (maximize sense) is normalised by the range of the baselines' scores and the
+    reference point is their worst in each objective, so the baselines span the unit box; without
+    completed baselines, the first three completed trials stand in for them."""
+    completed, points, scale = _baseline_scaled(trials, maximize)
+    trace = pareto.hypervolume_trace(points, scale) if completed else []
+    return [(t.number, volume) for t, volume in zip(completed, trace, strict=True)]
+
+
+def front_hypervolume(trials: list[FrozenTrial], *, maximize: Sequence[bool]) -> float | None:
+    """The hypervolume of the front of all completed trials, measured as ``front_hypervolumes`` does
+    (the last of its values, computed once); None before any trial completed."""
+    completed, points, scale = _baseline_scaled(trials, maximize)
+    if not completed:
+        return None
+    return pareto.hypervolume(scale.apply(points), np.zeros(points.shape[1]))
+
+
+def _baseline_scaled(
+    trials: list[FrozenTrial], maximize: Sequence[bool]
+) -> tuple[list[FrozenTrial], np.ndarray, pareto.Scale]:
+    """The completed trials by number, their scores (maximize sense) and the baselines' scale."""
+    completed = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE and t.values), key=lambda t: t.number
+    )
+    points = pareto.maximized(np.array([t.values for t in completed]), maximize)
+    if not completed:
+        return completed, points, pareto.Scale(np.zeros(len(maximize)), np.ones(len(maximize)))
+    baselines = [i for i, t in enumerate(completed) if t.user_attrs.get(records.BASELINE)] or [0, 1, 2]
+    return completed, points, pareto.range_scale(points[[i for i in baselines if i < len(points)]])
+
+
+def hypervolume_stop_decision(
+    trials: list[FrozenTrial], *, maximize: Sequence[bool], patience: int, min_delta: float
+) -> StopDecision:
+    """Several objectives: an improvement is a front hypervolume (``front_hypervolumes``) above the
+    largest so far by more than ``min_delta`` of it (relative)."""
+    best_volume, best_trial, since = 0.0, None, 0
+    for number, volume in front_hypervolumes(trials, maximize=maximize):
+        if best_trial is None or volume > best_volume * (1 + min_delta):
+            best_volume, best_trial, since = max(volume, best_volume), number, 0
+        else:
+            since += 1
+    stop = best_trial is not None and since >= patience
+    reason = (
+        f"early stopping: the Pareto front's hypervolume ({best_volume:.4g}) gained no more than "
+        f"{min_delta:g} of itself in the {since} completed trials since trial {best_trial} (patience {patience})"
+        if stop
+        else ""
+    )
+    return StopDecision(stop, best_trial, reason)
+
+
 class EarlyStopping:
-    """Optuna callback: ``study.stop()`` once ``patience`` trials passed without improvement."""
+    """Optuna callback: ``study.stop()`` once ``patience`` trials passed without improvement (of the
+    best value, or with several objectives of the front's hypervolume)."""
 
     def __init__(self, *, patience: int, min_delta: float) -> None:
         self.patience = patience
@@ -54,9 +112,15 @@ class EarlyStopping:
         self.reason = ""
 
     def decide(self, study: optuna.Study) -> StopDecision:
-        return early_stop_decision(
-            study.get_trials(deepcopy=False), patience=self.patience, min_delta=self.min_delta
-        )
+        trials = study.get_trials(deepcopy=False)
+        if records.multi_objective(study):
+            return hypervolume_stop_decision(
+                trials,
+                maximize=records.maximize_flags(study),
+                patience=self.patience,
+                min_delta=self.min_delta,
+            )
+        return early_stop_decision(trials, patience=self.patience, min_delta=self.min_delta)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         decision = self.decide(study)

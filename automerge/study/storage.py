@@ -251,6 +251,8 @@ def _check_contents(study: StudyFile, existing: optuna.Study, url: str) -> None:
         files += [str(path) for path in study.payloads]
     if "reward" in changed and isinstance(study.reward, Path):
         files.append(str(study.reward))
+    if "objectives" in changed:
+        files += [str(o.reward) for o in study.objectives or () if isinstance(o.reward, Path)]
     shown = f" ({', '.join(files)})" if files else ""
     raise StudyError(
         f"{study.path}: {', '.join(changed)} changed since study '{study.name}' started in {url}{shown}; "

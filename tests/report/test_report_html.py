@@ -8,7 +8,15 @@ import re
 
 import pytest
 
-from automerge.report.html import ReportData, curve_svg, render_report, weights_svg
+from automerge.report.html import (
+    ParetoData,
+    ParetoPoint,
+    ReportData,
+    curve_svg,
+    front_svg,
+    render_report,
+    weights_svg,
+)
 from automerge.study.export import margins_over_baselines
 
 
@@ -84,3 +92,90 @@ def test_the_report_shows_scores_under_images_and_says_whether_the_win_is_real()
     assert "-1.25e-06</div>" in page and "-0.003</div>" in page
     assert "<th>reference</th>" in page
     assert "Is the win real?" in page and "a win: the interval is above 0" in page
+
+
+def _pareto_report(names: list[str], points: list[ParetoPoint], exported: int) -> ReportData:
+    return ReportData(
+        title="t",
+        exported_number=exported,
+        exported_value=0.0,
+        best_number=exported,
+        best_value=0.0,
+        trial_count=len(points),
+        completed_count=len(points),
+        failed_count=0,
+        pruned_count=0,
+        stop_reason="",
+        columns=[f"exported (trial {exported})"],
+        grid={},
+        curve=[],
+        weights=[("alpha.BASE", 0.7, 0.0, 1.0)],
+        pareto=ParetoData(
+            names=names,
+            maximize=[True, False, True][: len(names)],
+            points=points,
+            how="picked trial 3 (…) of the 2 on the Pareto front (--pick knee): the knee point",
+            importances={names[0]: {"alpha.BASE": 1.0}},
+            validation=[("exported (trial 3)", tuple(range(len(names))))],
+        ),
+    )
+
+
+def test_a_two_objective_report_draws_the_front_with_numbered_linked_points_and_hover_images() -> None:
+    """Issue 18: every complete trial a dot, the front's green, numbered and linked to its row of
+    images, the baselines named, the exported trial ringed; no best-so-far curve and no single-score
+    margin."""
+    thumb = "data:image/png;base64,AA"
+    points = [
+        ParetoPoint(0, "A", (1.0, 5.0), on_front=False, baseline=True, thumbnails=(thumb,)),
+        ParetoPoint(3, "trial 3", (2.0, 1.0), on_front=True, thumbnails=(thumb, None)),
+        ParetoPoint(4, "trial 4", (0.5, 3.0), on_front=True),
+        ParetoPoint(5, "trial 5", (0.4, 4.0), on_front=False),
+    ]
+    page = render_report(_pareto_report(["near-a", "near-b"], points, exported=3))
+    assert '<h2 id="pareto-front">Pareto front: 2 of 4 complete trials</h2>' in page
+    assert page.count('<svg class=chart width="640"') == 1 and page.count("<polyline") == 1
+    for number in (3, 4):
+        assert f'<a href="#front-trial-{number}">' in page and f'<tr id="front-trial-{number}">' in page
+    assert "<title>trial 5: near-a 0.4 · near-b 4</title>" in page  # off the front: no link
+    assert "<title>A · trial 0: near-a 1 · near-b 5</title>" in page and ">A</text>" in page
+    assert 'r="9" fill="none" stroke="#c0392b"' in page  # the exported trial's ring
+    assert f'<image class=thumb href="{thumb}"' in page and ".pt:hover .thumb{visibility:visible}" in page
+    assert "near-a (higher is better)" in page and "near-b (lower is better)" in page
+    assert "exported trial <b>3</b>: <b class=good>near-a 2 · near-b 1</b>, on the Pareto front" in page
+    assert "(--pick knee): the knee point" in page
+    assert "<th>near-a</th><th>near-b</th>" in page  # baselines, importances and validation per objective
+    assert "Best so far" not in page and "Is the win real?" not in page
+
+
+def test_three_objectives_get_one_scatter_per_pair_and_no_front_line() -> None:
+    points = [
+        ParetoPoint(0, "trial 0", (1.0, 2.0, 3.0), on_front=True),
+        ParetoPoint(1, "trial 1", (3.0, 1.0, 2.0), on_front=True),
+    ]
+    page = render_report(_pareto_report(["a", "b", "c"], points, exported=1))
+    assert page.count('<svg class=chart width="420"') == 3 and "<polyline" not in page
+    svg = front_svg(_pareto_report(["a", "b", "c"], points, exported=1).pareto, 0, 2, exported=1)
+    assert "a (higher is better)" in svg and "c (higher is better)" in svg
+
+
+def test_a_report_of_one_score_has_no_front() -> None:
+    page = render_report(
+        ReportData(
+            title="t",
+            exported_number=1,
+            exported_value=1.0,
+            best_number=1,
+            best_value=1.0,
+            trial_count=1,
+            completed_count=1,
+            failed_count=0,
+            pruned_count=0,
+            stop_reason="",
+            columns=[],
+            grid={},
+            curve=[(1, 1.0)],
+            weights=[],
+        )
+    )
+    assert "pareto" not in page.lower() and "Best so far" in page

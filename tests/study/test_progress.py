@@ -110,3 +110,30 @@ def test_the_end_of_a_run_says_its_length_where_the_report_is_and_how_close_the_
     secret = {"alpha.TEXT": 0.8, "alpha.UNET": 0.3}  # the fixture's target: BASE 0.8, the rest 0.3
     assert float(line.group(4)) == secret[line.group(2)]
     assert summary.ran == 4
+
+
+def test_with_two_objectives_the_live_line_shows_the_front_and_its_hypervolume() -> None:
+    """Several objectives (issue 18): no "best"; the front's size and hypervolume, and each trial's
+    scores with "(front)" when no earlier trial dominates it."""
+    import optuna
+
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for number, values in enumerate([(0.0, 1.0), (1.0, 0.0), (0.5, 0.5)]):
+        study.add_trial(optuna.trial.create_trial(values=list(values), user_attrs={"baseline": f"b{number}"}))
+    console = _console()
+    progress = TrialProgress(console, total=20, start_best=None, objectives=["near-a", "near-b"])
+    progress.show_front(study)
+    with progress:
+        for number, values in ((3, (0.6, 0.6)), (4, (0.2, 0.2))):
+            evaluation = _evaluation(values[0], render=0.2)
+            evaluation.objective_scores = {"near-a": values[0], "near-b": values[1]}
+            progress.update(number, evaluation)
+            study.add_trial(optuna.trial.create_trial(values=list(values)))
+            progress.callback(study, study.trials[-1])
+        line = _console()
+        line.print(progress.renderable())
+        shown = line.file.getvalue()
+    lines = [line for line in console.file.getvalue().splitlines() if line.startswith("trial ")]
+    assert lines[0].startswith("trial 3: near-a 0.6, near-b 0.6 (front)  ask 40")
+    assert lines[1].startswith("trial 4: near-a 0.2, near-b 0.2  ask 40")
+    assert "2/20" in shown and "front 3 HV 0.36" in shown and "best" not in shown

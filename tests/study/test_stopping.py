@@ -112,3 +112,88 @@ def test_trials_are_taken_in_number_order_whatever_order_the_storage_gives() -> 
     trials = _complete([1.0, 2.0, 0.5, 0.4])
     assert early_stop_decision(trials[::-1], patience=2, min_delta=0.0).best_trial == 1
     assert early_stop_decision(trials[::-1], patience=2, min_delta=0.0).stop
+
+
+# -- several objectives: the front's hypervolume (issue 18) --------------------------------------------
+
+
+def _scored(points: list[tuple[float, float]], baselines: int = 3) -> list[optuna.trial.FrozenTrial]:
+    trials = []
+    for number, values in enumerate(points):
+        attrs = (
+            records.baseline_attrs("AB"[number] if number < 2 else "uniform 0.5")
+            if number < baselines
+            else {}
+        )
+        trial = create_trial(values=list(values), state=TrialState.COMPLETE, user_attrs=attrs)
+        trial.number = number
+        trials.append(trial)
+    return trials
+
+
+BASELINES = [(0.0, 1.0), (1.0, 0.0), (0.5, 0.5)]  # normalised by their own range: the unit box, HV 0.25
+
+
+def test_the_front_hypervolume_is_measured_in_the_baselines_box_with_their_worst_as_reference() -> None:
+    from automerge.study.stopping import front_hypervolumes
+
+    trials = _scored([*BASELINES, (0.6, 0.6), (0.2, 0.2), (2.0, 2.0)])
+    assert front_hypervolumes(trials, maximize=[True, True]) == [
+        (0, 0.0),
+        (1, 0.0),
+        (2, pytest.approx(0.25)),
+        (3, pytest.approx(0.36)),
+        (4, pytest.approx(0.36)),  # dominated: the front is unchanged
+        (5, pytest.approx(4.0)),
+    ]
+    scaled = _scored([(a * 100, -b) for a, b in [*BASELINES, (0.6, 0.6)]])  # other units, b minimized
+    assert [v for _, v in front_hypervolumes(scaled, maximize=[True, False])][-1] == pytest.approx(0.36)
+
+
+def test_a_hypervolume_gain_of_exactly_min_delta_is_not_an_improvement() -> None:
+    from automerge.study.stopping import hypervolume_stop_decision
+
+    side = 0.75**0.5  # a square of area 0.75 = 0.25 · (1 + 2): a relative gain of exactly 2
+    exact = _scored([*BASELINES, (side, side), (0.1, 0.1)])
+    decision = hypervolume_stop_decision(exact, maximize=[True, True], patience=2, min_delta=2.0)
+    assert decision.stop and decision.best_trial == 2
+    assert decision.reason.startswith("early stopping: the Pareto front's hypervolume (0.25) gained no more")
+    above = _scored([*BASELINES, (side + 1e-6, side + 1e-6), (0.1, 0.1)])
+    decision = hypervolume_stop_decision(above, maximize=[True, True], patience=2, min_delta=2.0)
+    assert not decision.stop and decision.best_trial == 3
+
+
+def test_patience_counts_the_trials_since_the_front_last_grew() -> None:
+    from automerge.study.stopping import hypervolume_stop_decision
+
+    trials = _scored([*BASELINES, (0.6, 0.6), (0.2, 0.2), (0.6, 0.601), (0.1, 0.3)])
+    # (0.6, 0.601) adds 0.17 % of the volume: below min_delta 0.2 %
+    decision = hypervolume_stop_decision(trials, maximize=[True, True], patience=3, min_delta=0.002)
+    assert (
+        decision.stop
+        and decision.best_trial == 3
+        and "in the 3 completed trials since trial 3" in decision.reason
+    )
+    assert not hypervolume_stop_decision(trials[:-1], maximize=[True, True], patience=3, min_delta=0.002).stop
+    unscaled = _scored([(0.0, 1.0), (1.0, 0.0), (0.5, 0.5), (0.6, 0.6)], baselines=0)  # the first 3 stand in
+    assert (
+        hypervolume_stop_decision(unscaled, maximize=[True, True], patience=1, min_delta=0.0).best_trial == 3
+    )
+
+
+def test_the_early_stopping_callback_watches_the_hypervolume_of_a_study_with_two_objectives() -> None:
+    from automerge.study.stopping import EarlyStopping
+
+    callback = EarlyStopping(patience=2, min_delta=0.0)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    scores = iter([(0.0, 0.0), (1.0, 1.0), (0.5, 0.5), (0.8, 0.2), (0.1, 0.9), (0.0, 0.9), (1.0, 0.0)])
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        if trial.number < 3:
+            trial.set_user_attr(records.BASELINE, "baseline")
+        return next(scores)
+
+    study.optimize(objective, n_trials=7, callbacks=[callback])
+    assert len(study.trials) == 6  # trial 3 grew the front, 4 and 5 did not
+    assert callback.reason.startswith("early stopping: the Pareto front's hypervolume")
+    assert study.user_attrs[records.STOPPED] == callback.reason
