@@ -100,10 +100,10 @@ def _distinct(strategy: Strategy) -> Strategy:
 
 
 def _local(strategy: Strategy) -> Strategy:
-    """``strategy`` with ``LocalSteps`` (every third trial after 20 a one-coordinate step from the best)."""
+    """``strategy`` with Gaussian ``LocalSteps`` (every third trial after 20 a one-coordinate step from the best)."""
 
     def factory(seed: int) -> optuna.samplers.BaseSampler:
-        return LocalSteps(strategy(seed), seed=seed)
+        return LocalSteps(strategy(seed), seed=seed, mode="gaussian")
 
     return factory
 
@@ -123,8 +123,10 @@ CANDIDATES: dict[str, Strategy] = {
     # corners far from the incumbent (the demo, trials 60-105), where steps from the best still pay
     "auto-local2": _product_with("auto", local_every=2),
     # auto with compass local steps: the coordinates in turn, Rosenbrock's step rule per coordinate
-    # (a random coordinate and step size reached the demo's weak MID group about once in 80 trials)
+    # (a random coordinate and step size reached the demo's weak MID group about once in 80 trials);
+    # auto's default from 12-02, and auto with the Gaussian steps that were its default before
     "auto-compass": _product_with("auto", local_steps="compass"),
+    "auto-gaussian": _product_with("auto", local_steps="gaussian"),
 }
 
 

@@ -94,9 +94,9 @@ class SamplerConfig(Schema):
     )
     local_after: int = Field(20, ge=0, description="auto: complete trials before the first local step")
     local_steps: Literal["gaussian", "compass"] = Field(
-        "gaussian",
-        description="auto: a random coordinate moved by a Gaussian step, or the coordinates in turn "
-        "with steps that double on a win and reverse or halve on a loss",
+        "compass",
+        description="auto: the coordinates in turn, each step doubled after a win and halved and "
+        "reversed after a loss (compass), or a random coordinate moved by a Gaussian step (gaussian)",
     )
 
     @field_validator("name")

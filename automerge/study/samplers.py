@@ -4,8 +4,8 @@ points.
 
 ``auto`` is the default: Optuna's GP (deterministic objective) fitted to a log-gap warp of the values
 (``log_gap``), with every third trial after the first 20 a one-coordinate step from the incumbent
-(``LocalSteps``), behind ``DistinctProposals`` (a repeat of an evaluated point becomes a near unseen
-one). Chosen on the search suite (``benchmarks/search_suite.py``, BENCHMARKS.md) against plain ``gp``,
+(``LocalSteps``, compass steps: the coordinates in turn, Rosenbrock's step rule), behind
+``DistinctProposals`` (a repeat of an evaluated point becomes a near unseen one). Chosen on the search suite (``benchmarks/search_suite.py``, BENCHMARKS.md) against plain ``gp``,
 TPE and random search. The others stay selectable."""
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class LocalSteps(SeededWrapper):
         seed: int | None = None,
         every: int = 3,
         after: int = 20,
-        mode: str = "gaussian",
+        mode: str = "compass",
     ) -> None:
         super().__init__(inner, seed=seed)
         if mode not in ("gaussian", "compass"):

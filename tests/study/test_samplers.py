@@ -183,7 +183,7 @@ def test_local_steps_move_one_coordinate_of_the_best_trial_on_their_turns() -> N
         def sample_relative(self, study, trial, space):
             return {name: 0.9 for name in space} if trial.number >= 5 else {}
 
-    sampler = LocalSteps(Fixed(seed=0), seed=1, every=3, after=6)
+    sampler = LocalSteps(Fixed(seed=0), seed=1, every=3, after=6, mode="gaussian")
     study = optuna.create_study(direction="maximize", sampler=sampler)
 
     def objective(trial: optuna.Trial) -> float:
@@ -282,7 +282,7 @@ def test_each_sampler_name_builds_the_intended_optuna_sampler_with_its_settings(
     assert qmc._seed is not None and qmc._seed == built("qmc")._seed
     auto = built("auto")
     assert type(auto) is DistinctProposals and type(auto.inner) is LocalSteps
-    assert (auto.inner.every, auto.inner.after) == (3, 20)
+    assert (auto.inner.every, auto.inner.after, auto.inner.mode) == (3, 20, "compass")
     warped = auto.inner.inner
     assert type(warped) is WarpedGPSampler and warped._deterministic and warped._n_startup_trials == 7
 
