@@ -1,8 +1,10 @@
 """Image sanity checks run on every trial's renders, cheap and always on, that fail a trial instead of
 letting a broken merge be scored: NaN/black images (``renderer.bad_images``); the same picture for
-different prompts, which a merge whose text conditioning collapsed renders at every seed; and images
-far noisier, smoother, more or less saturated than the baselines' renders of the same prompts and
-seeds (``ImageStats``, ``stats_outlier``), which reward models are known to score too well.
+different prompts, which a merge whose text conditioning collapsed renders at every seed, and nearly
+the same picture (``nearest_prompts``, ``near_duplicate``: closer than the baselines' renders of the
+prompts by a margin); and images far noisier, smoother, more or less saturated than the baselines'
+renders of the same prompts and seeds (``ImageStats``, ``stats_outlier``), which reward models are
+known to score too well.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from automerge.render.payload import RenderJob
 from automerge.render.renderer import RenderedImage
 
 SAME_PICTURE_LEVELS = 1
@@ -63,6 +66,74 @@ def same_picture_for_different_prompts(
     """The first two of ``rendered`` with different prompts but the same seed, size and settings that
     are the same picture, else None."""
     return PromptCollapseCheck().add(rendered)
+
+
+THUMBNAIL_SIZE = 32
+NEAR_DUPLICATE_MARGIN = 4.0
+NEAR_DUPLICATE_FLOOR = 0.01
+"""Two images of different prompts at one seed are near-duplicates when their distance
+(``thumbnail_distance``) is below the baselines' smallest such distance / ``NEAR_DUPLICATE_MARGIN``,
+or below ``NEAR_DUPLICATE_FLOOR`` grey levels while no baseline has rendered yet (the tiny test
+models' prompts sit ~0.1 level apart; a collapsed merge's at 0)."""
+
+
+def thumbnail(image: Image.Image) -> np.ndarray:
+    """A ``THUMBNAIL_SIZE``² grey copy (levels 0–255, box-filtered) of an image."""
+    small = image.convert("L").resize((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32)
+
+
+def thumbnail_distance(first: np.ndarray, second: np.ndarray) -> float:
+    """d = mean |t₁ − t₂| over two thumbnails, in grey levels."""
+    return float(np.abs(first - second).mean())
+
+
+@dataclass(frozen=True)
+class NearestPrompts:
+    """The two images of different prompts at one seed and size that are closest (``distance``)."""
+
+    distance: float
+    first: RenderJob
+    second: RenderJob
+
+
+def nearest_prompts(images: Sequence[tuple[RenderJob, Image.Image]]) -> NearestPrompts | None:
+    """The closest pair of images with different prompts but the same seed, size and settings, None
+    when there is no such pair (one prompt, or each prompt at its own seeds)."""
+    groups: dict[tuple[object, ...], list[tuple[RenderJob, tuple[str, str], np.ndarray]]] = {}
+    nearest: NearestPrompts | None = None
+    for job, image in images:
+        settings = (job.seed, job.width, job.height, job.steps, job.cfg, job.scheduler, job.clip_skip)
+        prompts = (_prompt_as_read(job.prompt), _prompt_as_read(job.negative_prompt))
+        small = thumbnail(image)
+        group = groups.setdefault(settings, [])
+        for other, other_prompts, other_small in group:
+            distance = thumbnail_distance(small, other_small)
+            if other_prompts != prompts and (nearest is None or distance < nearest.distance):
+                nearest = NearestPrompts(distance, other, job)
+        group.append((job, prompts, small))
+    return nearest
+
+
+def near_duplicate_threshold(baseline_distances: Sequence[float]) -> float:
+    """min(baselines' nearest distances) / ``NEAR_DUPLICATE_MARGIN``; ``NEAR_DUPLICATE_FLOOR`` without
+    baselines."""
+    if not baseline_distances:
+        return NEAR_DUPLICATE_FLOOR
+    return min(baseline_distances) / NEAR_DUPLICATE_MARGIN
+
+
+def near_duplicate(nearest: NearestPrompts | None, threshold: float) -> str | None:
+    """Why a trial's renders are near-duplicates across prompts (distance below ``threshold``), else None."""
+    if nearest is None or nearest.distance >= threshold:
+        return None
+    first, second = nearest.first, nearest.second
+    return (
+        f"images {first.key} and {second.key} are near-duplicates for different prompts "
+        f"({first.prompt!r}, {second.prompt!r}; seed {first.seed}): distance {nearest.distance:.3g} grey "
+        f"levels, below {threshold:.3g} (the baselines' nearest / {NEAR_DUPLICATE_MARGIN:g}): the merge "
+        "ignores the prompt"
+    )
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,21 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from automerge.errors import AutomergeError, RenderError
 from automerge.merge import BlockParams
-from automerge.render.checks import image_stats, stats_outlier
+from automerge.render.checks import (
+    image_stats,
+    near_duplicate,
+    near_duplicate_threshold,
+    nearest_prompts,
+    stats_outlier,
+)
 from automerge.study import records
 from automerge.study.runtime import Evaluation, Report, StudyRuntime
 
 log = logging.getLogger("automerge.study")
+
+
+_Calibration = tuple[list[dict[str, list[float]]], list[float]]
+"""The baselines' image statistics (``records.IMAGE_STATS``) and nearest prompt distances."""
 
 
 class TrialFailed(AutomergeError):
@@ -46,7 +56,7 @@ class Objective:
         self.budget = budget  # the study's total trials, shared by every worker (None: no limit)
         self.interruptible = interruptible  # where Ctrl-C/SIGTERM may raise (see interruption.py)
         self.last_finished = time.perf_counter()
-        self._baselines_done: list[dict[str, list[float]]] | None = None  # see _baseline_stats
+        self._baselines_done: _Calibration | None = None  # see _calibration
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         if self.budget is not None and places_before(trial) >= self.budget:
@@ -64,11 +74,22 @@ class Objective:
                 # 2.–4. Merge in place, render and score: the previews first (multi-fidelity), then
                 #       payload by payload; the pruner may stop the trial after each.
                 evaluation = self._evaluate(trial, params)
-            # 5. Sanity of the images against the baselines' (noise, saturation): a merge far outside
-            #    them fails here instead of being scored (reward models score such images too well).
+            # 5. Sanity of the images against the baselines' (noise, saturation; two prompts' images
+            #    nearly alike): a merge far outside them fails here instead of being scored (reward
+            #    models score such images too well).
             stats = {key: image_stats(image) for key, image in evaluation.images.items()}
+            nearest = nearest_prompts(
+                [
+                    (job.job, evaluation.images[job.key])
+                    for job in self.runtime.jobs
+                    if job.key in evaluation.images
+                ]
+            )
             if records.BASELINE not in trial.user_attrs:
-                reason = stats_outlier(stats, self._baseline_stats(trial.study))
+                baseline_stats, baseline_distances = self._calibration(trial.study)
+                reason = stats_outlier(stats, baseline_stats) or near_duplicate(
+                    nearest, near_duplicate_threshold(baseline_distances)
+                )
                 if reason is not None:
                     raise RenderError(reason)
             # 6. Bookkeeping: scores, timings and images for the dashboard and the report.
@@ -83,6 +104,7 @@ class Objective:
                 image_stats={key: value.as_list() for key, value in stats.items()},
                 objective_scores=evaluation.objective_scores,
                 objective_image_scores=evaluation.objective_image_scores,
+                prompt_distance=None if nearest is None else nearest.distance,
             )
             evaluation.timings["bookkeeping"] = time.perf_counter() - started
             evaluation.timings["sampler"] = sampler_seconds
@@ -103,14 +125,15 @@ class Objective:
         finally:
             self.last_finished = time.perf_counter()
 
-    def _baseline_stats(self, study: optuna.Study) -> list[dict[str, list[float]]]:
-        """The baselines' image statistics: read from the storage until every baseline has them, then
-        kept (they never change), so later trials do not read every trial back."""
+    def _calibration(self, study: optuna.Study) -> _Calibration:
+        """The baselines' image statistics and nearest prompt distances: read from the storage until
+        every baseline has them, then kept (they never change), so later trials do not read every
+        trial back."""
         if self._baselines_done is None:
-            stats = records.baseline_image_stats(study)
-            if len(stats) < len(self.runtime.space.baselines()) or not self.runtime.study.baselines:
-                return stats
-            self._baselines_done = stats
+            calibration = (records.baseline_image_stats(study), records.baseline_prompt_distances(study))
+            if len(calibration[0]) < len(self.runtime.space.baselines()) or not self.runtime.study.baselines:
+                return calibration
+            self._baselines_done = calibration
         return self._baselines_done
 
     def _evaluate(self, trial: optuna.Trial, params: BlockParams) -> Evaluation:

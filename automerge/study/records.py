@@ -33,6 +33,7 @@ PAYLOAD_SCORES = "payload_scores"
 REWARD_SCORES = "reward_scores"
 IMAGE_SCORES = "image_scores"
 IMAGE_STATS = "image_stats"  # image key → [noise, saturation] (render/checks.py ImageStats)
+PROMPT_DISTANCE = "prompt_distance"  # nearest distance of two prompts' images (render/checks.py)
 OBJECTIVE_SCORES = "objective_scores"  # several objectives: objective → score
 OBJECTIVE_IMAGE_SCORES = "objective_image_scores"  # several objectives: objective → image key → score
 PRUNED_AFTER_PAYLOADS = "pruned_after_payloads"
@@ -185,10 +186,12 @@ def write_evaluation(
     image_stats: Mapping[str, list[float]] | None = None,
     objective_scores: Mapping[str, float] | None = None,
     objective_image_scores: Mapping[str, Mapping[str, float]] | None = None,
+    prompt_distance: float | None = None,
 ) -> None:
     """A completed evaluation's scores, each image's score (full precision: MSE-type scores are tiny),
-    image artifact ids and each image's statistics (noise, saturation); with several objectives,
-    each objective's score and image scores (full precision) too."""
+    image artifact ids, each image's statistics (noise, saturation) and the nearest distance of two
+    prompts' images (when two prompts share a seed); with several objectives, each objective's score
+    and image scores (full precision) too."""
     trial.set_user_attr(PAYLOAD_SCORES, [round(v, _DIGITS) for v in payload_scores])
     trial.set_user_attr(REWARD_SCORES, {k: round(v, _DIGITS) for k, v in reward_scores.items()})
     trial.set_user_attr(IMAGE_SCORES, dict(image_scores or {}))
@@ -197,6 +200,8 @@ def write_evaluation(
         trial.set_user_attr(
             IMAGE_STATS, {k: [round(v, _DIGITS) for v in values] for k, values in image_stats.items()}
         )
+    if prompt_distance is not None:
+        trial.set_user_attr(PROMPT_DISTANCE, prompt_distance)
     if objective_scores:
         trial.set_user_attr(OBJECTIVE_SCORES, dict(objective_scores))
         trial.set_user_attr(
@@ -211,6 +216,16 @@ def baseline_image_stats(study: optuna.Study) -> list[dict[str, list[float]]]:
         dict(trial.user_attrs[IMAGE_STATS])
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if trial.user_attrs.get(BASELINE) and IMAGE_STATS in trial.user_attrs
+    ]
+
+
+def baseline_prompt_distances(study: optuna.Study) -> list[float]:
+    """Each completed baseline trial's nearest distance of two prompts' images (``PROMPT_DISTANCE``),
+    which calibrates the near-duplicate check."""
+    return [
+        float(trial.user_attrs[PROMPT_DISTANCE])
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if trial.user_attrs.get(BASELINE) and PROMPT_DISTANCE in trial.user_attrs
     ]
 
 

@@ -9,8 +9,13 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
 from automerge.render.checks import (
+    NEAR_DUPLICATE_FLOOR,
+    NEAR_DUPLICATE_MARGIN,
     ImageStats,
     image_stats,
+    near_duplicate,
+    near_duplicate_threshold,
+    nearest_prompts,
     same_picture,
     same_picture_for_different_prompts,
     stats_outlier,
@@ -76,6 +81,51 @@ def test_one_differing_pixel_is_enough_to_tell_pictures_apart() -> None:
     changed[3, 4, 1] += 5
     images = [_rendered("a red house", 1, PICTURE), _rendered("a blue boat", 1, changed)]
     assert same_picture_for_different_prompts(images) is None
+
+
+# -- near-duplicates across prompts, against the baselines' nearest pair -------------------------------
+
+
+def _pair(rendered: RenderedImage) -> tuple[RenderJob, Image.Image]:
+    return rendered.job, rendered.image
+
+
+def test_the_nearest_pair_of_different_prompts_at_one_seed_is_found_with_its_distance() -> None:
+    big = RNG.integers(0, 250, size=(64, 64, 3))
+    images = [
+        _rendered("a red house", 1, big, width=64),
+        _rendered("a blue boat", 1, big + 4, width=64),  # 4 levels apart: d = 4
+        _rendered("a green tree", 1, big + 2, width=64),  # 2 from the house: the nearest
+        _rendered("a blue boat", 2, big, width=64),  # another seed: not compared
+    ]
+    nearest = nearest_prompts([_pair(image) for image in images])
+    assert nearest is not None
+    assert (nearest.first.prompt, nearest.second.prompt) == ("a red house", "a green tree")
+    assert nearest.distance == pytest.approx(2.0, abs=0.01)
+
+
+def test_one_prompt_or_each_prompt_at_its_own_seed_skips_the_check() -> None:
+    one_prompt = [_rendered("a red house", seed, PICTURE) for seed in (1, 2)]
+    assert nearest_prompts([_pair(image) for image in one_prompt]) is None
+    own_seeds = [_rendered("a red house", 1, PICTURE), _rendered("a blue boat", 2, PICTURE)]
+    assert nearest_prompts([_pair(image) for image in own_seeds]) is None
+    assert near_duplicate(None, 1.0) is None
+
+
+def test_the_threshold_is_the_baselines_nearest_over_the_margin_or_the_floor_without_baselines() -> None:
+    assert near_duplicate_threshold([8.0, 6.0, 9.0]) == 6.0 / NEAR_DUPLICATE_MARGIN
+    assert near_duplicate_threshold([]) == NEAR_DUPLICATE_FLOOR
+
+
+def test_a_pair_below_the_threshold_is_named_with_its_prompts_and_distance() -> None:
+    big = RNG.integers(0, 250, size=(64, 64, 3))
+    images = [_rendered("a red house", 1, big, width=64), _rendered("a blue boat", 1, big + 1, width=64)]
+    nearest = nearest_prompts([_pair(image) for image in images])
+    assert near_duplicate(nearest, 1.5) == (
+        "images a r-1 and a b-1 are near-duplicates for different prompts ('a red house', 'a blue boat'; "
+        "seed 1): distance 1 grey levels, below 1.5 (the baselines' nearest / 4): the merge ignores the prompt"
+    )
+    assert near_duplicate(nearest, 1.0) is None
 
 
 # -- noise and saturation against the baselines ------------------------------------------------------

@@ -515,3 +515,52 @@ def test_a_study_without_loras_keeps_the_fingerprints_earlier_versions_stored(tm
     assert sorted(parts) == ["generate", "method", "models", "params", "payloads", "reward", "search", "seed"]
     assert parts["models"] == "904e1a17c1ca3d6e54e38fdaf6050839d9f8389050bdf03569d89a2ceca8d5dc"
     assert parts["payloads"] == "cec29408127ee3955c15901e392d51fde62c538cae1922ab33ebe80793deb5a4"
+
+
+def test_a_trial_rendering_near_duplicates_for_different_prompts_fails_against_the_baselines(
+    make_study, monkeypatch, tmp_path
+) -> None:
+    """Issue 18: after the baselines (whose nearest prompt distance is stored and calibrates the
+    threshold), every later trial renders the first prompt's picture for each prompt, one value changed
+    (so it is not exactly the same picture): each fails, naming the two prompts and the distance."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from automerge.study import records
+
+    evaluate = StudyRuntime.evaluate
+    calls = []
+
+    def collapsed_after_the_baselines(self, params, jobs, **kwargs):
+        evaluation = evaluate(self, params, jobs, **kwargs)
+        calls.append(params)
+        if len(calls) > 3:
+            first = np.asarray(next(iter(evaluation.images.values()))).copy()
+            for index, key in enumerate(evaluation.images):
+                pixels = first.copy()
+                pixels[0, 0, 0] = (int(pixels[0, 0, 0]) + 30 * index) % 256
+                evaluation.images[key] = Image.fromarray(pixels)
+        return evaluation
+
+    monkeypatch.setattr(StudyRuntime, "evaluate", collapsed_after_the_baselines)
+    path = make_study(trials=5, baselines=True)
+    payload = tmp_path / "payload.yaml"  # the fixture's, both prompts at one seed
+    data = yaml.safe_load(payload.read_text())
+    data["defaults"]["seeds"] = [5]
+    data["items"] = [{"prompt": item["prompt"]} for item in data["items"]]
+    payload.write_text(yaml.safe_dump(data))
+    run_study(load_study_file(path), console=QUIET, export=False)
+    trials = _trials(path)
+    baselines = [t for t in trials if t.user_attrs.get(records.BASELINE)]
+    others = [t for t in trials if not t.user_attrs.get(records.BASELINE)]
+    assert [t.state for t in baselines] == [TrialState.COMPLETE] * 3
+    assert all(t.user_attrs[records.PROMPT_DISTANCE] > 0 for t in baselines)
+    assert others and all(t.state == TrialState.FAIL for t in others)
+    assert all(
+        t.user_attrs[records.FAIL_REASON].startswith(
+            "RenderError: images i00-s0005 and i01-s0005 are near-duplicates for different prompts "
+            "('a red house', 'a blue boat'; seed 5): distance "
+        )
+        for t in others
+    )
