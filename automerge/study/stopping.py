@@ -9,7 +9,7 @@ Terminator is deprecated since 4.9 and is not used.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,18 +26,30 @@ class StopDecision:
     reason: str
 
 
-def early_stop_decision(trials: list[FrozenTrial], *, patience: int, min_delta: float) -> StopDecision:
-    """Maximisation: an improvement is a value above the best so far by more than ``min_delta``."""
+def _since_last_gain(
+    series: Sequence[tuple[int, float]], gains: Callable[[float, float], bool]
+) -> tuple[float | None, int | None, int]:
+    """(best value, its trial, trials after it) over (trial number, value) in order: a value becomes
+    the best when it is the first or ``gains(value, best)``."""
     best_value: float | None = None
     best_trial: int | None = None
     since = 0
-    for trial in sorted(trials, key=lambda t: t.number):
-        if trial.state != TrialState.COMPLETE or trial.value is None:
-            continue
-        if best_value is None or trial.value > best_value + min_delta:
-            best_value, best_trial, since = trial.value, trial.number, 0
+    for number, value in series:
+        if best_value is None or gains(value, best_value):
+            best_value, best_trial, since = value, number, 0
         else:
             since += 1
+    return best_value, best_trial, since
+
+
+def early_stop_decision(trials: list[FrozenTrial], *, patience: int, min_delta: float) -> StopDecision:
+    """Maximisation: an improvement is a value above the best so far by more than ``min_delta``."""
+    values = [
+        (trial.number, trial.value)
+        for trial in sorted(trials, key=lambda t: t.number)
+        if trial.state == TrialState.COMPLETE and trial.value is not None
+    ]
+    _, best_trial, since = _since_last_gain(values, lambda value, best: value > best + min_delta)
     stop = best_trial is not None and since >= patience
     reason = (
         f"early stopping: no improvement above {min_delta:g} in the {since} completed trials since "
@@ -86,12 +98,10 @@ def hypervolume_stop_decision(
 ) -> StopDecision:
     """Several objectives: an improvement is a front hypervolume (``front_hypervolumes``) above the
     largest so far by more than ``min_delta`` of it (relative)."""
-    best_volume, best_trial, since = 0.0, None, 0
-    for number, volume in front_hypervolumes(trials, maximize=maximize):
-        if best_trial is None or volume > best_volume * (1 + min_delta):
-            best_volume, best_trial, since = max(volume, best_volume), number, 0
-        else:
-            since += 1
+    volumes = front_hypervolumes(trials, maximize=maximize)
+    best_volume, best_trial, since = _since_last_gain(
+        volumes, lambda volume, best: volume > best * (1 + min_delta)
+    )
     stop = best_trial is not None and since >= patience
     reason = (
         f"early stopping: the Pareto front's hypervolume ({best_volume:.4g}) gained no more than "
