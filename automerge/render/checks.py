@@ -37,6 +37,13 @@ def _prompt_as_read(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _compared(job: RenderJob) -> tuple[tuple[object, ...], tuple[str, str]]:
+    """(settings, prompts as read) of a render: images are compared across prompts within one
+    settings group (seed, size, steps, cfg, scheduler, clip skip)."""
+    settings = (job.seed, job.width, job.height, job.steps, job.cfg, job.scheduler, job.clip_skip)
+    return settings, (_prompt_as_read(job.prompt), _prompt_as_read(job.negative_prompt))
+
+
 class PromptCollapseCheck:
     """Within one trial, images are ``add``-ed as they are rendered (payload by payload); each is read
     into pixels once and compared with the earlier ones of the same seed, size and settings."""
@@ -48,9 +55,7 @@ class PromptCollapseCheck:
         """The first earlier-or-new image and new image with different prompts (or negative prompts)
         that are the same picture (``same_picture``), else None."""
         for image in rendered:
-            job = image.job
-            settings = (job.seed, job.width, job.height, job.steps, job.cfg, job.scheduler, job.clip_skip)
-            prompts = (_prompt_as_read(job.prompt), _prompt_as_read(job.negative_prompt))
+            settings, prompts = _compared(image.job)
             pixels = np.asarray(image.image.convert("RGB"))
             group = self._seen.setdefault(settings, [])
             for other, other_prompts, other_pixels in group:
@@ -103,8 +108,7 @@ def nearest_prompts(images: Sequence[tuple[RenderJob, Image.Image]]) -> NearestP
     groups: dict[tuple[object, ...], list[tuple[RenderJob, tuple[str, str], np.ndarray]]] = {}
     nearest: NearestPrompts | None = None
     for job, image in images:
-        settings = (job.seed, job.width, job.height, job.steps, job.cfg, job.scheduler, job.clip_skip)
-        prompts = (_prompt_as_read(job.prompt), _prompt_as_read(job.negative_prompt))
+        settings, prompts = _compared(job)
         small = thumbnail(image)
         group = groups.setdefault(settings, [])
         for other, other_prompts, other_small in group:
