@@ -32,16 +32,18 @@ Report = Callable[[int, float], None]
 @dataclass(frozen=True)
 class StudyJob:
     """A render job within the study: its payload, its preview rung (None: the full payload) and a
-    study-wide unique key (``p0-i03-s0002``; ``f0-p0-i03-s0002`` for a preview)."""
+    study-wide unique key (``p0-i03-s0002``; ``f0-p0-i03-s0002`` for a preview; ``v0-i03-s0002`` for
+    a validation payload's, so that a held-out image never meets a study image's reference)."""
 
     payload: int
     job: RenderJob
     fidelity: int | None = None
+    held_out: bool = False
 
     @property
     def key(self) -> str:
         prefix = "" if self.fidelity is None else f"f{self.fidelity}-"
-        return f"{prefix}p{self.payload}-{self.job.key}"
+        return f"{prefix}{'v' if self.held_out else 'p'}{self.payload}-{self.job.key}"
 
 
 @dataclass
@@ -132,10 +134,12 @@ def open_study_plan(study: StudyFile) -> MergePlan:
     )
 
 
-def study_jobs(payloads: Sequence[Path], *, fidelity: int | None = None) -> list[StudyJob]:
-    """Every payload's jobs (at preview rung ``fidelity``, or in full)."""
+def study_jobs(
+    payloads: Sequence[Path], *, fidelity: int | None = None, held_out: bool = False
+) -> list[StudyJob]:
+    """Every payload's jobs (at preview rung ``fidelity``, or in full; ``held_out``: validation's)."""
     return [
-        StudyJob(i, job, fidelity)
+        StudyJob(i, job, fidelity, held_out)
         for i, path in enumerate(payloads)
         for job in load_payload(path).jobs(fidelity=fidelity)
     ]
@@ -174,9 +178,14 @@ class StudyRuntime:
             )
             self.jobs = study_jobs(study.payloads)
             self.preview_jobs = [study_jobs(study.payloads, fidelity=r) for r in range(preview_rungs(study))]
-            # a hidden target is rendered at every fidelity, so previews are scored against their own kind
-            self.reference_jobs = [*self.jobs, *(job for rung in self.preview_jobs for job in rung)]
-            self.validation_jobs = study_jobs(study.validation_payloads)
+            self.validation_jobs = study_jobs(study.validation_payloads, held_out=True)
+            # a hidden target is rendered at every fidelity, so previews are scored against their own
+            # kind, and for the validation payloads, so held-out images have references of their own
+            self.reference_jobs = [
+                *self.jobs,
+                *(job for rung in self.preview_jobs for job in rung),
+                *self.validation_jobs,
+            ]
             # 2. The export's metadata names each source's sha256: hash them while the study runs.
             warm_hash_cache(dict.fromkeys(m.path for m in self.plan.sources.values() if m.path.is_file()))
             # 3. The render session: sources on the device, the pipeline around the live weights.

@@ -564,3 +564,33 @@ def test_a_trial_rendering_near_duplicates_for_different_prompts_fails_against_t
         )
         for t in others
     )
+
+
+def test_validation_images_are_compared_with_their_own_reference_not_a_study_prompts(
+    make_study, tmp_path: Path
+) -> None:
+    """A hidden target's validation renders are their own references: the target itself scores a
+    perfect 0 on held-out prompts (their keys once matched the study payload's keys, so a held-out
+    image was compared with the study prompt's reference of the same number and seed)."""
+    import yaml
+
+    from automerge.study.space import target_params
+
+    held_out = tmp_path / "held-out.yaml"
+    held_out.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"steps": 2, "cfg": 1.0, "width": 64, "height": 64, "scheduler": "euler"},
+                "items": [{"prompt": "a green tree", "seeds": [7]}, {"prompt": "a grey cat", "seeds": [3]}],
+            }
+        )
+    )
+    study = load_study_file(make_study(validation_payloads=[str(held_out)]))
+    runtime = StudyRuntime(study)
+    try:
+        target = target_params(study, runtime.plan)
+        evaluation = runtime.evaluate(target, runtime.validation_jobs)
+        assert {job.key for job in runtime.validation_jobs}.isdisjoint(job.key for job in runtime.jobs)
+        assert evaluation.value == 0.0
+    finally:
+        runtime.close()
