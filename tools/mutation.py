@@ -29,8 +29,33 @@ PACKAGES = ("automerge/merge", "automerge/study", "automerge/checkpoints")
 KILLED = {"killed", "timeout", "caught by type check"}
 
 
+DATA_FOLDERS = ("automerge", "payloads", "rewards", "studies", "tests")
+"""Folders whose non-Python files the tests read (family tables, manifests, bad-input cases)."""
+
+
+def refresh_data_files() -> list[str]:
+    """Copy every non-Python file under ``DATA_FOLDERS`` whose bytes differ into ``mutants/``: mutmut
+    copies them once, when it first makes ``mutants/``, so an edited family table or manifest would
+    otherwise fail the stats run (or test the old one) on a resumed run."""
+    import shutil
+
+    refreshed = []
+    for folder in DATA_FOLDERS:
+        for source in sorted((ROOT / folder).rglob("*")):
+            if not source.is_file() or source.suffix in (".py", ".pyc") or "__pycache__" in source.parts:
+                continue
+            copy = ROOT / "mutants" / source.relative_to(ROOT)
+            if copy.parent.is_dir() and (not copy.exists() or copy.read_bytes() != source.read_bytes()):
+                shutil.copy2(source, copy)
+                refreshed.append(source.relative_to(ROOT).as_posix())
+    return refreshed
+
+
 def run_mutmut(hours: float, children: int) -> None:
     """``mutmut run``, stopped by SIGINT (mutmut saves what it finished) after ``hours``."""
+    refreshed = refresh_data_files()
+    if refreshed:
+        print(f"refreshed {len(refreshed)} data file(s) in mutants/: {', '.join(refreshed[:5])}")
     process = subprocess.Popen(
         [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=ROOT
     )
