@@ -3,6 +3,7 @@ automerge; the study gathers the data)."""
 
 from automerge.report.html import (
     GridCell,
+    GuardData,
     Margin,
     ParetoData,
     ParetoPoint,
@@ -11,4 +12,13 @@ from automerge.report.html import (
     render_report,
 )
 
-__all__ = ["GridCell", "Margin", "ParetoData", "ParetoPoint", "ReportData", "recovery_line", "render_report"]
+__all__ = [
+    "GridCell",
+    "GuardData",
+    "Margin",
+    "ParetoData",
+    "ParetoPoint",
+    "ReportData",
+    "recovery_line",
+    "render_report",
+]

@@ -52,6 +52,20 @@ class ParetoData:
         return " · ".join(f"{_e(n)} {v:.6g}" for n, v in zip(self.names, values, strict=True))
 
 
+@dataclass(frozen=True)
+class GuardData:
+    """The guard's checks of the bests: (trial, proxy score, each member's score), each member's band
+    (the drop that counts), the last agreed best and where the current disagreement started."""
+
+    members: list[str]
+    panel: str  # "validation" or "study": the payloads the guard renders
+    checks: list[tuple[int, float, tuple[float, ...]]]
+    bands: tuple[float, ...]
+    agreed: int | None = None
+    diverged_at: int | None = None
+    reason: str = ""
+
+
 @dataclass
 class ReportData:
     """What the report shows: the exported trial, the best, the trial counts, images, charts."""
@@ -78,6 +92,7 @@ class ReportData:
     confidence: list[Margin] = field(default_factory=list)
     confidence_source: str = ""
     pareto: ParetoData | None = None  # several objectives: the front instead of a best
+    guard: GuardData | None = None  # guard: the held-out panel's reading of the bests
 
     def recovery_errors(self) -> dict[str, float]:
         """|recovered − secret| per searched dimension of a hidden-target study; {} otherwise."""
@@ -164,6 +179,85 @@ def curve_svg(
         f'transform="rotate(-90 14 {(top + height - bottom) / 2:.0f})">best score − score (log)</text>'
     )
     return f'<svg class=chart width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
+
+
+_GUARD_COLOURS = ("#b3261e", "#6a3fb5", "#00796b", "#b36b00")
+
+
+def guard_svg(guard: GuardData, *, width: int = 760, height: int = 240) -> str:
+    """The proxy and each guard member over the guarded bests, each scaled to its own range (0 at its
+    lowest, 1 at its highest: the lines show direction, the table the values); a red line where the
+    current disagreement starts."""
+    left, right, top, bottom = 40, 150, 14, 40
+    numbers = [n for n, _, _ in guard.checks]
+    x_min, x_max = min(numbers), max(numbers)
+    span = (x_max - x_min) or 1
+
+    def px(n: float) -> float:
+        return left + (width - left - right) * (n - x_min) / span
+
+    def line(values: list[float], colour: str, label: str, row: int) -> str:
+        low, high = min(values), max(values)
+        scale = (high - low) or 1.0
+        points = " ".join(
+            f"{px(n):.1f},{top + (height - top - bottom) * (1 - (v - low) / scale):.1f}"
+            for n, v in zip(numbers, values, strict=True)
+        )
+        y = top + 14 * row + 8
+        return (
+            f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>'
+            f'<line x1="{width - right + 10}" x2="{width - right + 28}" y1="{y}" y2="{y}" stroke="{colour}" '
+            f'stroke-width="2"/><text x="{width - right + 32}" y="{y + 4}" font-size="11">{_e(label)}</text>'
+        )
+
+    parts = [line([p for _, p, _ in guard.checks], "#17803d", "proxy (score)", 0)]
+    for index, member in enumerate(guard.members):
+        values = [scores[index] for _, _, scores in guard.checks]
+        parts.append(line(values, _GUARD_COLOURS[index % len(_GUARD_COLOURS)], f"guard {member}", index + 1))
+    if guard.diverged_at is not None:
+        x = px(guard.diverged_at)
+        parts.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{height - bottom}" stroke="#b3261e" '
+            f'stroke-dasharray="4 3"/><text x="{x + 4:.1f}" y="{top + 10}" font-size="11" fill="#b3261e">'
+            f"disagrees from trial {guard.diverged_at}</text>"
+        )
+    for n in sorted({x_min, x_max}):
+        parts.append(
+            f'<text x="{px(n):.1f}" y="{height - bottom + 16}" font-size="11" text-anchor="middle">{n}</text>'
+        )
+    parts.append(
+        f'<line x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}" stroke="#555"/>'
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" font-size="12" text-anchor="middle">'
+        "trial (each a new best)</text>"
+    )
+    return f'<svg class=chart width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
+
+
+def _guard_section(guard: GuardData | None) -> str:
+    """The proxy against the guard: the chart, the verdict and a table of the guarded bests."""
+    if guard is None:
+        return ""
+    if guard.diverged_at is not None:
+        verdict = f"<p><b style='color:#b3261e'>{_e(guard.reason)}</b></p>"
+    else:
+        verdict = f"<p class=good>the guard agrees with the best (last checked: trial {guard.agreed})</p>"
+    bands = ", ".join(f"{_e(m)} ±{b:.3g}" for m, b in zip(guard.members, guard.bands, strict=True))
+    rows = [
+        [
+            n,
+            f"{proxy:.6g}",
+            *(f"{v:.6g}" for v in scores),
+            "disagrees" if guard.diverged_at is not None and n >= guard.diverged_at else "agrees",
+        ]
+        for n, proxy, scores in guard.checks
+    ]
+    return (
+        f"<h2>Guard: the proxy against a held-out panel ({_e(guard.panel)} payloads)</h2>"
+        + verdict
+        + guard_svg(guard)
+        + f"<p class=muted>a drop counts beyond: {bands} (the guard's seed noise)</p>"
+        + _table(["best trial", "proxy", *(f"guard {m}" for m in guard.members), "verdict"], rows)
+    )
 
 
 def weights_svg(weights: list[tuple[str, float, float, float]], secret: dict[str, float] | None) -> str:
@@ -508,6 +602,7 @@ def render_report(data: ReportData) -> str:
         + (f"<p class=muted>{_e(data.pareto.how)}</p>" if data.pareto and data.pareto.how else ""),
         baselines,
         progress,
+        _guard_section(data.guard),
         f"<h2>Per-block weights of trial {data.exported_number}</h2>"
         + weights_svg(data.weights, data.secret)
         + (

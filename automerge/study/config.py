@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from automerge.arch import ARCHITECTURES
 from automerge.config import FileRef, Schema, parse_file
@@ -183,8 +191,73 @@ class InlineReference(Schema):
         return self
 
 
+class HumanReward(Schema):
+    """``reward: {human: …}``: a person judges each candidate's image grid in optuna-dashboard
+    (``automerge/study/human.py``). ``compare``: the person picks the worst of the grids shown and
+    optuna-dashboard's ``PreferentialGPSampler`` proposes from those choices; ``rate``: the person
+    scores each grid (a slider from ``low`` to ``high``, or the labelled buttons of ``choices``)."""
+
+    mode: Literal["compare", "rate"] = Field(
+        description="compare: pick the worst of the grids shown; rate: score each grid"
+    )
+    candidates: int = Field(
+        3,
+        ge=1,
+        le=16,
+        description="grids kept waiting for the person (compare: shown side by side, at least 2)",
+    )
+    low: float = Field(1.0, description="rate: the slider's lowest score")
+    high: float = Field(10.0, description="rate: the slider's highest score")
+    step: float | None = Field(1.0, gt=0, description="rate: the slider's step (null: continuous)")
+    choices: dict[str, float] | None = Field(
+        None,
+        description="rate: labelled buttons instead of the slider, label → score, e.g. {bad: 0, good: 1}",
+    )
+
+    @model_validator(mode="after")
+    def _fits_the_mode(self) -> HumanReward:
+        rate_only = sorted({"low", "high", "step", "choices"} & self.model_fields_set)
+        if self.mode == "compare" and rate_only:
+            raise ValueError(f"{', '.join(rate_only)}: for mode: rate only; remove it for mode: compare")
+        if self.mode == "compare" and self.candidates < 2:
+            raise ValueError(
+                f"candidates: compare shows at least 2 grids side by side, got {self.candidates}"
+            )
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.choices is not None and len(self.choices) < 2:
+            raise ValueError("choices: give at least two labelled scores, e.g. {bad: 0, good: 1}")
+        return self
+
+
 class InlineReward(Schema):
-    reference: InlineReference
+    """``reward: {reference: …}`` (similarity to reference images) or ``reward: {human: …}`` (a
+    person's judgement): exactly one of them."""
+
+    reference: InlineReference | None = None
+    human: HumanReward | None = Field(None, validate_default=True)
+
+    @model_serializer(mode="wrap")
+    def _the_given_kind(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Only the kind given: a reference reward dumps as it did before ``human`` existed, so the
+        fingerprints of stored studies stay the same (and they resume)."""
+        data = handler(self)
+        return (
+            {key: value for key, value in data.items() if value is not None}
+            if isinstance(data, dict)
+            else data
+        )
+
+    @field_validator("human")
+    @classmethod
+    def _one_kind(cls, human: HumanReward | None, info: ValidationInfo) -> HumanReward | None:
+        if "reference" not in info.data:  # reference itself failed: its own error says why
+            return human
+        if (info.data["reference"] is None) == (human is None):
+            raise ValueError(
+                "give exactly one of reference (similarity to reference images) or human (a person judges)"
+            )
+        return human
 
 
 _OBJECTIVE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -213,6 +286,15 @@ class ObjectiveConfig(Schema):
             return {"reward": {"reference": data["reference"]}, **rest}
         return data
 
+    @field_validator("reward")
+    @classmethod
+    def _not_human(cls, reward: Path | InlineReward) -> Path | InlineReward:
+        if isinstance(reward, InlineReward) and reward.human is not None:
+            raise ValueError(
+                "a human reward is a study's only score; give it as reward: {human: …}, not in a list"
+            )
+        return reward
+
     @field_validator("name")
     @classmethod
     def _a_plain_name(cls, name: str | None) -> str | None:
@@ -230,12 +312,33 @@ class ObjectiveConfig(Schema):
         if isinstance(self.reward, Path):
             return self.reward.stem
         reference = self.reward.reference
+        assert reference is not None  # a human reward is refused in lists (_not_human)
         source = (
             "target"
             if reference.target is not None
             else (reference.checkpoint or reference.folder or Path("reference")).stem
         )
         return f"{reference.metric}-{source}"
+
+
+class GuardConfig(Schema):
+    """A held-out panel that scores the best trial as it changes (``automerge/study/guard.py``): other
+    reward models (``rewards``; default: the study's own reward) on the validation payloads (default
+    when the study has them) or on the study's payloads. When the proxy improves while a member gets
+    worse by more than ``tolerance`` standard errors of its seed noise, the run warns; ``stop: true``
+    ends the study there and exports the last best the guard agreed with."""
+
+    rewards: list[ObjectiveConfig] = Field(
+        default_factory=list, description="guard rewards (manifests or {reference: …}); default: the study's"
+    )
+    payloads: Literal["validation", "study"] | None = Field(
+        None, description="the panel's payloads: validation (the default when given) or study"
+    )
+    every: int = Field(1, ge=1, description="guard the best at most once every this many completed trials")
+    tolerance: float = Field(2.0, gt=0, description="a drop counts above this many standard errors")
+    stop: bool = Field(
+        False, description="end the study at the first disagreement; export the last agreed best"
+    )
 
 
 @dataclass(frozen=True)
@@ -292,6 +395,7 @@ class StudyFile(Schema):
     objectives: list[ObjectiveConfig] | None = Field(
         None, min_length=1, description="several scores, each maximized or minimized: the Pareto front"
     )
+    guard: GuardConfig | None = None
     sampler: SamplerConfig = SamplerConfig()
     pruner: Literal["none", "median"] = "none"
     multi_fidelity: MultiFidelityConfig | None = None
@@ -347,8 +451,12 @@ class StudyFile(Schema):
             )
         if self.objectives is not None:
             check_objectives(self)
-        if not self.multi_objective:
+        if self.human is not None:
+            check_human(self)
+        elif not self.multi_objective:
             check_single_objective_sampler(self.sampler.name)
+        if self.guard is not None:
+            check_guard(self)
         return self
 
     @property
@@ -378,6 +486,24 @@ class StudyFile(Schema):
         return value
 
     @property
+    def guard_payloads(self) -> Literal["validation", "study"]:
+        """The guard panel's payloads: ``guard.payloads``, else validation when the study has some."""
+        chosen = self.guard.payloads if self.guard is not None else None
+        return chosen or ("validation" if self.validation_payloads else "study")
+
+    @property
+    def guard_scorings(self) -> list[Scoring]:
+        """The guard panel's members: ``guard.rewards``, else the study's reward (named ``score``)."""
+        if self.guard is None:
+            return []
+        if not self.guard.rewards:
+            return self.scorings
+        return [
+            Scoring(f"guard.rewards[{index}].reward", member.label, member.direction, member.reward)
+            for index, member in enumerate(self.guard.rewards)
+        ]
+
+    @property
     def timeout_seconds(self) -> float | None:
         return parse_duration(self.timeout)
 
@@ -387,8 +513,17 @@ class StudyFile(Schema):
         return self.objectives is not None and len(self.objectives) > 1
 
     @property
+    def human(self) -> HumanReward | None:
+        """``reward: {human: …}``: a person judges the candidates (``study/human.py``)."""
+        reward = self.reward
+        return reward.human if isinstance(reward, InlineReward) else None
+
+    @property
     def scorings(self) -> list[Scoring]:
-        """The study's scores in order: ``reward:`` as one maximized score, else each objective."""
+        """The study's scores in order: ``reward:`` as one maximized score, else each objective; none
+        for a human reward (the person scores, no model)."""
+        if self.human is not None:
+            return []
         if self.reward is not None:
             return [Scoring("reward", "score", "maximize", self.reward)]
         return [
@@ -484,6 +619,69 @@ def check_objectives(study: StudyFile) -> None:
             )
 
 
+def check_guard(study: StudyFile) -> None:
+    """What a guard needs, each a ``ValueError`` naming the field and the fix: one score to guard, a
+    panel that holds something out (another reward or the validation payloads), names used once."""
+    guard = study.guard
+    assert guard is not None
+    if study.multi_objective:
+        raise ValueError(
+            "guard: guards the best trial of a study with one score; with several objectives every "
+            "trade-off on the front is kept (remove guard:, or give one reward:)"
+        )
+    if guard.payloads == "validation" and not study.validation_payloads:
+        raise ValueError(
+            "guard.payloads: validation needs validation_payloads (held-out payload files); add them, "
+            "or set guard.payloads: study"
+        )
+    if not guard.rewards and study.guard_payloads == "study":
+        raise ValueError(
+            "guard: names no held-out panel (the study's own reward on its own payloads is the proxy "
+            "itself); add guard.rewards (other reward models) or validation_payloads"
+        )
+    labels = [member.label for member in guard.rewards]
+    for index, label in enumerate(labels):
+        if label in labels[:index]:
+            raise ValueError(
+                f"guard.rewards[{index}]: the name '{label}' is taken by guard.rewards[{labels.index(label)}]; "
+                f"give each its own name, e.g. name: {label}-2"
+            )
+
+
+HUMAN_SAMPLER_KNOBS = ("name", "startup_trials", "warp_margin", "local_every", "local_after", "local_steps")
+"""Sampler settings a compare study refuses: it proposes with optuna-dashboard's PreferentialGPSampler."""
+
+
+def check_human(study: StudyFile) -> None:
+    """What a human reward rules out, each a ``ValueError`` naming the field and the fix: pruning and
+    previews (nothing scores a partial trial), early stopping (no score to watch), validation payloads
+    (no model to score them), a guard, and in compare mode any sampler but the preferential GP."""
+    human = study.human
+    assert human is not None
+    refused = {
+        "pruner": study.pruner != "none",
+        "multi_fidelity": study.multi_fidelity is not None,
+        "early_stopping": study.early_stopping is not None and "early_stopping" in study.model_fields_set,
+        "validation_payloads": bool(study.validation_payloads),
+        "guard": study.guard is not None,
+    }
+    for field, given in refused.items():
+        if given:
+            raise ValueError(
+                f"{field}: a human reward has no model score for it (the person judges whole candidates); "
+                f"remove {field}: for reward: {{human: …}}"
+            )
+    if human.mode == "compare":
+        for knob in HUMAN_SAMPLER_KNOBS:
+            if knob in study.sampler.model_fields_set:
+                raise ValueError(
+                    f"sampler.{knob}: a compare study proposes with optuna-dashboard's PreferentialGPSampler "
+                    "from the person's choices; remove it (sampler.seed still applies)"
+                )
+    else:
+        check_single_objective_sampler(study.sampler.name)
+
+
 def _payload_content(path: Path) -> list[Any]:
     """Every job of a payload file, at full fidelity and at each preview, as plain data."""
     import dataclasses
@@ -543,6 +741,16 @@ def load_study_file(path: Path | str) -> StudyFile:
             for index, objective in enumerate(study.objectives)
         ]
         object.__setattr__(study, "objectives", objectives)
+    if study.guard is not None and study.guard.rewards:
+        members = [
+            member.model_copy(
+                update={"reward": _manifest(member.reward, path, study, f"guard.rewards[{index}].reward")}
+            )
+            if isinstance(member.reward, Path)
+            else member
+            for index, member in enumerate(study.guard.rewards)
+        ]
+        object.__setattr__(study.guard, "rewards", members)
     return study
 
 

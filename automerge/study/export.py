@@ -30,6 +30,7 @@ from automerge.interop import ComfyWorkflow, comfyui_workflow, mecha_recipe, sup
 from automerge.merge import MergePlan, export_merge
 from automerge.report import (
     GridCell,
+    GuardData,
     Margin,
     ParetoData,
     ParetoPoint,
@@ -39,6 +40,7 @@ from automerge.report import (
 )
 from automerge.study import records
 from automerge.study.config import InlineReward, StudyFile, artifact_dir, export_dir
+from automerge.study.guard import agreed_trial, guard_verdict, read_checks
 from automerge.study.pareto import KNEE, PickRule
 from automerge.study.records import TrialRecord
 from automerge.study.runtime import Evaluation, StudyRuntime, open_study_plan
@@ -60,8 +62,21 @@ def export_study(
     With several objectives and no ``trial_number``, the front trial ``pick`` chooses (default: the
     knee point), said in one line."""
     console = console or Console()
-    trial = records.choose_trial(study, trial_number, pick=pick)
     how = ""
+    guarded = _guard_choice(study_file, study) if trial_number is None and pick is None else None
+    if guarded is not None:
+        agreed, reason = guarded
+        if study_file.guard is not None and study_file.guard.stop:
+            trial_number = agreed
+            how = f"exporting trial {agreed}, the last best the guard agreed with (guard.stop)"
+            console.print(how, highlight=False)
+        else:
+            console.print(
+                f"[yellow]{reason}[/]; exporting the best anyway (guard.stop is off); "
+                f"automerge export --trial {agreed} exports the last agreed best",
+                highlight=False,
+            )
+    trial = records.choose_trial(study, trial_number, pick=pick)
     if records.multi_objective(study):
         how = (
             records.pick_trial(study, pick or KNEE).reason
@@ -104,8 +119,19 @@ def export_study(
 EXPORT_FILES = ("recipe.yaml", "model.safetensors", "report.html")
 
 
+def _guard_choice(study_file: StudyFile, study: optuna.Study) -> tuple[int, str] | None:
+    """(the last best the guard agreed with, why) when the study has a guard that disagrees with its
+    best; None otherwise (and for studies with several objectives, which have no guard)."""
+    if study_file.guard is None or records.multi_objective(study):
+        return None
+    return agreed_trial(study, tolerance=study_file.guard.tolerance)
+
+
 def _scores_text(study: optuna.Study, trial: FrozenTrial) -> str:
-    """``score 0.91``; with several objectives ``near-a -0.00123, near-b -0.0456``."""
+    """``score 0.91``; with several objectives ``near-a -0.00123, near-b -0.0456``; a compare study's
+    candidates have no score (the person's choices rank them)."""
+    if study.user_attrs.get(records.HUMAN) == "compare":
+        return "the person's preferred candidate"
     if not records.multi_objective(study):
         return f"score {trial.value:.6g}"
     names = records.objective_names(study)
@@ -242,9 +268,7 @@ def report_data(
     trials = records.records(study)
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     several = records.multi_objective(study)
-    best = TrialRecord.of(
-        exported if several else records.best_trial(study.get_trials(deepcopy=False)) or exported
-    )
+    best = TrialRecord.of(exported if several else records.choose_trial(study, None))
     chosen = TrialRecord.of(exported)
     baselines = [t for t in completed if t.baseline is not None]
     title = (
@@ -293,6 +317,26 @@ def report_data(
         confidence=margins_over_baselines(per_image, best=title),
         confidence_source=confidence_source,
         pareto=_pareto_data(study, trials, store, how=how, validated=validated) if several else None,
+        guard=_guard_data(study_file, study),
+    )
+
+
+def _guard_data(study_file: StudyFile, study: optuna.Study) -> GuardData | None:
+    """The guard's checks of the bests, its bands and verdict, for the proxy-vs-guard chart."""
+    if study_file.guard is None:
+        return None
+    verdict = guard_verdict(read_checks(study), tolerance=study_file.guard.tolerance)
+    if not verdict.bests:
+        return None
+    members = list(verdict.bests[0].scores)
+    return GuardData(
+        members=members,
+        panel=study_file.guard_payloads,
+        checks=[(c.trial, c.proxy, tuple(c.scores[m] for m in members)) for c in verdict.bests],
+        bands=tuple(verdict.bands.get(m, 0.0) for m in members),
+        agreed=verdict.agreed,
+        diverged_at=verdict.diverged_at,
+        reason=verdict.reason,
     )
 
 
@@ -374,7 +418,11 @@ def _reference_images(study_file: StudyFile, runtime: StudyRuntime | None) -> di
             images[key] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
         return images
     reward = study_file.reward
-    if isinstance(reward, InlineReward) and reward.reference.folder is not None:
+    if (
+        isinstance(reward, InlineReward)
+        and reward.reference is not None
+        and reward.reference.folder is not None
+    ):
         for path in sorted(reward.reference.folder.glob("*.png")):
             images[path.stem] = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     return images
@@ -433,7 +481,7 @@ def _secret_weights(study_file: StudyFile, space: SearchSpace, plan: MergePlan) 
     """For hidden-target studies (the demo): the target's value of each searched dimension (the mean
     over the dimension's blocks)."""
     reward = study_file.reward
-    if not isinstance(reward, InlineReward) or reward.reference.target is None:
+    if not isinstance(reward, InlineReward) or reward.reference is None or reward.reference.target is None:
         return None
     target = target_params(study_file, plan)
     secret = {d.name: target.lora_strengths[d.lora] for d in space.dimensions if d.lora is not None}

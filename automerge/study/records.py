@@ -37,12 +37,14 @@ PROMPT_DISTANCE = "prompt_distance"  # nearest distance of two prompts' images (
 OBJECTIVE_SCORES = "objective_scores"  # several objectives: objective → score
 OBJECTIVE_IMAGE_SCORES = "objective_image_scores"  # several objectives: objective → image key → score
 PRUNED_AFTER_PAYLOADS = "pruned_after_payloads"
+GRID = "grid"  # human studies: the artifact id of the candidate's image grid (the dashboard shows it)
 
 # Study attributes.
 FINGERPRINT = "automerge.fingerprint"
 FINGERPRINTS = "automerge.fingerprints"  # per part of the search problem, file contents included
 MERGE_DEVICE = "automerge.merge_device"
 STOPPED = "automerge.stopped"
+HUMAN = "automerge.human"  # a person judges the candidates: "compare" or "rate" (study/human.py)
 
 INTERRUPTED = "interrupted"
 """The fail reason of a trial stopped by Ctrl-C or SIGTERM."""
@@ -116,6 +118,20 @@ def best_trial(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
     (and in a study with several objectives, which has a front instead: ``front_trials``)."""
     completed = [t for t in trials if t.state == TrialState.COMPLETE and len(t.values or ()) == 1]
     return max(completed, key=lambda t: (t.value, -t.number)) if completed else None
+
+
+def preferred_trial(study: optuna.Study) -> FrozenTrial | None:
+    """A compare study's best: among the candidates the person never chose as worse (and did not
+    skip; optuna-dashboard's ``PreferentialStudy.best_trials``), the one preferred over the most
+    others, the lowest number on ties (judged the longest); None before the first choice."""
+    from optuna_dashboard.preferential import PreferentialStudy
+
+    preferential = PreferentialStudy(study)
+    wins: dict[int, int] = {}
+    for better, _ in preferential.get_preferences(deepcopy=False):
+        wins[better.number] = wins.get(better.number, 0) + 1
+    best = preferential.best_trials
+    return min(best, key=lambda t: (-wins.get(t.number, 0), t.number)) if best else None
 
 
 def multi_objective(study: optuna.Study) -> bool:
@@ -257,6 +273,8 @@ def choose_trial(
         )
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = pick_trial(study, pick or pareto.KNEE).trial if several and completed else best_trial(completed)
+    if study.user_attrs.get(HUMAN) == "compare":  # every judged candidate's value is 0: the choices rank
+        best = preferred_trial(study)
     if best is None:
         raise StudyError(f"study '{study.study_name}' has no completed trial to export yet")
     if number is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from automerge.files import writable_folder
 from automerge.study import records
 from automerge.study.config import StudyFile, artifact_dir, default_storage, export_dir
 from automerge.study.export import export_study
+from automerge.study.guard import GuardWatch, agreed_trial
 from automerge.study.interruption import Interruption
 from automerge.study.objective import Objective, TrialFailed
 from automerge.study.progress import TrialProgress
@@ -107,6 +108,17 @@ def run_study(
     """Run (or resume) a study. ``extra_trials``: run exactly that many more, ignoring the budget and
     early stopping (Optuna's ``n_trials``); else continue to the study's total ``trials``."""
     console = console or Console()
+    if study_file.human is not None:  # a person judges the candidates: its own loop (study/human.py)
+        from automerge.study.human import run_human_study  # it imports this module
+
+        return run_human_study(
+            study_file,
+            extra_trials=extra_trials,
+            timeout=timeout,
+            console=console,
+            device=device,
+            export=export,
+        )
     started = time.monotonic()
     # 1. Storage and resume checks, before any model is loaded; nothing is created yet.
     study = find_study(study_file)
@@ -190,6 +202,11 @@ def _remaining_trials(
     if decision is not None and decision.stop:
         console.print(f"[yellow]{decision.reason}[/]; run with --trials N to run N more anyway")
         return 0
+    guard = study_file.guard
+    disagreement = agreed_trial(study, tolerance=guard.tolerance) if guard is not None else None
+    if guard is not None and guard.stop and disagreement is not None:
+        console.print(f"[yellow]{disagreement[1]}[/]; run with --trials N to run N more anyway")
+        return 0
     remaining = study_file.trials - finished_count(study)
     if remaining <= 0:
         console.print(
@@ -232,7 +249,6 @@ def _optimize(
     if stopping is not None:
         callbacks.append(stopping)
     interruption = Interruption()  # Ctrl-C/SIGTERM: at once in the objective, else after Optuna's write
-    callbacks.append(interruption)
     budget = runtime.study.trials if extra_trials is None else None
     objective = Objective(
         runtime,
@@ -242,6 +258,10 @@ def _optimize(
         budget=budget,
         interruptible=interruption.inside_objective,
     )
+    guard = _guard_watch(runtime, objective, console)
+    if guard is not None:
+        callbacks.append(guard)
+    callbacks.append(interruption)
     with interruption.installed(), progress:
         try:
             study.optimize(
@@ -259,9 +279,38 @@ def _optimize(
             if interruption.requested:  # deferred: the trial being written finished whole
                 summary.interrupted = True
                 console.print("[yellow]interrupted after the last trial was saved; the study is saved[/]")
+    if guard is not None and not summary.interrupted:
+        guard.finish(study)  # the final best, guarded before the export reads the verdict
     summary.ran = progress.ran
     summary.timings = progress.timings
-    summary.stop_reason = failures.reason or (stopping.reason if stopping is not None else "")
+    summary.stop_reason = (
+        failures.reason
+        or (guard.reason if guard is not None else "")
+        or (stopping.reason if stopping is not None else "")
+    )
+
+
+def _guard_watch(runtime: StudyRuntime, objective: Objective, console: Console) -> GuardWatch | None:
+    """The guard's callback (``guard:``), warning in the terminal; None without a guard. Its renders
+    run between trials: the next trial's sampler time starts after them."""
+    config, panel = runtime.study.guard, runtime.guard
+    if config is None or panel is None:
+        return None
+
+    def score(values: Mapping[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        try:
+            return runtime.guard_scores(values)
+        finally:
+            objective.last_finished = time.perf_counter()
+
+    return GuardWatch(
+        score,
+        maximize={member.name: member.direction == "maximize" for member in panel.members},
+        every=config.every,
+        tolerance=config.tolerance,
+        stop=config.stop,
+        warn=lambda text: console.print(f"[yellow]{text}[/]", highlight=False),
+    )
 
 
 def _best_value(study: optuna.Study) -> float | None:

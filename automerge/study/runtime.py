@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +75,14 @@ class LoadedObjective:
     name: str
     direction: str
     reward: Reward | CompositeReward
+
+
+@dataclass(frozen=True)
+class GuardPanel:
+    """The guard's members (each a loaded reward with its direction) and the jobs they score."""
+
+    members: list[LoadedObjective]
+    jobs: list[StudyJob]
 
 
 @dataclass
@@ -199,6 +207,19 @@ class StudyRuntime:
                 LoadedObjective(scoring.name, scoring.direction, self._reward(scoring, status))
                 for scoring in study.scorings
             ]
+            # 5. The guard's panel (guard.py): its own rewards, or the study's on held-out payloads.
+            self.guard: GuardPanel | None = None
+            if study.guard is not None:
+                members = (
+                    [
+                        LoadedObjective(s.name, s.direction, self._reward(s, status))
+                        for s in study.guard_scorings
+                    ]
+                    if study.guard.rewards
+                    else self.objectives
+                )
+                jobs = self.validation_jobs if study.guard_payloads == "validation" else self.jobs
+                self.guard = GuardPanel(members, jobs)
         except BaseException:
             self.plan.close()
             raise
@@ -216,7 +237,7 @@ class StudyRuntime:
             if isinstance(loaded, CompositeReward) and any(m.mode == "zscore" for m in loaded.members):
                 self._fit_zscores(loaded, status)
             return loaded
-        assert isinstance(reward, InlineReward)
+        assert isinstance(reward, InlineReward) and reward.reference is not None  # human: no scorings
         reference = reward.reference
         if reference.folder is not None:
             return Reward(ReferenceReward(metric=reference.metric, directory=reference.folder))
@@ -275,19 +296,21 @@ class StudyRuntime:
         *,
         report: Report | None = None,
         on_stage: Status | None = None,
+        objectives: Sequence[LoadedObjective] | None = None,
     ) -> Evaluation:
         """Merge in place, render and score ``jobs`` payload by payload, each image rendered once and
-        scored by every objective; ``report(step, value)`` after each payload (the first objective's
-        value) may raise to prune; ``on_stage(name)`` as each stage starts. Value = Σ weight·score /
-        Σ weight over every image."""
+        scored by every objective (``objectives``: others, e.g. the guard's); ``report(step, value)``
+        after each payload (the first objective's value) may raise to prune; ``on_stage(name)`` as each
+        stage starts. Value = Σ weight·score / Σ weight over every image."""
         on_stage = on_stage or (lambda name: None)
+        objectives = self.objectives if objectives is None else objectives
         timings = {"merge": 0.0, "render": 0.0, "score": 0.0}
         on_stage("merge")
         started = time.perf_counter()
         self.session.apply(params)
         timings["merge"] = time.perf_counter() - started
         images: dict[str, Image.Image] = {}
-        tallies = [_Tally() for _ in self.objectives]
+        tallies = [_Tally() for _ in objectives]
         collapse = PromptCollapseCheck()
         for payload in sorted({job.payload for job in jobs}):
             group = [job for job in jobs if job.payload == payload]
@@ -303,7 +326,7 @@ class StudyRuntime:
                 objective.reward.score(
                     [r.image for r in rendered], [job.job.prompt for job in group], keys=keys
                 )
-                for objective in self.objectives
+                for objective in objectives
             ]
             timings["score"] += time.perf_counter() - started
             for tally, result in zip(tallies, results, strict=True):
@@ -311,7 +334,21 @@ class StudyRuntime:
             images.update({job.key: r.image for job, r in zip(group, rendered, strict=True)})
             if report is not None:
                 report(len(tallies[0].payload_scores) - 1, tallies[0].value)
-        return _evaluation(self.objectives, tallies, images, timings)
+        return _evaluation(objectives, tallies, images, timings)
+
+    def guard_scores(
+        self, values: Mapping[str, float]
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """The guard panel's scores of one trial's values (Optuna's, by dimension name): member → panel
+        score, member → image key → score."""
+        assert self.guard is not None
+        members = self.guard.members
+        evaluation = self.evaluate(self.space.block_params(dict(values)), self.guard.jobs, objectives=members)
+        if len(members) == 1:
+            return {members[0].name: evaluation.value}, {members[0].name: dict(evaluation.image_scores)}
+        return dict(evaluation.objective_scores), {
+            k: dict(v) for k, v in evaluation.objective_image_scores.items()
+        }
 
     def close(self) -> None:
         self.plan.close()

@@ -234,7 +234,11 @@ def target_params(
     at ``field``, an objective's): method parameters and model weights (``weight.NAME``) as a recipe
     gives them, ``lora.NAME`` a LoRA's strength (others at the study file's strengths)."""
     inline = reward if reward is not None else study.reward
-    assert isinstance(inline, InlineReward) and inline.reference.target is not None
+    assert (
+        isinstance(inline, InlineReward)
+        and inline.reference is not None
+        and inline.reference.target is not None
+    )
     source = f"{study.path}: {field}.reference.target.params"
     raw = inline.reference.target.params
     strengths = dict(plan.params.lora_strengths)
