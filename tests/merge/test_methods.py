@@ -32,7 +32,14 @@ from automerge.merge.methods import (
     noise_for,
     register_method,
 )
-from automerge.merge.methods._task_core import counter_uniform, magnitude_order, noise_key
+from automerge.merge.methods._task_core import (
+    RADIX_SELECT_NUMEL,
+    counter_uniform,
+    kth_largest,
+    magnitude_bits,
+    magnitude_order,
+    noise_key,
+)
 from automerge.merge.methods.task_arithmetic import TaskArithmetic, _top_k
 
 
@@ -1291,3 +1298,22 @@ def test_magnitude_order_is_the_stable_descending_argsort_in_every_float_width(d
     magnitude = torch.cat([values, _randn(200, seed=320).double().abs()]).to(dtype)
     expected = torch.argsort(magnitude, descending=True, stable=True)
     assert torch.equal(magnitude_order(magnitude), expected)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "subnormal"])
+def test_kth_largest_by_histograms_equals_kthvalue_and_counts_the_elements_above(kind: str) -> None:
+    """The radix select TIES's top-k uses from RADIX_SELECT_NUMEL elements on gives kthvalue's value,
+    and the count above it, for every k: ties on the threshold, all zeros, subnormal bits."""
+    generator = torch.Generator().manual_seed(3)
+    n = RADIX_SELECT_NUMEL + 12_345
+    values = {
+        "normal": torch.randn(n, generator=generator),
+        "ties": torch.randint(-3, 4, (n,), generator=generator).float() * 0.25,
+        "zeros": torch.zeros(n),
+        "subnormal": torch.randn(n, generator=generator) * 1e-40,
+    }[kind]
+    bits = magnitude_bits(values.abs())
+    for k in (1, 2, n // 3, n // 2, n - 1, n):
+        value, above = kth_largest(bits, k)
+        expected = torch.kthvalue(bits, n - k + 1).values
+        assert int(value) == int(expected) and above == int((bits > expected).sum()), k

@@ -38,6 +38,7 @@ from automerge.merge.methods._task_core import (
     add_into,
     apply_delta,
     disjoint_mean,
+    kth_largest,
     magnitude_bits,
     magnitude_order,
     weighted_delta,
@@ -176,7 +177,7 @@ def _keep_count(density: float, numel: int) -> int:
 def _top_k(delta: Tensor, model_index: int, *, density: Density = 0.5) -> Keep:
     """Keep the k largest |Δ| (ties broken by position: the earlier element wins); p = 1.
 
-    The k-th largest |Δ| is found with one selection (``kthvalue`` of its bits), not a sort: every
+    The k-th largest |Δ| is found with one selection of its bits (``kth_largest``), not a sort: every
     element above it is kept, and of the elements equal to it, the first k − #above in index order.
     """
     flat = delta.flatten()
@@ -187,9 +188,9 @@ def _top_k(delta: Tensor, model_index: int, *, density: Density = 0.5) -> Keep:
     if k == 0:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device), 1.0
     magnitude = magnitude_bits(flat.abs())
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    threshold, above = kth_largest(magnitude, k)
     keep = magnitude > threshold
-    room = k - int(keep.sum())
+    room = k - above
     tied = torch.nonzero(magnitude == threshold).squeeze(1)  # ascending positions
     keep[tied[:room]] = True
     return keep.view(delta.shape), 1.0
