@@ -177,17 +177,21 @@ def write_frozen(models: Mapping[str, Path], problem: Problem, folder: Path) -> 
     return path
 
 
+def problem_sources(problem: Problem, folder: Path, models: Mapping[str, Path]) -> dict[str, Path]:
+    """The problem's models: ta, tb and base c for TIES; else a and b (b with A's frozen groups)."""
+    if problem.method == "ties":
+        return {"a": models["ta"], "b": models["tb"], "c": models["c"]}
+    b = write_frozen(models, problem, folder) if problem.frozen else models["b"]
+    return {"a": models["a"], "b": b}
+
+
 def write_study(
     problem: Problem, folder: Path, models: Mapping[str, Path], *, payload: Path, previews: bool = False
 ) -> Path:
     """The problem's study file (target = the secret; render on the CPU in fp32, batch 2; with
     ``previews``, the payload's fidelities are rendered first: ``multi_fidelity``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if problem.method == "ties":
-        sources = {"a": models["ta"], "b": models["tb"], "c": models["c"]}
-    else:
-        b = write_frozen(models, problem, folder) if problem.frozen else models["b"]
-        sources = {"a": models["a"], "b": b}
+    sources = problem_sources(problem, folder, models)
     study = {
         "name": problem.name,
         "models": {name: str(path) for name, path in sources.items()},

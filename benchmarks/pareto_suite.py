@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 from _common import RESULTS, machine_info, write_json
-from _search_problems import KINDS, Problem, draw, suite, write_frozen, write_models, write_payload
+from _search_problems import KINDS, Problem, draw, problem_sources, suite, write_models, write_payload
 from _search_stats import bootstrap_mean, bootstrap_median, interval_text
 
 DEFAULT_JSON = RESULTS / "pareto_suite.json"
@@ -63,11 +63,7 @@ def write_two_objective_study(
 ) -> Path:
     """The problem's study file with ``objectives:`` near-1 (the first secret) and near-2 (the second)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if problem.method == "ties":
-        sources = {"a": models["ta"], "b": models["tb"], "c": models["c"]}
-    else:
-        b = write_frozen(models, problem, folder) if problem.frozen else models["b"]
-        sources = {"a": models["a"], "b": b}
+    sources = problem_sources(problem, folder, models)
     targets = [problem.target(), replace(problem, secret=dict(other)).target()]
     study = {
         "name": problem.name,
