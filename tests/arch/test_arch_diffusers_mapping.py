@@ -86,16 +86,17 @@ def test_rules_match_diffusers_converters_on_tagged_tensors(family: str) -> None
 
 def _check_live_coverage(arch: Architecture, shapes: Mapping[str, tuple[int, ...]], modules: dict) -> None:
     covered: dict[str, set[str]] = {name: set() for name in modules}
+    parameters = {component: dict(module.named_parameters()) for component, module in modules.items()}
     for key, shape in shapes.items():
         for target in arch.targets(key):
             module = modules[target.component]
             name = live_name(module, target.name)
-            param = dict(module.named_parameters())[name]
+            param = parameters[target.component][name]
             view = target.apply(torch.empty(shape, device="meta"))
             assert tuple(view.shape) == tuple(param.shape), f"{key} -> {name}: {view.shape} vs {param.shape}"
             covered[target.component].add(name)
-    for name, module in modules.items():
-        params = {n for n, _ in module.named_parameters()}
+    for name in modules:
+        params = set(parameters[name])
         assert params == covered[name], (
             f"{name}: parameters not fed by any key: {sorted(params - covered[name])[:5]}"
         )

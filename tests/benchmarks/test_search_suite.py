@@ -1,4 +1,4 @@
-"""A 3-problem slice of the search suite (``benchmarks/search_suite.py``), as a smoke test: the problems
+"""A 2-problem slice of the search suite (``benchmarks/search_suite.py``), as a smoke test: the problems
 are built right (the secret scores exactly the optimum), every run is recorded, the table and the plot
 are written. No timing is asserted."""
 
@@ -26,23 +26,21 @@ def search_suite(monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.slow
 def test_a_slice_of_the_suite_runs_and_records_every_trial(search_suite, tmp_path: Path, capsys) -> None:
     out = tmp_path / "suite.json"
-    args = ["--families", "sd1", "--kinds", "groups:1,ties:1,frozen:1", "--strategies", "random,gp-rank"]
-    args += ["--trials", "12", "--processes", "1", "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    args = ["--families", "sd1", "--kinds", "groups:1,ties:1", "--strategies", "random,gp-rank"]
+    args += ["--trials", "10", "--processes", "1", "--workdir", str(tmp_path / "work"), "--json", str(out)]
     runs = search_suite.main(args)
     assert sorted(r.key for r in runs) == sorted(
-        f"sd1-{kind}-00/{strategy}/0/w1"
-        for kind in ("groups", "ties", "frozen")
-        for strategy in ("random", "gp-rank")
+        f"sd1-{kind}-00/{strategy}/0/w1" for kind in ("groups", "ties") for strategy in ("random", "gp-rank")
     )
     for run in runs:
         assert run.optimum == 0.0 and run.midpoint < 0.0  # the secret's own renders: MSE exactly 0
-        assert len(run.values) == 12 and all(value <= 0.0 for value in run.values)
+        assert len(run.values) == 10 and all(value <= 0.0 for value in run.values)
         curve = run.curve()
         assert all(0.0 <= a <= b <= 1.0 for a, b in zip(curve, curve[1:], strict=False))
     summary = json.loads(out.read_text())["summary"]
-    assert {(row["strategy"], row["runs"]) for row in summary} == {("random", 3), ("gp-rank", 3)}
+    assert {(row["strategy"], row["runs"]) for row in summary} == {("random", 2), ("gp-rank", 2)}
     assert (tmp_path / "suite_sd1.png").stat().st_size > 0
-    assert "| sd1 | gp-rank | 1 | 3 |" in capsys.readouterr().out
+    assert "| sd1 | gp-rank | 1 | 2 |" in capsys.readouterr().out
     again = search_suite.main(args)  # a rerun finds every run on file and redoes none
     assert sorted(r.key for r in again) == sorted(r.key for r in runs)
 

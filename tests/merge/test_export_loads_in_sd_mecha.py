@@ -88,6 +88,11 @@ def test_sd_mecha_recognises_the_export_and_reads_the_same_tensors(models) -> No
 
 def test_sd_mecha_per_block_merge_equals_automerge_except_the_documented_conventions(models) -> None:
     family, a, b, c = models
+    if family == "sdxl":
+        pytest.skip(
+            "SDXL's per-block merge through sd-mecha is checked by the recipe test (add_difference, "
+            "the same supermerger block names converted by sd-mecha); SD1's here (suite time)"
+        )
     method = METHOD[family]
     alphas = _block_alphas(family)
     weights = sd_mecha.convert(
