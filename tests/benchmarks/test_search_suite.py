@@ -1,4 +1,4 @@
-"""A 2-problem slice of the search suite (``benchmarks/search_suite.py``), as a smoke test: the problems
+"""A 2-problem slice (weighted sums) of the search suite (``benchmarks/search_suite.py``), as a smoke test: the problems
 are built right (the secret scores exactly the optimum), every run is recorded, the table and the plot
 are written. No timing is asserted."""
 
@@ -26,11 +26,13 @@ def search_suite(monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.slow
 def test_a_slice_of_the_suite_runs_and_records_every_trial(search_suite, tmp_path: Path, capsys) -> None:
     out = tmp_path / "suite.json"
-    args = ["--families", "sd1", "--kinds", "groups:1,ties:1", "--strategies", "random,gp-rank"]
+    args = ["--families", "sd1", "--kinds", "groups:1,frozen:1", "--strategies", "random,gp-rank"]
     args += ["--trials", "10", "--processes", "1", "--workdir", str(tmp_path / "work"), "--json", str(out)]
     runs = search_suite.main(args)
     assert sorted(r.key for r in runs) == sorted(
-        f"sd1-{kind}-00/{strategy}/0/w1" for kind in ("groups", "ties") for strategy in ("random", "gp-rank")
+        f"sd1-{kind}-00/{strategy}/0/w1"
+        for kind in ("groups", "frozen")
+        for strategy in ("random", "gp-rank")
     )
     for run in runs:
         assert run.optimum == 0.0 and run.midpoint < 0.0  # the secret's own renders: MSE exactly 0

@@ -70,7 +70,7 @@ def test_three_workers_run_exactly_the_budget_with_distinct_points_the_baselines
 ) -> None:
     """Three workers on SQLite (the default); two on the journal file and on PostgreSQL, which still
     race for the budget's last places and the baselines (fewer processes keep the suite's time)."""
-    workers, trials = (3, 9) if storage is None else (2, 6)
+    workers, trials = (3, 9) if storage is None else (2, 5)
     path = make_study(trials=trials, baselines=True, storage=storage, sampler={"name": "random", "seed": 0})
     done = _optimize_with_workers(path, workers)
     logs = "\n".join((path.parent / f"study-worker{i}.log").read_text()[-1500:] for i in range(workers))
@@ -126,7 +126,7 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(make_st
     slow.write_text(
         yaml.safe_dump(
             {
-                "defaults": {"steps": 5, "width": 64, "height": 64, "seeds": [1, 2, 3]},
+                "defaults": {"steps": 5, "width": 64, "height": 64, "seeds": [1, 2]},
                 "items": [{"prompt": "a red house"}, {"prompt": "a boat"}],
             }
         )
