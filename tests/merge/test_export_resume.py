@@ -150,6 +150,7 @@ export_merge(plan, out, progress=die)
 """
 
 
+@pytest.mark.slow
 def test_a_process_killed_with_sigkill_is_resumed_by_the_next_run(
     tiny_models: dict, tmp_path: Path, reference: Callable[[float], bytes], merge_calls: list[str]
 ) -> None:

@@ -248,6 +248,7 @@ for rendered in Renderer(pipeline, device="cpu", dtype=torch.float32).render(MIX
 """
 
 
+@pytest.mark.slow
 def test_a_fresh_process_writes_byte_identical_pngs(sd1: StableDiffusionPipeline, tmp_path: Path) -> None:
     here_dir, there_dir = tmp_path / "here", tmp_path / "there"
     for rendered in render(sd1, MIXED_JOBS):

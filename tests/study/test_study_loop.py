@@ -317,6 +317,7 @@ def test_validation_payloads_are_scored_once_for_the_exported_trial_and_each_bas
     assert "Validation (held-out payloads)" in report and "the validation payloads (held out" in report
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_real_optimize_process_fails_the_running_trial_and_exports(
     make_study, tmp_path: Path
 ) -> None:
