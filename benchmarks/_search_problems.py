@@ -185,24 +185,32 @@ def problem_sources(problem: Problem, folder: Path, models: Mapping[str, Path]) 
     return {"a": models["a"], "b": b}
 
 
-def write_study(
-    problem: Problem, folder: Path, models: Mapping[str, Path], *, payload: Path, previews: bool = False
-) -> Path:
-    """The problem's study file (target = the secret; render on the CPU in fp32, batch 2; with
-    ``previews``, the payload's fidelities are rendered first: ``multi_fidelity``)."""
+def study_fields(
+    problem: Problem, folder: Path, models: Mapping[str, Path], *, payload: Path
+) -> dict[str, Any]:
+    """A problem's study file without its score: models, method, search, payload, no baselines or
+    early stopping, rendered on the CPU in fp32, batch 2."""
     folder.mkdir(parents=True, exist_ok=True)
     sources = problem_sources(problem, folder, models)
-    study = {
+    return {
         "name": problem.name,
         "models": {name: str(path) for name, path in sources.items()},
         "method": problem.method,
         "search": problem.search(),
         "payloads": [str(payload)],
-        "reward": {"reference": {"metric": "mse", "target": {"params": problem.target()}}},
         "baselines": False,
         "early_stopping": None,
         "render": {"device": "cpu", "dtype": "fp32", "batch_size": 2},
     }
+
+
+def write_study(
+    problem: Problem, folder: Path, models: Mapping[str, Path], *, payload: Path, previews: bool = False
+) -> Path:
+    """The problem's study file (target = the secret; render on the CPU in fp32, batch 2; with
+    ``previews``, the payload's fidelities are rendered first: ``multi_fidelity``)."""
+    study = study_fields(problem, folder, models, payload=payload)
+    study["reward"] = {"reference": {"metric": "mse", "target": {"params": problem.target()}}}
     if previews:
         study["multi_fidelity"] = {}
     path = folder / f"{problem.name}{'-mf' if previews else ''}.yaml"

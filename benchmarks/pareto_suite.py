@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 from _common import RESULTS, machine_info, write_json
-from _search_problems import KINDS, Problem, draw, problem_sources, suite, write_models, write_payload
+from _search_problems import KINDS, Problem, draw, study_fields, suite, write_models, write_payload
 from _search_stats import bootstrap_mean, bootstrap_median, interval_text
 
 DEFAULT_JSON = RESULTS / "pareto_suite.json"
@@ -62,26 +62,12 @@ def write_two_objective_study(
     problem: Problem, other: Mapping[str, float], folder: Path, models: Mapping[str, Path], payload: Path
 ) -> Path:
     """The problem's study file with ``objectives:`` near-1 (the first secret) and near-2 (the second)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sources = problem_sources(problem, folder, models)
+    study = study_fields(problem, folder, models, payload=payload)
     targets = [problem.target(), replace(problem, secret=dict(other)).target()]
-    study = {
-        "name": problem.name,
-        "models": {name: str(path) for name, path in sources.items()},
-        "method": problem.method,
-        "search": problem.search(),
-        "payloads": [str(payload)],
-        "objectives": [
-            {
-                "reward": {"reference": {"metric": "mse", "target": {"params": target}}},
-                "name": f"near-{i + 1}",
-            }
-            for i, target in enumerate(targets)
-        ],
-        "baselines": False,
-        "early_stopping": None,
-        "render": {"device": "cpu", "dtype": "fp32", "batch_size": 2},
-    }
+    study["objectives"] = [
+        {"reward": {"reference": {"metric": "mse", "target": {"params": target}}}, "name": f"near-{i + 1}"}
+        for i, target in enumerate(targets)
+    ]
     path = folder / f"{problem.name}-pareto.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
