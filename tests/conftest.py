@@ -88,26 +88,3 @@ def _one_torch_thread_per_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
-
-
-LONG_MODULES = (
-    "tests/study/test_human.py",
-    "tests/study/test_many_models_study.py",
-    "tests/merge/test_export_loads_in_sd_mecha.py",
-    "tests/study/test_guard.py",
-    "tests/merge/test_merge_export_engine.py",
-)
-"""Modules of in-process tests of 5–20 s each (whole studies, sd-mecha merges; CI's --durations)."""
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The ``slow`` end-to-end tests (subprocesses, several workers), then ``LONG_MODULES``, then the
-    rest, each in collected order: with the suite's two xdist workers the short tests fill the end,
-    instead of one worker idling while the other runs a long test it took last."""
-
-    def rank(item: pytest.Item) -> int:
-        if item.get_closest_marker("slow") is not None:
-            return 0
-        return 1 if item.nodeid.split("::")[0] in LONG_MODULES else 2
-
-    items.sort(key=rank)
