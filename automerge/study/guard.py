@@ -204,6 +204,7 @@ class GuardWatch:
         self.warn = warn
         self.since_check = every  # the first best is guarded at once
         self.warned: int | None = None
+        self.judged: set[str] = set()  # the checks the last verdict read
         self.reason = ""
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -214,11 +215,15 @@ class GuardWatch:
         if trial.user_attrs.get(records.BASELINE) and check_attr(trial.number) not in checked:
             self._check(study, trial)
             checked.add(check_attr(trial.number))
-        best = records.best_trial(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        if best is not None and check_attr(best.number) not in checked and self.since_check >= self.every:
-            self._check(study, best)
-            self.since_check = 0
-        self._judge(study)
+        if self.since_check >= self.every:
+            best = records.best_trial(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            if best is not None and check_attr(best.number) not in checked:
+                self._check(study, best)
+                checked.add(check_attr(best.number))
+                self.since_check = 0
+        if checked != self.judged:  # a check of this worker's or another's since the last verdict
+            self.judged = checked
+            self._judge(study)
 
     def finish(self, study: optuna.Study) -> None:
         """Guard the final best if it was not yet (``every`` > 1), before the export reads the verdict."""
