@@ -204,13 +204,14 @@ def test_a_signal_inside_optunas_own_storage_write_stops_after_the_write(
 
     monkeypatch.setattr(RDBStorage, "set_trial_state_values", write_then_signal)
     path = make_study(trials=6, export={"dir": str(tmp_path / "out")})
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]  # a harness may set its own
     summary = run_study(load_study_file(path), console=QUIET)
     assert summary.interrupted
     states = [t.state for t in _trials(path)]
     # the second written whole, no third started (the third baseline still waits in the queue)
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.WAITING]
     assert (tmp_path / "out" / "model.safetensors").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # handlers put back
 
 
 @pytest.mark.parametrize("sampler", ["auto", "tpe", "gp", "cmaes", "random", "qmc"])
