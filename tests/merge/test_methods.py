@@ -1222,6 +1222,56 @@ def test_lazy_sources_are_checked_from_their_header_without_loading() -> None:
         merge_tensor(METHODS.get("average"), ints, None, key="k", params={}, noise=None)
 
 
+def test_a_slice_of_lazy_or_upcast_sources_keeps_their_layout_and_loads_only_its_models() -> None:
+    """Methods slice their sources (``models[1:]`` after the first model); a slice is lazy too, with the
+    same header shape and dtype, and an upcast slice converts as its parent does."""
+    from automerge.merge.methods._apply import _Upcast
+
+    loaded: list[int] = []
+
+    def loader(i: int) -> Callable[[], Tensor]:
+        return lambda: loaded.append(i) or torch.full((2,), float(i), dtype=torch.float16)
+
+    lazy = LazySources([loader(i) for i in range(4)], shape=(2,), dtype=torch.float16)
+    tail = lazy[1:3]
+    assert isinstance(tail, LazySources) and len(tail) == 2 and not loaded
+    assert (tail.shape, tail.dtype) == (torch.Size([2]), torch.float16)
+    assert [float(t[0]) for t in tail] == [1.0, 2.0] and loaded == [1, 2]
+    upcast = _Upcast(lazy, torch.float32)[2:]
+    assert (upcast.shape, upcast.dtype, len(upcast)) == (torch.Size([2]), torch.float32, 2)
+    assert [t.dtype for t in upcast] == [torch.float32] * 2 and float(upcast[1][0]) == 3.0
+
+
+def test_register_method_keeps_every_declared_property(monkeypatch) -> None:
+    """A plug-in's ``register_method`` arguments all reach the registered ``MergeMethod`` (the
+    built-ins register at import, where a mutation run cannot reach them)."""
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))  # registered into a copy
+
+    def into(out, models, base, *, alpha: Weight = 0.5) -> None:
+        out.copy_(models[0])
+
+    def inplace(out, models, base, *, alpha: Weight = 0.5) -> None:
+        out.copy_(models[0])
+
+    def growth(*, alpha: float = 0.5) -> float:
+        return 1.0
+
+    @register_method(
+        "plugin_first", needs_base=True, min_models=1, max_models=3, elementwise=True,
+        inplace=inplace, compute_into=into, growth=growth,
+    )  # fmt: skip
+    def plugin_first(models: Sequence[Tensor], base: Tensor | None, *, alpha: Weight = 0.5) -> Tensor:
+        """first model"""
+        return models[0]
+
+    method = METHODS.get("plugin_first")
+    assert method.fn is plugin_first and method.name == "plugin_first" and method.formula == "first model"
+    assert (method.needs_base, method.min_models, method.max_models) == (True, 1, 3)
+    assert (method.elementwise, method.random, method.weighted) == (True, False, False)
+    assert (method.inplace, method.compute_into, method.growth) == (inplace, into, growth)
+    assert method.param_names() == ("alpha",) and method.defaults() == {"alpha": 0.5}
+
+
 def test_lazy_sources_refuse_a_tensor_that_disagrees_with_the_header() -> None:
     lazy = LazySources([lambda: torch.zeros(3)], shape=(2,), dtype=torch.float32)
     with pytest.raises(

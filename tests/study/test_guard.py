@@ -161,6 +161,7 @@ def test_without_stop_the_guard_warns_once_and_the_best_is_exported(
     path = _guard_study(tmp_path, tiny_models, saturation_reward, alphas, every=1)
     summary, lines, stored = _run(path)
     assert summary.ran == len(alphas) and summary.best_trial == len(alphas) - 1
+    assert summary.stop_reason == ""  # warned, not stopped: the budget ended the run
     diverged = guard_verdict(read_checks(stored)).diverged_at
     assert diverged == 2
     warnings = [line for line in lines if line.startswith("guard: from trial")]

@@ -285,6 +285,9 @@ def test_each_sampler_name_builds_the_intended_optuna_sampler_with_its_settings(
     assert (auto.inner.every, auto.inner.after, auto.inner.mode) == (3, 20, "compass")
     warped = auto.inner.inner
     assert type(warped) is WarpedGPSampler and warped._deterministic and warped._n_startup_trials == 7
+    knobs = SamplerConfig(name="auto", seed=3, local_every=5, local_after=9, local_steps="gaussian")
+    tuned = make_sampler(knobs).inner.inner  # the study's knobs, not LocalSteps' own defaults
+    assert (tuned.every, tuned.after, tuned.mode) == (5, 9, "gaussian")
 
 
 def test_a_local_step_has_sigma_scale_times_the_range_and_stays_on_the_grid_and_in_range() -> None:
