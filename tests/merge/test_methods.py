@@ -1367,3 +1367,23 @@ def test_kth_largest_by_histograms_equals_kthvalue_and_counts_the_elements_above
         value, above = kth_largest(bits, k)
         expected = torch.kthvalue(bits, n - k + 1).values
         assert int(value) == int(expected) and above == int((bits > expected).sum()), k
+        assert value.dtype == torch.int32 and value.shape == ()  # compared with the bits as kthvalue's
+
+
+def test_kth_largest_selects_large_int32_bits_by_histograms_not_kthvalue(monkeypatch) -> None:
+    """The radix select is the fast path (3x kthvalue on CPU): large int32 bits never reach kthvalue;
+    small ones and int64 bits (float64 magnitudes) do."""
+    calls: list[tuple[torch.dtype, int]] = []
+    real = torch.kthvalue
+
+    def spy(values: Tensor, k: int):
+        calls.append((values.dtype, values.numel()))
+        return real(values, k)
+
+    monkeypatch.setattr(torch, "kthvalue", spy)
+    large = magnitude_bits(_randn(RADIX_SELECT_NUMEL, seed=5).abs())
+    kth_largest(large, 10)
+    assert calls == []
+    kth_largest(large[: RADIX_SELECT_NUMEL - 1], 10)
+    kth_largest(magnitude_bits(_randn(RADIX_SELECT_NUMEL, seed=5).double().abs()), 10)
+    assert calls == [(torch.int32, RADIX_SELECT_NUMEL - 1), (torch.int64, RADIX_SELECT_NUMEL)]

@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from cli_helpers import run_cli
 
@@ -48,6 +49,48 @@ def test_a_ties_study_plans_its_ranks_and_the_merged_deltas_of_blocks_searched_i
     ranks = items["ties ranks / draws per element (live re-merge)"]  # int32 for 2 models, VAE unmerged
     merged = items["merged deltas of the blocks whose α alone is searched"]  # BASE, IN01, OUT11: fp32
     assert live < ranks < 2 * live and 0 < merged < ranks / 2
+
+
+def test_a_block_is_alpha_only_when_no_other_method_parameter_is_searched_there() -> None:
+    from automerge.study.dry_run import _alpha_only_blocks
+    from automerge.study.space import Dimension
+
+    def dimension(param: str, *blocks: str) -> Dimension:
+        return Dimension(f"{param}.x", param, blocks, 0.0, 1.0, None, False)
+
+    dimensions = [
+        dimension("alpha", "BASE", "IN00", "OUT11"),
+        dimension("density", "IN00"),
+        dimension("lora.style"),
+    ]
+    assert _alpha_only_blocks(dimensions) == {"BASE", "OUT11"}  # IN00's density changes its merged delta
+
+
+def test_on_a_cpu_host_and_device_memory_are_one_and_on_a_gpu_the_host_is_checked_on_its_own() -> None:
+    from automerge.study.config import RenderConfig
+    from automerge.study.dry_run import GIB, DryRun, MemoryItem, _problems
+
+    def plan(device: str, free_device: int, free_host: int) -> DryRun:
+        memory = [MemoryItem("sources", 3 * GIB, "host"), MemoryItem("live", 2 * GIB, "device")]
+        return DryRun("sd1", "weighted_sum", [], [], 1, 1, device, memory, free_device, free_host)
+
+    config = RenderConfig()
+    assert _problems(plan("cpu", 6 * GIB, 6 * GIB), config, torch.device("cpu")) == []  # 5 of 6 GiB: fits
+    (cpu,) = _problems(plan("cpu", 5 * GIB, 6 * GIB), config, torch.device("cpu"))  # 5 GiB > 85 % of 5
+    assert cpu.startswith("the plan needs 5.0 GiB on cpu but 5.0 GiB is free")
+    (host,) = _problems(plan("cuda", 8 * GIB, 3 * GIB), config, torch.device("cuda"))  # device fits, host not
+    assert host.startswith("the plan needs 3.0 GiB of host memory but 3.0 GiB is available")
+
+
+def test_a_folder_is_sized_by_its_weight_files_alone(tmp_path: Path) -> None:
+    from automerge.study.dry_run import _size_on_disk
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "head.pth").write_bytes(b"x" * 200)
+    (tmp_path / "tokenizer.json").write_bytes(b"x" * 5000)  # configs and tokenizers are not held as weights
+    assert _size_on_disk(tmp_path) == 1200
+    assert _size_on_disk(tmp_path / "head.pth") == 200 and _size_on_disk(tmp_path / "missing") == 0
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(make_study, capsys) -> None:

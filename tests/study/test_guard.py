@@ -255,6 +255,26 @@ def test_the_verdict_follows_the_bests_and_a_later_agreement_ends_a_disagreement
     assert guard_verdict(low, tolerance=20).diverged_at is None
 
 
+def test_the_export_picks_the_agreed_best_at_the_study_files_tolerance() -> None:
+    """``automerge export`` reads the stored checks with ``guard.tolerance`` from the study file."""
+    from types import SimpleNamespace
+
+    from automerge.study.export import _guard_choice
+    from automerge.study.guard import check_attr
+
+    study = optuna.create_study(direction="maximize")
+    for check in (_check(0, 1.0, 1.0), _check(1, 2.0, 0.5)):  # a drop of 0.5: 5 SE
+        study.set_user_attr(check_attr(check.trial), check.as_attr())
+
+    def study_file(tolerance: float) -> Any:
+        return SimpleNamespace(guard=SimpleNamespace(tolerance=tolerance))
+
+    agreed, reason = _guard_choice(study_file(2.0), study)
+    assert agreed == 0 and reason.startswith("guard: from trial 1 on the proxy improves")
+    assert _guard_choice(study_file(10.0), study) is None  # within 10 SE: the best is agreed
+    assert _guard_choice(SimpleNamespace(guard=None), study) is None
+
+
 def test_a_baseline_that_is_also_the_best_is_guarded_once() -> None:
     guarded: list[float] = []
 

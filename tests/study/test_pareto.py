@@ -11,6 +11,7 @@ from automerge.study.pareto import (
     KNEE,
     PickRule,
     Scale,
+    dominates,
     front_mask,
     hypervolume,
     hypervolume_trace,
@@ -24,6 +25,13 @@ from automerge.study.pareto import (
 def test_the_front_keeps_the_points_no_other_dominates_and_both_of_a_tie() -> None:
     points = np.array([[1.0, 5.0], [3.0, 3.0], [2.0, 2.0], [5.0, 1.0], [3.0, 3.0], [0.0, 5.0]])
     assert front_mask(points).tolist() == [True, True, False, True, True, False]
+
+
+def test_a_point_dominates_only_when_at_least_as_good_everywhere_and_better_somewhere() -> None:
+    p = np.array([2.0, 3.0])
+    assert dominates(p, np.array([2.0, 2.0])) and dominates(p, np.array([1.0, 1.0]))
+    assert not dominates(p, p.copy())  # a tie is not domination
+    assert not dominates(p, np.array([3.0, 1.0])) and not dominates(np.array([2.0, 2.0]), p)
 
 
 def test_a_minimized_objective_is_negated_before_the_front_is_taken() -> None:

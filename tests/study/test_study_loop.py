@@ -122,6 +122,26 @@ def test_a_changed_reward_manifest_is_refused_on_resume(make_study, tmp_path) ->
     assert {name for name in before if before[name] != after[name]} == {"reward"}
 
 
+def test_a_composite_reward_fingerprints_its_members_found_by_name_beside_it(tmp_path) -> None:
+    """A composite's member named without a path is looked up beside the composite (its rewards/
+    folder first); editing that member's file changes the reward's content, as editing the composite."""
+    import yaml
+
+    from automerge.study.config import _manifest_content
+
+    (tmp_path / "rewards").mkdir()
+    member = tmp_path / "rewards" / "house-style.yaml"
+    member.write_text(yaml.safe_dump({"reward": "reference", "options": {"metric": "ssim"}}))
+    composite = tmp_path / "blend.yaml"
+    composite.write_text(
+        yaml.safe_dump({"reward": "composite", "members": [{"manifest": "house-style", "weight": 1.0}]})
+    )
+    before = _manifest_content(composite)
+    assert before[1] == {"reward": "reference", "options": {"metric": "ssim"}}
+    member.write_text(yaml.safe_dump({"reward": "reference", "options": {"metric": "mse"}}))
+    assert _manifest_content(composite)[1]["options"] == {"metric": "mse"}
+
+
 def test_early_stopping_really_stops(make_study) -> None:
     path = make_study(trials=50, early_stopping={"patience": 2, "min_delta": 10.0})
     summary = run_study(load_study_file(path), console=QUIET, export=False)
