@@ -80,3 +80,18 @@ def test_diffusers_folder_headers_give_the_shape_and_dtype_that_loading_gives(
             CheckpointError, match=rf"^{tmp_path}: no tensor named '{missing}'.*input_blocks.0.0.weight"
         ):
             checkpoint.info(missing)
+
+
+def test_a_components_config_becomes_the_live_module_config() -> None:
+    """diffusers configs keep every option and take the family's class; transformers configs (they name
+    a model_type) keep the text-model options and their own class, else the family's."""
+    from automerge.checkpoints.diffusers_folder import _live_config
+
+    family = {"_class": "CLIPTextModel"}
+    unet = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30", "sample_size": 8}
+    assert _live_config(unet, family) == {"_class": "CLIPTextModel", "sample_size": 8}
+    text = {"model_type": "clip_text_model", "hidden_size": 32, "torch_dtype": "float16"}
+    live = _live_config({**text, "architectures": ["CLIPTextModelWithProjection"]}, family)
+    assert live["_class"] == "CLIPTextModelWithProjection" and live["hidden_size"] == 32
+    assert "torch_dtype" not in live
+    assert _live_config(text, family)["_class"] == "CLIPTextModel"  # no architectures: the family's

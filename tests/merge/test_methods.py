@@ -313,6 +313,22 @@ def test_geometric_median_minimises_the_sum_of_distances() -> None:
     np.testing.assert_allclose(result.double().numpy(), optimum, atol=1e-4)
 
 
+def test_a_weiszfeld_step_keeps_the_models_precision() -> None:
+    """Σ ci·Mi / Σ ci with ci = wi / ‖Mi − m‖, every sum in the models' dtype (float64 here: a
+    float32 sum of the coefficients would be off by ~1e-8)."""
+    from automerge.merge.methods.geometric_median import _weiszfeld_step
+
+    models = [_randn(7, seed=s, dtype=torch.float64) for s in (1, 2, 3)]
+    weights = [1.0, 0.5, 2.0]
+    median = _randn(7, seed=4, dtype=torch.float64)
+    arrays = [m.numpy() for m in models]
+    c = [w / np.linalg.norm(a - median.numpy()) for a, w in zip(arrays, weights, strict=True)]
+    expected = sum(ci * a for ci, a in zip(c, arrays, strict=True)) / sum(c)
+    result = _weiszfeld_step(models, weights, median)
+    assert result.dtype == torch.float64
+    np.testing.assert_allclose(result.numpy(), expected, rtol=1e-14, atol=0)
+
+
 def test_geometric_median_of_identical_models_is_that_model() -> None:
     model = _randn(4, 4, seed=31)
     result = _run("geometric_median", [model, model.clone(), model.clone()], None)

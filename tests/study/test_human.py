@@ -217,6 +217,10 @@ def test_rate_converges_toward_the_raters_hidden_target(make_study) -> None:
     # 3.8, 6.1, 3.7, 1.8: the best is the last, 1.8
     assert person.mse(best) < 0.1 * statistics.median(errors[:4])  # 1.8 vs 99
     assert statistics.median(errors[-5:]) < 0.25 * statistics.median(errors[:5])  # 3.8 vs 54
+    # the dashboard shows a trial's grid and images as PNG artifacts (their mimetype says how)
+    metas = optuna.artifacts.get_all_artifact_meta(best, storage=study._storage)
+    assert {meta.mimetype for meta in metas} == {"image/png"}
+    assert best.user_attrs[records.GRID] in {meta.artifact_id for meta in metas}
 
 
 def test_rate_registers_the_dashboards_rating_widget(make_study) -> None:
