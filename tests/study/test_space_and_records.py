@@ -112,3 +112,43 @@ def test_a_study_names_its_reward_manifest_by_name(make_study, tmp_path: Path) -
         load_study_file(make_study(reward="pickscor"))
     with pytest.raises(ConfigError, match=r"reward: manifest .*nothere.yaml does not exist"):
         load_study_file(make_study(reward="nothere.yaml"))
+
+
+def test_a_non_finite_score_names_the_objective_only_when_there_are_several() -> None:
+    from automerge.errors import StudyError
+    from automerge.rewards.scoring import ScoreResult
+    from automerge.study.runtime import LoadedObjective, _evaluation, _Tally
+
+    def tally(score: float) -> _Tally:
+        tally = _Tally()
+        tally.add(["k"], [1.0], ScoreResult((score,), ()))
+        return tally
+
+    def objective(name: str) -> LoadedObjective:
+        return LoadedObjective(name, "maximize", None)  # type: ignore[arg-type]
+
+    with pytest.raises(
+        StudyError, match=r"^the trial score is nan \(a reward returned a non-finite value\)$"
+    ):
+        _evaluation([objective("aesthetic")], [tally(float("nan"))], {}, {})
+    with pytest.raises(StudyError, match=r"^objective clip's score is inf "):
+        _evaluation([objective("aesthetic"), objective("clip")], [tally(1.0), tally(float("inf"))], {}, {})
+
+
+def test_evaluate_reports_each_stage_as_it_starts_and_times_it(make_study) -> None:
+    from automerge.study import StudyRuntime
+
+    runtime = StudyRuntime(load_study_file(make_study()))
+    try:
+        stages: list[str] = []
+        evaluation = runtime.evaluate(
+            runtime.space.block_params(runtime.space.baselines()[2].values),
+            runtime.jobs,
+            on_stage=stages.append,
+        )
+        payloads = len({job.payload for job in runtime.jobs})
+        assert stages == ["merge"] + ["render", "score"] * payloads
+        assert set(evaluation.timings) == {"merge", "render", "score"}
+        assert all(seconds > 0 for seconds in evaluation.timings.values())
+    finally:
+        runtime.close()
