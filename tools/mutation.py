@@ -213,17 +213,29 @@ def main() -> None:
     parser.add_argument("--sample", type=int, help="check this many mutants drawn at random, not all")
     parser.add_argument("--seed", type=int, default=1, help="the sample's seed")
     parser.add_argument("--test-budget", type=float, help="seconds of each mutant's fastest tests to run")
+    parser.add_argument(
+        "--survivors", action="store_true", help="run again only the survivors so far (of the sample)"
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/mutation.json")
     args = parser.parse_args()
     started = time.monotonic()
     sample = sample_names(mutant_names(), args.sample, args.seed) if args.sample else None
-    if not args.report_only:
+    to_run = sample
+    if args.survivors:
+        statuses = {name: status for package in collect().values() for name, status in package.items()}
+        to_run = sorted(
+            name
+            for name in (sample if sample else statuses)
+            if statuses.get(name) in ("survived", "no tests", "suspicious")
+        )
+        print(f"running the {len(to_run)} survivors again")
+    if not args.report_only and (to_run is None or to_run):
         if args.test_budget and not STATS.exists():
             parser.error("--test-budget needs mutmut's stats: run once without it first")
         try:
             if args.test_budget:
                 limit_tests(args.test_budget)
-            run_mutmut(args.hours, args.children, sample)
+            run_mutmut(args.hours, args.children, to_run)
         finally:
             restore_tests()
     summary = summarize(collect(), only=set(sample) if sample else None)
