@@ -86,3 +86,16 @@ def test_warm_hash_cache_fills_the_cache_in_the_background(tmp_path: Path) -> No
     cached = _hashing._read_cache()
     assert {str(p.resolve()) for p in paths} <= set(cached)
     assert cached[str(paths[1].resolve())]["sha256"] == hashlib.sha256(bytes([1]) * 1000).hexdigest()
+
+
+def test_the_hash_cache_lives_in_automerges_cache_folder_by_variable_xdg_or_home(
+    monkeypatch, tmp_path
+) -> None:
+    monkeypatch.setenv("AUTOMERGE_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _hashing.hash_cache_path() == tmp_path / "mine" / "sha256.json"
+    monkeypatch.delenv("AUTOMERGE_CACHE_DIR")
+    assert _hashing.hash_cache_path() == tmp_path / "xdg" / "automerge" / "sha256.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _hashing.hash_cache_path() == tmp_path / "home" / ".cache" / "automerge" / "sha256.json"

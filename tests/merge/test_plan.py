@@ -58,3 +58,10 @@ def test_a_plan_with_other_params_records_them_in_its_recipe_and_checkpoint(
         assert written["models"] == {"a": "a.safetensors", "b": "b.safetensors"}
     finally:
         plan.close()
+
+
+def test_recipe_data_resolves_relative_model_paths_against_its_base_dir(tmp_path: Path) -> None:
+    data = {"models": {"a": "a.safetensors", "b": "sub/b.safetensors"}, "method": "weighted_sum"}
+    recipe = recipe_from_data(data, source="t", base_dir=tmp_path)
+    assert recipe.models["a"] == tmp_path / "a.safetensors"
+    assert recipe.models["b"] == tmp_path / "sub" / "b.safetensors"

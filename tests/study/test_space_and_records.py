@@ -94,6 +94,24 @@ def test_records_read_back_what_the_objective_wrote_and_ties_go_to_the_earliest(
     assert best.timings == {"merge": 0.25} and best.images == {"p0-i00-s0001": "id"}
     assert best_trial(study.trials).number == 2
     assert best_trial([]) is None
+    assert first.value == 0.5 and first.values == (0.5,)
+
+
+def test_a_trial_writes_its_timings_and_scores_rounded_and_a_front_trial_has_no_single_value() -> None:
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    records.write_timings(trial, {"merge": 0.123456789, "render": 2.0})
+    records.write_evaluation(
+        trial, payload_scores=[0.5], reward_scores={"r": 0.5}, images={}, image_scores={"k": 0.25}
+    )
+    study.tell(trial, 0.5)
+    record = TrialRecord.of(study.trials[0])
+    assert dict(record.timings) == {"merge": 0.123457, "render": 2.0}
+    assert dict(record.image_scores) == {"k": 0.25}
+    several = optuna.create_study(directions=["maximize", "maximize"])
+    several.optimize(lambda t: (1.0, 2.0), n_trials=1)
+    front = TrialRecord.of(several.trials[0])
+    assert front.value is None and front.values == (1.0, 2.0)
 
 
 def test_a_study_names_its_reward_manifest_by_name(make_study, tmp_path: Path) -> None:
