@@ -170,3 +170,31 @@ def test_evaluate_reports_each_stage_as_it_starts_and_times_it(make_study) -> No
         assert all(seconds > 0 for seconds in evaluation.timings.values())
     finally:
         runtime.close()
+
+
+def test_optuna_logs_only_errors_unless_automerge_logs_at_debug() -> None:
+    import logging
+
+    from automerge.study.storage import quiet_optuna
+
+    logger = logging.getLogger("automerge")
+    level = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        quiet_optuna()
+        assert optuna.logging.get_verbosity() == optuna.logging.ERROR
+        logger.setLevel(logging.DEBUG)  # --debug
+        quiet_optuna()
+        assert optuna.logging.get_verbosity() == optuna.logging.WARNING
+    finally:
+        logger.setLevel(level)
+        quiet_optuna()
+
+
+def test_margins_over_baselines_without_the_bests_scores_are_empty_not_an_error() -> None:
+    from automerge.study.export import margins_over_baselines
+
+    scores = {"A": {"p0-i00-s0001": 1.0}, "trial 3": {"p0-i00-s0001": 2.0}}
+    (margin,) = margins_over_baselines(scores, best="trial 3")
+    assert margin[0] == "A" and margin[1] == 1.0
+    assert margins_over_baselines(scores, best="trial 9") == []  # no scores of its own: nothing to compare

@@ -11,7 +11,7 @@ from rich.console import Console
 from safetensors import safe_open
 
 from automerge.merge import load_recipe, plan_merge
-from automerge.study import StudyRuntime, default_storage, find_study, load_study_file, run_study
+from automerge.study import StudyRuntime, default_storage, find_study, load_study_file, records, run_study
 
 QUIET = Console(quiet=True)
 
@@ -63,6 +63,12 @@ def test_export_command_picks_a_trial(make_study, tmp_path: Path, capsys) -> Non
     report = (tmp_path / "t" / "report.html").read_text()
     assert f"exported trial <b>{other.number}</b>" in report and f"the best is trial {best}" in report
     with safe_open(tmp_path / "t" / "model.safetensors", framework="pt") as f:
+        assert f.metadata()["automerge.trial"] == str(other.number)
+    # a study run on a GPU box exports on a machine without one: its merge device falls back to the CPU
+    study.set_user_attr(records.MERGE_DEVICE, "cuda:0")
+    result = run(capsys, "export", path, "--trial", str(other.number), "-o", tmp_path / "cpu")
+    assert result.code == 0, result.err
+    with safe_open(tmp_path / "cpu" / "model.safetensors", framework="pt") as f:
         assert f.metadata()["automerge.trial"] == str(other.number)
 
 
