@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="the sample's seed")
     parser.add_argument("--test-budget", type=float, help="seconds of each mutant's fastest tests to run")
     parser.add_argument(
-        "--survivors", action="store_true", help="run again only the survivors so far (of the sample)"
+        "--survivors", action="store_true", help="run only the mutants not killed so far (of the sample)"
     )
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/mutation.json")
     args = parser.parse_args()
@@ -226,9 +226,9 @@ def main() -> None:
         to_run = sorted(
             name
             for name in (sample if sample else statuses)
-            if statuses.get(name) in ("survived", "no tests", "suspicious")
+            if statuses.get(name) in ("survived", "no tests", "suspicious", "not checked")
         )
-        print(f"running the {len(to_run)} survivors again")
+        print(f"running the {len(to_run)} mutants not killed so far")
     if not args.report_only and (to_run is None or to_run):
         if args.test_budget and not STATS.exists():
             parser.error("--test-budget needs mutmut's stats: run once without it first")
