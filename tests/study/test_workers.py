@@ -180,10 +180,12 @@ def test_gpus_and_workers_are_checked_before_anything_starts(make_study, capsys)
     assert not path.with_suffix(".db").exists()
 
 
-FLAKY = """
+MARK = "=== now with --debug ==="
+FLAKY = f"""
 import sys
 from automerge.errors import RenderError
 from automerge.study import StudyRuntime
+from automerge.cli import main
 real, calls = StudyRuntime.evaluate, []
 def flaky(self, *args, **kwargs):
     calls.append(1)
@@ -191,32 +193,42 @@ def flaky(self, *args, **kwargs):
         raise RenderError("black image for job p0")
     return real(self, *args, **kwargs)
 StudyRuntime.evaluate = flaky
-from automerge.cli import main
-sys.argv = ["automerge", *sys.argv[1:]]
-main()
+quiet, debug = sys.argv[1:]
+for args in (["optimize", quiet, "--no-export"], ["--debug", "optimize", debug, "--no-export"]):
+    calls.clear()
+    sys.argv = ["automerge", *args]
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code:
+            raise
+    if args[0] != "--debug":
+        print("{MARK}", flush=True)
+        print("{MARK}", file=sys.stderr, flush=True)
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("debug", [False, True])
-def test_a_failed_trial_is_one_line_and_its_traceback_only_with_debug(make_study, debug: bool) -> None:
-    """Optuna logged every failed trial with its traceback, and 'study created'/'trial finished' lines."""
-    path = make_study(trials=3, baselines=False)
-    args = ["--debug"] if debug else []
+def test_a_failed_trial_is_one_line_and_its_traceback_only_with_debug(make_study, tmp_path: Path) -> None:
+    """Optuna logged every failed trial with its traceback, and 'study created'/'trial finished' lines.
+    One process runs the CLI twice (without, then with --debug) on two studies: one start, not two."""
+    quiet = make_study(trials=3, baselines=False)
+    debug = quiet.with_name("debug.yaml")
+    debug.write_text(quiet.read_text().replace("name: test", "name: test-debug"))
     done = subprocess.run(
-        [sys.executable, "-c", FLAKY, *args, "optimize", str(path), "--no-export"],
+        [sys.executable, "-c", FLAKY, str(quiet), str(debug)],
         env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"},
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-3000:]
-    assert ("Traceback" in output) == debug
-    if not debug:
-        assert output.count("black image for job p0") == 1, output
-        assert "[I " not in output and "[W " not in output and "Warning" not in output, output
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    (out_quiet, out_debug), (err_quiet, err_debug) = (text.split(MARK) for text in (done.stdout, done.stderr))
+    plain, verbose = out_quiet + err_quiet, out_debug + err_debug
+    assert "Traceback" not in plain and "Traceback" in verbose
+    assert plain.count("black image for job p0") == 1, plain
+    assert "[I " not in plain and "[W " not in plain and "Warning" not in plain, plain
 
 
 def test_a_worker_stops_asking_once_every_place_of_the_budget_is_held() -> None:
