@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import signal
@@ -39,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("automerge/merge", "automerge/study", "automerge/checkpoints")
 KILLED = {"killed", "timeout", "caught by type check"}
+SURVIVED = ("survived", "no tests", "suspicious")
 
 
 DATA_FOLDERS = ("automerge", "payloads", "rewards", "studies", "tests")
@@ -63,27 +63,20 @@ def refresh_data_files() -> list[str]:
     return refreshed
 
 
-def mutant_names() -> list[str]:
-    """Every mutant of ``PACKAGES`` by mutmut's name, in file and name order (from the ``.meta`` files
-    mutmut writes when it makes the mutants)."""
-    return sorted(name for package in collect().values() for name in package)
-
-
 def sample_names(names: list[str], size: int, seed: int) -> list[str]:
     """``size`` names drawn uniformly at random without replacement, the same for the same seed."""
     return sorted(random.Random(seed).sample(sorted(names), min(size, len(names))))
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a binomial proportion: (p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²)) /
-    (1 + z²/n); unlike p̂ ± z·SE it stays inside [0, 1] and holds for a proportion near 1."""
+def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion (scipy's): unlike p̂ ± 1.96·SE it stays
+    inside [0, 1] and holds for a proportion near 1."""
     if trials == 0:
         return (0.0, 1.0)
-    p = successes / trials
-    denominator = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denominator
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    from scipy.stats import binomtest
+
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
+    return (float(interval.low), float(interval.high))
 
 
 STATS = ROOT / "mutants" / "mutmut-stats.json"
@@ -172,9 +165,7 @@ def summarize(by_package: dict[str, dict[str, str]], only: set[str] | None = Non
             "score": killed / checked if checked else None,
             "statuses": dict(statuses),
             "survivors": sorted(
-                name
-                for name, status in by_package.get(package, {}).items()
-                if status in ("survived", "no tests", "suspicious")
+                name for name, status in by_package.get(package, {}).items() if status in SURVIVED
             ),
         }
     checked = sum(row["checked"] for row in rows.values())
@@ -219,14 +210,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/mutation.json")
     args = parser.parse_args()
     started = time.monotonic()
-    sample = sample_names(mutant_names(), args.sample, args.seed) if args.sample else None
+    statuses = {name: status for package in collect().values() for name, status in package.items()}
+    sample = sample_names(list(statuses), args.sample, args.seed) if args.sample else None
     to_run = sample
     if args.survivors:
-        statuses = {name: status for package in collect().values() for name, status in package.items()}
         to_run = sorted(
             name
             for name in (sample if sample else statuses)
-            if statuses.get(name) in ("survived", "no tests", "suspicious", "not checked")
+            if statuses.get(name) in (*SURVIVED, "not checked")
         )
         print(f"running the {len(to_run)} mutants not killed so far")
     if not args.report_only and (to_run is None or to_run):
@@ -240,7 +231,7 @@ def main() -> None:
             restore_tests()
     summary = summarize(collect(), only=set(sample) if sample else None)
     if sample:
-        summary["sample"] = {"size": len(sample), "seed": args.seed, "of": len(mutant_names())}
+        summary["sample"] = {"size": len(sample), "seed": args.seed, "of": len(statuses)}
     summary["test_budget_s"] = args.test_budget
     summary["run_hours"] = round((time.monotonic() - started) / 3600, 2)
     print_table(summary)
