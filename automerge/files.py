@@ -26,6 +26,17 @@ from typing import BinaryIO
 
 from automerge.errors import ConfigError
 
+CACHE_DIR_VARIABLE = "AUTOMERGE_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """automerge's cache folder: ``$AUTOMERGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/automerge``, else
+    ``~/.cache/automerge`` (not created here)."""
+    folder = os.environ.get(CACHE_DIR_VARIABLE)
+    if folder:
+        return Path(folder)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "automerge"
+
 
 def writable_folder(folder: Path, *, fix: str) -> Path:
     """Create ``folder`` (and its parents) if needed and check that files can be written into it;

@@ -264,6 +264,11 @@ def measure_ties(sources: Mapping[str, Path], *, reps: int, settings: Settings) 
 
     both = runs(range(1, reps + 1), None)
     held = engine._task.held_bytes() if engine._task is not None else 0
+    passes: list[float] = []
+    if engine._task is not None and engine._task.fused is not None:  # the same steps in torch's passes
+        kernel, engine._task.fused = engine._task.fused, None
+        passes = runs(range(1, reps + 1), None)
+        engine._task.fused = kernel
     alpha_blocks = settings.ties_alpha_blocks or tuple(block_bytes)
     engine.apply(ties_params(plan, 0))  # density back to step 0's: the next steps change α alone
     keep_s = runs(range(1, 2), alpha_blocks)[0]  # merges, and keeps the merged deltas
@@ -285,6 +290,13 @@ def measure_ties(sources: Mapping[str, Path], *, reps: int, settings: Settings) 
             f"first α-only apply (merges, keeps merged Δ) {ms(keep_s)}; held {held_alpha / GIB:.2f} GiB",
         ),
     ]  # fmt: skip
+    if passes:
+        results.insert(1, MethodResult(
+            "ties (density and α changed), torch passes instead of the fused CPU kernel", len(block_bytes),
+            sum(block_bytes.values()), 4, Timing.of(passes), per_byte * 4 * sum(block_bytes.values()),
+            construct_s, first_apply_s, peak,
+            f"the same steps, side by side: fused {ms(statistics.median(both))} vs passes {ms(statistics.median(passes))}",
+        ))  # fmt: skip
     plan.close()
     return results
 

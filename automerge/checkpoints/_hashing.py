@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import string
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 from automerge.errors import CheckpointError
-from automerge.files import write_text_atomic
+from automerge.files import CACHE_DIR_VARIABLE as CACHE_DIR_VARIABLE
+from automerge.files import cache_dir, write_text_atomic
 
 CHUNK_BYTES = 1 << 20  # 1 MiB
 _SHORT_HASH_DIGITS = 10
-CACHE_DIR_VARIABLE = "AUTOMERGE_CACHE_DIR"
 _cache_lock = threading.Lock()
 
 
@@ -51,11 +50,7 @@ def a1111_legacy_hash(path: Path) -> str:
 
 def hash_cache_path() -> Path:
     """``$AUTOMERGE_CACHE_DIR/sha256.json``, else ``$XDG_CACHE_HOME/automerge/…``, else ``~/.cache/automerge/…``."""
-    folder = os.environ.get(CACHE_DIR_VARIABLE)
-    if not folder:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        folder = Path(base) / "automerge"
-    return Path(folder) / "sha256.json"
+    return cache_dir() / "sha256.json"
 
 
 def cached_sha256(path: str | Path) -> str:

@@ -88,6 +88,9 @@ class EngineOptions:
     # ties, dare, dare_ties, della: keep per-element ranks / draws beside the sources for fast exact
     # re-merges (``_sparse_live``; 4–8 bytes per element per model); False merges them key by key
     task_statistics: bool = True
+    # ties, dare, dare_ties on a CPU: one compiled pass per key (``_fused_cpu``) where it can be built;
+    # False: torch's element-wise passes (the same bits)
+    fused_cpu: bool = True
 
 
 def live_keys(plan: MergePlan) -> Iterator[tuple[str, str, TensorInfo]]:
@@ -202,6 +205,7 @@ class LiveEngine:
             keep_on=torch.device("cpu") if self.options.offload else self.device,
             staged=self.options.offload,
             chunk_numel=self.options.chunk_numel,
+            fused=self.options.fused_cpu,
         )
 
     def _load_sources(self) -> None:

@@ -22,6 +22,7 @@ from automerge.merge import (
     plan_merge,
     recipe_from_data,
 )
+from automerge.merge._fused_cpu import fused_kernel
 from automerge.merge.engine import statistics_fit
 from automerge.merge.export import merge_key
 
@@ -250,3 +251,20 @@ def test_statistics_go_on_a_gpu_only_within_half_of_its_free_memory(
     """On a GPU the ranks/draws (4–8 bytes per element per model: 21 GB for an SDXL TIES of two
     models) must leave room for the renders; otherwise the engine merges key by key, and says so."""
     assert statistics_fit(needed, free) is fits
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_the_engine_with_the_kernel_equals_the_export(
+    method: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    plan = _plan(tiny_models, method, _start(method), dtype="fp16")
+    engine = LiveEngine(plan, EngineOptions(dtype=torch.float16))
+    assert engine._task is not None
+    if fused_kernel() is not None:  # the one-pass CPU kernel (``test_fused_cpu``), else torch's passes
+        assert engine._task.fused is not None
+    engine.apply(plan.params)
+    expected = export_merge(plan, tmp_path / "o.safetensors", dtype=plan.dtype)
+    written = load_file(expected)
+    for key in engine.live_keys():
+        assert torch.equal(engine.live_tensor(key), written[key]), key
+    plan.close()

@@ -1,0 +1,228 @@
+"""The live task-arithmetic merge (ties, dare, dare_ties) in one pass on a CPU (``_fused_cpu.c``).
+
+``_sparse_live`` runs it as about twenty torch passes over each chunk, bound by the number of passes;
+the C file computes the same float32 operations in the same order in one pass (AVX2 + F16C), so its
+bits are the torch path's. torch.compile would fuse the passes too, but its CPU code is built with
+``-fno-signed-zeros``, which cannot promise the export's bits.
+
+The file is compiled on first use with the system C compiler (``$CC``, else ``cc``) into automerge's
+cache folder, named by the sha256 of the source and the compiler's path (about a second, once per
+machine). Where there is no compiler, the CPU lacks AVX2/F16C, the machine is not x86-64, or
+``AUTOMERGE_FUSED_CPU=0``, ``fused_kernel()`` is None and the torch path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from automerge.files import cache_dir
+
+_log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("_fused_cpu.c")
+DISABLE_VARIABLE = "AUTOMERGE_FUSED_CPU"
+MAX_MODELS = 64
+_DTYPES = {torch.float16: 0, torch.float32: 1}  # the C file's F16, F32
+_FLAGS = ["-O2", "-mavx2", "-mf16c", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
+_PIECE = 1 << 20  # elements per call: a key larger than this is split among the threads
+
+
+class _Args(ctypes.Structure):
+    """``fused_args`` of the C file, field for field."""
+
+    _fields_ = [
+        ("n", ctypes.c_int64),
+        ("models", ctypes.c_int32),
+        ("in_dtype", ctypes.c_int32),
+        ("out_dtype", ctypes.c_int32),
+        ("drop", ctypes.c_int32),
+        ("elect", ctypes.c_int32),
+        ("weighted", ctypes.c_int32),
+        ("unit_agree", ctypes.c_int32),
+        ("divide", ctypes.c_int32),
+        ("k", ctypes.c_int32),
+        ("density", ctypes.c_float),
+        ("alpha", ctypes.c_float),
+        ("tiny", ctypes.c_float),
+        ("base", ctypes.c_void_p),
+        ("sources", ctypes.POINTER(ctypes.c_void_p)),
+        ("statistics", ctypes.POINTER(ctypes.c_void_p)),
+        ("weights", ctypes.POINTER(ctypes.c_float)),
+        ("agree", ctypes.POINTER(ctypes.c_float)),
+        ("out", ctypes.c_void_p),
+        ("merged_out", ctypes.c_void_p),
+    ]
+
+
+@dataclass(frozen=True)
+class FusedRule:
+    """One merge's parameters as the kernel takes them (``_sparse_live._Rule`` resolved)."""
+
+    drop: bool  # keep by draw (bits(u) < threshold), else by place (place < k)
+    elect: bool
+    density: float  # drop: Δ is divided by it (unless 1)
+    alpha: float
+    weights: tuple[float, ...]  # w_i
+    agree_weights: tuple[float, ...]  # v_i
+
+
+@dataclass(frozen=True)
+class KeyPart:
+    """Elements ``start … stop − 1`` of a block's flat buffers, kept where statistic < ``limit``."""
+
+    start: int
+    stop: int
+    limit: int
+
+
+class FusedKernel:
+    """The compiled kernel and the threads that call it (ctypes releases the GIL during a call)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._function = library.fused_task_arithmetic
+        self._function.argtypes = [ctypes.POINTER(_Args)]
+        self._function.restype = ctypes.c_int
+        self._pool: ThreadPoolExecutor | None = None
+        self._threads = 0
+
+    @staticmethod
+    def takes(models: Sequence[Tensor], base: Tensor, out: Tensor) -> bool:
+        """The kernel merges these flat buffers: CPU, contiguous, fp16/fp32, sources of one dtype."""
+        tensors = [*models, base, out]
+        return (
+            0 < len(models) <= MAX_MODELS
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and base.dtype in _DTYPES
+            and out.dtype in _DTYPES
+            and all(m.dtype == base.dtype for m in models)
+        )
+
+    def merge(
+        self,
+        parts: Sequence[KeyPart],
+        *,
+        out: Tensor,
+        models: Sequence[Tensor],
+        base: Tensor,
+        statistics: Tensor,
+        rule: FusedRule,
+        merged: Tensor | None,
+    ) -> None:
+        """out[part] ← C + α·merged for every part (and ``merged`` ← the merged delta, when given);
+        ``statistics``: (models, elements) int32 places or draw bits of the block."""
+        if not self.takes(models, base, out) or statistics.dtype != torch.int32:
+            raise ValueError("the fused kernel takes contiguous fp16/fp32 CPU buffers and int32 statistics")
+        m = len(models)
+        weights = (ctypes.c_float * m)(*rule.weights)
+        agree = (ctypes.c_float * m)(*rule.agree_weights)
+        template = dict(
+            models=m,
+            in_dtype=_DTYPES[base.dtype],
+            out_dtype=_DTYPES[out.dtype],
+            drop=int(rule.drop),
+            elect=int(rule.elect),
+            weighted=int(any(w != 1.0 for w in rule.weights)),
+            unit_agree=int(all(v == 1.0 for v in rule.agree_weights)),
+            divide=int(rule.drop and rule.density != 1.0),
+            density=rule.density,
+            alpha=rule.alpha,
+            tiny=torch.finfo(torch.float32).tiny,
+            weights=weights,
+            agree=agree,
+        )
+        sizes = (base.element_size(), out.element_size(), 4)
+        rows = [(model.data_ptr(), row.data_ptr()) for model, row in zip(models, statistics, strict=True)]
+        calls = []
+        for part in _pieces(parts):
+            start = part.start
+            sources = (ctypes.c_void_p * m)(*(address + start * sizes[0] for address, _ in rows))
+            stats = (ctypes.c_void_p * m)(*(address + start * sizes[2] for _, address in rows))
+            args = _Args(
+                n=part.stop - start,
+                k=part.limit,
+                base=base.data_ptr() + start * sizes[0],
+                sources=sources,
+                statistics=stats,
+                out=out.data_ptr() + start * sizes[1],
+                merged_out=None if merged is None else merged.data_ptr() + start * 4,
+                **template,
+            )
+            calls.append((args, sources, stats))  # the arrays live as long as the call
+        for code in self._run(calls):
+            if code != 0:
+                raise RuntimeError(f"the fused CPU kernel refused its arguments (code {code})")
+
+    def _run(self, calls: list[tuple[_Args, object, object]]) -> list[int]:
+        threads = torch.get_num_threads()
+        if threads <= 1 or len(calls) == 1:
+            return [self._function(ctypes.byref(args)) for args, *_ in calls]
+        if self._pool is None or self._threads != threads:
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="automerge-fused")
+            self._threads = threads
+        return list(self._pool.map(lambda call: self._function(ctypes.byref(call[0])), calls))
+
+
+def _pieces(parts: Sequence[KeyPart]) -> list[KeyPart]:
+    """Each part cut into pieces of at most ``_PIECE`` elements (a multiple of 8)."""
+    return [
+        KeyPart(start, min(start + _PIECE, part.stop), part.limit)
+        for part in parts
+        for start in range(part.start, part.stop, _PIECE)
+    ]
+
+
+@functools.cache
+def fused_kernel() -> FusedKernel | None:
+    """The kernel, compiled on first use; None where it cannot run here (see the module doc)."""
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or os.name != "posix":
+        return None
+    try:
+        library = ctypes.CDLL(str(_compiled()))
+    except (OSError, subprocess.SubprocessError) as error:
+        _log.info("no fused CPU kernel (the torch path merges task arithmetic): %s", error)
+        return None
+    if not library.fused_supported():
+        return None
+    library.fused_args_size.restype = ctypes.c_int
+    if library.fused_args_size() != ctypes.sizeof(_Args):
+        raise AssertionError("_Args does not match the C file's fused_args")
+    return FusedKernel(library)
+
+
+def _compiled() -> Path:
+    """The shared library of ``SOURCE``, built into the cache folder when missing (atomic rename)."""
+    compiler = os.environ.get("CC") or "cc"
+    found = shutil.which(compiler)
+    if found is None:
+        raise OSError(f"no C compiler '{compiler}' on PATH")
+    digest = hashlib.sha256(SOURCE.read_bytes() + found.encode() + " ".join(_FLAGS).encode()).hexdigest()
+    target = cache_dir() / "kernels" / f"fused_cpu-{digest[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as folder:
+        built = Path(folder) / target.name
+        done = subprocess.run(
+            [found, *_FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0:
+            raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.replace(built, target)
+    return target

@@ -1,0 +1,129 @@
+"""The one-pass CPU kernel of the live task-arithmetic merge (``merge/_fused_cpu``): the bits of the
+torch passes it replaces (``_sparse_live``), on data made to find the corners (signed zeros, kept values
+that cancel, equal magnitudes, non-unit weights, vector tails), (the live engine against the export: ``test_sparse_live``)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from automerge.merge._fused_cpu import DISABLE_VARIABLE, fused_kernel
+from automerge.merge._sparse_live import LiveTaskArithmetic
+from automerge.merge.methods import METHODS
+
+
+@pytest.fixture(scope="module")
+def kernel_needed() -> None:
+    """The kernel builds wherever the CI machine is (x86-64, cc); elsewhere its tests skip."""
+    if fused_kernel() is None:
+        if os.environ.get("CI") and os.environ.get(DISABLE_VARIABLE) != "0":
+            pytest.fail("the fused CPU kernel did not build on CI (is a C compiler installed?)")
+        pytest.skip("no fused CPU kernel here (no C compiler, no AVX2/F16C, or not x86-64)")
+
+
+@dataclass(frozen=True)
+class _Span:
+    key: str
+    offset: int
+    numel: int
+
+
+def _sources(
+    models: int, numel: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Base and models with the corners: ±0, exact copies of the base (Δ = ±0), values that cancel
+    between models, equal magnitudes (ties in the order), a few large values."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=generator).to(dtype)
+    base[::7] = 0.0
+    base[1::11] = -0.0
+    rows = []
+    for i in range(models):
+        delta = torch.randn(numel, generator=generator) * 0.1
+        delta[i::5] = 0.0  # Δ = 0: the model equals the base there
+        delta[3::13] = 0.25 * (-1) ** i  # equal magnitudes, opposite signs
+        delta[4::17] = 8.0 * (-1) ** (i // 2)
+        model = (base.float() + delta).to(dtype)
+        model[5::19] = -0.0
+        rows.append(model)
+    return base, rows
+
+
+def _spans(numel: int) -> list[_Span]:
+    """Keys of odd sizes (vector tails), one larger than a kernel call's piece."""
+    sizes = [1, 7, 8, 9, 100, 333, 4099]
+    sizes.append(numel - sum(sizes))
+    offsets = [0, *itertools.accumulate(sizes)][:-1]
+    return [_Span(f"key{i}", o, n) for i, (o, n) in enumerate(zip(offsets, sizes, strict=True))]
+
+
+CASES = [  # method, models, in dtype, out dtype, weights
+    ("ties", 1, torch.float16, torch.float16, None),
+    ("ties", 2, torch.float16, torch.float16, None),
+    ("ties", 3, torch.float32, torch.float32, (0.7, 1.0, 1.3)),
+    ("ties", 5, torch.float16, torch.float32, (1e-3, 0.5, 2.0, 1.0, 0.3)),
+    ("dare", 2, torch.float16, torch.float16, None),
+    ("dare", 3, torch.float32, torch.float16, (0.9, 1.1, 0.4)),
+    ("dare_ties", 3, torch.float16, torch.float16, (0.5, 1.0, 1.5)),
+]
+
+
+@pytest.mark.parametrize(("method", "models", "source_dtype", "out_dtype", "weights"), CASES)
+@pytest.mark.usefixtures("kernel_needed")
+def test_the_kernel_gives_the_torch_passes_bits(
+    method: str,
+    models: int,
+    source_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    weights: tuple[float, ...] | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("automerge.merge._fused_cpu._PIECE", 1 << 11)  # large keys in several calls
+    numel = 12_000
+    base, rows = _sources(models, numel, source_dtype, seed=models)
+    spans = _spans(numel)
+    outputs = {}
+    for fused in (True, False):
+        live = LiveTaskArithmetic(
+            METHODS.get(method),
+            seed=3,
+            compute_dtype=torch.float32,
+            device=torch.device("cpu"),
+            keep_on=torch.device("cpu"),
+            fused=fused,
+        )
+        assert (live.fused is not None) == fused
+        results = []
+        for density, alpha in [(0.45, 0.8), (0.9, -1.7), (1.0, 0.3), (0.0, 1.0), (0.2, 0.6), (0.2, 1.1)]:
+            out = torch.empty(numel, dtype=out_dtype)
+            params = {"alpha": alpha, "density": density}
+            done = live.merge_block(
+                "B", spans, out, rows, base, params=params, weights=weights, source_magnitude=9.0
+            )
+            assert done
+            results.append(out)
+        outputs[fused] = results
+    for fast, slow in zip(outputs[True], outputs[False], strict=True):
+        assert torch.equal(
+            fast.view(torch.int16 if out_dtype == torch.float16 else torch.int32),
+            slow.view(torch.int16 if out_dtype == torch.float16 else torch.int32),
+        )
+
+
+def test_without_a_compiler_the_torch_path_merges(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("AUTOMERGE_CACHE_DIR", str(tmp_path))
+    fused_kernel.cache_clear()
+    try:
+        assert fused_kernel() is None
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv(DISABLE_VARIABLE, "0")
+        fused_kernel.cache_clear()
+        assert fused_kernel() is None
+    finally:
+        fused_kernel.cache_clear()
