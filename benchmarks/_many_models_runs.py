@@ -5,7 +5,8 @@ check (an export killed half-way, finished by a second run, compared byte for by
 The read floor is every tensor of every source read once through automerge's reader (a view of the
 file's memory map: the fastest read there is, ~20× cheaper per tensor than ``safe_open``'s
 ``get_tensor``), key by key in the export's order (A's sorted keys; per key the models, then the
-base), each copied into one reused buffer: a bare view reads nothing.
+base), each copied into one reused buffer: a bare view reads nothing; then the same bytes again in 16 MiB
+slices of each file (no per-tensor cost at all). The floor is the faster of the two.
 """
 
 from __future__ import annotations
@@ -72,9 +73,15 @@ class ExportRun:
 
 @dataclass(frozen=True)
 class FloorRun:
-    read_s: float
+    read_s: float  # key by key, as the export reads
     bytes_read: int
     tensors: int
+    bulk_s: float = 0.0  # the same bytes in 16 MiB slices of each file's data (no per-key cost)
+
+    @property
+    def floor_s(self) -> float:
+        """The cheaper of the two ways to read every byte once: the floor."""
+        return min(self.read_s, self.bulk_s) if self.bulk_s else self.read_s
 
 
 # -- in the child -----------------------------------------------------------------------------------
@@ -102,7 +109,33 @@ def floor_child(job: Job) -> FloorRun:
                     scratch = torch.empty(raw.numel(), dtype=torch.uint8)
                 scratch[: raw.numel()].copy_(raw)
                 read, tensors = read + raw.numel(), tensors + 1
-        return FloorRun(time.perf_counter() - started, read, tensors)
+        per_key_s = time.perf_counter() - started
+    return FloorRun(per_key_s, read, tensors, bulk_s=_bulk_read_s([job.models[name] for name in job.order]))
+
+
+BULK_SLICE = 16 << 20
+
+
+def _bulk_read_s(paths: list[str]) -> float:
+    """Seconds to copy each file's tensor bytes (after its header) through a memory map in 16 MiB
+    slices into one reused buffer: reading the sources with no per-tensor cost at all."""
+    import mmap
+    import struct
+
+    scratch = torch.empty(BULK_SLICE, dtype=torch.uint8)
+    started = time.perf_counter()
+    for path in paths:
+        with open(path, "rb") as file:
+            start = 8 + struct.unpack("<Q", file.read(8))[0]
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        data = memoryview(mapped)[start:]
+        for offset in range(0, len(data), BULK_SLICE):
+            piece = data[offset : offset + BULK_SLICE]
+            scratch[: len(piece)].copy_(torch.frombuffer(piece, dtype=torch.uint8))
+            del piece
+        del data
+        mapped.close()
+    return time.perf_counter() - started
 
 
 def export_child(job: Job) -> ExportRun:

@@ -107,7 +107,7 @@ class CountResult:
 
     @property
     def floor_s(self) -> float:
-        return statistics.median(run.read_s for run in self.floors)
+        return statistics.median(run.floor_s for run in self.floors)
 
     def export_s(self, method: str) -> float:
         return statistics.median(run.export_s for run in self.exports[method])
@@ -150,7 +150,8 @@ def measure_count(
     for round_ in range(settings.reps + 1):
         result.load_average.append(load_average())
         result.floors.append(floor_run(base_job, cache_dir=cache_dir))
-        print(f"[{label}] read floor: {result.floors[-1].read_s:.2f} s")
+        last = result.floors[-1]
+        print(f"[{label}] read floor: key by key {last.read_s:.2f} s, in 16 MiB slices {last.bulk_s:.2f} s")
         if round_ == settings.reps:
             break
         for method in methods:

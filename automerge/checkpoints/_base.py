@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Self, runtime_checkable
@@ -27,12 +28,12 @@ class TensorInfo:
         if not isinstance(self.dtype, torch.dtype):
             raise ValueError(f"TensorInfo dtype must be a torch.dtype, got {self.dtype!r}")
 
-    @property
+    @functools.cached_property  # infos are shared between files and asked often (``load_run``)
     def numel(self) -> int:
         """Number of elements: the product of ``shape`` (1 for a 0-dim tensor)."""
         return math.prod(self.shape)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         """Size of the data in bytes: ``numel × itemsize``."""
         return self.numel * self.dtype.itemsize
@@ -59,6 +60,11 @@ class Checkpoint(Protocol):
     def load(self, key: str) -> torch.Tensor:
         """One tensor, on the CPU, in its stored dtype."""
         ...
+
+    def load_run(self, keys: Sequence[str]) -> torch.Tensor | None:
+        """The tensors ``keys`` as one flat view when they lie back to back in the file in one dtype
+        (each one's bytes right after the previous one's), else None (then ``load`` each)."""
+        return None
 
     def close(self) -> None:
         """Release file handles and memory maps; the checkpoint cannot be used afterwards."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import mmap
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -50,9 +50,13 @@ class SafetensorsCheckpoint(Checkpoint):
         return list(self._keys)
 
     def info(self, key: str) -> TensorInfo:
-        if key not in self._entries:
-            raise unknown_key_error(self.path, key, self._keys)
-        return self._entries[key][0]
+        return self._entry(key)[0]
+
+    def _entry(self, key: str) -> tuple[TensorInfo, int]:
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise unknown_key_error(self.path, key, self._keys) from None
 
     def load(self, key: str) -> torch.Tensor:
         """A view of the mapped bytes (a copy only for a tensor whose offset is not aligned to its
@@ -68,6 +72,25 @@ class SafetensorsCheckpoint(Checkpoint):
             raw = bytearray(mapped[begin : begin + count * itemsize])
             return torch.frombuffer(raw, dtype=info.dtype, count=count).view(info.shape)
         return torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=begin).view(info.shape)
+
+    def load_run(self, keys: Sequence[str]) -> torch.Tensor | None:
+        """One view of the map over ``keys`` when they are back to back in one dtype, aligned."""
+        if not keys:
+            return None
+        first, begin = self._entry(keys[0])
+        end = begin + first.nbytes
+        for key in keys[1:]:
+            info, at = self._entry(key)
+            if at != end or info.dtype != first.dtype:
+                return None
+            end += info.nbytes
+        itemsize = first.dtype.itemsize
+        if (self._data_start + begin) % itemsize or end == begin:
+            return None
+        count = (end - begin) // itemsize
+        return torch.frombuffer(
+            self._open_map(), dtype=first.dtype, count=count, offset=self._data_start + begin
+        )
 
     def close(self) -> None:
         # Tensors still viewing the map keep it alive (the buffer protocol); it is unmapped when the

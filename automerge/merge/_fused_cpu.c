@@ -13,6 +13,8 @@
  *           T = Σ a_i, W = Σ [a_i > 0] · v_i, merged = T / max(W, tiny) · e
  *   else:   merged = Σ kept_i
  *   out = C + merged · α  (rounded once to the output's dtype); ``merged_out`` ← merged when given.
+ *
+ * ``fused_scaled_add`` is the weighted average's step, acc ← acc + x·w, in the same way.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -148,6 +150,23 @@ int fused_task_arithmetic(const fused_args *a) {
     const int64_t vectorized = a->n - a->n % 8;
     vector_part(a, vectorized);
     scalar_part(a, vectorized);
+    return 0;
+}
+
+/* acc ← x·w (first) or acc + x·w, in float32 with the product rounded before the sum: weighted_mean's
+ * ``total.add_(model·weight)`` over a stored fp16/fp32 source, without its upcast copy and product. */
+int fused_scaled_add(float *acc, const void *x, int32_t dtype, float weight, int64_t n, int32_t first) {
+    if ((dtype != F16 && dtype != F32) || n < 0) return 1;
+    const __m256 w = _mm256_set1_ps(weight);
+    const int64_t vectorized = n - n % 8;
+    for (int64_t j = 0; j < vectorized; j += 8) {
+        const __m256 term = _mm256_mul_ps(load8(x, j, dtype), w);
+        _mm256_storeu_ps(acc + j, first ? term : _mm256_add_ps(_mm256_loadu_ps(acc + j), term));
+    }
+    for (int64_t j = vectorized; j < n; j++) {
+        const float term = load1(x, j, dtype) * weight;
+        acc[j] = first ? term : acc[j] + term;
+    }
     return 0;
 }
 

@@ -1,4 +1,5 @@
-"""The live task-arithmetic merge (ties, dare, dare_ties) in one pass on a CPU (``_fused_cpu.c``).
+"""The live task-arithmetic merge (ties, dare, dare_ties) in one pass on a CPU (``_fused_cpu.c``), and
+the weighted average's accumulation step.
 
 ``_sparse_live`` runs it as about twenty torch passes over each chunk, bound by the number of passes;
 the C file computes the same float32 operations in the same order in one pass (AVX2 + F16C), so its
@@ -22,10 +23,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -33,6 +35,7 @@ from torch import Tensor
 from automerge.files import cache_dir
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SOURCE = Path(__file__).with_name("_fused_cpu.c")
 DISABLE_VARIABLE = "AUTOMERGE_FUSED_CPU"
@@ -97,6 +100,11 @@ class FusedKernel:
         self._function = library.fused_task_arithmetic
         self._function.argtypes = [ctypes.POINTER(_Args)]
         self._function.restype = ctypes.c_int
+        self._scaled_add = library.fused_scaled_add
+        self._scaled_add.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float, ctypes.c_int64, ctypes.c_int32
+        ]  # fmt: skip
+        self._scaled_add.restype = ctypes.c_int
         self._pool: ThreadPoolExecutor | None = None
         self._threads = 0
 
@@ -167,14 +175,47 @@ class FusedKernel:
             if code != 0:
                 raise RuntimeError(f"the fused CPU kernel refused its arguments (code {code})")
 
+    def scaled_add(self, total: Tensor, source: Tensor, weight: float, *, first: bool) -> bool:
+        """total ← source·w (``first``) or total + source·w in float32, the product rounded before the
+        sum (as ``total.add_(source.float() * weight)``); False, with nothing done, for tensors the
+        kernel does not take (then the caller uses torch)."""
+        if not (
+            total.dtype == torch.float32
+            and source.dtype in _DTYPES
+            and total.shape == source.shape
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in (total, source))
+        ):
+            return False
+        dtype, size = _DTYPES[source.dtype], source.element_size()
+        calls = [
+            (
+                self._scaled_add,
+                total.data_ptr() + start * 4,
+                source.data_ptr() + start * size,
+                dtype,
+                weight,
+                min(_PIECE, total.numel() - start),
+                int(first),
+            )
+            for start in range(0, total.numel(), _PIECE)
+        ]
+        codes = self._map(lambda call: call[0](*call[1:]), calls)
+        if any(codes):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
+        return True
+
     def _run(self, calls: list[tuple[_Args, object, object]]) -> list[int]:
+        return self._map(lambda call: self._function(ctypes.byref(call[0])), calls)
+
+    def _map(self, function: Callable[[T], int], calls: Sequence[T]) -> list[int]:
+        """``function`` over ``calls``, on torch's number of threads (ctypes releases the GIL)."""
         threads = torch.get_num_threads()
-        if threads <= 1 or len(calls) == 1:
-            return [self._function(ctypes.byref(args)) for args, *_ in calls]
+        if threads <= 1 or len(calls) <= 1:
+            return [function(call) for call in calls]
         if self._pool is None or self._threads != threads:
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="automerge-fused")
             self._threads = threads
-        return list(self._pool.map(lambda call: self._function(ctypes.byref(call[0])), calls))
+        return list(self._pool.map(function, calls))
 
 
 def _pieces(parts: Sequence[KeyPart]) -> list[KeyPart]:

@@ -12,6 +12,7 @@ versions, header) merges only the keys the killed run had not written, into the 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -32,16 +33,24 @@ from automerge.errors import ConfigError, MergeError
 from automerge.merge.methods import LazySources, MergeMethod, check_finite, merge_into, noise_for
 from automerge.merge.plan import MergePlan
 
+RUN_KEY_NUMEL = 1 << 16
+"""Keys of at most this many elements are merged in runs (``merge_run``); larger ones alone."""
+RUN_NUMEL = 1 << 20
+"""Elements of one run at most."""
+
 
 def merged_tensors(
     plan: MergePlan, *, dtype: torch.dtype, device: str = "cpu", skip: Collection[str] = ()
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) in A's key order: merged keys computed, the rest copied from A; EMA dropped, and
-    the keys in ``skip`` (already written by a resumed export) neither read nor computed."""
+    the keys in ``skip`` (already written by a resumed export) neither read nor computed. Small keys
+    of an element-wise method are merged a run at a time (``merge_run``), with the same bits."""
     primary = plan.primary.checkpoint
-    for key in primary.keys():
-        if not plan.arch.is_exported(key) or key in skip:
-            continue
+    keys = [key for key in primary.keys() if plan.arch.is_exported(key) and key not in skip]
+    runs = _runs_possible(plan)
+    index = 0
+    while index < len(keys):
+        key = keys[index]
         info = primary.info(key)
         block = plan.merged_block(key, info.dtype)
         if block is None:  # copied from A: refused with NaN/Inf as the live engine refuses it
@@ -51,8 +60,102 @@ def merged_tensors(
                 key,
                 tensor.to(dtype) if tensor.is_floating_point() and _in_a_block(plan, key, info) else tensor,
             )
+            index += 1
             continue
-        yield key, merge_key(plan, key, block=block, dtype=dtype, device=device)
+        run = _run_from(plan, keys, index, block) if runs else [key]
+        merged = merge_run(plan, run, block=block, dtype=dtype, device=device) if len(run) > 1 else None
+        if merged is None:
+            yield key, merge_key(plan, key, block=block, dtype=dtype, device=device)
+            index += 1
+        else:
+            yield from merged
+            index += len(run)
+
+
+def _runs_possible(plan: MergePlan) -> bool:
+    """Runs give each key its own bits only for element-wise, non-random methods (no element depends
+    on another, no per-key noise) on sources without LoRAs (applied per key)."""
+    return plan.method.elementwise and not plan.method.random and not any(plan.loras.values())
+
+
+def _run_from(plan: MergePlan, keys: Sequence[str], index: int, block: str) -> list[str]:
+    """``keys[index]`` and the small keys after it in the same block, up to ``RUN_NUMEL`` elements
+    (whether they lie back to back in every source is ``merge_run``'s question)."""
+    primary = plan.primary.checkpoint
+    run: list[str] = []
+    total = 0
+    for key in keys[index:]:
+        info = primary.info(key)
+        if info.numel > RUN_KEY_NUMEL or total + info.numel > RUN_NUMEL:
+            break
+        if run and plan.merged_block(key, info.dtype) != block:
+            break
+        run.append(key)
+        total += info.numel
+    return run or [keys[index]]
+
+
+def merge_run(
+    plan: MergePlan, keys: Sequence[str], *, block: str, dtype: torch.dtype, device: str = "cpu"
+) -> list[tuple[str, torch.Tensor]] | None:
+    """(key, merged tensor) of each of ``keys`` (one block, an element-wise method), merged as one flat
+    tensor over one view of each source's bytes: per element the same operations as ``merge_key``,
+    without its per-key calls (at a small width, most of an N-model export). None when the keys do not
+    lie back to back in one dtype in every source, or on a ``MergeError`` (NaN/Inf: then ``merge_key``
+    names the key and the source)."""
+    names = [*plan.model_names, *([plan.base_name] if plan.base_name else [])]
+    views = {name: plan.sources[name].checkpoint.load_run(keys) for name in names}
+    flat = {name: view for name, view in views.items() if view is not None}
+    if len(flat) != len(names):
+        return None
+    numel = next(iter(flat.values())).numel()
+    base = flat[plan.base_name].to(device) if plan.base_name else None
+    try:
+        if plan.method.max_models is None:
+            loaders = [partial(_upcast, flat[name], device, plan.compute_dtype) for name in plan.model_names]
+            stored = [partial(_view, flat[name]) for name in plan.model_names] if device == "cpu" else None
+            models: Sequence[torch.Tensor] = LazySources(
+                loaders, shape=(numel,), dtype=plan.compute_dtype, stored=stored
+            )
+            magnitude = None
+            if base is not None:
+                check_finite(base, model=plan.base_name, key=keys[0])
+        else:
+            models = [flat[name].to(device) for name in plan.model_names]
+            loaded = [*models, *([base] if base is not None else [])]
+            magnitude = max(
+                check_finite(tensor, model=name, key=keys[0])
+                for name, tensor in zip(names, loaded, strict=True)
+            )
+        out = torch.empty(numel, dtype=dtype, device=device)
+        merge_into(
+            out,
+            plan.method,
+            models,
+            base,
+            key=keys[0],
+            params=plan.params.for_block(block),
+            noise=None,
+            weights=plan.params.model_weights(block, plan.model_names),
+            compute_dtype=plan.compute_dtype,
+            source_magnitude=magnitude,
+        )
+    except MergeError:
+        return None
+    merged, offset = [], 0
+    for key in keys:
+        info = plan.primary.checkpoint.info(key)
+        merged.append((key, out[offset : offset + info.numel].view(info.shape)))
+        offset += info.numel
+    return merged
+
+
+def _upcast(tensor: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(device).to(dtype)
+
+
+def _view(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _in_a_block(plan: MergePlan, key: str, info: TensorInfo) -> bool:
@@ -111,7 +214,11 @@ def _lazy_sources(plan: MergePlan, key: str, device: str, *, check: bool) -> Laz
     ``check``), in the compute dtype (the upcast the merge would make anyway)."""
     shape = plan.sources[plan.model_names[0]].checkpoint.info(key).shape
     loaders = [partial(_load_upcast, plan, name, key, device, check=check) for name in plan.model_names]
-    return LazySources(loaders, shape=shape, dtype=plan.compute_dtype)
+    # unchecked sources on the CPU also as stored, for consumers that convert as they read
+    stored = (
+        None if check or device != "cpu" else [partial(plan.load, name, key) for name in plan.model_names]
+    )
+    return LazySources(loaders, shape=shape, dtype=plan.compute_dtype, stored=stored)
 
 
 def _load_upcast(plan: MergePlan, name: str, key: str, device: str, *, check: bool) -> torch.Tensor:
@@ -282,7 +389,8 @@ def export_merge(
     files = {name: model.path for name, model in plan.sources.items() if model.path.is_file()}
     placeholders = {name: f"{i:064x}" if name in files else "" for i, name in enumerate(plan.sources, 1)}
     fingerprint = export_fingerprint(plan, dtype=out_dtype, device=device)
-    pool = ThreadPoolExecutor(max_workers=max(1, len(files)), thread_name_prefix="automerge-sha256")
+    workers = max(1, min(len(files), os.cpu_count() or 1))  # hashing is CPU-bound: a thread per core
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="automerge-sha256")
     try:
         hashing = {name: pool.submit(cached_sha256, path) for name, path in files.items()}
         metadata = export_metadata(plan, extra=extra_metadata, title=title, digests=placeholders)

@@ -181,3 +181,21 @@ def test_unknown_suffix_with_safetensors_content_is_read_as_safetensors(tmp_path
     save_file({"w": torch.ones(2)}, path)
     with open_file_checkpoint(path) as checkpoint:
         assert torch.equal(checkpoint.load("w"), torch.ones(2))
+
+
+def test_a_run_of_keys_back_to_back_in_one_dtype_is_one_view_else_none(tmp_path: Path) -> None:
+    """``load_run``: the export's flat view over small keys (one call per run instead of per key)."""
+    tensors = {f"k{i}": torch.full((i + 1, 2), float(i)) for i in range(4)} | {"z": torch.ones(3).half()}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path)
+    with open_safetensors(path) as checkpoint:
+        order = sorted(checkpoint.keys(), key=lambda key: checkpoint._entries[key][1])  # the file's order
+        floats = [key for key in order if key != "z"]
+        run = checkpoint.load_run(floats)
+        assert run is not None and run.dtype == torch.float32
+        assert torch.equal(run, torch.cat([tensors[key].flatten() for key in floats]))
+        assert run.data_ptr() == checkpoint.load(floats[0]).data_ptr()  # a view of the map, not a copy
+        assert checkpoint.load_run(floats[::2]) is None  # not back to back
+        assert checkpoint.load_run([*floats, "z"]) is None and checkpoint.load_run(["z", *floats]) is None
+        assert checkpoint.load_run(list(reversed(floats))) is None
+        assert checkpoint.load_run([]) is None

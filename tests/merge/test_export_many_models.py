@@ -88,3 +88,37 @@ def test_a_damaged_source_of_an_element_wise_n_model_export_is_named(
         export_merge(plan, tmp_path / "out.safetensors")
     plan.close()
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "names"),
+    [
+        ("average", {"weight.a": 2.0, "weight.e": 0.5}, "abdcef"),  # N models, lazy sources
+        ("weighted_sum", {"alpha": {"default": 0.3, "IN04": 0.8}}, "ab"),  # the fused in-place op
+        ("add_difference", {"alpha": 0.7}, "abc"),  # element-wise chunks
+    ],
+)
+def test_small_keys_merged_in_runs_give_the_bytes_of_key_by_key(
+    method: str, params: dict, names: str, five_models: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """An element-wise export merges runs of small keys as one flat tensor (``merge_run``): the file
+    is byte for byte the one merged key by key."""
+    from automerge.merge import export as export_module
+
+    data = {"models": {k: str(five_models[k]) for k in names}, "method": method, "params": params}
+    plan = plan_merge(recipe_from_data(data, source="t.yaml"), source="t.yaml")
+    runs: list[int] = []
+    real_run = export_module.merge_run
+
+    def counted(plan_: object, keys: list[str], **options: object) -> object:
+        merged = real_run(plan_, keys, **options)  # type: ignore[arg-type]
+        runs.append(len(keys) if merged is not None else 0)
+        return merged
+
+    monkeypatch.setattr(export_module, "merge_run", counted)
+    in_runs = export_merge(plan, tmp_path / "runs.safetensors").read_bytes()
+    assert runs and all(count > 1 for count in runs)  # every run lay back to back in every source
+    assert sum(runs) > len(plan.primary.checkpoint.keys()) // 2
+    monkeypatch.setattr(export_module, "_runs_possible", lambda plan: False)
+    assert in_runs == export_merge(plan, tmp_path / "keys.safetensors").read_bytes()
+    plan.close()

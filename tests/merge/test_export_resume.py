@@ -95,15 +95,21 @@ def reference(
 
 @pytest.fixture
 def merge_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The keys ``merge_key`` is called for, in order."""
+    """The keys merged (by ``merge_key``, or a run of small keys by ``merge_run``), in order."""
     calls: list[str] = []
-    real = export_module.merge_key
+    real, real_run = export_module.merge_key, export_module.merge_run
 
     def counting(plan: MergePlan, key: str, **options: object) -> torch.Tensor:
         calls.append(key)
         return real(plan, key, **options)  # type: ignore[arg-type]
 
+    def counting_run(plan: MergePlan, keys: list[str], **options: object) -> object:
+        merged = real_run(plan, keys, **options)  # type: ignore[arg-type]
+        calls.extend(key for key, _ in merged or ())
+        return merged
+
     monkeypatch.setattr(export_module, "merge_key", counting)
+    monkeypatch.setattr(export_module, "merge_run", counting_run)
     return calls
 
 
@@ -263,6 +269,24 @@ def test_a_source_changed_on_disk_discards_the_partial_merge(tiny_models: dict, 
     ]
 
 
+def test_another_output_dtype_discards_the_partial_merge_naming_the_dtype(
+    tiny_models: dict, tmp_path: Path
+) -> None:
+    """The same recipe exported in another dtype (``--dtype``) is another file: the notice names the
+    output dtype (the header's tensor dtypes change too, but the dtype is what the user changed)."""
+    out = tmp_path / "o.safetensors"
+    with _plan(tiny_models) as plan:
+        with pytest.raises(Killed):
+            export_merge(plan, out, dtype=torch.float32, progress=_stop_after(3))
+    notices: list[str] = []
+    with _plan(tiny_models) as plan:
+        export_merge(plan, out, dtype=torch.float16, notify=notices.append)
+    assert notices == [
+        "discarded the partial merge .o.safetensors.partial: the output dtype changed since it was started; "
+        "starting over"
+    ]
+
+
 def test_nothing_is_at_the_output_path_until_the_end_and_an_old_file_stays_meanwhile(
     tiny_models: dict, tmp_path: Path, reference: Callable[[float], bytes]
 ) -> None:
@@ -325,22 +349,30 @@ def test_automerge_merge_says_what_it_keeps_when_interrupted_and_resumes_from_it
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps(_recipe_data(tiny_models, 0.5)))  # JSON is YAML
     out = tmp_path / "o.safetensors"
-    real = export_module.merge_key
+    real, real_run = export_module.merge_key, export_module.merge_run
     calls: list[str] = []
 
     def interrupted_on_the_100th(plan: MergePlan, key: str, **options: object) -> torch.Tensor:
         calls.append(key)
-        if len(calls) == 100:
+        if len(calls) >= 100:
             raise KeyboardInterrupt
         return real(plan, key, **options)  # type: ignore[arg-type]
 
+    def run_interrupted_on_the_100th(plan: MergePlan, keys: list[str], **options: object) -> object:
+        calls.extend(keys)
+        if len(calls) >= 100:
+            raise KeyboardInterrupt
+        return real_run(plan, keys, **options)  # type: ignore[arg-type]
+
     monkeypatch.setattr(export_module, "merge_key", interrupted_on_the_100th)
+    monkeypatch.setattr(export_module, "merge_run", run_interrupted_on_the_100th)
     first = run_cli(capsys, "merge", recipe, "-o", out)
     assert first.code == 130 and not out.exists()
     kept = re.search(r"(\d+) of 1134 keys merged are kept: run the same command again to resume", first.out)
     assert kept, first.out
 
     monkeypatch.setattr(export_module, "merge_key", real)
+    monkeypatch.setattr(export_module, "merge_run", real_run)
     second = run_cli(capsys, "merge", recipe, "-o", out)
     assert second.code == 0, second.err
     assert f"resuming: {kept.group(1)} of 1134 keys already merged" in second.out

@@ -37,6 +37,11 @@ class _OnAccess(Sequence[Tensor]):
     def _sliced(self, index: slice) -> Sequence[Tensor]:
         raise NotImplementedError
 
+    def stored(self, index: int) -> Tensor | None:
+        """Model ``index``'s tensor as stored (a view of its file, not converted: a consumer that
+        converts as it reads saves a pass), or None when it is not known."""
+        return None
+
     @overload
     def __getitem__(self, index: int) -> Tensor: ...
     @overload
@@ -49,23 +54,38 @@ class _OnAccess(Sequence[Tensor]):
             yield self._item(index)
 
 
+def stored_tensor(models: Sequence[Tensor], index: int) -> Tensor | None:
+    """Model ``index``'s tensor as stored when ``models`` reads lazily and knows it, else None."""
+    return models.stored(index) if isinstance(models, _OnAccess) else None
+
+
 class LazySources(_OnAccess):
     """Models whose tensors are loaded on each access (``loaders[i]()``, never cached), with the
     ``shape`` and ``dtype`` every loader returns known up front (from the files' headers), so that
     checks need no load and a streaming method holds one model at a time."""
 
     def __init__(
-        self, loaders: Sequence[Callable[[], Tensor]], *, shape: Sequence[int], dtype: torch.dtype
+        self,
+        loaders: Sequence[Callable[[], Tensor]],
+        *,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        stored: Sequence[Callable[[], Tensor]] | None = None,
     ) -> None:
         self._loaders = tuple(loaders)
+        self._stored = None if stored is None else tuple(stored)
         self.shape = torch.Size(shape)
         self.dtype = dtype
 
     def __len__(self) -> int:
         return len(self._loaders)
 
+    def stored(self, index: int) -> Tensor | None:
+        return None if self._stored is None else self._stored[index]()
+
     def _sliced(self, index: slice) -> Sequence[Tensor]:
-        return LazySources(self._loaders[index], shape=self.shape, dtype=self.dtype)
+        stored = None if self._stored is None else self._stored[index]
+        return LazySources(self._loaders[index], shape=self.shape, dtype=self.dtype, stored=stored)
 
     def _item(self, index: int) -> Tensor:
         tensor = self._loaders[index]()
@@ -95,6 +115,9 @@ class _Upcast(_OnAccess):
 
     def _item(self, index: int) -> Tensor:
         return self._models[index].to(self._dtype)
+
+    def stored(self, index: int) -> Tensor | None:
+        return stored_tensor(self._models, index)
 
 
 def _layout(models: Sequence[Tensor]) -> list[tuple[torch.Size, torch.dtype]]:
