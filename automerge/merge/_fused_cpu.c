@@ -14,7 +14,7 @@
  *   else:   merged = Σ kept_i
  *   out = C + merged · α  (rounded once to the output's dtype); ``merged_out`` ← merged when given.
  *
- * ``fused_scaled_add`` is the weighted average's step, acc ← acc + x·w, in the same way.
+ * ``fused_weighted_mean`` is the weighted average, (Σ x_i·w_i) / Σ w_i, in the same way.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -153,19 +153,24 @@ int fused_task_arithmetic(const fused_args *a) {
     return 0;
 }
 
-/* acc ← x·w (first) or acc + x·w, in float32 with the product rounded before the sum: weighted_mean's
- * ``total.add_(model·weight)`` over a stored fp16/fp32 source, without its upcast copy and product. */
-int fused_scaled_add(float *acc, const void *x, int32_t dtype, float weight, int64_t n, int32_t first) {
-    if ((dtype != F16 && dtype != F32) || n < 0) return 1;
-    const __m256 w = _mm256_set1_ps(weight);
+/* acc ← (Σ_i x_i·w_i) / divisor over ``models`` sources of one dtype, the sum left to right, each
+ * product rounded before it is added: weighted_mean's whole loop and its division in one pass (the
+ * sources read once, the sum in registers). */
+int fused_weighted_mean(float *acc, const void *const *sources, int32_t dtype, const float *weights,
+                        int32_t models, int64_t n, float divisor) {
+    if ((dtype != F16 && dtype != F32) || n < 0 || models < 1) return 1;
+    const __m256 d = _mm256_set1_ps(divisor);
     const int64_t vectorized = n - n % 8;
     for (int64_t j = 0; j < vectorized; j += 8) {
-        const __m256 term = _mm256_mul_ps(load8(x, j, dtype), w);
-        _mm256_storeu_ps(acc + j, first ? term : _mm256_add_ps(_mm256_loadu_ps(acc + j), term));
+        __m256 total = _mm256_mul_ps(load8(sources[0], j, dtype), _mm256_set1_ps(weights[0]));
+        for (int i = 1; i < models; i++)
+            total = _mm256_add_ps(total, _mm256_mul_ps(load8(sources[i], j, dtype), _mm256_set1_ps(weights[i])));
+        _mm256_storeu_ps(acc + j, _mm256_div_ps(total, d));
     }
     for (int64_t j = vectorized; j < n; j++) {
-        const float term = load1(x, j, dtype) * weight;
-        acc[j] = first ? term : acc[j] + term;
+        float total = load1(sources[0], j, dtype) * weights[0];
+        for (int i = 1; i < models; i++) total = total + load1(sources[i], j, dtype) * weights[i];
+        acc[j] = total / divisor;
     }
     return 0;
 }

@@ -1,5 +1,5 @@
 """The live task-arithmetic merge (ties, dare, dare_ties) in one pass on a CPU (``_fused_cpu.c``), and
-the weighted average's accumulation step.
+the weighted average of many sources.
 
 ``_sparse_live`` runs it as about twenty torch passes over each chunk, bound by the number of passes;
 the C file computes the same float32 operations in the same order in one pass (AVX2 + F16C), so its
@@ -100,11 +100,12 @@ class FusedKernel:
         self._function = library.fused_task_arithmetic
         self._function.argtypes = [ctypes.POINTER(_Args)]
         self._function.restype = ctypes.c_int
-        self._scaled_add = library.fused_scaled_add
-        self._scaled_add.argtypes = [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float, ctypes.c_int64, ctypes.c_int32
+        self._weighted_mean = library.fused_weighted_mean
+        self._weighted_mean.argtypes = [
+            ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int32, ctypes.POINTER(ctypes.c_float),
+            ctypes.c_int32, ctypes.c_int64, ctypes.c_float,
         ]  # fmt: skip
-        self._scaled_add.restype = ctypes.c_int
+        self._weighted_mean.restype = ctypes.c_int
         self._pool: ThreadPoolExecutor | None = None
         self._threads = 0
 
@@ -175,34 +176,37 @@ class FusedKernel:
             if code != 0:
                 raise RuntimeError(f"the fused CPU kernel refused its arguments (code {code})")
 
-    def scaled_add(self, total: Tensor, source: Tensor, weight: float, *, first: bool) -> bool:
-        """total ← source·w (``first``) or total + source·w in float32, the product rounded before the
-        sum (as ``total.add_(source.float() * weight)``); False, with nothing done, for tensors the
-        kernel does not take (then the caller uses torch)."""
+    def weighted_mean(
+        self, sources: Sequence[Tensor], weights: Sequence[float], divisor: float
+    ) -> Tensor | None:
+        """(Σ x_i·w_i) / divisor in float32, summed left to right with each product rounded first (as
+        ``weighted_mean``'s loop and ``div_``), reading every source once; None, with nothing done,
+        for sources the kernel does not take."""
+        first = sources[0]
         if not (
-            total.dtype == torch.float32
-            and source.dtype in _DTYPES
-            and total.shape == source.shape
-            and all(t.device.type == "cpu" and t.is_contiguous() for t in (total, source))
-        ):
-            return False
-        dtype, size = _DTYPES[source.dtype], source.element_size()
-        calls = [
-            (
-                self._scaled_add,
-                total.data_ptr() + start * 4,
-                source.data_ptr() + start * size,
-                dtype,
-                weight,
-                min(_PIECE, total.numel() - start),
-                int(first),
+            first.dtype in _DTYPES
+            and all(
+                s.dtype == first.dtype
+                and s.shape == first.shape
+                and s.device.type == "cpu"
+                and s.is_contiguous()
+                for s in sources
             )
-            for start in range(0, total.numel(), _PIECE)
-        ]
-        codes = self._map(lambda call: call[0](*call[1:]), calls)
-        if any(codes):
+        ):
+            return None
+        total = torch.empty(first.shape, dtype=torch.float32)
+        m, size = len(sources), first.element_size()
+        factors = (ctypes.c_float * m)(*weights)
+        calls = []
+        for start in range(0, total.numel(), _PIECE):
+            pointers = (ctypes.c_void_p * m)(*(s.data_ptr() + start * size for s in sources))
+            count = min(_PIECE, total.numel() - start)
+            calls.append(
+                (total.data_ptr() + start * 4, pointers, _DTYPES[first.dtype], factors, m, count, divisor)
+            )
+        if any(self._map(lambda call: self._weighted_mean(*call), calls)):
             raise RuntimeError("the fused CPU kernel refused its arguments")
-        return True
+        return total
 
     def _run(self, calls: list[tuple[_Args, object, object]]) -> list[int]:
         return self._map(lambda call: self._function(ctypes.byref(call[0])), calls)

@@ -214,10 +214,9 @@ def _lazy_sources(plan: MergePlan, key: str, device: str, *, check: bool) -> Laz
     ``check``), in the compute dtype (the upcast the merge would make anyway)."""
     shape = plan.sources[plan.model_names[0]].checkpoint.info(key).shape
     loaders = [partial(_load_upcast, plan, name, key, device, check=check) for name in plan.model_names]
-    # unchecked sources on the CPU also as stored, for consumers that convert as they read
-    stored = (
-        None if check or device != "cpu" else [partial(plan.load, name, key) for name in plan.model_names]
-    )
+    # unchecked views of the files on the CPU also as stored, for consumers that convert as they read
+    viewed = not check and device == "cpu" and not any(plan.loras_on(name, key) for name in plan.model_names)
+    stored = [partial(plan.load, name, key) for name in plan.model_names] if viewed else None
     return LazySources(loaders, shape=shape, dtype=plan.compute_dtype, stored=stored)
 
 

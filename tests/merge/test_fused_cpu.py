@@ -131,22 +131,18 @@ def test_without_a_compiler_the_torch_path_merges(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.usefixtures("kernel_needed")
-def test_the_weighted_average_step_gives_torchs_bits(
-    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``scaled_add``: total ← total + x·w with the product rounded first, as ``weighted_mean``'s
-    ``total.add_(model.float() * weight)``; over several calls (pieces) and a vector tail."""
+def test_the_weighted_average_gives_torchs_bits(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``weighted_mean``: (Σ x_i·w_i) / Σ w_i with each product rounded before it is added, as
+    ``weighted_mean``'s torch loop; over several calls (pieces) and a vector tail."""
+    from automerge.merge.methods.average import weighted_mean
+
     monkeypatch.setattr("automerge.merge._fused_cpu._PIECE", 1 << 10)
     kernel = fused_kernel()
     assert kernel is not None
     base, rows = _sources(4, 5_003, dtype, seed=9)
-    weights = [0.3, -1.7, 1e-3, 2.0]
-    fast = torch.empty(5_003)
-    slow: torch.Tensor | None = None
-    for index, (row, weight) in enumerate(zip([base, *rows[:3]], weights, strict=True)):
-        assert kernel.scaled_add(fast, row, weight, first=index == 0)
-        term = row.float() * weight
-        slow = term if slow is None else slow.add_(term)
-    assert slow is not None and torch.equal(fast.view(torch.int32), slow.view(torch.int32))
-    assert not kernel.scaled_add(fast, rows[0][::2], 1.0, first=True)  # not contiguous: torch's turn
-    assert not kernel.scaled_add(fast.double(), rows[0], 1.0, first=True)
+    sources, weights = [base, *rows], [0.3, -1.7, 1e-3, 2.0, 0.7]
+    fast = kernel.weighted_mean(sources, weights, sum(weights))
+    slow = weighted_mean([s.float() for s in sources], weights, method="average")  # torch's loop
+    assert fast is not None and torch.equal(fast.view(torch.int32), slow.view(torch.int32))
+    assert kernel.weighted_mean([base, rows[0][::2]], [1.0, 1.0], 2.0) is None  # torch's turn
+    assert kernel.weighted_mean([base, rows[0].double()], [1.0, 1.0], 2.0) is None

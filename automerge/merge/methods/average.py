@@ -17,24 +17,25 @@ def weighted_mean(models: Sequence[Tensor], weights: Sequence[float], *, method:
     """Σ w_i·Mi / Σ w_i in one pass, left to right (each product rounded, then added: no fused
     multiply-add, so every element, chunk or whole, gets the same bits); Σ w_i = 0 is a ``MergeError``.
 
-    Float32 sources read lazily on a CPU with their stored views go through the fused kernel's
-    ``scaled_add`` (the same operations, without the upcast copy and the product's pass)."""
+    Sources read lazily on a CPU whose stored views are known (the export's) go through the fused
+    kernel's ``weighted_mean``: the same operations in one pass over the stored fp16 bytes, without an
+    upcast copy or a pass per operation."""
     total_weight = sum(weights)
     if total_weight == 0:
         raise MergeError(
             f"merge method '{method}': the model weights {list(weights)} sum to 0; give a model a weight above 0"
         )
-    kernel = fused_kernel() if getattr(models, "dtype", None) == torch.float32 else None
+    if getattr(models, "dtype", None) == torch.float32 and (kernel := fused_kernel()) is not None:
+        stored = [stored_tensor(models, index) for index in range(len(models))]  # views: no memory
+        views = [view for view in stored if view is not None]
+        if views and len(views) == len(stored):
+            mean = kernel.weighted_mean(views, weights, total_weight)
+            if mean is not None:
+                return mean
     total: Tensor | None = None
-    for index, weight in enumerate(weights):
-        stored = stored_tensor(models, index) if kernel is not None else None
-        if kernel is not None and stored is not None:
-            if total is None:
-                total = torch.empty(stored.shape, dtype=torch.float32)
-            if kernel.scaled_add(total, stored, weight, first=index == 0):
-                continue
-        term = models[index] * weight
-        total = term if index == 0 or total is None else total.add_(term)
+    for model, weight in zip(models, weights, strict=True):
+        term = model * weight
+        total = term if total is None else total.add_(term)
     assert total is not None
     return total.div_(total_weight)
 
