@@ -129,18 +129,24 @@ def test_without_a_compiler_the_torch_path_merges(monkeypatch: pytest.MonkeyPatc
         fused_kernel.cache_clear()
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(("dtype", "models"), [(torch.float16, 4), (torch.float32, 4), (torch.float16, 11)])
 @pytest.mark.usefixtures("kernel_needed")
-def test_the_weighted_average_gives_torchs_bits(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_weighted_average_gives_torchs_bits(
+    dtype: torch.dtype, models: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``weighted_mean``: (Σ x_i·w_i) / Σ w_i with each product rounded before it is added, as
-    ``weighted_mean``'s torch loop; over several calls (pieces) and a vector tail."""
+    ``weighted_mean``'s torch loop; over several calls (pieces) and a vector tail; 5 sources read
+    interleaved, 12 block by block."""
     from automerge.merge.methods.average import weighted_mean
 
     monkeypatch.setattr("automerge.merge._fused_cpu._PIECE", 1 << 10)
     kernel = fused_kernel()
     assert kernel is not None
-    base, rows = _sources(4, 5_003, dtype, seed=9)
-    sources, weights = [base, *rows], [0.3, -1.7, 1e-3, 2.0, 0.7]
+    base, rows = _sources(models, 5_003, dtype, seed=9)
+    sources, weights = (
+        [base, *rows],
+        [0.3, -1.7, 1e-3, 2.0, 0.7, 1.1, 0.2, 3.0, 0.5, 0.9, 1.3, 0.4][: models + 1],
+    )
     fast = kernel.weighted_mean(sources, weights, sum(weights))
     slow = weighted_mean([s.float() for s in sources], weights, method="average")  # torch's loop
     assert fast is not None and torch.equal(fast.view(torch.int32), slow.view(torch.int32))
