@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import mmap
 import sys
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -36,12 +38,14 @@ class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, path: Path, header: SafetensorsHeader) -> None:
         self.path = path
         self.metadata: Mapping[str, str] = MappingProxyType(dict(header.metadata))
-        # Key strings and infos shared between files (N sources of one family hold one copy of each).
-        self._entries = {
+        # Key strings, infos and whole key tables shared between files: N sources of one family
+        # written alike hold one table (~0.4 MB for an SDXL file), not N.
+        layout = _shared_layout({
             sys.intern(name): (_shared_info(entry.info), entry.begin)
             for name, entry in header.tensors.items()
-        }
-        self._keys = sorted(self._entries)
+        })  # fmt: skip
+        self._layout = layout  # keeps the shared table alive while this file is open
+        self._entries, self._keys = layout.entries, layout.keys
         self._data_start = PREFIX_BYTES + header.length
         self._map: mmap.mmap | None = None
         self._closed = False
@@ -107,6 +111,34 @@ class SafetensorsCheckpoint(Checkpoint):
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"{self.path}: cannot map the file: {exc}") from None
         return self._map
+
+
+class _Layout:
+    """A file's key table: name → (info, offset in the data section), and the names sorted."""
+
+    __slots__ = ("__weakref__", "entries", "keys")
+
+    def __init__(self, entries: dict[str, tuple[TensorInfo, int]]) -> None:
+        self.entries = entries
+        self.keys = sorted(entries)
+
+
+_LAYOUTS: weakref.WeakValueDictionary[int, _Layout] = weakref.WeakValueDictionary()
+_layouts_lock = threading.Lock()
+
+
+def _shared_layout(entries: dict[str, tuple[TensorInfo, int]]) -> _Layout:
+    """The open files' table equal to ``entries`` when there is one, else a new one (kept while a
+    file uses it)."""
+    digest = hash(frozenset(entries.items()))
+    with _layouts_lock:
+        known = _LAYOUTS.get(digest)
+        if known is not None and known.entries == entries:
+            return known
+        layout = _Layout(entries)
+        if known is None:
+            _LAYOUTS[digest] = layout
+        return layout
 
 
 @functools.lru_cache(maxsize=4096)
