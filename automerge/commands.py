@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -241,7 +242,9 @@ def dry_run_command(study_file: StudyFile, *, device: str | None, calibrate: boo
     from automerge.study.dry_run import dry_run
 
     plan = dry_run(study_file, device=device, calibrate=calibrate)
-    console.print(f"[bold]{study_file.path}[/]: {plan.family} {plan.method}, device {plan.device}")
+    console.print(
+        f"[bold]{escape(str(study_file.path))}[/]: {plan.family} {plan.method}, device {plan.device}"
+    )
     console.print(f"blocks merged: {len(plan.blocks)} ({', '.join(plan.blocks)})", highlight=False)
     console.print(
         f"search dimensions: {len(plan.dimensions)} ({', '.join(plan.dimensions)})", highlight=False

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 
 Status = Callable[[str], None]
 """``status(text)``: told what a long phase is doing as it starts."""
@@ -31,7 +32,7 @@ def startup_status(console: Console) -> Iterator[Status]:
     def finish() -> None:
         if current:
             text, started = current.pop()
-            console.print(f"[dim]{text} ({time.perf_counter() - started:.1f} s)[/]", highlight=False)
+            console.print(f"[dim]{escape(text)} ({time.perf_counter() - started:.1f} s)[/]", highlight=False)
 
     with console.status("starting") as spinner:
 

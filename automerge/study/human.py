@@ -32,6 +32,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 
 from automerge.errors import AutomergeError, StudyError
 from automerge.files import writable_folder
@@ -300,7 +301,9 @@ class CandidateLoop:
             records.write_failure(trial, f"{type(error).__name__}: {error}")
             study.tell(trial, state=TrialState.FAIL)
             self.failures += 1
-            self.console.print(f"[red]candidate {trial.number} failed[/]: {error}", highlight=False)
+            self.console.print(
+                f"[red]candidate {trial.number} failed[/]: {escape(str(error))}", highlight=False
+            )
             return
         trial.set_user_attr(records.IMAGES, ids)
         records.write_timings(
@@ -413,7 +416,7 @@ def run_human_study(
         if runtime is not None:
             runtime.close()
     if summary.stop_reason:
-        console.print(f"[green]{summary.stop_reason}[/]")
+        console.print(f"[green]{escape(summary.stop_reason)}[/]")
     return summary
 
 

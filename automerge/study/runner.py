@@ -19,6 +19,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial
 from rich.console import Console
+from rich.markup import escape
 
 from automerge.files import writable_folder
 from automerge.study import records
@@ -157,7 +158,7 @@ def run_study(
         if runtime is not None:
             runtime.close()
     if summary.stop_reason:
-        console.print(f"[green]{summary.stop_reason}[/]")
+        console.print(f"[green]{escape(summary.stop_reason)}[/]")
     if summary.ran:
         elapsed = time.monotonic() - started
         console.print(
@@ -200,12 +201,12 @@ def _remaining_trials(
         return study_file.trials
     decision = stopping.decide(study) if stopping is not None else None
     if decision is not None and decision.stop:
-        console.print(f"[yellow]{decision.reason}[/]; run with --trials N to run N more anyway")
+        console.print(f"[yellow]{escape(decision.reason)}[/]; run with --trials N to run N more anyway")
         return 0
     guard = study_file.guard
     disagreement = agreed_trial(study, tolerance=guard.tolerance) if guard is not None else None
     if guard is not None and guard.stop and disagreement is not None:
-        console.print(f"[yellow]{disagreement[1]}[/]; run with --trials N to run N more anyway")
+        console.print(f"[yellow]{escape(disagreement[1])}[/]; run with --trials N to run N more anyway")
         return 0
     remaining = study_file.trials - finished_count(study)
     if remaining <= 0:
@@ -309,7 +310,7 @@ def _guard_watch(runtime: StudyRuntime, objective: Objective, console: Console) 
         every=config.every,
         tolerance=config.tolerance,
         stop=config.stop,
-        warn=lambda text: console.print(f"[yellow]{text}[/]", highlight=False),
+        warn=lambda text: console.print(f"[yellow]{escape(text)}[/]", highlight=False),
     )
 
 
