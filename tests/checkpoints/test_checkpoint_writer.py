@@ -290,3 +290,19 @@ def test_writeback_is_started_for_each_run_of_bytes_as_written(tmp_path: Path, m
     advice = os.POSIX_FADV_DONTNEED
     assert calls == [(start, 4096, advice), (start + 4096, 4096, advice), (start + 8192, 4096, advice)]
     assert load_file(tmp_path / "w.safetensors")["t2"][0] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "message"),
+    [
+        ((2, -1), torch.float32, "TensorInfo shape must be non-negative ints, got (2, -1)"),
+        ((True,), torch.float32, "TensorInfo shape must be non-negative ints, got (True,)"),
+        ((2,), "float32", "TensorInfo dtype must be a torch.dtype, got 'float32'"),
+    ],
+    ids=["negative", "bool", "dtype-name"],
+)
+def test_a_tensor_info_refuses_a_bad_shape_or_dtype_saying_which(shape, dtype, message) -> None:
+    """What a writer is announced is checked where it is made, and the message shows the bad value."""
+    with pytest.raises(ValueError) as refused:
+        TensorInfo(shape, dtype)
+    assert str(refused.value) == message

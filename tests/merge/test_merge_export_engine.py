@@ -166,6 +166,21 @@ def test_live_engine_equals_the_exported_file(method: str, tiny_models: dict, tm
     plan.close()
 
 
+def test_a_random_method_merged_key_by_key_draws_each_keys_noise_as_the_export_does(
+    tiny_models: dict, tmp_path: Path
+) -> None:
+    """Without the task statistics the engine merges dare key by key: each key's draws come from its
+    own name and the recipe's seed (``noise_for``), as in the export, so the bits are the file's."""
+    plan = plan_merge(_recipe(tiny_models, "dare", {"density": 0.4}, dtype="fp32", seed=5), source="t")
+    engine = LiveEngine(plan, EngineOptions(device="cpu", dtype=torch.float32, task_statistics=False))
+    engine.apply(plan.params)
+    assert engine._task is None
+    exported = load_file(export_merge(plan, tmp_path / "o.safetensors"))
+    for key in engine.live_keys():
+        assert torch.equal(engine.live_tensor(key), exported[key]), key
+    plan.close()
+
+
 @pytest.mark.parametrize("method", METHODS.names())
 def test_half_precision_engine_in_small_chunks_equals_the_fp16_export(
     method: str, tiny_models: dict, tmp_path: Path

@@ -287,3 +287,42 @@ def test_a_baseline_that_is_also_the_best_is_guarded_once() -> None:
     study.enqueue_trial({"x": 0.5}, user_attrs={"baseline": "A"})
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1, callbacks=[watch])
     assert guarded == [0.5] and read_checks(study)[0].baseline
+
+
+def test_the_study_loops_guard_warns_in_the_terminal_and_its_renders_restart_the_sampler_clock() -> None:
+    """``runner._guard_watch``: the guard's disagreement is printed (its text, in yellow), and a trial's
+    sampler time starts after the guard's renders, not before them."""
+    import io
+    from types import SimpleNamespace
+
+    from automerge.study.config import GuardConfig
+    from automerge.study.runner import _guard_watch
+
+    scored: list[dict[str, float]] = []
+
+    def guard_scores(values):
+        scored.append(dict(values))
+        return {"g": 0.5}, {"g": {"p0-i00-s0001": 0.5}}
+
+    runtime = SimpleNamespace(
+        study=SimpleNamespace(guard=GuardConfig(every=3, tolerance=4.0, stop=True)),
+        guard=SimpleNamespace(members=[SimpleNamespace(name="g", direction="minimize")]),
+        guard_scores=guard_scores,
+    )
+    objective = SimpleNamespace(last_finished=-1.0)
+    console = Console(file=io.StringIO(), width=200)
+    watch = _guard_watch(runtime, objective, console)  # type: ignore[arg-type]
+    assert watch is not None
+    assert (watch.maximize, watch.every, watch.tolerance, watch.stop) == ({"g": False}, 3, 4.0, True)
+    watch.warn("guard: from trial 4 on the proxy improves (score 0.9)")
+    assert console.file.getvalue() == "guard: from trial 4 on the proxy improves (score 0.9)\n"
+    # a reason quoting a torch error or a path is printed as it is, not read as markup (it was: a
+    # "[enforce fail …]" vanished and a "[/]" raised MarkupError inside the study loop's callback)
+    watch.warn("guard failed: [enforce fail at alloc_cpu.cpp:114] in studies/[a]/s.yaml [/]")
+    assert console.file.getvalue().endswith(
+        "guard failed: [enforce fail at alloc_cpu.cpp:114] in studies/[a]/s.yaml [/]\n"
+    )
+    assert watch.score({"x": 0.25}) == ({"g": 0.5}, {"g": {"p0-i00-s0001": 0.5}})
+    assert scored == [{"x": 0.25}] and objective.last_finished > 0
+    runtime.study.guard = None
+    assert _guard_watch(runtime, objective, console) is None  # type: ignore[arg-type]

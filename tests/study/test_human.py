@@ -259,3 +259,104 @@ def test_what_a_human_reward_cannot_do_is_refused_in_one_line(make_study, change
     data = {"reward": {"human": {"mode": "compare"}}, "sampler": {"seed": 0}, **changes}
     with pytest.raises(ConfigError, match=message):
         load_study_file(make_study(**data))
+
+
+def test_a_stopped_runs_unrendered_candidate_is_failed_as_interrupted_without_a_warning() -> None:
+    """A RUNNING trial without a grid (a worker stopped while rendering it) is failed as interrupted,
+    told with its state (Optuna warns about a trial told with neither values nor state); a rendered
+    candidate waiting for the person stays."""
+    import warnings
+
+    from automerge.study.human import _fail_unfinished
+
+    study = optuna.create_study(direction="maximize")
+    study.ask()
+    study.ask().set_user_attr(records.GRID, "grid-id")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _fail_unfinished(study) == [0]
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.RUNNING]
+    assert study.trials[0].user_attrs[records.FAIL_REASON] == records.INTERRUPTED
+
+
+def test_five_failed_candidates_in_a_row_stop_the_loop_each_failed_with_its_error() -> None:
+    from types import SimpleNamespace
+
+    from automerge.study.config import HumanReward
+    from automerge.study.human import CandidateLoop, HumanStudy
+    from automerge.study.interruption import Interruption
+
+    def broken(trial: optuna.Trial) -> dict[str, float]:
+        raise ValueError("the merge is broken [enforce fail at alloc_cpu.cpp:114] [/]")
+
+    study = optuna.create_study(direction="maximize")
+    console = Console(file=io.StringIO(), width=200)
+    loop = CandidateLoop(
+        HumanStudy(study, HumanReward(mode="rate", candidates=1)),
+        SimpleNamespace(space=SimpleNamespace(suggest=broken)),  # type: ignore[arg-type]
+        object(),  # type: ignore[arg-type]
+        to_generate=10,
+        console=console,
+        poll=POLL,
+    )
+    loop.run(Interruption(), deadline=None)
+    assert loop.stop_reason == "stopped: 5 candidates in a row failed" and loop.generated == 0
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 5
+    reason = "the merge is broken [enforce fail at alloc_cpu.cpp:114] [/]"
+    assert {t.user_attrs[records.FAIL_REASON] for t in study.trials} == {f"ValueError: {reason}"}
+    # printed as it is, not read as rich markup (a "[/]" in an error raised MarkupError there)
+    assert console.file.getvalue().splitlines()[0] == f"candidate 0 failed: {reason}"
+
+
+def _rate_study_with_one_candidate(make_study, monkeypatch, *, judged: bool) -> tuple[StudyFile, Console]:
+    """A rate study of one candidate, already rendered (``judged``: and scored); rendering anything
+    more fails the test."""
+    import automerge.study.human as human_module
+    from automerge.study.human import open_human_study
+
+    human = {"mode": "rate", "candidates": 1}
+    path = make_study(reward={"human": human}, sampler={"name": "random", "seed": 0}, trials=1)
+    study_file = load_study_file(path)
+    study = open_human_study(study_file, None)[0].study
+    trial = study.ask()
+    trial.set_user_attr(records.GRID, "grid-id")
+    if judged:
+        study.tell(trial, 7.0)
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("no candidate to render: no model should be loaded")
+
+    monkeypatch.setattr(human_module, "StudyRuntime", no_models)
+    return study_file, Console(file=io.StringIO(), width=200)
+
+
+def test_a_human_study_at_its_budget_loads_no_model_and_says_so(make_study, monkeypatch) -> None:
+    study_file, console = _rate_study_with_one_candidate(make_study, monkeypatch, judged=True)
+    summary = run_human_study(study_file, console=console, export=False, poll=POLL)
+    assert (summary.ran, summary.completed, summary.best_trial, summary.interrupted) == (0, 1, 0, False)
+    assert console.file.getvalue().splitlines()[0] == (
+        "the study's budget of 1 candidates is reached; use --trials N for more"
+    )
+
+
+def test_a_signal_while_waiting_for_the_person_ends_the_run_as_interrupted(make_study, monkeypatch) -> None:
+    """SIGTERM outside a render is deferred: the loop stops waiting at its next look, the run says it
+    was interrupted, and the waiting grid stays in the study for the person."""
+    from automerge.study.human import CandidateLoop
+
+    study_file, console = _rate_study_with_one_candidate(make_study, monkeypatch, judged=False)
+    waiting_line = CandidateLoop._waiting_line
+
+    def signal_while_waiting(self) -> str:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return waiting_line(self)
+
+    monkeypatch.setattr(CandidateLoop, "_waiting_line", signal_while_waiting)
+    summary = run_human_study(study_file, console=console, export=False, poll=POLL)
+    assert summary.interrupted and summary.ran == 0 and summary.best_trial is None
+    assert console.file.getvalue().splitlines()[:2] == [
+        "waiting for the person: 1 grid(s) in optuna-dashboard, pick a score for each grid",
+        "interrupted: waiting grids stay in the study for the person; it is saved",
+    ]
+    study = optuna.load_study(study_name=study_file.name, storage=open_storage(default_storage(study_file)))
+    assert [t.state for t in study.trials] == [TrialState.RUNNING]

@@ -144,3 +144,19 @@ def test_search_weights_is_one_dimension_per_non_base_model(make_study, tiny_mod
 def test_a_bad_weight_search_is_refused_by_name(make_study, tiny_models, search, method, message) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         _space(make_study, tiny_models, search, method)
+
+
+def test_a_duplicate_file_is_merged_once_and_no_weight_of_it_is_searched(
+    make_study, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """``models.d`` is the same file as ``models.b``: the plan drops it, and the runtime's search space
+    is built on the models the plan merges, so no trial proposes a weight for a model never merged."""
+    copy = shutil.copy(tiny_models["b"], tmp_path / "b-copy.safetensors")
+    models = {**{name: str(tiny_models[name]) for name in "abc"}, "d": str(copy)}
+    path = make_study(models=models, method="ties", search={"weights": {"low": 0.0, "high": 2.0}})
+    runtime = StudyRuntime(load_study_file(path))
+    try:
+        assert runtime.plan.model_names == ("a", "b")
+        assert [d.name for d in runtime.space.dimensions] == ["weight.a", "weight.b"]
+    finally:
+        runtime.close()

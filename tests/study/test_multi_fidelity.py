@@ -64,3 +64,37 @@ def test_the_fidelity_pruner_keeps_the_best_fraction_after_its_startup() -> None
         )
     # 0.5 is the 2nd best of 3 (2 of 3 go on); 0.2 is below the 2nd best of 5
     assert decisions == [False, False, False, False, True]
+
+
+def test_payloads_with_different_numbers_of_fidelities_are_refused_naming_each(
+    make_study, tmp_path: Path
+) -> None:
+    from automerge.study.runtime import preview_rungs
+
+    path = make_study(multi_fidelity={})
+    first = Path(yaml.safe_load(path.read_text())["payloads"][0])
+    _with_fidelities(path)  # one preview
+    second = tmp_path / "second.yaml"
+    data = yaml.safe_load(first.read_text())
+    data["fidelities"] = [{"steps": 1}, {"seeds": 1}]
+    second.write_text(yaml.safe_dump(data))
+    study = yaml.safe_load(path.read_text())
+    study["payloads"] = [str(first), str(second)]
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(ConfigError) as refused:
+        preview_rungs(load_study_file(path))
+    assert f"({first} has 1, {second} has 2)" in str(refused.value)
+    study["payloads"] = [str(first), str(first)]
+    path.write_text(yaml.safe_dump(study))
+    assert preview_rungs(load_study_file(path)) == 1
+
+
+def test_pruner_median_is_optunas_median_pruner_after_half_the_samplers_startup(make_study) -> None:
+    from automerge.study.pruners import make_pruner
+
+    study = load_study_file(make_study(pruner="median", sampler={"name": "tpe", "startup_trials": 10}))
+    pruner = make_pruner(study, rungs=0)
+    assert isinstance(pruner, optuna.pruners.MedianPruner) and pruner._n_startup_trials == 5
+    few = load_study_file(make_study(pruner="median", sampler={"name": "tpe", "startup_trials": 2}))
+    assert make_pruner(few, rungs=0)._n_startup_trials == 3  # at least 3
+    assert isinstance(make_pruner(load_study_file(make_study()), rungs=0), optuna.pruners.NopPruner)

@@ -185,7 +185,9 @@ def test_auto_with_several_objectives_is_optunas_gp_and_cmaes_has_none() -> None
 
     sampler = make_multi_objective_sampler(SamplerConfig(name="auto", startup_trials=3))
     assert isinstance(sampler.inner, optuna.samplers.GPSampler)
-    with pytest.raises(ConfigError, match="unknown multi-objective sampler 'cmaes'"):
+    with pytest.raises(
+        ConfigError, match=r"^sampler\.name \(several objectives\): unknown multi-objective sampler 'cmaes'"
+    ):
         make_multi_objective_sampler(SamplerConfig(name="cmaes"))
 
 

@@ -197,3 +197,52 @@ def test_margins_over_baselines_without_the_bests_scores_are_empty_not_an_error(
     (margin,) = margins_over_baselines(scores, best="trial 3")
     assert margin[0] == "A" and margin[1] == 1.0
     assert margins_over_baselines(scores, best="trial 9") == []  # no scores of its own: nothing to compare
+
+
+def test_the_baselines_of_a_search_that_is_not_weighted_sums_alpha_are_named_by_its_ends(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """The label the progress, the report and the dashboard show for each baseline: pure A / pure B
+    only for weighted_sum's alpha over [0, 1]; otherwise the value every dimension takes."""
+    search = {"density": {"low": 0.2, "high": 0.9, "groups": {"ALL": ["IN00", "OUT11"]}}}
+    space = build_space(
+        load_study_file(_study(tmp_path, tiny_models, search=search)), SD1, METHODS.get("ties")
+    )
+    assert [(b.label, b.values) for b in space.baselines()] == [
+        ("all 0.2", {"density.ALL": 0.2}),
+        ("all 0.9", {"density.ALL": 0.9}),
+        ("all mid", {"density.ALL": pytest.approx(0.55)}),
+    ]
+
+
+def test_a_compare_studys_best_is_the_unbeaten_candidate_preferred_over_the_most_others() -> None:
+    from optuna_dashboard.preferential import PreferentialStudy
+
+    study = optuna.create_study(direction="maximize")
+    for _ in range(4):
+        study.ask()
+    assert records.preferred_trial(study) is None  # no choice yet
+    trials = study.trials
+    PreferentialStudy(study).report_preference(trials[1], trials[0])
+    PreferentialStudy(study).report_preference(trials[2], [trials[0], trials[3]])
+    # unbeaten: 1 (one win) and 2 (two wins); the lower number only breaks a tie
+    assert records.preferred_trial(study).number == 2
+    PreferentialStudy(study).report_preference(trials[1], trials[3])
+    assert records.preferred_trial(study).number == 1  # two wins each: the one judged the longest
+
+
+def test_the_front_is_of_completed_trials_and_a_weighted_pick_takes_one_weight_per_objective() -> None:
+    from optuna.trial import TrialState, create_trial
+
+    from automerge.study.pareto import PickRule
+
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for values in ((1.0, 0.0), (0.0, 1.0), (0.4, 0.4)):
+        study.add_trial(create_trial(values=list(values)))
+    study.add_trial(create_trial(state=TrialState.FAIL))
+    study.ask()  # running: no scores yet
+    assert [t.number for t in records.front_trials(study)] == [0, 1, 2]
+    assert records.pick_trial(study, PickRule("weighted", (1.0, 0.0))).trial.number == 0
+    assert records.pick_trial(study, PickRule("weighted", (0.0, 1.0))).trial.number == 1
+    with pytest.raises(ConfigError, match=r"--pick weighted:1: 1 weight\(s\) for the 2 objectives"):
+        records.pick_trial(study, PickRule("weighted", (1.0,)))

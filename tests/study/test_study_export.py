@@ -25,7 +25,10 @@ def test_export_writes_recipe_model_and_report_and_reproduces_the_score(make_stu
     assert "Recovered vs secret weights" in report and "data:image/png;base64," in report
     # the hidden target's renders beside the best's, each image's score under it, the margin's interval
     assert "<th>reference</th>" in report and re.search(r"<div class=muted>-?[\d.e-]+</div>", report)
-    assert "Is the win real?" in report and "own payloads (no validation_payloads" in report
+    assert "Is the win real?" in report and (
+        "per seed, on the study&#x27;s own payloads (no validation_payloads: the search optimized these, "
+        "so the margin favours the best);" in report
+    )
     with safe_open(out / "model.safetensors", framework="pt") as f:
         metadata = f.metadata()
     assert metadata["automerge.trial"] == str(summary.best_trial)
@@ -62,12 +65,16 @@ def test_export_command_picks_a_trial(make_study, tmp_path: Path, capsys) -> Non
     assert recipe.params["alpha"]["IN00"] == other.params["alpha.UNET"]
     report = (tmp_path / "t" / "report.html").read_text()
     assert f"exported trial <b>{other.number}</b>" in report and f"the best is trial {best}" in report
+    assert "failed)</p>" in report  # ran to its budget: no reason it stopped
     with safe_open(tmp_path / "t" / "model.safetensors", framework="pt") as f:
         assert f.metadata()["automerge.trial"] == str(other.number)
     # a study run on a GPU box exports on a machine without one: its merge device falls back to the CPU
     study.set_user_attr(records.MERGE_DEVICE, "cuda:0")
+    study.set_user_attr(records.STOPPED, "stopped early: no gain in 3 trials")  # and the report says why
     result = run(capsys, "export", path, "--trial", str(other.number), "-o", tmp_path / "cpu")
     assert result.code == 0, result.err
+    stopped = (tmp_path / "cpu" / "report.html").read_text()
+    assert "failed) · stopped early: no gain in 3 trials</p>" in stopped
     with safe_open(tmp_path / "cpu" / "model.safetensors", framework="pt") as f:
         assert f.metadata()["automerge.trial"] == str(other.number)
 
@@ -305,3 +312,17 @@ def test_the_list_of_completed_trials_says_how_many_it_leaves_out() -> None:
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=25)
     with pytest.raises(StudyError, match=r"completed: 0, 1, .*, 19 and 5 more \(best: \d+\)"):
         choose_trial(study, 999)
+
+
+def test_each_objectives_importances_are_those_of_its_own_score() -> None:
+    """The report's importances per objective: Optuna refuses a study with several objectives unless
+    given the objective's value as its target (the refusal read as no importances at all)."""
+    from automerge.study.export import _importances
+
+    study = optuna.create_study(
+        directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=12)
+    first, second = _importances(study, objective=0), _importances(study, objective=1)
+    assert set(first) == set(second) == {"x", "y"}
+    assert first["x"] > 0.9 and second["y"] > 0.9  # each score depends on one parameter only

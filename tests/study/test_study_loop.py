@@ -188,8 +188,11 @@ def test_interruption_marks_the_trial_and_still_exports(make_study, monkeypatch,
 
     monkeypatch.setattr(StudyRuntime, "evaluate", interrupted)
     path = make_study(trials=5, export={"dir": str(tmp_path / "out")})
-    summary = run_study(load_study_file(path), console=QUIET)
+    console = Console(record=True, width=200)
+    summary = run_study(load_study_file(path), console=console)
     assert summary.interrupted
+    lines = console.export_text().splitlines()
+    assert "interrupted: the running trial is marked failed; the study is saved" in lines
     trials = _trials(path)
     assert trials[2].state == TrialState.FAIL and trials[2].user_attrs["fail_reason"] == "interrupted"
     assert (tmp_path / "out" / "model.safetensors").exists()

@@ -270,6 +270,8 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_run_
     silent = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     beating = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     storage.record_heartbeat(beating._trial_id)  # Optuna's own stale check owns this one
+    finished = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(finished, 0.5)  # finished before its first beat was due: not a dead worker's trial
     started = study.trials[silent.number].datetime_start
 
     assert fail_trials_that_never_beat(study, heartbeat, now=started + datetime.timedelta(seconds=5)) == []
@@ -280,6 +282,7 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_run_
     states = {trial.number: trial.state for trial in study.trials}
     assert states[silent.number] == optuna.trial.TrialState.FAIL
     assert states[beating.number] == optuna.trial.TrialState.RUNNING
+    assert states[finished.number] == optuna.trial.TrialState.COMPLETE
     (retry,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert (
         retry.system_attrs["failed_trial"] == silent.number
@@ -321,6 +324,48 @@ def test_a_schema_race_is_told_from_a_real_storage_error() -> None:
         Exception("(psycopg) connection refused\n[SQL: SELECT 1]\n(Background: https://sqlalche.me)")
     ) == ("(psycopg) connection refused")
     assert _first_line(Exception("")) == "Exception"
+
+
+def test_a_journal_in_a_missing_folder_is_refused_and_one_in_a_folder_opens(tmp_path: Path) -> None:
+    from automerge.errors import StudyError
+
+    missing = f"journal:{tmp_path / 'nowhere' / 's.journal'}"
+    with pytest.raises(StudyError) as refused:
+        open_storage(missing)
+    assert str(refused.value) == (
+        f"storage: {missing}: folder {tmp_path / 'nowhere'} does not exist; create it or fix the path"
+    )
+    assert isinstance(open_storage(f"journal:{tmp_path / 's.journal'}"), optuna.storages.JournalStorage)
+
+
+def test_a_storage_that_keeps_racing_is_tried_six_times_then_refused_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers creating one fresh database race on its tables: each try waits a little longer, and the
+    last race is an error naming the storage (its password hidden), not a silent give-up."""
+    import sqlalchemy.exc
+
+    from automerge.errors import StudyError
+    from automerge.study import storage as storage_module
+
+    tries: list[str] = []
+    pauses: list[float] = []
+
+    def racing(url: str, **options: object) -> None:
+        tries.append(url)
+        raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(storage_module.time, "sleep", pauses.append)
+    url = "postgresql+psycopg://ann:s3cret@db.lan/studies"
+    with pytest.raises(StudyError) as refused:
+        open_storage(url)
+    assert tries == [url] * storage_module.CREATE_ATTEMPTS == [url] * 6
+    assert pauses == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # none after the last try
+    assert str(refused.value) == (
+        "storage: cannot open postgresql+psycopg://ann:***@db.lan/studies: OperationalError: "
+        "(builtins.Exception) database is locked"
+    )
 
 
 def test_sigterm_to_the_parent_of_workers_reaches_every_worker(tmp_path, monkeypatch) -> None:
