@@ -238,6 +238,8 @@ def fused_kernel() -> FusedKernel | None:
         return None
     if platform.machine().lower() not in ("x86_64", "amd64") or os.name != "posix":
         return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):  # before loading AVX2 code
+        return None
     try:
         library = ctypes.CDLL(str(_compiled()))
     except (OSError, subprocess.SubprocessError) as error:

@@ -115,7 +115,9 @@ def test_the_kernel_gives_the_torch_passes_bits(
         )
 
 
-def test_without_a_compiler_the_torch_path_merges(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_without_a_compiler_avx2_or_with_the_switch_off_the_torch_path_merges(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("AUTOMERGE_CACHE_DIR", str(tmp_path))
     fused_kernel.cache_clear()
@@ -123,6 +125,10 @@ def test_without_a_compiler_the_torch_path_merges(monkeypatch: pytest.MonkeyPatc
         assert fused_kernel() is None
         monkeypatch.delenv("CC")
         monkeypatch.setenv(DISABLE_VARIABLE, "0")
+        fused_kernel.cache_clear()
+        assert fused_kernel() is None
+        monkeypatch.delenv(DISABLE_VARIABLE)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # no AVX2
         fused_kernel.cache_clear()
         assert fused_kernel() is None
     finally:
