@@ -289,7 +289,9 @@ def test_a_baseline_that_is_also_the_best_is_guarded_once() -> None:
     assert guarded == [0.5] and read_checks(study)[0].baseline
 
 
-def test_the_study_loops_guard_warns_in_the_terminal_and_its_renders_restart_the_sampler_clock() -> None:
+def test_the_study_loops_guard_warns_in_the_terminal_and_its_renders_restart_the_sampler_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """``runner._guard_watch``: the guard's disagreement is printed (its text, in yellow), and a trial's
     sampler time starts after the guard's renders, not before them."""
     import io
@@ -322,7 +324,10 @@ def test_the_study_loops_guard_warns_in_the_terminal_and_its_renders_restart_the
     assert console.file.getvalue().endswith(
         "guard failed: [enforce fail at alloc_cpu.cpp:114] in studies/[a]/s.yaml [/]\n"
     )
+    import automerge.study.runner as runner_module
+
+    monkeypatch.setattr(runner_module.time, "perf_counter", lambda: 1234.5)  # a fixed clock reading
     assert watch.score({"x": 0.25}) == ({"g": 0.5}, {"g": {"p0-i00-s0001": 0.5}})
-    assert scored == [{"x": 0.25}] and objective.last_finished > 0
+    assert scored == [{"x": 0.25}] and objective.last_finished == 1234.5  # set after the guard's renders
     runtime.study.guard = None
     assert _guard_watch(runtime, objective, console) is None  # type: ignore[arg-type]
