@@ -110,7 +110,7 @@ class FusedKernel:
         self._threads = 0
 
     @staticmethod
-    def takes(models: Sequence[Tensor], base: Tensor, out: Tensor) -> bool:
+    def _takes(models: Sequence[Tensor], base: Tensor, out: Tensor) -> bool:
         """The kernel merges these flat buffers: CPU, contiguous, fp16/fp32, sources of one dtype."""
         tensors = [*models, base, out]
         return (
@@ -131,11 +131,12 @@ class FusedKernel:
         statistics: Tensor,
         rule: FusedRule,
         merged: Tensor | None,
-    ) -> None:
+    ) -> bool:
         """out[part] ← C + α·merged for every part (and ``merged`` ← the merged delta, when given);
-        ``statistics``: (models, elements) int32 places or draw bits of the block."""
-        if not self.takes(models, base, out) or statistics.dtype != torch.int32:
-            raise ValueError("the fused kernel takes contiguous fp16/fp32 CPU buffers and int32 statistics")
+        ``statistics``: (models, elements) int32 places or draw bits of the block. False, with nothing
+        done, for buffers the kernel does not take (then the caller uses torch)."""
+        if not self._takes(models, base, out) or statistics.dtype != torch.int32:
+            return False
         m = len(models)
         weights = (ctypes.c_float * m)(*rule.weights)
         agree = (ctypes.c_float * m)(*rule.agree_weights)
@@ -172,9 +173,9 @@ class FusedKernel:
                 **template,
             )
             calls.append((args, sources, stats))  # the arrays live as long as the call
-        for code in self._run(calls):
-            if code != 0:
-                raise RuntimeError(f"the fused CPU kernel refused its arguments (code {code})")
+        if any(self._run(calls)):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
+        return True
 
     def weighted_mean(
         self, sources: Sequence[Tensor], weights: Sequence[float], divisor: float

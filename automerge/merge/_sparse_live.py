@@ -309,8 +309,9 @@ class LiveTaskArithmetic:
         stats = _Statistics(
             *(None if t is None else self._here(t) for t in (held.places, held.draws, held.offsets))
         )
-        if self.fused is not None and self.fused.takes(models, base, out):
-            self._merge_fused(self.fused, spans, out, models, base, stats, rule, state.merged)
+        if self.fused is not None and self._merge_fused(
+            self.fused, spans, out, models, base, stats, rule, state.merged
+        ):
             return
         scratch = self._scratch_for(len(models))
         for piece in _pieces(spans, scratch.chunk):
@@ -339,16 +340,16 @@ class LiveTaskArithmetic:
         stats: _Statistics,
         rule: _Rule,
         merged: Tensor | None,
-    ) -> None:
+    ) -> bool:
         """``_merge_chunks``' result in one pass per key on a CPU (``_fused_cpu``: the same float32
-        operations in the same order)."""
+        operations in the same order); False, with nothing done, for buffers the kernel does not take."""
         if rule.kind == _TOP_K:
             assert stats.places is not None
             statistics, limits = stats.places, rule.counts
         else:
             assert stats.draws is not None
             statistics, limits = stats.draws.view(torch.int32), (rule.threshold,) * len(spans)
-        kernel.merge(
+        return kernel.merge(
             [KeyPart(s.offset, s.offset + s.numel, limit) for s, limit in zip(spans, limits, strict=True)],
             out=out,
             models=models,

@@ -128,18 +128,7 @@ def merge_run(
                 for name, tensor in zip(names, loaded, strict=True)
             )
         out = torch.empty(numel, dtype=dtype, device=device)
-        merge_into(
-            out,
-            plan.method,
-            models,
-            base,
-            key=keys[0],
-            params=plan.params.for_block(block),
-            noise=None,
-            weights=plan.params.model_weights(block, plan.model_names),
-            compute_dtype=plan.compute_dtype,
-            source_magnitude=magnitude,
-        )
+        _merge_block_into(plan, out, models, base, key=keys[0], block=block, magnitude=magnitude)
     except MergeError:
         return None
     merged, offset = [], 0
@@ -182,17 +171,8 @@ def merge_key(
     shape = plan.sources[plan.model_names[0]].checkpoint.info(key).shape
     out = torch.empty(shape, dtype=dtype, device=device)
     try:
-        merge_into(
-            out,
-            plan.method,
-            models,
-            None if base is None else base[0],
-            key=key,
-            params=plan.params.for_block(block),
-            noise=noise_for(key, plan.seed) if plan.method.random else None,
-            weights=plan.params.model_weights(block, plan.model_names),
-            compute_dtype=plan.compute_dtype,
-            source_magnitude=magnitude,
+        _merge_block_into(
+            plan, out, models, None if base is None else base[0], key=key, block=block, magnitude=magnitude
         )
     except MergeError:
         if deferred:  # name the damaged source, when one is (else the result overflowed: as raised)
@@ -200,6 +180,32 @@ def merge_key(
                 _load(plan, name, key, device)
         raise
     return out
+
+
+def _merge_block_into(
+    plan: MergePlan,
+    out: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    key: str,
+    block: str,
+    magnitude: float | None,
+) -> None:
+    """``merge_into`` with ``block``'s parameters and weights and ``key``'s noise (a run of keys is
+    merged only by non-random methods, so its first key names it)."""
+    merge_into(
+        out,
+        plan.method,
+        models,
+        base,
+        key=key,
+        params=plan.params.for_block(block),
+        noise=noise_for(key, plan.seed) if plan.method.random else None,
+        weights=plan.params.model_weights(block, plan.model_names),
+        compute_dtype=plan.compute_dtype,
+        source_magnitude=magnitude,
+    )
 
 
 def _carries_non_finite(method: MergeMethod) -> bool:
