@@ -18,6 +18,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_MODELS 64
@@ -153,16 +154,18 @@ int fused_task_arithmetic(const fused_args *a) {
     return 0;
 }
 
-/* acc ← (Σ_i x_i·w_i) / divisor over ``models`` sources of one dtype, the sum left to right, each
- * product rounded before it is added: weighted_mean's whole loop and its division in one call. It
- * goes block by block (2048 elements: the block's sums stay in L1), each source read in turn through
- * the block, so that a hundred sources are a hundred sequential streams, not a hundred interleaved
- * (30 % faster at 100 sources); up to 8 sources are read interleaved (15 % faster at 5). */
+/* out ← (Σ_i x_i·w_i) / divisor over ``models`` sources of one dtype, the sum left to right, each
+ * product rounded before it is added, the quotient rounded once to the output's dtype: weighted_mean's
+ * whole loop, its division and the cast of the result in one call. It goes block by block (2048
+ * elements: the block's sums stay in L1), each source read in turn through the block, so that a
+ * hundred sources are a hundred sequential streams, not a hundred interleaved (30 % faster at 100
+ * sources); up to 8 sources are read interleaved (15 % faster at 5). */
 #define MEAN_BLOCK 2048
 #define INTERLEAVED_MODELS 8
-int fused_weighted_mean(float *acc, const void *const *sources, int32_t dtype, const float *weights,
-                        int32_t models, int64_t n, float divisor) {
-    if ((dtype != F16 && dtype != F32) || n < 0 || models < 1) return 1;
+int fused_weighted_mean(void *out, int32_t out_dtype, const void *const *sources, int32_t dtype,
+                        const float *weights, int32_t models, int64_t n, float divisor) {
+    if ((dtype != F16 && dtype != F32) || (out_dtype != F16 && out_dtype != F32) || n < 0 || models < 1)
+        return 1;
     const __m256 d = _mm256_set1_ps(divisor);
     if (models <= INTERLEAVED_MODELS) { /* few streams: the sum in registers, one store per element */
         const int64_t vectorized = n - n % 8;
@@ -170,33 +173,381 @@ int fused_weighted_mean(float *acc, const void *const *sources, int32_t dtype, c
             __m256 total = _mm256_mul_ps(load8(sources[0], j, dtype), _mm256_set1_ps(weights[0]));
             for (int i = 1; i < models; i++)
                 total = _mm256_add_ps(total, _mm256_mul_ps(load8(sources[i], j, dtype), _mm256_set1_ps(weights[i])));
-            _mm256_storeu_ps(acc + j, _mm256_div_ps(total, d));
+            store8(out, j, _mm256_div_ps(total, d), out_dtype);
         }
         for (int64_t j = vectorized; j < n; j++) {
             float total = load1(sources[0], j, dtype) * weights[0];
             for (int i = 1; i < models; i++) total = total + load1(sources[i], j, dtype) * weights[i];
-            acc[j] = total / divisor;
+            store1(out, j, total / divisor, out_dtype);
         }
         return 0;
     }
+    float acc[MEAN_BLOCK];
     for (int64_t begin = 0; begin < n; begin += MEAN_BLOCK) {
-        const int64_t end = begin + MEAN_BLOCK < n ? begin + MEAN_BLOCK : n;
-        const int64_t vectorized = begin + (end - begin) / 8 * 8;
+        const int64_t length = begin + MEAN_BLOCK < n ? MEAN_BLOCK : n - begin;
+        const int64_t vectorized = length - length % 8;
         for (int i = 0; i < models; i++) {
             const __m256 w = _mm256_set1_ps(weights[i]);
-            for (int64_t j = begin; j < vectorized; j += 8) {
-                const __m256 term = _mm256_mul_ps(load8(sources[i], j, dtype), w);
+            const void *source = sources[i];
+            for (int64_t j = 0; j < vectorized; j += 8) {
+                const __m256 term = _mm256_mul_ps(load8(source, begin + j, dtype), w);
                 _mm256_storeu_ps(acc + j, i == 0 ? term : _mm256_add_ps(_mm256_loadu_ps(acc + j), term));
             }
-            for (int64_t j = vectorized; j < end; j++) {
-                const float term = load1(sources[i], j, dtype) * weights[i];
+            for (int64_t j = vectorized; j < length; j++) {
+                const float term = load1(source, begin + j, dtype) * weights[i];
                 acc[j] = i == 0 ? term : acc[j] + term;
             }
         }
-        for (int64_t j = begin; j < vectorized; j += 8)
-            _mm256_storeu_ps(acc + j, _mm256_div_ps(_mm256_loadu_ps(acc + j), d));
-        for (int64_t j = vectorized; j < end; j++) acc[j] = acc[j] / divisor;
+        for (int64_t j = 0; j < vectorized; j += 8)
+            store8(out, begin + j, _mm256_div_ps(_mm256_loadu_ps(acc + j), d), out_dtype);
+        for (int64_t j = vectorized; j < length; j++) store1(out, begin + j, acc[j] / divisor, out_dtype);
     }
+    return 0;
+}
+
+/* ---- the export's task arithmetic (ties, dare, dare_ties) over any number of models ------------
+ *
+ * Per element, the operations of ``TaskArithmetic`` as the export runs it (``_task_core``), in its
+ * order: d_i = M_i − C (float32); drop: d_i = d_i / density; kept_i = keep_i ? d_i : +0; kept_i ·= w_i;
+ * then the sum or the sign election as ``vector_part`` computes it, and out = C + merged·α rounded once.
+ * keep_i: top-k, |d_i|'s bits > t_i, or = t_i at a position < cut_i (the first ties in index order);
+ * drop, bits(u_i) < the draw threshold, u_i = counter_uniform's draw (``_task_core``).
+ * The models are read block by block (TASK_BLOCK elements: S, T, W of a block stay in L1), each in
+ * turn, so any number of models streams; the election reads each model's block twice (from cache).
+ * Returns 2, with ``out`` partly written, when some d_i or kept_i is not finite: the caller's torch
+ * path then names the source (or the overflow). */
+enum { KEEP_TOP_K = 0, KEEP_DRAWS = 1 };
+#define TASK_BLOCK 1024
+#define NOT_FINITE 0x7F800000
+
+typedef struct {
+    int64_t start, stop;         /* this call's elements of the key */
+    int32_t models, in_dtype, out_dtype, keep_mode;
+    int32_t elect, weighted, unit_agree, divide;
+    int32_t draw_threshold;      /* drop: keep bits(u) < it */
+    float density, alpha, tiny;
+    const void *base;
+    const void *const *sources;
+    const int32_t *thresholds;   /* top-k: t_i */
+    const int64_t *cuts;         /* top-k: cut_i */
+    const uint32_t *draw_keys;   /* drop: (k0, k1) of each model */
+    const float *weights, *agree;
+    void *out;
+} task_args;
+
+static inline __m256i mix32x8(__m256i x) {
+    const __m256i multiplier = _mm256_set1_epi32(0x45D9F3B);
+    x = _mm256_mullo_epi32(_mm256_xor_si256(_mm256_srli_epi32(x, 16), x), multiplier);
+    x = _mm256_mullo_epi32(_mm256_xor_si256(_mm256_srli_epi32(x, 16), x), multiplier);
+    return _mm256_xor_si256(_mm256_srli_epi32(x, 16), x);
+}
+
+static inline uint32_t mix32(uint32_t x) {
+    x = ((x >> 16) ^ x) * 0x45D9F3Bu;
+    x = ((x >> 16) ^ x) * 0x45D9F3Bu;
+    return (x >> 16) ^ x;
+}
+
+/* bits of counter_uniform's draw for element ``index``: (mix32(mix32(index + k0) ^ k1) >> 8) · 2^−24 */
+static inline __m256i draw_bits8(__m256i index, uint32_t k0, uint32_t k1) {
+    const __m256i x = mix32x8(_mm256_xor_si256(mix32x8(_mm256_add_epi32(index, _mm256_set1_epi32((int)k0))),
+                                               _mm256_set1_epi32((int)k1)));
+    const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(x, 8)), _mm256_set1_ps(1.0f / 16777216.0f));
+    return _mm256_castps_si256(u);
+}
+
+static inline int32_t draw_bits1(int64_t index, uint32_t k0, uint32_t k1) {
+    const float u = (float)(mix32(mix32((uint32_t)index + k0) ^ k1) >> 8) * (1.0f / 16777216.0f);
+    int32_t bits;
+    memcpy(&bits, &u, 4);
+    return bits;
+}
+
+/* kept_i of 8 elements at ``j`` (``bad`` ORs in the elements whose d_i is not finite) */
+static inline __m256 kept8(const task_args *a, int i, int64_t j, __m256 c, __m256i *bad) {
+    const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256 d = _mm256_sub_ps(load8(a->sources[i], j, a->in_dtype), c);
+    const __m256i bits = _mm256_and_si256(_mm256_castps_si256(d), magnitude_mask);
+    *bad = _mm256_or_si256(*bad, _mm256_cmpgt_epi32(bits, _mm256_set1_epi32(NOT_FINITE - 1)));
+    __m256i keep;
+    const __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int32_t)j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    if (a->keep_mode == KEEP_TOP_K) {
+        const __m256i t = _mm256_set1_epi32(a->thresholds[i]);
+        const __m256i before_cut = _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)a->cuts[i]), index);
+        keep = _mm256_or_si256(_mm256_cmpgt_epi32(bits, t), _mm256_and_si256(_mm256_cmpeq_epi32(bits, t), before_cut));
+    } else {
+        if (a->divide) d = _mm256_div_ps(d, _mm256_set1_ps(a->density));
+        const __m256i u = draw_bits8(index, a->draw_keys[2 * i], a->draw_keys[2 * i + 1]);
+        keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(a->draw_threshold), u);
+    }
+    d = _mm256_and_ps(d, _mm256_castsi256_ps(keep));
+    if (a->weighted) d = _mm256_mul_ps(d, _mm256_set1_ps(a->weights[i]));
+    if (a->divide || a->weighted) { /* a kept value that overflowed */
+        const __m256i kept_bits = _mm256_and_si256(_mm256_castps_si256(d), magnitude_mask);
+        *bad = _mm256_or_si256(*bad, _mm256_cmpgt_epi32(kept_bits, _mm256_set1_epi32(NOT_FINITE - 1)));
+    }
+    return d;
+}
+
+static inline float kept1(const task_args *a, int i, int64_t j, float c, int *bad) {
+    float d = load1(a->sources[i], j, a->in_dtype) - c;
+    int32_t bits;
+    memcpy(&bits, &d, 4);
+    bits &= 0x7FFFFFFF;
+    *bad |= bits >= NOT_FINITE;
+    int keep;
+    if (a->keep_mode == KEEP_TOP_K) {
+        const int32_t t = a->thresholds[i];
+        keep = bits > t || (bits == t && j < a->cuts[i]);
+    } else {
+        if (a->divide) d = d / a->density;
+        keep = draw_bits1(j, a->draw_keys[2 * i], a->draw_keys[2 * i + 1]) < a->draw_threshold;
+    }
+    if (!keep) d = 0.0f;
+    if (a->weighted) d = d * a->weights[i];
+    memcpy(&bits, &d, 4);
+    *bad |= (bits & 0x7FFFFFFF) >= NOT_FINITE;
+    return d;
+}
+
+int fused_task_export(const task_args *a) {
+    if (a->models < 1 || a->start < 0 || a->stop > INT32_MAX || a->start > a->stop) return 1;
+    if ((a->in_dtype != F16 && a->in_dtype != F32) || (a->out_dtype != F16 && a->out_dtype != F32)) return 1;
+    const int m = a->models;
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), minus = _mm256_set1_ps(-1.0f);
+    const __m256 tiny = _mm256_set1_ps(a->tiny), alpha = _mm256_set1_ps(a->alpha);
+    float sums[TASK_BLOCK], agreeing[TASK_BLOCK], weights[TASK_BLOCK];
+    __m256i bad = _mm256_setzero_si256();
+    int bad1 = 0;
+    for (int64_t begin = a->start; begin < a->stop; begin += TASK_BLOCK) {
+        const int64_t length = begin + TASK_BLOCK < a->stop ? TASK_BLOCK : a->stop - begin;
+        const int64_t vectorized = length - length % 8;
+        for (int i = 0; i < m; i++) { /* S = Σ kept_i, left to right */
+            for (int64_t j = 0; j < vectorized; j += 8) {
+                const __m256 kept = kept8(a, i, begin + j, load8(a->base, begin + j, a->in_dtype), &bad);
+                _mm256_storeu_ps(sums + j, i == 0 ? kept : _mm256_add_ps(_mm256_loadu_ps(sums + j), kept));
+            }
+            for (int64_t j = vectorized; j < length; j++) {
+                const float kept = kept1(a, i, begin + j, load1(a->base, begin + j, a->in_dtype), &bad1);
+                sums[j] = i == 0 ? kept : sums[j] + kept;
+            }
+        }
+        if (a->elect) { /* e = sign(S); T = Σ max(kept_i·e, +0); W = Σ [kept_i·e > 0]·v_i */
+            for (int i = 0; i < m; i++) {
+                const __m256 v = _mm256_set1_ps(a->agree[i]);
+                for (int64_t j = 0; j < vectorized; j += 8) {
+                    const __m256 s = _mm256_loadu_ps(sums + j);
+                    const __m256 e = _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(s, zero, _CMP_GT_OQ), one),
+                                                  _mm256_and_ps(_mm256_cmp_ps(s, zero, _CMP_LT_OQ), minus));
+                    const __m256 x = _mm256_mul_ps(kept8(a, i, begin + j, load8(a->base, begin + j, a->in_dtype), &bad), e);
+                    const __m256 agrees = _mm256_cmp_ps(x, zero, _CMP_GT_OQ);
+                    const __m256 ai = _mm256_and_ps(x, agrees);
+                    const __m256 si = _mm256_and_ps(agrees, one);
+                    const __m256 wi = a->unit_agree ? si : _mm256_mul_ps(si, v);
+                    _mm256_storeu_ps(agreeing + j, i == 0 ? ai : _mm256_add_ps(_mm256_loadu_ps(agreeing + j), ai));
+                    _mm256_storeu_ps(weights + j, i == 0 ? wi : _mm256_add_ps(_mm256_loadu_ps(weights + j), wi));
+                }
+                for (int64_t j = vectorized; j < length; j++) {
+                    const float s = sums[j], e = s > 0.0f ? 1.0f : (s < 0.0f ? -1.0f : 0.0f);
+                    const float x = kept1(a, i, begin + j, load1(a->base, begin + j, a->in_dtype), &bad1) * e;
+                    const float ai = x > 0.0f ? x : 0.0f, si = x > 0.0f ? 1.0f : 0.0f;
+                    const float wi = a->unit_agree ? si : si * a->agree[i];
+                    agreeing[j] = i == 0 ? ai : agreeing[j] + ai;
+                    weights[j] = i == 0 ? wi : weights[j] + wi;
+                }
+            }
+            for (int64_t j = 0; j < vectorized; j += 8) {
+                const __m256 s = _mm256_loadu_ps(sums + j);
+                const __m256 e = _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(s, zero, _CMP_GT_OQ), one),
+                                              _mm256_and_ps(_mm256_cmp_ps(s, zero, _CMP_LT_OQ), minus));
+                const __m256 w = _mm256_max_ps(_mm256_loadu_ps(weights + j), tiny);
+                _mm256_storeu_ps(sums + j, _mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(agreeing + j), w), e));
+            }
+            for (int64_t j = vectorized; j < length; j++) {
+                const float s = sums[j], e = s > 0.0f ? 1.0f : (s < 0.0f ? -1.0f : 0.0f);
+                sums[j] = (agreeing[j] / (weights[j] > a->tiny ? weights[j] : a->tiny)) * e;
+            }
+        }
+        for (int64_t j = 0; j < vectorized; j += 8) {
+            const __m256 c = load8(a->base, begin + j, a->in_dtype);
+            store8(a->out, begin + j, _mm256_add_ps(c, _mm256_mul_ps(_mm256_loadu_ps(sums + j), alpha)), a->out_dtype);
+        }
+        for (int64_t j = vectorized; j < length; j++)
+            store1(a->out, begin + j, load1(a->base, begin + j, a->in_dtype) + sums[j] * a->alpha, a->out_dtype);
+    }
+    return (_mm256_movemask_epi8(bad) || bad1) ? 2 : 0;
+}
+
+/* ---- top-k's cut of each model's delta: t_i, the k-th largest |d_i|'s bits, and cut_i, so that
+ * "bits > t_i, or = t_i at a position < cut_i" keeps exactly k elements, equal |d_i| taken in index
+ * order (as ``_top_k``). A radix select over |d_i|'s 31 bits computed on the fly: a histogram of the
+ * top digit (11 bits up to SMALL_KEY elements, a histogram that stays in L1; else 16), then the
+ * elements of the bucket that holds t_i gathered with their positions (when there are at most
+ * ``gather_limit``, or all of a small key) and the rest of the select and the cut done on them in cache: two passes over the
+ * data. A bucket too large to gather is selected by further passes over the data. 1 ≤ k < n (the
+ * caller keeps all or none itself). Non-finite d give some t_i: the task pass that follows refuses
+ * them. */
+#define SMALL_KEY 65536
+#define DIGIT_MAX 16
+
+static inline int32_t magnitude_bits1(const void *model, const void *base, int64_t j, int dtype) {
+    const float d = load1(model, j, dtype) - load1(base, j, dtype);
+    int32_t bits;
+    memcpy(&bits, &d, 4);
+    return bits & 0x7FFFFFFF;
+}
+
+static inline __m256i magnitude_bits8(const void *model, const void *base, int64_t j, int dtype) {
+    const __m256 d = _mm256_sub_ps(load8(model, j, dtype), load8(base, j, dtype));
+    return _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7FFFFFFF));
+}
+
+/* the bucket, counted from the top, that holds the k-th largest entry; *above: the entries above it */
+static int bucket_of(const uint32_t *histogram, int buckets, int64_t k, int64_t *above) {
+    int64_t total = 0;
+    for (int b = buckets - 1; b > 0; b--) {
+        if (total + histogram[b] >= k) {
+            *above = total;
+            return b;
+        }
+        total += histogram[b];
+    }
+    *above = total;
+    return 0;
+}
+
+/* The select's state: the bits decided so far (``prefix``, at the places ``known``), how many
+ * elements lie above them, how many equal them, and how many bits remain below (``undecided``). */
+typedef struct {
+    uint32_t prefix, known;
+    int64_t above, ties;
+    int undecided;
+} select_state;
+
+static void decide(select_state *st, const uint32_t *histogram, int width, int64_t k) {
+    const int shift = st->undecided - width;
+    int64_t higher;
+    const int b = bucket_of(histogram, 1 << width, k - st->above, &higher);
+    st->above += higher;
+    st->ties = histogram[b];
+    st->prefix |= (uint32_t)b << shift;
+    st->known |= ((1u << width) - 1) << shift;
+    st->undecided = shift;
+}
+
+/* one digit of the select over the data: a histogram of the elements that match the prefix */
+static void digit_over_data(select_state *st, const void *model, const void *base, int dtype, int64_t n,
+                            int64_t k, int digit, uint32_t *histogram) {
+    const int width = st->undecided < digit ? st->undecided : digit, shift = st->undecided - width;
+    const uint32_t mask = (1u << width) - 1;
+    const int64_t vectorized = n - n % 8;
+    int32_t lanes[8];
+    memset(histogram, 0, sizeof(uint32_t) << width);
+    const __m256i known8 = _mm256_set1_epi32((int32_t)st->known), prefix8 = _mm256_set1_epi32((int32_t)st->prefix);
+    for (int64_t j = 0; j < vectorized; j += 8) {
+        const __m256i bits = magnitude_bits8(model, base, j, dtype);
+        const int hits = st->known ? _mm256_movemask_ps(_mm256_castsi256_ps(
+                                         _mm256_cmpeq_epi32(_mm256_and_si256(bits, known8), prefix8)))
+                                   : 0xFF;
+        if (!hits) continue;
+        _mm256_storeu_si256((__m256i *)lanes, bits);
+        for (int l = 0; l < 8; l++)
+            if (hits >> l & 1) histogram[((uint32_t)lanes[l] >> shift) & mask]++;
+    }
+    for (int64_t j = vectorized; j < n; j++) {
+        const uint32_t bits = (uint32_t)magnitude_bits1(model, base, j, dtype);
+        if ((bits & st->known) == st->prefix) histogram[(bits >> shift) & mask]++;
+    }
+    decide(st, histogram, width, k);
+}
+
+/* the elements that match the prefix, their bits and positions in index order; returns the count */
+static int64_t gather(const select_state *st, const void *model, const void *base, int dtype, int64_t n,
+                      int32_t *bits_out, int32_t *positions) {
+    const int64_t vectorized = n - n % 8;
+    const __m256i known8 = _mm256_set1_epi32((int32_t)st->known), prefix8 = _mm256_set1_epi32((int32_t)st->prefix);
+    int32_t lanes[8];
+    int64_t count = 0;
+    for (int64_t j = 0; j < vectorized; j += 8) {
+        const __m256i bits = magnitude_bits8(model, base, j, dtype);
+        const int hits = _mm256_movemask_ps(_mm256_castsi256_ps(
+            _mm256_cmpeq_epi32(_mm256_and_si256(bits, known8), prefix8)));
+        if (!hits) continue;
+        _mm256_storeu_si256((__m256i *)lanes, bits);
+        for (int l = 0; l < 8; l++)
+            if (hits >> l & 1) {
+                bits_out[count] = lanes[l];
+                positions[count++] = (int32_t)(j + l);
+            }
+    }
+    for (int64_t j = vectorized; j < n; j++) {
+        const uint32_t bits = (uint32_t)magnitude_bits1(model, base, j, dtype);
+        if ((bits & st->known) == st->prefix) {
+            bits_out[count] = (int32_t)bits;
+            positions[count++] = (int32_t)j;
+        }
+    }
+    return count;
+}
+
+static void top_k_cut(const void *model, const void *base, int dtype, int64_t n, int64_t k, uint32_t *histogram,
+                      int32_t *gathered, int64_t capacity, int32_t *threshold, int64_t *cut) {
+    const int digit = n <= SMALL_KEY ? 11 : DIGIT_MAX;
+    select_state st = {0, 0, 0, 0, 31};
+    digit_over_data(&st, model, base, dtype, n, k, digit, histogram);
+    while (st.undecided > 0 && st.ties > capacity) digit_over_data(&st, model, base, dtype, n, k, digit, histogram);
+    *cut = n;
+    if (st.undecided == 0) { /* the threshold is known; the cut, if needed, by one more pass */
+        *threshold = (int32_t)st.prefix;
+        const int64_t room = k - st.above;
+        if (st.ties == room) return;
+        int64_t seen = 0;
+        for (int64_t j = 0; j < n; j++)
+            if (magnitude_bits1(model, base, j, dtype) == (int32_t)st.prefix && ++seen == room) {
+                *cut = j + 1;
+                return;
+            }
+        return;
+    }
+    int32_t *bits = gathered, *positions = gathered + capacity;
+    const int64_t count = gather(&st, model, base, dtype, n, bits, positions);
+    while (st.undecided > 0) { /* the rest of the select on the gathered elements, in cache */
+        const int width = st.undecided < 11 ? st.undecided : 11, shift = st.undecided - width;
+        const uint32_t mask = (1u << width) - 1;
+        memset(histogram, 0, sizeof(uint32_t) << width);
+        for (int64_t g = 0; g < count; g++)
+            if (((uint32_t)bits[g] & st.known) == st.prefix) histogram[((uint32_t)bits[g] >> shift) & mask]++;
+        decide(&st, histogram, width, k);
+    }
+    const int32_t t = (int32_t)st.prefix;
+    const int64_t room = k - st.above;
+    *threshold = t;
+    if (st.ties == room) return;
+    int64_t seen = 0; /* the position after the room-th element equal to t (gathered in index order) */
+    for (int64_t g = 0; g < count; g++)
+        if (bits[g] == t && ++seen == room) {
+            *cut = (int64_t)positions[g] + 1;
+            return;
+        }
+}
+
+/* Returns 3 when the scratch (8 bytes per element gathered) cannot be allocated. */
+int fused_top_k_cuts(const void *const *models, int32_t count, const void *base, int32_t dtype, int64_t n,
+                     int64_t k, int64_t gather_limit, int32_t *thresholds, int64_t *cuts) {
+    if ((dtype != F16 && dtype != F32) || k < 1 || k >= n || n > INT32_MAX || count < 0 || gather_limit < 1)
+        return 1;
+    const int64_t capacity = n <= SMALL_KEY ? n : (gather_limit < n ? gather_limit : n);
+    uint32_t *histogram = malloc(sizeof(uint32_t) << DIGIT_MAX);
+    int32_t *gathered = malloc(sizeof(int32_t) * 2 * capacity);
+    if (!histogram || !gathered) {
+        free(histogram);
+        free(gathered);
+        return 3;
+    }
+    for (int i = 0; i < count; i++)
+        top_k_cut(models[i], base, dtype, n, k, histogram, gathered, capacity, thresholds + i, cuts + i);
+    free(histogram);
+    free(gathered);
     return 0;
 }
 
@@ -207,3 +558,4 @@ int fused_supported(void) {
 }
 
 int fused_args_size(void) { return (int)sizeof(fused_args); }
+int task_args_size(void) { return (int)sizeof(task_args); }

@@ -43,6 +43,7 @@ MAX_MODELS = 64
 _DTYPES = {torch.float16: 0, torch.float32: 1}  # the C file's F16, F32
 _FLAGS = ["-O2", "-mavx2", "-mf16c", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
 _PIECE = 1 << 20  # elements per call: a key larger than this is split among the threads
+_TOP_K_GATHER = 1 << 20  # top-k of a large key: the elements of t's bucket gathered, up to this many
 
 
 class _Args(ctypes.Structure):
@@ -72,6 +73,35 @@ class _Args(ctypes.Structure):
     ]
 
 
+class _TaskArgs(ctypes.Structure):
+    """``task_args`` of the C file, field for field."""
+
+    _fields_ = [
+        ("start", ctypes.c_int64),
+        ("stop", ctypes.c_int64),
+        ("models", ctypes.c_int32),
+        ("in_dtype", ctypes.c_int32),
+        ("out_dtype", ctypes.c_int32),
+        ("keep_mode", ctypes.c_int32),
+        ("elect", ctypes.c_int32),
+        ("weighted", ctypes.c_int32),
+        ("unit_agree", ctypes.c_int32),
+        ("divide", ctypes.c_int32),
+        ("draw_threshold", ctypes.c_int32),
+        ("density", ctypes.c_float),
+        ("alpha", ctypes.c_float),
+        ("tiny", ctypes.c_float),
+        ("base", ctypes.c_void_p),
+        ("sources", ctypes.POINTER(ctypes.c_void_p)),
+        ("thresholds", ctypes.POINTER(ctypes.c_int32)),
+        ("cuts", ctypes.POINTER(ctypes.c_int64)),
+        ("draw_keys", ctypes.POINTER(ctypes.c_uint32)),
+        ("weights", ctypes.POINTER(ctypes.c_float)),
+        ("agree", ctypes.POINTER(ctypes.c_float)),
+        ("out", ctypes.c_void_p),
+    ]
+
+
 @dataclass(frozen=True)
 class FusedRule:
     """One merge's parameters as the kernel takes them (``_sparse_live._Rule`` resolved)."""
@@ -82,6 +112,25 @@ class FusedRule:
     alpha: float
     weights: tuple[float, ...]  # w_i
     agree_weights: tuple[float, ...]  # v_i
+
+
+@dataclass(frozen=True)
+class ExportRule:
+    """One key's task-arithmetic merge for the export's kernel (``fused_task_export``): keep by top-k
+    (``keep_count`` elements of each model's |Δ|) or by draws (bits(u) < ``draw_threshold``, u drawn
+    with each model's ``draw_keys``), then the sum or the sign election, C + α·merged."""
+
+    elect: bool
+    alpha: float
+    weights: tuple[float, ...]  # w_i
+    agree_weights: tuple[float, ...]  # v_i
+    keep_count: int | None = None  # top-k: k
+    density: float = 1.0  # drop: Δ is divided by it (unless 1)
+    draw_threshold: int = 0
+    draw_keys: tuple[tuple[int, int], ...] = ()
+
+
+_KEEP_TOP_K, _KEEP_DRAWS, _NOT_FINITE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -102,19 +151,29 @@ class FusedKernel:
         self._function.restype = ctypes.c_int
         self._weighted_mean = library.fused_weighted_mean
         self._weighted_mean.argtypes = [
-            ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int32, ctypes.POINTER(ctypes.c_float),
-            ctypes.c_int32, ctypes.c_int64, ctypes.c_float,
+            ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int32,
+            ctypes.POINTER(ctypes.c_float), ctypes.c_int32, ctypes.c_int64, ctypes.c_float,
         ]  # fmt: skip
         self._weighted_mean.restype = ctypes.c_int
+        self._task_export = library.fused_task_export
+        self._task_export.argtypes = [ctypes.POINTER(_TaskArgs)]
+        self._task_export.restype = ctypes.c_int
+        self._top_k_cut = library.fused_top_k_cuts
+        self._top_k_cut.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p), ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64,
+            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ]  # fmt: skip
+        self._top_k_cut.restype = ctypes.c_int
         self._pool: ThreadPoolExecutor | None = None
         self._threads = 0
 
     @staticmethod
-    def _takes(models: Sequence[Tensor], base: Tensor, out: Tensor) -> bool:
-        """The kernel merges these flat buffers: CPU, contiguous, fp16/fp32, sources of one dtype."""
+    def _takes(models: Sequence[Tensor], base: Tensor, out: Tensor, *, limit: int | None = None) -> bool:
+        """The kernel merges these buffers: CPU, contiguous, fp16/fp32, sources of one dtype, at most
+        ``limit`` models (None: any number)."""
         tensors = [*models, base, out]
         return (
-            0 < len(models) <= MAX_MODELS
+            0 < len(models) <= (limit or len(models))
             and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
             and base.dtype in _DTYPES
             and out.dtype in _DTYPES
@@ -135,7 +194,7 @@ class FusedKernel:
         """out[part] ← C + α·merged for every part (and ``merged`` ← the merged delta, when given);
         ``statistics``: (models, elements) int32 places or draw bits of the block. False, with nothing
         done, for buffers the kernel does not take (then the caller uses torch)."""
-        if not self._takes(models, base, out) or statistics.dtype != torch.int32:
+        if not self._takes(models, base, out, limit=MAX_MODELS) or statistics.dtype != torch.int32:
             return False
         m = len(models)
         weights = (ctypes.c_float * m)(*rule.weights)
@@ -177,37 +236,108 @@ class FusedKernel:
             raise RuntimeError("the fused CPU kernel refused its arguments")
         return True
 
+    def weighted_mean_into(
+        self, out: Tensor, sources: Sequence[Tensor], weights: Sequence[float], divisor: float
+    ) -> bool:
+        """out ← (Σ x_i·w_i) / divisor, summed left to right in float32 with each product rounded first
+        (``weighted_mean``'s loop and ``div_``), rounded once to out's dtype; every source read once.
+        False, with nothing done, for tensors the kernel does not take."""
+        if not self._takes(sources, sources[0], out) or any(s.numel() != out.numel() for s in sources):
+            return False
+        m, size, out_size = len(sources), sources[0].element_size(), out.element_size()
+        factors = (ctypes.c_float * m)(*weights)
+        in_dtype, out_dtype = _DTYPES[sources[0].dtype], _DTYPES[out.dtype]
+        calls = []
+        for start in range(0, out.numel(), _PIECE):
+            pointers = (ctypes.c_void_p * m)(*(s.data_ptr() + start * size for s in sources))
+            count = min(_PIECE, out.numel() - start)
+            target = out.data_ptr() + start * out_size
+            calls.append((target, out_dtype, pointers, in_dtype, factors, m, count, divisor))
+        if any(self._map(lambda call: self._weighted_mean(*call), calls)):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
+        return True
+
     def weighted_mean(
         self, sources: Sequence[Tensor], weights: Sequence[float], divisor: float
     ) -> Tensor | None:
-        """(Σ x_i·w_i) / divisor in float32, summed left to right with each product rounded first (as
-        ``weighted_mean``'s loop and ``div_``), reading every source once; None, with nothing done,
-        for sources the kernel does not take."""
-        first = sources[0]
-        if not (
-            first.dtype in _DTYPES
-            and all(
-                s.dtype == first.dtype
-                and s.shape == first.shape
-                and s.device.type == "cpu"
-                and s.is_contiguous()
-                for s in sources
-            )
+        """``weighted_mean_into`` a new float32 tensor; None for sources the kernel does not take."""
+        total = torch.empty(sources[0].shape, dtype=torch.float32)
+        return total if self.weighted_mean_into(total, sources, weights, divisor) else None
+
+    def task_export(self, out: Tensor, models: Sequence[Tensor], base: Tensor, rule: ExportRule) -> bool:
+        """out ← C + α·merged of one key (``ExportRule``), as ``TaskArithmetic`` computes it in float32,
+        rounded once to out's dtype. False when the kernel does not take the tensors, or some delta or
+        kept value is not finite (then ``out`` is partly written, and the caller's torch path runs)."""
+        n = out.numel()
+        if (
+            not self._takes(models, base, out)
+            or any(t.numel() != n for t in [*models, base])
+            or not 0 < n < 1 << 31
         ):
-            return None
-        total = torch.empty(first.shape, dtype=torch.float32)
-        m, size = len(sources), first.element_size()
-        factors = (ctypes.c_float * m)(*weights)
-        calls = []
-        for start in range(0, total.numel(), _PIECE):
-            pointers = (ctypes.c_void_p * m)(*(s.data_ptr() + start * size for s in sources))
-            count = min(_PIECE, total.numel() - start)
-            calls.append(
-                (total.data_ptr() + start * 4, pointers, _DTYPES[first.dtype], factors, m, count, divisor)
-            )
-        if any(self._map(lambda call: self._weighted_mean(*call), calls)):
+            return False
+        m = len(models)
+        sources = (ctypes.c_void_p * m)(*(t.data_ptr() for t in models))
+        thresholds, cuts = (ctypes.c_int32 * m)(), (ctypes.c_int64 * m)()
+        k = rule.keep_count
+        if k is not None:
+            self._top_k_cuts(models, base, k, thresholds, cuts)
+        template = dict(
+            models=m,
+            in_dtype=_DTYPES[base.dtype],
+            out_dtype=_DTYPES[out.dtype],
+            keep_mode=_KEEP_DRAWS if k is None else _KEEP_TOP_K,
+            elect=int(rule.elect),
+            weighted=int(any(w != 1.0 for w in rule.weights)),
+            unit_agree=int(all(v == 1.0 for v in rule.agree_weights)),
+            divide=int(k is None and rule.density != 1.0),
+            draw_threshold=rule.draw_threshold,
+            density=rule.density,
+            alpha=rule.alpha,
+            tiny=torch.finfo(torch.float32).tiny,
+            base=base.data_ptr(),
+            sources=sources,
+            thresholds=thresholds,
+            cuts=cuts,
+            draw_keys=(ctypes.c_uint32 * (2 * m))(*(x for pair in rule.draw_keys for x in pair)),
+            weights=(ctypes.c_float * m)(*rule.weights),
+            agree=(ctypes.c_float * m)(*rule.agree_weights),
+            out=out.data_ptr(),
+        )
+        calls = [
+            _TaskArgs(start=start, stop=min(n, start + _PIECE), **template) for start in range(0, n, _PIECE)
+        ]
+        codes = self._map(lambda args: self._task_export(ctypes.byref(args)), calls)
+        if any(code not in (0, _NOT_FINITE) for code in codes):
             raise RuntimeError("the fused CPU kernel refused its arguments")
-        return total
+        return _NOT_FINITE not in codes
+
+    def _top_k_cuts(
+        self, models: Sequence[Tensor], base: Tensor, k: int, thresholds: ctypes.Array, cuts: ctypes.Array
+    ) -> None:
+        """Each model's top-k threshold and cut (``fused_top_k_cuts``) into the arrays; models in
+        groups over the threads for a large key."""
+        n, m = base.numel(), len(models)
+        if k >= n or k <= 0:  # all or none: t = −1 keeps every |Δ|, t = INT32_MAX none
+            for i in range(m):
+                thresholds[i], cuts[i] = (-1 if k >= n else (1 << 31) - 1), 0
+            return
+        groups = max(1, min(m, torch.get_num_threads() if n * m >= _PIECE else 1))
+        bounds = [m * g // groups for g in range(groups + 1)]
+        int_size, long_size = ctypes.sizeof(ctypes.c_int32), ctypes.sizeof(ctypes.c_int64)
+
+        def group(g: int) -> int:
+            first, last = bounds[g], bounds[g + 1]
+            pointers = (ctypes.c_void_p * (last - first))(*(t.data_ptr() for t in models[first:last]))
+            return self._top_k_cut(
+                pointers, last - first, base.data_ptr(), _DTYPES[base.dtype], n, k, _TOP_K_GATHER,
+                ctypes.addressof(thresholds) + first * int_size, ctypes.addressof(cuts) + first * long_size,
+            )  # fmt: skip
+
+        codes = self._map(group, range(groups))
+        if any(code == 3 for code in codes):
+            raise MemoryError("the fused CPU kernel could not allocate its 8 MiB of top-k scratch")
+        if any(codes):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
 
     def _run(self, calls: list[tuple[_Args, object, object]]) -> list[int]:
         return self._map(lambda call: self._function(ctypes.byref(call[0])), calls)
@@ -249,8 +379,11 @@ def fused_kernel() -> FusedKernel | None:
     if not library.fused_supported():
         return None
     library.fused_args_size.restype = ctypes.c_int
-    if library.fused_args_size() != ctypes.sizeof(_Args):
-        raise AssertionError("_Args does not match the C file's fused_args")
+    library.task_args_size.restype = ctypes.c_int
+    if library.fused_args_size() != ctypes.sizeof(_Args) or library.task_args_size() != ctypes.sizeof(
+        _TaskArgs
+    ):
+        raise AssertionError("_Args / _TaskArgs do not match the C file's fused_args / task_args")
     return FusedKernel(library)
 
 

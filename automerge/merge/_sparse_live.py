@@ -39,7 +39,7 @@ from torch import Tensor
 from automerge.errors import MergeError
 from automerge.merge._fused_cpu import FusedKernel, FusedRule, KeyPart, fused_kernel
 from automerge.merge.methods import MergeMethod, max_magnitude, noise_for
-from automerge.merge.methods._task_core import magnitude_order
+from automerge.merge.methods._task_core import draw_threshold, magnitude_order
 from automerge.merge.methods.task_arithmetic import (
     TaskArithmetic,
     _bernoulli_drop,
@@ -51,7 +51,6 @@ from automerge.merge.methods.task_arithmetic import (
 _TOP_K, _DROP, _DELLA = "top_k", "drop", "della"
 _KINDS = {_top_k: _TOP_K, _bernoulli_drop: _DROP, _della_drop: _DELLA}
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # compute dtype → its bits' integers
-_DRAW_STEPS = 1 << 24  # a draw is m·2^−24 with m < 2^24 (``counter_uniform``)
 _BUILD_CHUNK = 1 << 24  # draws of one key made at a time
 _CHUNK_BYTES = {"cpu": 12 << 20, "other": 1 << 30}  # a chunk's working set: in a CPU's cache / on a GPU
 
@@ -267,7 +266,7 @@ class LiveTaskArithmetic:
             weights=tuple(w),
             agree_weights=tuple(float(torch.where(torch.tensor(True), x, 0.0)) for x in w),
             counts=tuple(_keep_count(density, s.numel) for s in spans) if self.kind == _TOP_K else (),
-            threshold=_draw_threshold(density, self.device) if self.kind == _DROP else 0,
+            threshold=draw_threshold(density, self.device) if self.kind == _DROP else 0,
         )
 
     def _here(self, tensor: Tensor) -> Tensor:
@@ -492,20 +491,6 @@ def _draws(spans: Sequence[KeySpan], models: int, seed: int, device: torch.devic
                 at = span.offset + start
                 out[i, at : at + count] = noise.uniform(i, start, count, device)
     return out
-
-
-def _draw_threshold(density: float, device: torch.device) -> int:
-    """t with bits(u) < t ⟺ ``u < density`` as torch compares a float32 draw u = m·2^−24 with it on
-    ``device`` (the export's comparison): that comparison, made on the draws around density·2^24."""
-    guess = min(max(math.floor(density * _DRAW_STEPS) - 2, 0), _DRAW_STEPS - 4)
-    steps = torch.arange(guess, guess + 5, device=device)  # m ≤ 2^24: exact in float32
-    below = (steps.to(torch.float32) * (1.0 / _DRAW_STEPS) < density).tolist()
-    count = sum(below)
-    bracketed = (count < 5 or guess + 4 == _DRAW_STEPS) and (count > 0 or guess == 0)
-    if below != [True] * count + [False] * (5 - count) or not bracketed:
-        raise AssertionError(f"draw threshold of density {density!r} not bracketed: {below}")
-    first_dropped = torch.tensor((guess + count) / _DRAW_STEPS, dtype=torch.float32)
-    return int(first_dropped.view(torch.int32))
 
 
 @dataclass

@@ -47,7 +47,7 @@ def merged_tensors(
     of an element-wise method are merged a run at a time (``merge_run``), with the same bits."""
     primary = plan.primary.checkpoint
     keys = [key for key in primary.keys() if plan.arch.is_exported(key) and key not in skip]
-    runs = _runs_possible(plan)
+    runs, viewed_runs = _runs_possible(plan), _viewed_runs_possible(plan, device)
     index = 0
     while index < len(keys):
         key = keys[index]
@@ -62,8 +62,11 @@ def merged_tensors(
             )
             index += 1
             continue
-        run = _run_from(plan, keys, index, block) if runs else [key]
-        merged = merge_run(plan, run, block=block, dtype=dtype, device=device) if len(run) > 1 else None
+        run = _run_from(plan, keys, index, block) if runs or viewed_runs else [key]
+        merged = None
+        if len(run) > 1:
+            merge = merge_run if runs else _merge_viewed_run
+            merged = merge(plan, run, block=block, dtype=dtype, device=device)
         if merged is None:
             yield key, merge_key(plan, key, block=block, dtype=dtype, device=device)
             index += 1
@@ -76,6 +79,38 @@ def _runs_possible(plan: MergePlan) -> bool:
     """Runs give each key its own bits only for element-wise, non-random methods (no element depends
     on another, no per-key noise) on sources without LoRAs (applied per key)."""
     return plan.method.elementwise and not plan.method.random and not any(plan.loras.values())
+
+
+def _viewed_runs_possible(plan: MergePlan, device: str) -> bool:
+    """A method that merges from the stored sources (``stored_into``) on the CPU, over any number of
+    models without LoRAs, takes each key's views as slices of one view of a run of small keys per
+    source (at a small width the per-key reads of N files cost as much as the merge)."""
+    method = plan.method
+    return (
+        device == "cpu"
+        and method.stored_into is not None
+        and method.max_models is None
+        and not any(plan.loras.values())
+    )
+
+
+def _merge_viewed_run(
+    plan: MergePlan, keys: Sequence[str], *, block: str, dtype: torch.dtype, device: str = "cpu"
+) -> list[tuple[str, torch.Tensor]] | None:
+    """``merge_key`` of each of ``keys``, its sources' views sliced from one view of the run per
+    source; None when the keys do not lie back to back in one dtype in every source."""
+    views = {name: plan.sources[name].checkpoint.load_run(keys) for name in plan.model_names}
+    flat = {name: view for name, view in views.items() if view is not None}
+    if len(flat) != len(views):
+        return None
+    merged, offset = [], 0
+    for key in keys:
+        info = plan.primary.checkpoint.info(key)
+        part = slice(offset, offset + info.numel)
+        stored = {name: view[part] for name, view in flat.items()}  # flat: stored_into reads elements
+        merged.append((key, merge_key(plan, key, block=block, dtype=dtype, device=device, stored=stored)))
+        offset += info.numel
+    return merged
 
 
 def _run_from(plan: MergePlan, keys: Sequence[str], index: int, block: str) -> list[str]:
@@ -153,16 +188,23 @@ def _in_a_block(plan: MergePlan, key: str, info: TensorInfo) -> bool:
 
 
 def merge_key(
-    plan: MergePlan, key: str, *, block: str, dtype: torch.dtype, device: str = "cpu"
+    plan: MergePlan,
+    key: str,
+    *,
+    block: str,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    stored: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One merged tensor in ``dtype`` (computed in the plan's compute dtype, like the live engine);
     sources are checked for NaN/Inf as they are read. Methods of any number of models stream over
     ``LazySources`` (each model read when the method reaches it, so memory does not grow with the
-    number of models); the others get their sources loaded, with max |x| for the growth bound."""
+    number of models); the others get their sources loaded, with max |x| for the growth bound.
+    ``stored``: the models' views of ``key`` already taken (``_merge_viewed_run``), else read here."""
     base = _load(plan, plan.base_name, key, device) if plan.base_name else None
     deferred = plan.method.max_models is None and _carries_non_finite(plan.method)
     if plan.method.max_models is None:
-        models: Sequence[torch.Tensor] = _lazy_sources(plan, key, device, check=not deferred)
+        models: Sequence[torch.Tensor] = _lazy_sources(plan, key, device, check=not deferred, stored=stored)
         magnitude = None  # N-model methods have no growth bound to use it with
     else:
         loaded = [_load(plan, name, key, device) for name in plan.model_names]
@@ -175,7 +217,7 @@ def merge_key(
             plan, out, models, None if base is None else base[0], key=key, block=block, magnitude=magnitude
         )
     except MergeError:
-        if deferred:  # name the damaged source, when one is (else the result overflowed: as raised)
+        if plan.method.max_models is None:  # name the damaged source, when one is (else: as raised)
             for name in plan.model_names:
                 _load(plan, name, key, device)
         raise
@@ -215,15 +257,21 @@ def _carries_non_finite(method: MergeMethod) -> bool:
     return method.elementwise and not method.random
 
 
-def _lazy_sources(plan: MergePlan, key: str, device: str, *, check: bool) -> LazySources:
+def _lazy_sources(
+    plan: MergePlan, key: str, device: str, *, check: bool, stored: Mapping[str, torch.Tensor] | None = None
+) -> LazySources:
     """The non-base models' tensors ``key``, read on each access (and checked for NaN/Inf when
-    ``check``), in the compute dtype (the upcast the merge would make anyway)."""
+    ``check``), in the compute dtype (the upcast the merge would make anyway); on the CPU, without
+    LoRAs, also their views as stored (``stored``'s when given), for consumers that convert and
+    check as they read."""
     shape = plan.sources[plan.model_names[0]].checkpoint.info(key).shape
     loaders = [partial(_load_upcast, plan, name, key, device, check=check) for name in plan.model_names]
-    # unchecked views of the files on the CPU also as stored, for consumers that convert as they read
-    viewed = not check and device == "cpu" and not any(plan.loras_on(name, key) for name in plan.model_names)
-    stored = [partial(plan.load, name, key) for name in plan.model_names] if viewed else None
-    return LazySources(loaders, shape=shape, dtype=plan.compute_dtype, stored=stored)
+    views = None
+    if stored is not None:
+        views = [partial(_view, stored[name]) for name in plan.model_names]
+    elif device == "cpu" and not any(plan.loras_on(name, key) for name in plan.model_names):
+        views = [partial(plan.load, name, key) for name in plan.model_names]
+    return LazySources(loaders, shape=shape, dtype=plan.compute_dtype, stored=views)
 
 
 def _load_upcast(plan: MergePlan, name: str, key: str, device: str, *, check: bool) -> torch.Tensor:

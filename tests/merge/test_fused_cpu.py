@@ -158,3 +158,84 @@ def test_the_weighted_average_gives_torchs_bits(
     assert fast is not None and torch.equal(fast.view(torch.int32), slow.view(torch.int32))
     assert kernel.weighted_mean([base, rows[0][::2]], [1.0, 1.0], 2.0) is None  # torch's turn
     assert kernel.weighted_mean([base, rows[0].double()], [1.0, 1.0], 2.0) is None
+
+
+EXPORT_CASES = [  # method, models, source dtype, out dtype, weights
+    ("ties", 1, torch.float16, torch.float16, None),
+    ("ties", 3, torch.float16, torch.float16, None),
+    ("ties", 3, torch.float32, torch.float32, (0.7, 0.0, 1.3)),
+    ("ties", 70, torch.float16, torch.float16, None),  # more models than the live kernel takes
+    ("dare", 2, torch.float16, torch.float16, None),
+    ("dare", 4, torch.float32, torch.float16, (0.9, 1.1, 0.4, 2.5)),
+    ("dare_ties", 3, torch.float16, torch.float32, (0.5, 1.0, 1.5)),
+    ("dare_ties", 66, torch.float16, torch.float16, None),
+]
+
+
+@pytest.mark.parametrize(("method", "models", "source_dtype", "out_dtype", "weights"), EXPORT_CASES)
+@pytest.mark.parametrize(
+    ("numel", "gather"),
+    [(1, 1 << 20), (9, 1 << 20), (4_099, 1 << 20), (70_001, 1 << 20), (70_001, 40)],
+)  # 70,001: 16-bit radix digits and 3 calls; a gather limit of 40: further passes over the data
+@pytest.mark.usefixtures("kernel_needed")
+def test_the_export_kernel_gives_the_methods_bits(
+    method: str,
+    models: int,
+    source_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    weights: tuple[float, ...] | None,
+    numel: int,
+    gather: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``TaskArithmetic.stored_into`` (the export's ``task_export``: each model's top-k cut by a radix
+    select, then one pass) against the method itself on the upcast sources, rounded to the output's
+    dtype: equal bits. Densities put the k-th largest |Δ| among equal magnitudes (8.0 at 1/17 of the
+    elements, 0.25, and the Δ = 0 of copied elements), so the cut among ties is exercised."""
+    from automerge.merge.methods import noise_for
+
+    monkeypatch.setattr("automerge.merge._fused_cpu._PIECE", 1 << 15)
+    monkeypatch.setattr("automerge.merge._fused_cpu._TOP_K_GATHER", gather)
+    merge = METHODS.get(method)
+    base, rows = _sources(models, numel, source_dtype, seed=models + numel)
+    densities = [0.03, 0.45, 0.9, 1.0, 0.0, 0.2]
+    if numel > 140:  # a run of 40 equal |Δ| side by side, the k-th largest in its middle
+        base[100:140], rows[0][100:140] = 1.0, 1.5
+        densities.append(int((rows[0].float() - base.float()).abs().gt(0.5).sum() + 20) / numel)
+    w = None if weights is None else list(weights)
+    noise = {"noise": noise_for("model.diffusion_model.x", 11)} if merge.random else {}
+    for density, alpha in itertools.product(densities, [0.8, -1.7]):
+        params = {"alpha": alpha, "density": density, **noise}
+        fast = torch.empty(numel, dtype=out_dtype)
+        assert merge.stored_into is not None
+        assert merge.stored_into(fast, rows, base, weights=w, **params)
+        slow = merge.fn([r.float() for r in rows], base.float(), weights=w, **params).to(out_dtype)
+        bits = torch.int16 if out_dtype == torch.float16 else torch.int32
+        assert torch.equal(fast.view(bits), slow.view(bits)), (density, alpha)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+@pytest.mark.usefixtures("kernel_needed")
+def test_the_export_kernel_leaves_non_finite_sources_and_odd_weights_to_torch(method: str) -> None:
+    """A NaN or Inf in any model (kept or not): the kernel declines, and the general path (which names
+    the damaged source) runs; so it does for a sign election with a weight < 0 or in (0, tiny)."""
+    from automerge.merge.methods import noise_for
+
+    merge = METHODS.get(method)
+    assert merge.stored_into is not None
+    base, rows = _sources(3, 4_099, torch.float16, seed=5)
+    extra = {"noise": noise_for("k", 1)} if merge.random else {}
+    out = torch.empty(4_099, dtype=torch.float16)
+    assert merge.stored_into(out, rows, base, alpha=1.0, density=0.3, **extra)
+    for bad in (float("nan"), float("inf")):
+        damaged = [rows[0], rows[1].clone(), rows[2]]
+        damaged[1][4_000] = bad
+        assert not merge.stored_into(out, damaged, base, alpha=1.0, density=0.3, **extra)
+    for weights in ([1.0, -0.5, 1.0], [1.0, 1e-45, 1.0]):  # the sum (dare) takes them, the election not
+        taken = merge.stored_into(out, rows, base, alpha=1.0, density=0.3, weights=weights, **extra)
+        assert taken is not merge.fn.elect
+        if taken:
+            slow = merge.fn(
+                [r.float() for r in rows], base.float(), weights=weights, alpha=1.0, density=0.3, **extra
+            )
+            assert torch.equal(out.view(torch.int16), slow.half().view(torch.int16))

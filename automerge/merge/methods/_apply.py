@@ -39,7 +39,8 @@ class _OnAccess(Sequence[Tensor]):
 
     def stored(self, index: int) -> Tensor | None:
         """Model ``index``'s tensor as stored (a view of its file, not converted: a consumer that
-        converts as it reads saves a pass), or None when it is not known."""
+        converts as it reads saves a pass; not checked for NaN/Inf: the consumer checks what it
+        reads; in its shape or flat), or None when it is not known."""
         return None
 
     @overload
@@ -251,7 +252,9 @@ def merge_into(
     """``out`` ← ``merge_tensor(...)`` cast to ``out.dtype``, bit for bit, without whole-tensor temporaries.
 
     The cheapest exact path is taken: a method's fused ``inplace`` op when every tensor already has
-    ``out``'s dtype (weighted sum: one ``lerp``); else, for element-wise methods on loaded sources,
+    ``out``'s dtype (weighted sum: one ``lerp``); else its ``stored_into`` on the sources' stored views
+    (lazily read sources on the CPU: the export's), one pass into ``out``; else, for element-wise
+    methods on loaded sources,
     ``chunk_numel`` elements at a time through one compute-dtype scratch buffer (``compute_into``, or
     the method on the upcast chunk), which is exact because no element depends on another; else the
     method on the whole tensor (always for ``LazySources``: each chunk would load every model again).
@@ -267,6 +270,8 @@ def merge_into(
     dtypes = {dtype for _, dtype in _layout(models)} | ({base.dtype} if base is not None else set())
     if method.inplace is not None and compute_dtype == torch.float32 and dtypes == {out.dtype}:
         method.inplace(out, models, base, **params)
+    elif _merged_as_stored(out, method, models, base, params, noise, weights, compute_dtype):
+        pass
     elif method.elementwise and not method.random and not isinstance(models, LazySources):
         _merge_elementwise_chunks(out, method, models, base, params, weights, compute_dtype, chunk_numel)
     else:
@@ -283,6 +288,27 @@ def merge_into(
         out.copy_(result)
     if not result_is_surely_finite(method, params, out.dtype, source_magnitude) and not all_finite(out):
         raise _non_finite_result(method, key, params)
+
+
+def _merged_as_stored(
+    out: Tensor,
+    method: MergeMethod,
+    models: Sequence[Tensor],
+    base: Tensor | None,
+    params: Mapping[str, float],
+    noise: Noise | None,
+    weights: Sequence[float] | None,
+    compute_dtype: torch.dtype,
+) -> bool:
+    """The method's ``stored_into`` ran on the models' stored views (lazily read sources that know
+    them, on the CPU) and merged ``out``; False when there is none or it could not."""
+    if method.stored_into is None or compute_dtype != torch.float32 or out.device.type != "cpu":
+        return False
+    stored = [stored_tensor(models, index) for index in range(len(models))]
+    views = [view for view in stored if view is not None]
+    if not views or len(views) != len(stored):
+        return False
+    return method.stored_into(out, views, base, **params, **_extras(method, noise, weights))
 
 
 def _merge_elementwise_chunks(

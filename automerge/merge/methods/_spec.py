@@ -107,6 +107,10 @@ class MergeMethod:
     # dtype, read without upcast copies (element-wise methods, one chunk at a time).
     inplace: Callable[..., None] | None = None
     compute_into: Callable[..., None] | None = None
+    # stored_into(out, models, base, **params[, weights][, noise]) -> bool: the merge straight from the
+    # sources as stored (views of their files on the CPU, in their own dtype, not checked for NaN/Inf)
+    # into out, rounded once; False when it cannot (the general path then runs; out may be written).
+    stored_into: Callable[..., bool] | None = None
     # growth(**params) = g with |result| ≤ g·max|source| element-wise (finite sources); lets the
     # engine and the export skip the output's NaN/Inf check when g·max|source| fits the dtype.
     growth: Callable[..., float] | None = None
@@ -130,6 +134,7 @@ class MergeMethod:
         elementwise: bool = False,
         inplace: Callable[..., None] | None = None,
         compute_into: Callable[..., None] | None = None,
+        stored_into: Callable[..., bool] | None = None,
         growth: Callable[..., float] | None = None,
     ) -> MergeMethod:
         """``fn`` with its ``ParamSpec``s, randomness and weights derived from its signature; a
@@ -156,6 +161,7 @@ class MergeMethod:
             elementwise=elementwise,
             inplace=inplace,
             compute_into=compute_into,
+            stored_into=stored_into,
             growth=growth,
         )
 
@@ -172,6 +178,7 @@ def register_method(
     elementwise: bool = False,
     inplace: Callable[..., None] | None = None,
     compute_into: Callable[..., None] | None = None,
+    stored_into: Callable[..., bool] | None = None,
     growth: Callable[..., float] | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator: derive ``fn``'s parameters from its signature and register it in ``METHODS``."""
@@ -186,6 +193,7 @@ def register_method(
             elementwise=elementwise,
             inplace=inplace,
             compute_into=compute_into,
+            stored_into=stored_into,
             growth=growth,
         )
         METHODS.register(name, method)

@@ -23,6 +23,7 @@ on which other elements, chunks or keys were computed before it, and needs no st
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,23 @@ def counter_uniform(
     index = torch.arange(start, start + count, dtype=torch.int64, device=device)
     x = _mix32(_mix32((index + keys[0]) & _MASK32) ^ keys[1])
     return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+_DRAW_STEPS = 1 << 24  # a draw is m·2^−24 with m < 2^24
+
+
+def draw_threshold(density: float, device: torch.device | str = "cpu") -> int:
+    """t with bits(u) < t ⟺ ``u < density`` as torch compares a float32 draw u = m·2^−24 with it on
+    ``device`` (the export's comparison): that comparison, made on the draws around density·2^24."""
+    guess = min(max(math.floor(density * _DRAW_STEPS) - 2, 0), _DRAW_STEPS - 4)
+    steps = torch.arange(guess, guess + 5, device=device)  # m ≤ 2^24: exact in float32
+    below = (steps.to(torch.float32) * (1.0 / _DRAW_STEPS) < density).tolist()
+    count = sum(below)
+    bracketed = (count < 5 or guess + 4 == _DRAW_STEPS) and (count > 0 or guess == 0)
+    if below != [True] * count + [False] * (5 - count) or not bracketed:
+        raise AssertionError(f"draw threshold of density {density!r} not bracketed: {below}")
+    first_dropped = torch.tensor((guess + count) / _DRAW_STEPS, dtype=torch.float32)
+    return int(first_dropped.view(torch.int32))
 
 
 @dataclass(frozen=True)

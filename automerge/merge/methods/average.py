@@ -40,7 +40,19 @@ def weighted_mean(models: Sequence[Tensor], weights: Sequence[float], *, method:
     return total.div_(total_weight)
 
 
-@register_method("average", needs_base=False, max_models=None, elementwise=True)
+def _average_stored_into(
+    out: Tensor, models: Sequence[Tensor], base: Tensor | None, *, weights: Sequence[float] | None = None
+) -> bool:
+    """``average`` straight from the stored sources into ``out`` (the fused kernel's
+    ``weighted_mean_into``: ``weighted_mean``'s operations, the result rounded once to out's dtype)."""
+    w = model_weights(weights, len(models), method="average")
+    kernel = fused_kernel()
+    return kernel is not None and sum(w) != 0 and kernel.weighted_mean_into(out, models, w, sum(w))
+
+
+@register_method(
+    "average", needs_base=False, max_models=None, elementwise=True, stored_into=_average_stored_into
+)
 def average(
     models: Sequence[Tensor], base: Tensor | None, *, weights: Sequence[float] | None = None
 ) -> Tensor:

@@ -18,6 +18,7 @@ random draws are ``counter_uniform`` keyed by (seed, key, model index), the same
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
@@ -25,6 +26,7 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
+from automerge.merge._fused_cpu import ExportRule, fused_kernel
 from automerge.merge.methods._spec import (
     Param,
     fits_between_passes,
@@ -38,9 +40,11 @@ from automerge.merge.methods._task_core import (
     add_into,
     apply_delta,
     disjoint_mean,
+    draw_threshold,
     kth_largest,
     magnitude_bits,
     magnitude_order,
+    noise_key,
     weighted_delta,
 )
 
@@ -89,6 +93,46 @@ class TaskArithmetic:
             else self._sum(models, base, w, sparsify_params)
         )
         return apply_delta(base, merged, alpha)
+
+    def stored_into(
+        self,
+        out: Tensor,
+        models: Sequence[Tensor],
+        base: Tensor | None,
+        *,
+        alpha: float = 1.0,
+        weights: Sequence[float] | None = None,
+        **sparsify_params: Any,
+    ) -> bool:
+        """``out`` ← this merge of the sources as stored (CPU views), through the fused kernel's
+        ``task_export``: the torch path's operations, one pass per model for each top-k cut and one for
+        the merge. False when it cannot: no kernel, DELLA (ranks), weights whose sign election the
+        kernel does not reproduce (< 0, or in (0, tiny)), tensors it does not take, a non-finite delta
+        or kept value."""
+        kernel = fused_kernel()
+        keep = _KERNEL_KEEP.get(self.sparsify.__name__)
+        if kernel is None or keep is None or base is None:
+            return False
+        w = model_weights(weights, len(models), method=self.name)
+        agree = [ctypes.c_float(x).value for x in w]  # in float32, as ``add_agreeing`` adds w_i
+        tiny = torch.finfo(torch.float32).tiny
+        if self.elect and (any(x < 0 for x in w) or any(0 < x < tiny for x in agree)):
+            return False
+        defaults = {name: p.default for name, p in self.__signature__.parameters.items()}
+        density = float(sparsify_params.get("density", defaults["density"]))
+        if keep == "top_k":
+            rule = ExportRule(
+                elect=self.elect, alpha=alpha, weights=tuple(w), agree_weights=tuple(agree),
+                keep_count=_keep_count(density, out.numel()),
+            )  # fmt: skip
+        else:
+            noise = sparsify_params["noise"]
+            rule = ExportRule(
+                elect=self.elect, alpha=alpha, weights=tuple(w), agree_weights=tuple(agree),
+                density=density, draw_threshold=draw_threshold(density),
+                draw_keys=tuple(noise_key(noise.seed, noise.key, i) for i in range(len(models))),
+            )  # fmt: skip
+        return kernel.task_export(out, models, base, rule)
 
     def _kept(self, model: Tensor, index: int, base: Tensor, weight: float, params: dict[str, Any]) -> Tensor:
         """kept_i = w_i · where(keep_i, Δi / p_i, 0) for model ``index``."""
@@ -162,11 +206,15 @@ def _compose_signature(sparsify: Sparsifier) -> inspect.Signature:
 
 
 def _register(variant: TaskArithmetic) -> TaskArithmetic:
-    register_method(variant.name, needs_base=True, max_models=None)(variant)
+    register_method(variant.name, needs_base=True, max_models=None, stored_into=variant.stored_into)(variant)
     return variant
 
 
 # -- sparsifiers: (keep mask, keep probability) of one model's delta ------------------------------
+
+
+_KERNEL_KEEP = {"_top_k": "top_k", "_bernoulli_drop": "draws"}
+"""The sparsifiers the fused kernel's export reproduces, and how (DELLA's ranks it does not)."""
 
 
 def _keep_count(density: float, numel: int) -> int:
