@@ -535,6 +535,35 @@ def test_fast_paths_equal_the_method_function_bit_for_bit(name: str, alpha: floa
         assert torch.equal(out16, expected.half())
 
 
+@pytest.mark.parametrize("name", [n for n in ALL if METHODS.get(n).stored_into is not None])
+@pytest.mark.parametrize(
+    ("source_dtype", "out_dtype"), [(torch.float16, torch.float16), (torch.float32, torch.float16)]
+)
+def test_stored_into_equals_the_method_function_bit_for_bit(
+    name: str, source_dtype: torch.dtype, out_dtype: torch.dtype
+) -> None:
+    """``stored_into`` (the export's merge from the stored views) gives the function's bits rounded
+    once to the output's dtype, with weights and parameters off their defaults; where the fused
+    kernel is built it takes these ordinary sources."""
+    from automerge.merge._fused_cpu import fused_kernel
+
+    method = METHODS.get(name)
+    assert method.stored_into is not None
+    models, base = _sources(method, (4099,), dtype=source_dtype, count=4)
+    params = method.defaults() | {spec.name: (spec.default or 0.0) * 0.8 + 0.1 for spec in method.params}
+    extras = {"noise": _noise(9)} if method.random else {}
+    weights = [0.5, 1.0, 1.5, 0.7]
+    out = torch.empty(4099, dtype=out_dtype)
+    taken = method.stored_into(out, models, base, **params, weights=weights, **extras)
+    assert taken == (fused_kernel() is not None)
+    if taken:
+        upcast = [m.float() for m in models]
+        expected = method.fn(
+            upcast, None if base is None else base.float(), **params, weights=weights, **extras
+        )
+        assert torch.equal(out, expected.to(out_dtype))
+
+
 @pytest.mark.parametrize("name", [n for n in ALL if METHODS.get(n).growth is not None])
 def test_growth_bounds_every_result_element(name: str) -> None:
     """|result| ≤ growth·max|source| at the top of every parameter range, on heavy-tailed sources."""

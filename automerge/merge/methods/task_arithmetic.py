@@ -206,7 +206,10 @@ def _compose_signature(sparsify: Sparsifier) -> inspect.Signature:
 
 
 def _register(variant: TaskArithmetic) -> TaskArithmetic:
-    register_method(variant.name, needs_base=True, max_models=None, stored_into=variant.stored_into)(variant)
+    fused = variant.sparsify.__name__ in _KERNEL_KEEP  # DELLA's ranks: the torch path only
+    register_method(
+        variant.name, needs_base=True, max_models=None, stored_into=variant.stored_into if fused else None
+    )(variant)
     return variant
 
 
