@@ -51,6 +51,7 @@ class Job:
     out: str = ""
     threads: int | None = None
     keep: bool = False  # keep the output (the resume check compares it)
+    cold: bool = False  # evict the sources from the page cache before each timed read
     watched: bool = False  # print export_merge's progress after each key (the resume check counts it)
 
 
@@ -101,6 +102,7 @@ def floor_child(job: Job) -> FloorRun:
         keys = handles[0].keys()  # sorted
         scratch = torch.empty(0, dtype=torch.uint8)
         read = tensors = 0
+        _evict_if_cold(job)
         started = time.perf_counter()
         for key in keys:
             for handle in handles:
@@ -110,7 +112,21 @@ def floor_child(job: Job) -> FloorRun:
                 scratch[: raw.numel()].copy_(raw)
                 read, tensors = read + raw.numel(), tensors + 1
         per_key_s = time.perf_counter() - started
+    _evict_if_cold(job)
     return FloorRun(per_key_s, read, tensors, bulk_s=_bulk_read_s([job.models[name] for name in job.order]))
+
+
+def _evict_if_cold(job: Job) -> None:
+    """With ``job.cold``: drop the sources' pages from the page cache (clean pages go at once), so the
+    next read comes from the disk."""
+    if not job.cold:
+        return
+    for path in job.models.values():
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
 
 
 BULK_SLICE = 16 << 20
@@ -156,6 +172,7 @@ def export_child(job: Job) -> ExportRun:
     out = Path(job.out)
     gc.collect()
     anon_plan = rss_anon_bytes()
+    _evict_if_cold(job)
     with HostMemorySampler(interval_s=SAMPLE_S) as sampler:
         started = time.perf_counter()
         export_merge(plan, out, **options)

@@ -7,7 +7,9 @@ every other model is the base plus small seeded noise (fine-tunes of one base). 
 c, d, …, z, aa, ab, … as recipes name them.
 
 For each N, one warm-up read of the N files first (so that the floor and the exports both read from
-the page cache), the sources' sha256 in a warm hash cache (the export hashes them in the background;
+the page cache; with ``--cold``, instead, every floor and export first evicts the N files from the page
+cache with ``posix_fadvise(DONTNEED)``, so both read the disk, as 100 real SDXL sources would), the
+sources' sha256 in a warm hash cache (the export hashes them in the background;
 a cold cache would add a second read of every file), then in fresh subprocesses (so each one's memory
 is its own: ``_many_models_runs.py``):
 
@@ -91,6 +93,7 @@ class Settings:
     resume_check: int
     threads: int | None
     workdir: Path
+    cold: bool = False  # every floor and export reads the sources from the disk
 
 
 @dataclass
@@ -139,14 +142,22 @@ def measure_count(
     with environment(CACHE_DIR_VARIABLE, str(cache_dir)):
         for path in models.values():
             cached_sha256(path)
-    size, warmup_s = read_through(models.values())
-    cached = (
-        "from the page cache" if size < 0.8 * available_memory_bytes() else "NOT all cached (RAM too small)"
-    )
-    print(f"[{label}] warm-up read {size / GB:.2f} GB in {warmup_s:.1f} s: floor and exports read {cached}")
+    if settings.cold:
+        size, warmup_s = sum(path.stat().st_size for path in models.values()), 0.0
+        print(f"[{label}] {size / GB:.2f} GB, evicted from the page cache before each floor and export")
+    else:
+        size, warmup_s = read_through(models.values())
+        cached = (
+            "from the page cache"
+            if size < 0.8 * available_memory_bytes()
+            else "NOT all cached (RAM too small)"
+        )
+        print(
+            f"[{label}] warm-up read {size / GB:.2f} GB in {warmup_s:.1f} s: floor and exports read {cached}"
+        )
     result = CountResult(family, len(models), size, warmup_s)
     out = settings.workdir / "many-models-out.safetensors"
-    base_job = jobs_for(models, out=str(out), threads=settings.threads)
+    base_job = jobs_for(models, out=str(out), threads=settings.threads, cold=settings.cold)
     for round_ in range(settings.reps + 1):
         result.load_average.append(load_average())
         result.floors.append(floor_run(base_job, cache_dir=cache_dir))
@@ -157,7 +168,7 @@ def measure_count(
         for method in methods:
             job = jobs_for(
                 models, method=method, params=params_for(method, list(models)), seed=DARE_SEED,
-                out=str(out), threads=settings.threads,
+                out=str(out), threads=settings.threads, cold=settings.cold,
             )  # fmt: skip
             for stale in out.parent.glob(f".{out.name}.partial*"):  # a killed run's: it would be resumed
                 stale.unlink()
@@ -279,6 +290,9 @@ def figure(path: Path, results: Sequence[CountResult], methods: Sequence[str]) -
     )
 
 
+READS = {False: "from the page cache", True: "from the disk (--cold)"}
+
+
 # -- main -------------------------------------------------------------------------------------------
 
 
@@ -307,7 +321,8 @@ def run(settings: Settings, *, plot_path: Path) -> dict[str, Any]:
     table = [row for result in results for row in rows(result)]
     if table:
         print_table(
-            table, title="Streamed N-model export vs read floor (both from the page cache, warm sha256 cache)",
+            table,
+            title=f"Streamed N-model export vs read floor (both {READS[settings.cold]}, warm sha256 cache)",
             columns=COLUMNS,
         )  # fmt: skip
     flat = flatness(results, methods)
@@ -320,8 +335,13 @@ def run(settings: Settings, *, plot_path: Path) -> dict[str, Any]:
     return {
         "machine": machine_info("cpu"),
         "settings": asdict(settings),
-        "notes": "each N: one warm-up read() of every file first, so floor and exports read from the page "
-        "cache; sha256 cache warm; every measurement in a fresh subprocess; fp16 output on the CPU",
+        "notes": (
+            "each N: every floor and export first evicts the sources (posix_fadvise DONTNEED): both read the disk"
+            if settings.cold
+            else "each N: one warm-up read() of every file first, so floor and exports read from the page cache"
+        )
+        + "; sha256 cache warm; every measurement in a fresh subprocess; fp16 output on the CPU",
+        "cold": settings.cold,
         "skipped_methods": skipped,
         "method_params": {m: METHOD_PARAMS.get(m, {}) for m in methods},
         "average_weights": "weight.NAME = 0.5, 1, 1.5, 0.5, … in model order (a, b, c, d, …)",
@@ -343,6 +363,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume-check", type=int, default=0, help="sources of the resume check (0 skips)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument(
+        "--cold", action="store_true",
+        help="evict the sources from the page cache before each floor and export (both read the disk)",
+    )  # fmt: skip
+    parser.add_argument(
         "--workdir", type=Path, default=DEFAULT_WORKDIR, help="sources are written here, reused"
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
@@ -363,7 +387,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
             raise SystemExit(f"{option}: at least 3 sources (a, b and the base c), got {value}")
     if args.reps < 1:
         raise SystemExit(f"--reps must be at least 1, got {args.reps}")
-    return Settings(counts, methods, args.real_sd1, args.reps, args.resume_check, args.threads, args.workdir)
+    return Settings(
+        counts, methods, args.real_sd1, args.reps, args.resume_check, args.threads, args.workdir, args.cold
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,7 +44,8 @@ def merged_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) in A's key order: merged keys computed, the rest copied from A; EMA dropped, and
     the keys in ``skip`` (already written by a resumed export) neither read nor computed. Small keys
-    of an element-wise method are merged a run at a time (``merge_run``), with the same bits."""
+    of an element-wise method are merged a run at a time (``merge_run``), with the same bits; those
+    of a method that merges from stored views take them from one view of the run per source."""
     primary = plan.primary.checkpoint
     keys = [key for key in primary.keys() if plan.arch.is_exported(key) and key not in skip]
     runs, viewed_runs = _runs_possible(plan), _viewed_runs_possible(plan, device)
