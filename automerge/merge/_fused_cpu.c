@@ -551,6 +551,60 @@ int fused_top_k_cuts(const void *const *models, int32_t count, const void *base,
     return 0;
 }
 
+/* ---- the live engine's top-k places: each element's position in its key's stable descending order
+ * of |d| (ties by position), as ``torch.sort(bits(|d|).neg(), stable=True)`` orders them. An LSD radix
+ * sort of k = 0x7FFFFFFF − bits(|d|) (31 bits: digits of 11, 11 and 9 bits; each scatter is stable, so
+ * equal k keep index order); the last scatter writes each element's position straight into
+ * ``places``. ``scratch``: 4n uint32. */
+int fused_places(const void *model, const void *base, int32_t dtype, int64_t n, int32_t *places, uint32_t *scratch) {
+    if ((dtype != F16 && dtype != F32) || n < 0 || n > INT32_MAX) return 1;
+    uint32_t *key_a = scratch, *index_a = scratch + n, *key_b = scratch + 2 * n, *index_b = scratch + 3 * n;
+    static const int shifts[3] = {0, 11, 22}, widths[3] = {11, 11, 9};
+    int64_t *offsets[3];
+    int64_t counts[2048 + 2048 + 512];
+    memset(counts, 0, sizeof(counts));
+    offsets[0] = counts, offsets[1] = counts + 2048, offsets[2] = counts + 4096;
+    const int64_t vectorized = n - n % 8;
+    int32_t lanes[8];
+    for (int64_t j = 0; j < n; j += 8) { /* the keys, and the three digits' histograms */
+        if (j < vectorized) {
+            _mm256_storeu_si256((__m256i *)lanes, magnitude_bits8(model, base, j, dtype));
+        } else {
+            for (int l = 0; l < 8 && j + l < n; l++) lanes[l] = magnitude_bits1(model, base, j + l, dtype);
+        }
+        for (int l = 0; l < 8 && j + l < n; l++) {
+            const uint32_t k = 0x7FFFFFFFu - (uint32_t)lanes[l];
+            key_b[j + l] = k;
+            offsets[0][k & 2047]++;
+            offsets[1][(k >> 11) & 2047]++;
+            offsets[2][k >> 22]++;
+        }
+    }
+    for (int d = 0; d < 3; d++) { /* counts → first positions */
+        int64_t total = 0;
+        for (int b = 0; b < 1 << widths[d]; b++) {
+            const int64_t c = offsets[d][b];
+            offsets[d][b] = total;
+            total += c;
+        }
+    }
+    for (int64_t j = 0; j < n; j++) { /* by the low digit */
+        const uint32_t k = key_b[j];
+        const int64_t p = offsets[0][k & 2047]++;
+        key_a[p] = k;
+        index_a[p] = (uint32_t)j;
+    }
+    for (int64_t q = 0; q < n; q++) { /* by the middle digit */
+        const uint32_t k = key_a[q];
+        const int64_t p = offsets[1][(k >> shifts[1]) & 2047]++;
+        key_b[p] = k;
+        index_b[p] = index_a[q];
+    }
+    for (int64_t q = 0; q < n; q++) /* by the high digit: the final position */
+        places[index_b[q]] = (int32_t)offsets[2][key_b[q] >> shifts[2]]++;
+    return 0;
+}
+
 /* The CPU can run this file's instructions (AVX2 and F16C). */
 int fused_supported(void) {
     __builtin_cpu_init();

@@ -43,6 +43,7 @@ MAX_MODELS = 64
 _DTYPES = {torch.float16: 0, torch.float32: 1}  # the C file's F16, F32
 _FLAGS = ["-O2", "-mavx2", "-mf16c", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
 _PIECE = 1 << 20  # elements per call: a key larger than this is split among the threads
+_PLACES_PARALLEL_BYTES = 256 << 20  # models ranked in parallel while each one's scratch is below this
 _TOP_K_GATHER = 1 << 20  # top-k of a large key: the elements of t's bucket gathered, up to this many
 
 
@@ -164,6 +165,11 @@ class FusedKernel:
             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
         ]  # fmt: skip
         self._top_k_cut.restype = ctypes.c_int
+        self._places = library.fused_places
+        self._places.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ]  # fmt: skip
+        self._places.restype = ctypes.c_int
         self._pool: ThreadPoolExecutor | None = None
         self._threads = 0
 
@@ -338,6 +344,33 @@ class FusedKernel:
             raise MemoryError("the fused CPU kernel could not allocate its 8 MiB of top-k scratch")
         if any(codes):
             raise RuntimeError("the fused CPU kernel refused its arguments")
+
+    def places(self, models: Sequence[Tensor], base: Tensor, rows: Sequence[Tensor]) -> bool:
+        """rows[i] ← each element's place in the stable descending order of |M_i − C| (float32, ties by
+        position), as ``torch.sort(bits.neg(), stable=True)`` orders them (``fused_places``: a radix
+        sort); the models in parallel when their scratch (16 bytes an element each) stays small.
+        False, with nothing done, for tensors the kernel does not take."""
+        n = base.numel()
+        if (
+            not self._takes(models, base, base)
+            or any(m.numel() != n for m in models)
+            or any(r.dtype != torch.int32 or not r.is_contiguous() or r.numel() != n for r in rows)
+            or n >= 1 << 31
+        ):
+            return False
+        dtype = _DTYPES[base.dtype]
+
+        def one(i: int) -> int:
+            scratch = torch.empty(4 * n, dtype=torch.int32)
+            return self._places(
+                models[i].data_ptr(), base.data_ptr(), dtype, n, rows[i].data_ptr(), scratch.data_ptr()
+            )
+
+        indices = range(len(models))
+        codes = self._map(one, indices) if 16 * n <= _PLACES_PARALLEL_BYTES else [one(i) for i in indices]
+        if any(codes):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
+        return True
 
     def _run(self, calls: list[tuple[_Args, object, object]]) -> list[int]:
         return self._map(lambda call: self._function(ctypes.byref(call[0])), calls)

@@ -465,8 +465,11 @@ def _ranked(
     ``_della_keep`` computes it (r = n − place)."""
     device = base.device
     out = torch.empty((len(models), base.numel()), dtype=torch.int32 if places else dtype, device=device)
+    kernel = fused_kernel() if places and device.type == "cpu" and dtype == torch.float32 else None
     for span in spans:
         part, n = slice(span.offset, span.offset + span.numel), span.numel
+        if kernel is not None and kernel.places([m[part] for m in models], base[part], list(out[:, part])):
+            continue  # the same places by a radix sort in C
         c = base[part].to(dtype)
         for i, model in enumerate(models):
             magnitude = (model[part].to(dtype) - c).abs_()

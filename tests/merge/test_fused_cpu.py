@@ -239,3 +239,25 @@ def test_the_export_kernel_leaves_non_finite_sources_and_odd_weights_to_torch(me
                 [r.float() for r in rows], base.float(), weights=weights, alpha=1.0, density=0.3, **extra
             )
             assert torch.equal(out.view(torch.int16), slow.half().view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("numel", [1, 9, 4_099, 70_001])
+@pytest.mark.usefixtures("kernel_needed")
+def test_the_kernel_places_are_torchs_stable_descending_order(dtype: torch.dtype, numel: int) -> None:
+    """``places`` (the live engine's top-k statistic, by a radix sort in C): each element's position in
+    the stable descending order of |Δ| that ``magnitude_order`` gives, on data full of equal magnitudes
+    (fp16 steps, Δ = ±0, ±0.25)."""
+    from automerge.merge.methods._task_core import magnitude_order
+
+    kernel = fused_kernel()
+    assert kernel is not None
+    base, rows = _sources(3, numel, dtype, seed=numel)
+    out = torch.full((3, numel), -1, dtype=torch.int32)
+    assert kernel.places(rows, base, list(out))
+    for row, model in zip(out, rows, strict=True):
+        expected = torch.empty(numel, dtype=torch.int32)
+        expected[magnitude_order((model.float() - base.float()).abs())] = torch.arange(
+            numel, dtype=torch.int32
+        )
+        assert torch.equal(row, expected)
