@@ -105,8 +105,8 @@ class TaskArithmetic:
         **sparsify_params: Any,
     ) -> bool:
         """``out`` ← this merge of the sources as stored (CPU views), through the fused kernel's
-        ``task_export``: the torch path's operations, one pass per model for each top-k cut and one for
-        the merge. False when it cannot: no kernel, DELLA (ranks), weights whose sign election the
+        ``task_export``: the torch path's operations, two passes over each model for its top-k cut and
+        one for the merge. False when it cannot: no kernel, DELLA (ranks), weights whose sign election the
         kernel does not reproduce (< 0, or in (0, tiny)), tensors it does not take, a non-finite delta
         or kept value."""
         kernel = fused_kernel()
@@ -120,18 +120,14 @@ class TaskArithmetic:
             return False
         defaults = {name: p.default for name, p in self.__signature__.parameters.items()}
         density = float(sparsify_params.get("density", defaults["density"]))
+        how: dict[str, Any]
         if keep == "top_k":
-            rule = ExportRule(
-                elect=self.elect, alpha=alpha, weights=tuple(w), agree_weights=tuple(agree),
-                keep_count=_keep_count(density, out.numel()),
-            )  # fmt: skip
+            how = {"keep_count": _keep_count(density, out.numel())}
         else:
             noise = sparsify_params["noise"]
-            rule = ExportRule(
-                elect=self.elect, alpha=alpha, weights=tuple(w), agree_weights=tuple(agree),
-                density=density, draw_threshold=draw_threshold(density),
-                draw_keys=tuple(noise_key(noise.seed, noise.key, i) for i in range(len(models))),
-            )  # fmt: skip
+            keys = tuple(noise_key(noise.seed, noise.key, i) for i in range(len(models)))
+            how = {"density": density, "draw_threshold": draw_threshold(density), "draw_keys": keys}
+        rule = ExportRule(elect=self.elect, alpha=alpha, weights=tuple(w), agree_weights=tuple(agree), **how)
         return kernel.task_export(out, models, base, rule)
 
     def _kept(self, model: Tensor, index: int, base: Tensor, weight: float, params: dict[str, Any]) -> Tensor:
