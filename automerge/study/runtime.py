@@ -189,11 +189,8 @@ class StudyRuntime:
             self.validation_jobs = study_jobs(study.validation_payloads, held_out=True)
             # a hidden target is rendered at every fidelity, so previews are scored against their own
             # kind, and for the validation payloads, so held-out images have references of their own
-            self.reference_jobs = [
-                *self.jobs,
-                *(job for rung in self.preview_jobs for job in rung),
-                *self.validation_jobs,
-            ]
+            self.reference_sets = [self.jobs, *self.preview_jobs, self.validation_jobs]
+            self.reference_jobs = [job for jobs in self.reference_sets for job in jobs]
             # 2. The export's metadata names each source's sha256: hash them while the study runs.
             warm_hash_cache(dict.fromkeys(m.path for m in self.plan.sources.values() if m.path.is_file()))
             # 3. The render session: sources on the device, the pipeline around the live weights.
@@ -244,7 +241,10 @@ class StudyRuntime:
         if reference.target is not None:
             params = target_params(self.study, self.plan, reward=reward, field=scoring.field)
             status(f"rendering the hidden target's {len(self.reference_jobs)} reference images")
-            images = self.render_images(params, self.reference_jobs)
+            self.session.apply(params)
+            images = {
+                k: v for jobs in self.reference_sets for k, v in _render_payloads(self.session, jobs).items()
+            }
         else:
             assert reference.checkpoint is not None
             status(f"rendering {len(self.reference_jobs)} reference images with {reference.checkpoint.name}")
@@ -277,17 +277,16 @@ class StudyRuntime:
                 )
             session = RenderSession(plan, self.config)
             session.apply()
-            rendered = session.render([job.job for job in self.reference_jobs])
-            return {job.key: image.image for job, image in zip(self.reference_jobs, rendered, strict=True)}
+            return {k: v for jobs in self.reference_sets for k, v in _render_payloads(session, jobs).items()}
         finally:
             plan.close()
 
     # -- trials ------------------------------------------------------------------------------------
 
     def render_images(self, params: BlockParams, jobs: Sequence[StudyJob]) -> dict[str, Image.Image]:
+        """``jobs``' images at ``params``, rendered payload by payload as ``evaluate`` renders them."""
         self.session.apply(params)
-        rendered = self.session.render([job.job for job in jobs])
-        return {job.key: image.image for job, image in zip(jobs, rendered, strict=True)}
+        return _render_payloads(self.session, jobs)
 
     def evaluate(
         self,
@@ -312,8 +311,7 @@ class StudyRuntime:
         images: dict[str, Image.Image] = {}
         tallies = [_Tally() for _ in objectives]
         collapse = PromptCollapseCheck()
-        for payload in sorted({job.payload for job in jobs}):
-            group = [job for job in jobs if job.payload == payload]
+        for group in payload_groups(jobs):
             on_stage("render")
             started = time.perf_counter()
             rendered = self.session.render([job.job for job in group])
@@ -391,3 +389,22 @@ def _refuse_collapsed(pair: tuple[RenderedImage, RenderedImage] | None) -> None:
             f"({first.prompt!r}, {second.prompt!r}; seed {first.seed}): the merge ignores the prompt "
             "(collapsed text conditioning)"
         )
+
+
+def payload_groups(jobs: Sequence[StudyJob]) -> list[list[StudyJob]]:
+    """``jobs`` by payload (sorted), each group in the jobs' order: what one ``session.render`` call
+    renders. References and trials are rendered in the same groups, so an image always shares its
+    batch with the same others: a CPU's batched arithmetic may differ in a last bit with the batch's
+    other images (seen: one channel of one 64×64 pixel one step apart), and a hidden target must score
+    exactly 0 against its own references."""
+    return [
+        [job for job in jobs if job.payload == payload] for payload in sorted({job.payload for job in jobs})
+    ]
+
+
+def _render_payloads(session: RenderSession, jobs: Sequence[StudyJob]) -> dict[str, Image.Image]:
+    images: dict[str, Image.Image] = {}
+    for group in payload_groups(jobs):
+        rendered = session.render([job.job for job in group])
+        images.update({job.key: image.image for job, image in zip(group, rendered, strict=True)})
+    return images
