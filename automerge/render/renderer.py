@@ -2,7 +2,9 @@
 
 Noise depends on the seed alone (A1111 with "RNG source: CPU"): each image's initial latents are drawn
 from ``torch.Generator("cpu").manual_seed(seed)``, and the same generator then feeds the sampler's
-per-step noise (ancestral samplers), so an image does not depend on which batch it is rendered in.
+per-step noise (ancestral samplers), so an image's noise does not depend on which batch it is rendered
+in (its arithmetic may, in a last bit, on a CPU: the study renders references and trials in the same
+groups, ``study.runtime.payload_groups``).
 diffusers scales the latents we pass by ``scheduler.init_noise_sigma`` (``prepare_latents``): we pass
 unit-variance noise. Latents are decoded here, not in the pipeline, so that a NaN or black image
 (fp16 VAE overflow) is caught and re-decoded with the VAE in fp32, or reported; never returned.
