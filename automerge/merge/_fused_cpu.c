@@ -213,7 +213,8 @@ int fused_weighted_mean(void *out, int32_t out_dtype, const void *const *sources
  * keep_i: top-k, |d_i|'s bits > t_i, or = t_i at a position < cut_i (the first ties in index order);
  * drop, bits(u_i) < the draw threshold, u_i = counter_uniform's draw (``_task_core``).
  * The models are read block by block (TASK_BLOCK elements: S, T, W of a block stay in L1), each in
- * turn, so any number of models streams; the election reads each model's block twice (from cache).
+ * turn, so any number of models streams; the election's second sweep reads the block's kept values
+ * held from the first (4 KiB a model).
  * Returns 2, with ``out`` partly written, when some d_i or kept_i is not finite: the caller's torch
  * path then names the source (or the overflow). */
 enum { KEEP_TOP_K = 0, KEEP_DRAWS = 1 };
@@ -310,6 +311,20 @@ static inline float kept1(const task_args *a, int i, int64_t j, float c, int *ba
     return d;
 }
 
+/* This thread's buffer for a block's kept values of ``models`` models (grown when needed, kept for the
+ * thread's next call: the callers are a few long-lived threads), or NULL when it cannot be had (then
+ * the election's sweep computes them again: the same values). */
+static float *held_block(int models) {
+    static __thread float *buffer = NULL;
+    static __thread int capacity = 0;
+    if (models > capacity) {
+        float *grown = realloc(buffer, sizeof(float) * TASK_BLOCK * (size_t)models);
+        if (!grown) return NULL;
+        buffer = grown, capacity = models;
+    }
+    return buffer;
+}
+
 int fused_task_export(const task_args *a) {
     if (a->models < 1 || a->start < 0 || a->stop > INT32_MAX || a->start > a->stop) return 1;
     if ((a->in_dtype != F16 && a->in_dtype != F32) || (a->out_dtype != F16 && a->out_dtype != F32)) return 1;
@@ -317,18 +332,22 @@ int fused_task_export(const task_args *a) {
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), minus = _mm256_set1_ps(-1.0f);
     const __m256 tiny = _mm256_set1_ps(a->tiny), alpha = _mm256_set1_ps(a->alpha);
     float sums[TASK_BLOCK], agreeing[TASK_BLOCK], weights[TASK_BLOCK];
+    float *held = a->elect ? held_block(m) : NULL; /* the block's kept_i for the election's sweep */
     __m256i bad = _mm256_setzero_si256();
     int bad1 = 0;
     for (int64_t begin = a->start; begin < a->stop; begin += TASK_BLOCK) {
         const int64_t length = begin + TASK_BLOCK < a->stop ? TASK_BLOCK : a->stop - begin;
         const int64_t vectorized = length - length % 8;
         for (int i = 0; i < m; i++) { /* S = Σ kept_i, left to right */
+            float *row = held ? held + (int64_t)i * TASK_BLOCK : NULL;
             for (int64_t j = 0; j < vectorized; j += 8) {
                 const __m256 kept = kept8(a, i, begin + j, load8(a->base, begin + j, a->in_dtype), &bad);
+                if (row) _mm256_storeu_ps(row + j, kept);
                 _mm256_storeu_ps(sums + j, i == 0 ? kept : _mm256_add_ps(_mm256_loadu_ps(sums + j), kept));
             }
             for (int64_t j = vectorized; j < length; j++) {
                 const float kept = kept1(a, i, begin + j, load1(a->base, begin + j, a->in_dtype), &bad1);
+                if (row) row[j] = kept;
                 sums[j] = i == 0 ? kept : sums[j] + kept;
             }
         }
@@ -339,7 +358,9 @@ int fused_task_export(const task_args *a) {
                     const __m256 s = _mm256_loadu_ps(sums + j);
                     const __m256 e = _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(s, zero, _CMP_GT_OQ), one),
                                                   _mm256_and_ps(_mm256_cmp_ps(s, zero, _CMP_LT_OQ), minus));
-                    const __m256 x = _mm256_mul_ps(kept8(a, i, begin + j, load8(a->base, begin + j, a->in_dtype), &bad), e);
+                    const __m256 kept = held ? _mm256_loadu_ps(held + (int64_t)i * TASK_BLOCK + j)
+                                             : kept8(a, i, begin + j, load8(a->base, begin + j, a->in_dtype), &bad);
+                    const __m256 x = _mm256_mul_ps(kept, e);
                     const __m256 agrees = _mm256_cmp_ps(x, zero, _CMP_GT_OQ);
                     const __m256 ai = _mm256_and_ps(x, agrees);
                     const __m256 si = _mm256_and_ps(agrees, one);
@@ -349,7 +370,9 @@ int fused_task_export(const task_args *a) {
                 }
                 for (int64_t j = vectorized; j < length; j++) {
                     const float s = sums[j], e = s > 0.0f ? 1.0f : (s < 0.0f ? -1.0f : 0.0f);
-                    const float x = kept1(a, i, begin + j, load1(a->base, begin + j, a->in_dtype), &bad1) * e;
+                    const float kept = held ? held[(int64_t)i * TASK_BLOCK + j]
+                                            : kept1(a, i, begin + j, load1(a->base, begin + j, a->in_dtype), &bad1);
+                    const float x = kept * e;
                     const float ai = x > 0.0f ? x : 0.0f, si = x > 0.0f ? 1.0f : 0.0f;
                     const float wi = a->unit_agree ? si : si * a->agree[i];
                     agreeing[j] = i == 0 ? ai : agreeing[j] + ai;
