@@ -55,7 +55,7 @@ class Objective:
         self.on_stage = on_stage or (lambda name: None)  # told each stage's name as it starts
         self.budget = budget  # the study's total trials, shared by every worker (None: no limit)
         self.interruptible = interruptible  # where Ctrl-C/SIGTERM may raise (see interruption.py)
-        self.last_finished = time.perf_counter()
+        self.restart_sampler_clock()
         self._baselines_done: _Calibration | None = None  # see _calibration
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
@@ -123,7 +123,11 @@ class Objective:
             log.info("trial %d failed: %s", trial.number, reason)  # the progress display shows it
             raise TrialFailed(reason) from error
         finally:
-            self.last_finished = time.perf_counter()
+            self.restart_sampler_clock()
+
+    def restart_sampler_clock(self) -> None:
+        """The next trial's proposal time (Optuna's own work between trials) is counted from now."""
+        self.last_finished = time.perf_counter()
 
     def _calibration(self, study: optuna.Study) -> _Calibration:
         """The baselines' image statistics and nearest prompt distances: read from the storage until

@@ -302,7 +302,7 @@ def _guard_watch(runtime: StudyRuntime, objective: Objective, console: Console) 
         try:
             return runtime.guard_scores(values)
         finally:
-            objective.last_finished = time.perf_counter()
+            objective.restart_sampler_clock()
 
     return GuardWatch(
         score,
