@@ -39,7 +39,12 @@ from torch import Tensor
 from automerge.errors import MergeError
 from automerge.merge._fused_cpu import FusedKernel, FusedRule, KeyPart, fused_kernel
 from automerge.merge.methods import MergeMethod, max_magnitude, noise_for
-from automerge.merge.methods._task_core import draw_threshold, magnitude_order
+from automerge.merge.methods._task_core import (
+    agree_weight,
+    draw_threshold,
+    election_is_fast_exact,
+    magnitude_order,
+)
 from automerge.merge.methods.task_arithmetic import (
     TaskArithmetic,
     _bernoulli_drop,
@@ -137,10 +142,9 @@ class _Rule:
     def elect_is_exact(self, magnitude: float) -> bool:
         """The fast sign election (``_elect``) gives the export's bits: no weight < 0, none in
         (0, tiny), and every kept value w_i·Δi/p_i finite."""
-        info = torch.finfo(self.compute)
-        if any(w < 0 for w in self.weights) or any(0 < w < info.tiny for w in self.agree_weights):
+        if not election_is_fast_exact(self.weights, self.agree_weights, self.compute):
             return False
-        return self._delta_bound(magnitude) * max(1.0, *self.weights) * 1.01 < info.max
+        return self._delta_bound(magnitude) * max(1.0, *self.weights) * 1.01 < torch.finfo(self.compute).max
 
     def surely_finite(self, magnitude: float, out: torch.dtype) -> bool:
         """Every sum stays below the compute dtype's max and |C + α·merged| below ``out``'s (bounds
@@ -264,7 +268,7 @@ class LiveTaskArithmetic:
             density=density,
             spread=min(float(params.get("epsilon", 0.0)) + 0.0, 2 * density, 2 * (1 - density)),
             weights=tuple(w),
-            agree_weights=tuple(float(torch.where(torch.tensor(True), x, 0.0)) for x in w),
+            agree_weights=tuple(agree_weight(x) for x in w),
             counts=tuple(_keep_count(density, s.numel) for s in spans) if self.kind == _TOP_K else (),
             threshold=draw_threshold(density, self.device) if self.kind == _DROP else 0,
         )

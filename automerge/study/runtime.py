@@ -242,9 +242,7 @@ class StudyRuntime:
             params = target_params(self.study, self.plan, reward=reward, field=scoring.field)
             status(f"rendering the hidden target's {len(self.reference_jobs)} reference images")
             self.session.apply(params)
-            images = {
-                k: v for jobs in self.reference_sets for k, v in _render_payloads(self.session, jobs).items()
-            }
+            images = _render_sets(self.session, self.reference_sets)
         else:
             assert reference.checkpoint is not None
             status(f"rendering {len(self.reference_jobs)} reference images with {reference.checkpoint.name}")
@@ -277,7 +275,7 @@ class StudyRuntime:
                 )
             session = RenderSession(plan, self.config)
             session.apply()
-            return {k: v for jobs in self.reference_sets for k, v in _render_payloads(session, jobs).items()}
+            return _render_sets(session, self.reference_sets)
         finally:
             plan.close()
 
@@ -400,6 +398,12 @@ def payload_groups(jobs: Sequence[StudyJob]) -> list[list[StudyJob]]:
     return [
         [job for job in jobs if job.payload == payload] for payload in sorted({job.payload for job in jobs})
     ]
+
+
+def _render_sets(session: RenderSession, sets: Sequence[Sequence[StudyJob]]) -> dict[str, Image.Image]:
+    """Every set's images (the study's, each preview rung's, the validation payloads'), each set
+    rendered as ``evaluate`` renders it."""
+    return {key: image for jobs in sets for key, image in _render_payloads(session, jobs).items()}
 
 
 def _render_payloads(session: RenderSession, jobs: Sequence[StudyJob]) -> dict[str, Image.Image]:

@@ -302,7 +302,12 @@ def _merged_as_stored(
 ) -> bool:
     """The method's ``stored_into`` ran on the models' stored views (lazily read sources that know
     them, on the CPU) and merged ``out``; False when there is none or it could not."""
-    if method.stored_into is None or compute_dtype != torch.float32 or out.device.type != "cpu":
+    if (
+        method.stored_into is None
+        or not isinstance(models, _OnAccess)  # loaded tensors (the live engine's): no stored views
+        or compute_dtype != torch.float32
+        or out.device.type != "cpu"
+    ):
         return False
     stored = [stored_tensor(models, index) for index in range(len(models))]
     views = [view for view in stored if view is not None]

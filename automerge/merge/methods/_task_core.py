@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +147,21 @@ def weighted_delta(
 def add_into(total: Tensor, kept: Tensor) -> None:
     """S ← S + kept_i (in place)."""
     total.add_(kept)
+
+
+def agree_weight(weight: float) -> float:
+    """w_i as ``add_agreeing`` adds it: rounded to float32 (``torch.where``'s dtype)."""
+    return float(torch.tensor(weight, dtype=torch.float32))
+
+
+def election_is_fast_exact(
+    weights: Sequence[float], agree_weights: Sequence[float], dtype: torch.dtype = torch.float32
+) -> bool:
+    """The one-pass sign election (T = Σ max(kept_i·e, +0), W = Σ [kept_i·e > 0]·v_i, T / max(W, tiny)·e,
+    in ``dtype``) gives ``add_agreeing`` + ``disjoint_mean``'s bits for finite kept values when no
+    weight is < 0 and no agree weight v_i lies in (0, tiny)."""
+    tiny = torch.finfo(dtype).tiny
+    return not any(w < 0 for w in weights) and not any(0 < v < tiny for v in agree_weights)
 
 
 def add_agreeing(

@@ -18,7 +18,6 @@ random draws are ``counter_uniform`` keyed by (seed, key, model index), the same
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
@@ -38,9 +37,11 @@ from automerge.merge.methods._task_core import (
     Noise,
     add_agreeing,
     add_into,
+    agree_weight,
     apply_delta,
     disjoint_mean,
     draw_threshold,
+    election_is_fast_exact,
     kth_largest,
     magnitude_bits,
     magnitude_order,
@@ -114,9 +115,8 @@ class TaskArithmetic:
         if kernel is None or keep is None or base is None:
             return False
         w = model_weights(weights, len(models), method=self.name)
-        agree = [ctypes.c_float(x).value for x in w]  # in float32, as ``add_agreeing`` adds w_i
-        tiny = torch.finfo(torch.float32).tiny
-        if self.elect and (any(x < 0 for x in w) or any(0 < x < tiny for x in agree)):
+        agree = [agree_weight(x) for x in w]
+        if self.elect and not election_is_fast_exact(w, agree):
             return False
         defaults = {name: p.default for name, p in self.__signature__.parameters.items()}
         density = float(sparsify_params.get("density", defaults["density"]))
