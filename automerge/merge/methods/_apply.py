@@ -60,6 +60,20 @@ def stored_tensor(models: Sequence[Tensor], index: int) -> Tensor | None:
     return models.stored(index) if isinstance(models, _OnAccess) else None
 
 
+def stored_views(models: Sequence[Tensor]) -> list[Tensor] | None:
+    """Every model's tensor as stored (views: no memory) when ``models`` reads lazily and knows them
+    all, else None."""
+    if not isinstance(models, _OnAccess) or not len(models):
+        return None
+    views = []
+    for index in range(len(models)):
+        view = models.stored(index)
+        if view is None:
+            return None
+        views.append(view)
+    return views
+
+
 class LazySources(_OnAccess):
     """Models whose tensors are loaded on each access (``loaders[i]()``, never cached), with the
     ``shape`` and ``dtype`` every loader returns known up front (from the files' headers), so that
@@ -302,18 +316,12 @@ def _merged_as_stored(
 ) -> bool:
     """The method's ``stored_into`` ran on the models' stored views (lazily read sources that know
     them, on the CPU) and merged ``out``; False when there is none or it could not."""
-    if (
-        method.stored_into is None
-        or not isinstance(models, _OnAccess)  # loaded tensors (the live engine's): no stored views
-        or compute_dtype != torch.float32
-        or out.device.type != "cpu"
-    ):
+    if method.stored_into is None or compute_dtype != torch.float32 or out.device.type != "cpu":
         return False
-    stored = [stored_tensor(models, index) for index in range(len(models))]
-    views = [view for view in stored if view is not None]
-    if not views or len(views) != len(stored):
-        return False
-    return method.stored_into(out, views, base, **params, **_extras(method, noise, weights))
+    views = stored_views(models)  # None for loaded tensors (the live engine's)
+    return views is not None and method.stored_into(
+        out, views, base, **params, **_extras(method, noise, weights)
+    )
 
 
 def _merge_elementwise_chunks(

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from automerge.errors import MergeError
 from automerge.merge._fused_cpu import fused_kernel
-from automerge.merge.methods._apply import stored_tensor
+from automerge.merge.methods._apply import stored_views
 from automerge.merge.methods._spec import model_weights, register_method
 
 
@@ -25,13 +25,11 @@ def weighted_mean(models: Sequence[Tensor], weights: Sequence[float], *, method:
         raise MergeError(
             f"merge method '{method}': the model weights {list(weights)} sum to 0; give a model a weight above 0"
         )
-    if getattr(models, "dtype", None) == torch.float32 and (kernel := fused_kernel()) is not None:
-        stored = [stored_tensor(models, index) for index in range(len(models))]  # views: no memory
-        views = [view for view in stored if view is not None]
-        if views and len(views) == len(stored):
-            mean = kernel.weighted_mean(views, weights, total_weight)
-            if mean is not None:
-                return mean
+    views = stored_views(models) if getattr(models, "dtype", None) == torch.float32 else None
+    if views is not None and (kernel := fused_kernel()) is not None:
+        mean = kernel.weighted_mean(views, weights, total_weight)
+        if mean is not None:
+            return mean
     total: Tensor | None = None
     for model, weight in zip(models, weights, strict=True):
         term = model * weight
