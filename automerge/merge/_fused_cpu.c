@@ -407,7 +407,8 @@ int fused_task_export(const task_args *a) {
  * top digit (11 bits up to SMALL_KEY elements, a histogram that stays in L1; else 16), then the
  * elements of the bucket that holds t_i gathered with their positions (when there are at most
  * ``gather_limit``, or all of a small key) and the rest of the select and the cut done on them in cache: two passes over the
- * data. A bucket too large to gather is selected by further passes over the data. 1 ≤ k < n (the
+ * data. A bucket too large to gather is selected by further passes over the data. A key of at least
+ * ``sample_from`` elements first tries one pass bracketed by a sample (``sampled_cut``). 1 ≤ k < n (the
  * caller keeps all or none itself). Non-finite d give some t_i: the task pass that follows refuses
  * them. */
 #define SMALL_KEY 65536
@@ -513,8 +514,104 @@ static int64_t gather(const select_state *st, const void *model, const void *bas
     return count;
 }
 
+/* the rest of the select on elements held in memory (their bits in ``bits``): digits of 11 bits */
+static void select_held(select_state *st, const int32_t *bits, int64_t count, int64_t k, uint32_t *histogram) {
+    while (st->undecided > 0) {
+        const int width = st->undecided < 11 ? st->undecided : 11, shift = st->undecided - width;
+        const uint32_t mask = (1u << width) - 1;
+        memset(histogram, 0, sizeof(uint32_t) << width);
+        for (int64_t g = 0; g < count; g++)
+            if (((uint32_t)bits[g] & st->known) == st->prefix) histogram[((uint32_t)bits[g] >> shift) & mask]++;
+        decide(st, histogram, width, k);
+    }
+}
+
+/* t and the cut from a finished select over gathered elements (all those equal to t among them, in
+ * index order) */
+static void cut_of_held(const select_state *st, const int32_t *bits, const int32_t *positions, int64_t count,
+                        int64_t n, int64_t k, int32_t *threshold, int64_t *cut) {
+    const int32_t t = (int32_t)st->prefix;
+    const int64_t room = k - st->above;
+    *threshold = t;
+    *cut = n;
+    if (st->ties == room) return;
+    int64_t seen = 0; /* the position after the room-th element equal to t */
+    for (int64_t g = 0; g < count; g++)
+        if (bits[g] == t && ++seen == room) {
+            *cut = (int64_t)positions[g] + 1;
+            return;
+        }
+}
+
+/* The k-th largest of a key in one pass, when a sample brackets it: SAMPLE_RUNS runs of SAMPLE_RUN
+ * elements spread over the key, their order statistics around rank k·s/n ± (4σ + 16) give
+ * [lo, hi]; one pass counts the elements above hi and gathers those in [lo, hi] (in index order), and
+ * the select finishes on them in cache. Returns 0, with nothing decided, when the bracket missed t or
+ * held more than ``capacity`` elements: the caller then runs the radix select over the data. */
+#define SAMPLE_RUNS 512
+#define SAMPLE_RUN 32
+static int sampled_cut(const void *model, const void *base, int dtype, int64_t n, int64_t k, uint32_t *histogram,
+                       int32_t *gathered, int64_t capacity, int32_t *threshold, int64_t *cut) {
+    const int64_t s = SAMPLE_RUNS * SAMPLE_RUN;
+    if (n < 4 * s || capacity < s) return 0;
+    int32_t *sample = gathered;
+    for (int64_t r = 0; r < SAMPLE_RUNS; r++) {
+        const int64_t start = r * (n - SAMPLE_RUN) / (SAMPLE_RUNS - 1);
+        for (int64_t j = 0; j < SAMPLE_RUN; j++) sample[r * SAMPLE_RUN + j] = magnitude_bits1(model, base, start + j, dtype);
+    }
+    const double expected = (double)k * (double)s / (double)n, p = (double)k / (double)n;
+    const double spread = 4.0 * _mm_cvtsd_f64(_mm_sqrt_sd(_mm_setzero_pd(), _mm_set_sd(expected * (1.0 - p)))) + 16.0;
+    const int64_t rank_hi = (int64_t)(expected - spread), rank_lo = (int64_t)(expected + spread) + 1; /* wider, not narrower */
+    uint32_t hi = 0x7FFFFFFFu, lo = 0;
+    if (rank_hi >= 1) {
+        select_state st = {0, 0, 0, 0, 31};
+        select_held(&st, sample, s, rank_hi, histogram);
+        hi = st.prefix;
+    }
+    if (rank_lo <= s) {
+        select_state st = {0, 0, 0, 0, 31};
+        select_held(&st, sample, s, rank_lo, histogram);
+        lo = st.prefix;
+    }
+    const int64_t vectorized = n - n % 8;
+    const __m256i hi8 = _mm256_set1_epi32((int32_t)hi), below_lo8 = _mm256_set1_epi32((int32_t)lo - 1);
+    int32_t *bits = gathered, *positions = gathered + capacity;
+    int32_t lanes[8];
+    int64_t above = 0, count = 0;
+    for (int64_t j = 0; j < vectorized; j += 8) {
+        const __m256i b = magnitude_bits8(model, base, j, dtype);
+        const __m256i over = _mm256_cmpgt_epi32(b, hi8);
+        above += __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(over)));
+        const int hits = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(over, _mm256_cmpgt_epi32(b, below_lo8))));
+        if (!hits) continue;
+        if (count + 8 > capacity) return 0;
+        _mm256_storeu_si256((__m256i *)lanes, b);
+        for (int l = 0; l < 8; l++)
+            if (hits >> l & 1) {
+                bits[count] = lanes[l];
+                positions[count++] = (int32_t)(j + l);
+            }
+    }
+    for (int64_t j = vectorized; j < n; j++) {
+        const uint32_t b = (uint32_t)magnitude_bits1(model, base, j, dtype);
+        if (b > hi) above++;
+        else if (b >= lo) {
+            if (count >= capacity) return 0;
+            bits[count] = (int32_t)b;
+            positions[count++] = (int32_t)j;
+        }
+    }
+    if (above >= k || above + count < k) return 0; /* t is not in [lo, hi] */
+    select_state st = {0, 0, above, 0, 31};
+    select_held(&st, bits, count, k, histogram);
+    cut_of_held(&st, bits, positions, count, n, k, threshold, cut);
+    return 1;
+}
+
 static void top_k_cut(const void *model, const void *base, int dtype, int64_t n, int64_t k, uint32_t *histogram,
-                      int32_t *gathered, int64_t capacity, int32_t *threshold, int64_t *cut) {
+                      int32_t *gathered, int64_t capacity, int64_t sample_from, int32_t *threshold, int64_t *cut) {
+    if (n >= sample_from && sampled_cut(model, base, dtype, n, k, histogram, gathered, capacity, threshold, cut))
+        return;
     const int digit = n <= SMALL_KEY ? 11 : DIGIT_MAX;
     select_state st = {0, 0, 0, 0, 31};
     digit_over_data(&st, model, base, dtype, n, k, digit, histogram);
@@ -534,29 +631,13 @@ static void top_k_cut(const void *model, const void *base, int dtype, int64_t n,
     }
     int32_t *bits = gathered, *positions = gathered + capacity;
     const int64_t count = gather(&st, model, base, dtype, n, bits, positions);
-    while (st.undecided > 0) { /* the rest of the select on the gathered elements, in cache */
-        const int width = st.undecided < 11 ? st.undecided : 11, shift = st.undecided - width;
-        const uint32_t mask = (1u << width) - 1;
-        memset(histogram, 0, sizeof(uint32_t) << width);
-        for (int64_t g = 0; g < count; g++)
-            if (((uint32_t)bits[g] & st.known) == st.prefix) histogram[((uint32_t)bits[g] >> shift) & mask]++;
-        decide(&st, histogram, width, k);
-    }
-    const int32_t t = (int32_t)st.prefix;
-    const int64_t room = k - st.above;
-    *threshold = t;
-    if (st.ties == room) return;
-    int64_t seen = 0; /* the position after the room-th element equal to t (gathered in index order) */
-    for (int64_t g = 0; g < count; g++)
-        if (bits[g] == t && ++seen == room) {
-            *cut = (int64_t)positions[g] + 1;
-            return;
-        }
+    select_held(&st, bits, count, k, histogram);
+    cut_of_held(&st, bits, positions, count, n, k, threshold, cut);
 }
 
 /* Returns 3 when the scratch (8 bytes per element gathered) cannot be allocated. */
 int fused_top_k_cuts(const void *const *models, int32_t count, const void *base, int32_t dtype, int64_t n,
-                     int64_t k, int64_t gather_limit, int32_t *thresholds, int64_t *cuts) {
+                     int64_t k, int64_t gather_limit, int64_t sample_from, int32_t *thresholds, int64_t *cuts) {
     if ((dtype != F16 && dtype != F32) || k < 1 || k >= n || n > INT32_MAX || count < 0 || gather_limit < 1)
         return 1;
     const int64_t capacity = n <= SMALL_KEY ? n : (gather_limit < n ? gather_limit : n);
@@ -568,7 +649,8 @@ int fused_top_k_cuts(const void *const *models, int32_t count, const void *base,
         return 3;
     }
     for (int i = 0; i < count; i++)
-        top_k_cut(models[i], base, dtype, n, k, histogram, gathered, capacity, thresholds + i, cuts + i);
+        top_k_cut(models[i], base, dtype, n, k, histogram, gathered, capacity, sample_from, thresholds + i,
+                  cuts + i);
     free(histogram);
     free(gathered);
     return 0;

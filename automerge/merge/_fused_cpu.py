@@ -45,6 +45,7 @@ _FLAGS = ["-O2", "-mavx2", "-mf16c", "-ffp-contract=off", "-fno-fast-math", "-fP
 _PIECE = 1 << 20  # elements per call: a key larger than this is split among the threads
 _PLACES_PARALLEL_BYTES = 256 << 20  # models ranked in parallel while each one's scratch is below this
 _TOP_K_GATHER = 1 << 20  # top-k of a large key: the elements of t's bucket gathered, up to this many
+_TOP_K_SAMPLE_FROM = 1 << 16  # top-k of a key this large: first a one-pass select bracketed by a sample
 
 
 class _Args(ctypes.Structure):
@@ -162,7 +163,7 @@ class FusedKernel:
         self._top_k_cut = library.fused_top_k_cuts
         self._top_k_cut.argtypes = [
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64,
-            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
         ]  # fmt: skip
         self._top_k_cut.restype = ctypes.c_int
         self._places = library.fused_places
@@ -335,7 +336,7 @@ class FusedKernel:
             first, last = bounds[g], bounds[g + 1]
             pointers = (ctypes.c_void_p * (last - first))(*(t.data_ptr() for t in models[first:last]))
             return self._top_k_cut(
-                pointers, last - first, base.data_ptr(), _DTYPES[base.dtype], n, k, _TOP_K_GATHER,
+                pointers, last - first, base.data_ptr(), _DTYPES[base.dtype], n, k, _TOP_K_GATHER, _TOP_K_SAMPLE_FROM,
                 ctypes.addressof(thresholds) + first * int_size, ctypes.addressof(cuts) + first * long_size,
             )  # fmt: skip
 

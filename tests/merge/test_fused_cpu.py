@@ -174,9 +174,16 @@ EXPORT_CASES = [  # method, models, source dtype, out dtype, weights
 
 @pytest.mark.parametrize(("method", "models", "source_dtype", "out_dtype", "weights"), EXPORT_CASES)
 @pytest.mark.parametrize(
-    ("numel", "gather"),
-    [(1, 1 << 20), (9, 1 << 20), (4_099, 1 << 20), (70_001, 1 << 20), (70_001, 40)],
-)  # 70,001: 16-bit radix digits and 3 calls; a gather limit of 40: further passes over the data
+    ("numel", "gather", "sample_from"),
+    [
+        (1, 1 << 20, 1 << 16),
+        (9, 1 << 20, 1 << 16),
+        (4_099, 1 << 20, 1 << 16),
+        (70_001, 1 << 20, 1 << 16),  # the select bracketed by a sample: one pass
+        (70_001, 1 << 20, 1 << 31),  # 16-bit radix digits over the data and 3 calls
+        (70_001, 40, 1 << 16),  # a gather limit of 40: no sample, further passes over the data
+    ],
+)
 @pytest.mark.usefixtures("kernel_needed")
 def test_the_export_kernel_gives_the_methods_bits(
     method: str,
@@ -186,6 +193,7 @@ def test_the_export_kernel_gives_the_methods_bits(
     weights: tuple[float, ...] | None,
     numel: int,
     gather: int,
+    sample_from: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``TaskArithmetic.stored_into`` (the export's ``task_export``: each model's top-k cut by a radix
@@ -196,6 +204,7 @@ def test_the_export_kernel_gives_the_methods_bits(
 
     monkeypatch.setattr("automerge.merge._fused_cpu._PIECE", 1 << 15)
     monkeypatch.setattr("automerge.merge._fused_cpu._TOP_K_GATHER", gather)
+    monkeypatch.setattr("automerge.merge._fused_cpu._TOP_K_SAMPLE_FROM", sample_from)
     merge = METHODS.get(method)
     base, rows = _sources(models, numel, source_dtype, seed=models + numel)
     densities = [0.03, 0.45, 0.9, 1.0, 0.0, 0.2]
@@ -212,6 +221,43 @@ def test_the_export_kernel_gives_the_methods_bits(
         slow = merge.fn([r.float() for r in rows], base.float(), weights=w, **params).to(out_dtype)
         bits = torch.int16 if out_dtype == torch.float16 else torch.int32
         assert torch.equal(fast.view(bits), slow.view(bits)), (density, alpha)
+
+
+def _sample_gaps(numel: int, runs: int = 512, run: int = 32) -> torch.Tensor:
+    """The positions outside the sampled select's runs (``SAMPLE_RUNS``, ``SAMPLE_RUN`` in the C file)."""
+    outside = torch.ones(numel, dtype=torch.bool)
+    for r in range(runs):
+        start = r * (numel - run) // (runs - 1)
+        outside[start : start + run] = False
+    return outside
+
+
+@pytest.mark.parametrize("misleading", ["ties_past_the_gather_limit", "large_deltas_between_the_samples"])
+@pytest.mark.usefixtures("kernel_needed")
+def test_a_misleading_sample_falls_back_to_the_radix_select(
+    misleading: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sampled select gives up, and the radix select over the data gives the method's bits, where
+    its bracket holds more elements than the gather limit (60 % of |Δ| equal, t among them) or misses
+    t (every large |Δ| between the sampled runs, so the sample ranks t far too low)."""
+    monkeypatch.setattr("automerge.merge._fused_cpu._TOP_K_GATHER", 20_000)
+    numel = 70_001
+    base, rows = _sources(3, numel, torch.float16, seed=5)
+    generator = torch.Generator().manual_seed(6)
+    for i, row in enumerate(rows):
+        if misleading == "ties_past_the_gather_limit":
+            row[torch.rand(numel, generator=generator) < 0.6] = base[0] + 0.5
+            base[:] = base[0]
+        else:
+            delta = torch.randn(numel, generator=generator) * 1e-3
+            delta[_sample_gaps(numel)] *= 1000.0
+            rows[i] = (base.float() + delta).to(torch.float16)
+    merge = METHODS.get("ties")
+    for density in [0.3, 0.55, 0.7]:
+        fast = torch.empty(numel, dtype=torch.float16)
+        assert merge.stored_into is not None and merge.stored_into(fast, rows, base, density=density)
+        slow = merge.fn([r.float() for r in rows], base.float(), density=density).to(torch.float16)
+        assert torch.equal(fast.view(torch.int16), slow.view(torch.int16)), density
 
 
 @pytest.mark.parametrize("method", ["ties", "dare"])
