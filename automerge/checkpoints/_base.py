@@ -66,6 +66,11 @@ class Checkpoint(Protocol):
         (each one's bytes right after the previous one's), else None (then ``load`` each)."""
         return None
 
+    def read_ahead(self, keys: Sequence[str]) -> None:
+        """Bring the bytes of ``keys`` into memory before they are loaded, blocking only the calling
+        thread (a background reader's); readers without a memory map do nothing."""
+        return None
+
     def close(self) -> None:
         """Release file handles and memory maps; the checkpoint cannot be used afterwards."""
         ...

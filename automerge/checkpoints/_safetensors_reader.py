@@ -28,6 +28,7 @@ from automerge.checkpoints._base import (
     require_file,
     unknown_key_error,
 )
+from automerge.checkpoints._paging import map_address, populate
 from automerge.checkpoints._safetensors_header import PREFIX_BYTES, SafetensorsHeader, read_header
 from automerge.errors import CheckpointError
 
@@ -48,6 +49,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self._entries, self._keys = layout.entries, layout.keys
         self._data_start = PREFIX_BYTES + header.length
         self._map: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
         self._closed = False
 
     def keys(self) -> list[str]:
@@ -96,6 +98,25 @@ class SafetensorsCheckpoint(Checkpoint):
             self._open_map(), dtype=first.dtype, count=count, offset=self._data_start + begin
         )
 
+    def read_ahead(self, keys: Sequence[str]) -> None:
+        """``populate`` the map's pages of ``keys`` (adjacent keys in one call): read and mapped by the
+        calling thread, so the merge's first touch of them neither waits for the disk nor faults."""
+        if self._closed:
+            return
+        mapped = self._open_map()
+        address = map_address(mapped)
+        spans = sorted((self._entry(key)[1], self._entry(key)[0].nbytes) for key in keys)
+        start, end = None, None
+        for begin, nbytes in spans:
+            if start is not None and begin <= end:
+                end = max(end, begin + nbytes)
+                continue
+            if start is not None:
+                populate(address + self._data_start + start, end - start)
+            start, end = begin, begin + nbytes
+        if start is not None:
+            populate(address + self._data_start + start, end - start)
+
     def close(self) -> None:
         # Tensors still viewing the map keep it alive (the buffer protocol); it is unmapped when the
         # last one goes, so closing never invalidates a tensor already handed out.
@@ -104,13 +125,20 @@ class SafetensorsCheckpoint(Checkpoint):
     def _open_map(self) -> mmap.mmap:
         if self._closed:
             raise closed_error(self.path)
-        if self._map is None:
-            try:
-                with self.path.open("rb") as file:
-                    self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{self.path}: cannot map the file: {exc}") from None
-        return self._map
+        mapped = self._map
+        if mapped is None:
+            with self._map_lock:  # the merge and a background reader (``read_ahead``) may open it at once
+                mapped = self._map
+                if mapped is None:
+                    mapped = self._map = self._mapped()
+        return mapped
+
+    def _mapped(self) -> mmap.mmap:
+        try:
+            with self.path.open("rb") as file:
+                return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: cannot map the file: {exc}") from None
 
 
 class _Layout:

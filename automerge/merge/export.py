@@ -23,6 +23,7 @@ import torch
 from automerge._version import __version__
 from automerge.checkpoints import (
     CONFIGS_METADATA_KEY,
+    Checkpoint,
     ResumableSafetensorsWriter,
     TensorInfo,
     a1111_legacy_hash,
@@ -32,6 +33,7 @@ from automerge.checkpoints import (
 from automerge.errors import ConfigError, MergeError
 from automerge.merge.methods import LazySources, MergeMethod, check_finite, merge_into, noise_for
 from automerge.merge.plan import MergePlan
+from automerge.merge.read_ahead import ReadAhead
 
 RUN_KEY_NUMEL = 1 << 16
 """Keys of at most this many elements are merged in runs (``merge_run``); larger ones alone."""
@@ -47,7 +49,7 @@ def merged_tensors(
     of an element-wise method are merged a run at a time (``merge_run``), with the same bits; those
     of a method that merges from stored views take them from one view of the run per source."""
     primary = plan.primary.checkpoint
-    keys = [key for key in primary.keys() if plan.arch.is_exported(key) and key not in skip]
+    keys = exported_keys(plan, skip=skip)
     runs, viewed_runs = _runs_possible(plan), _viewed_runs_possible(plan, device)
     index = 0
     while index < len(keys):
@@ -74,6 +76,22 @@ def merged_tensors(
         else:
             yield from merged
             index += len(run)
+
+
+def exported_keys(plan: MergePlan, *, skip: Collection[str] = ()) -> list[str]:
+    """The keys ``merged_tensors`` yields, in its order."""
+    return [key for key in plan.primary.checkpoint.keys() if plan.arch.is_exported(key) and key not in skip]
+
+
+def source_reads(plan: MergePlan, keys: Sequence[str]) -> list[tuple[str, list[Checkpoint]]]:
+    """Each key and the checkpoints its merge reads (model A alone for a key copied from it)."""
+    primary = plan.primary.checkpoint
+    merged_names = [*plan.model_names, *([plan.base_name] if plan.base_name else [])]
+    reads = []
+    for key in keys:
+        names = merged_names if plan.merged_block(key, primary.info(key).dtype) is not None else ["a"]
+        reads.append((key, [plan.sources[name].checkpoint for name in dict.fromkeys(names)]))
+    return reads
 
 
 def _runs_possible(plan: MergePlan) -> bool:
@@ -479,10 +497,12 @@ def _write_merged(
     total_bytes = sum(info.nbytes for info in infos.values())
     keys, done_bytes = len(writer.done), sum(infos[key].nbytes for key in writer.done)
     report(keys, len(infos), done_bytes, total_bytes)
-    for key, tensor in merged_tensors(plan, dtype=dtype, device=device, skip=writer.done):
-        writer.write(key, tensor.cpu())
-        keys, done_bytes = keys + 1, done_bytes + infos[key].nbytes
-        report(keys, len(infos), done_bytes, total_bytes)
+    with ReadAhead(source_reads(plan, exported_keys(plan, skip=writer.done))) as ahead:
+        for key, tensor in merged_tensors(plan, dtype=dtype, device=device, skip=writer.done):
+            writer.write(key, tensor.cpu())
+            ahead.passed(key)
+            keys, done_bytes = keys + 1, done_bytes + infos[key].nbytes
+            report(keys, len(infos), done_bytes, total_bytes)
 
 
 def export_fingerprint(plan: MergePlan, *, dtype: torch.dtype, device: str) -> dict[str, str]:

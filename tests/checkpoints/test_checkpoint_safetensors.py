@@ -199,3 +199,52 @@ def test_a_run_of_keys_back_to_back_in_one_dtype_is_one_view_else_none(tmp_path:
         assert checkpoint.load_run([*floats, "z"]) is None and checkpoint.load_run(["z", *floats]) is None
         assert checkpoint.load_run(list(reversed(floats))) is None
         assert checkpoint.load_run([]) is None
+
+
+def _resident_pages(address: int, length: int) -> int | None:
+    """How many pages of [address, address + length) are in memory (``mincore``); None off Linux."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = address - address % mmap.PAGESIZE
+    pages = (address + length - start + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vector = (ctypes.c_ubyte * pages)()
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * mmap.PAGESIZE), vector) != 0:
+        return None
+    return sum(v & 1 for v in vector)
+
+
+def test_read_ahead_brings_the_keys_pages_in_and_changes_no_tensor(tmp_path: Path) -> None:
+    """``read_ahead`` of some keys (adjacent ones joined, an empty one, a repeated one): their pages
+    are in memory afterwards where they were not (checked where the file system can drop them), the
+    tensors load as stored, and after ``close`` it does nothing."""
+    import os
+
+    from automerge.checkpoints._paging import map_address
+
+    generator = torch.Generator().manual_seed(3)
+    tensors = {f"k{i}": torch.randn(300_000, generator=generator) for i in range(4)} | {
+        "empty": torch.empty(0)
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    with open_safetensors(path) as checkpoint:
+        keys = ["k1", "k2", "empty", "k1"]
+        view = checkpoint.load("k1")
+        begin, length = view.data_ptr(), 2 * view.numel() * 4
+        del view
+        with path.open("rb") as file:
+            os.fsync(file.fileno())  # dirty pages would stay
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        pages = (begin + length - 1) // mmap.PAGESIZE - begin // mmap.PAGESIZE + 1
+        before = _resident_pages(begin, length)
+        checkpoint.read_ahead(keys)
+        if before is not None and before < pages:  # a file system whose cache can drop the pages
+            assert _resident_pages(begin, length) == pages
+        assert map_address(checkpoint._open_map()) <= begin
+        for key, tensor in tensors.items():
+            assert torch.equal(checkpoint.load(key), tensor)
+    checkpoint.read_ahead(keys)  # closed: nothing

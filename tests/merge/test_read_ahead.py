@@ -1,0 +1,105 @@
+"""The export's read-ahead thread (``merge/read_ahead``): every key's sources asked in order, never
+more than the budget ahead of the merge, keys the merge passed skipped, failures kept to itself."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from automerge.checkpoints import TensorInfo, open_safetensors
+from automerge.errors import CheckpointError
+from automerge.merge import export_merge, plan_merge, recipe_from_data
+from automerge.merge.read_ahead import ReadAhead
+
+
+class _Source:
+    """A checkpoint of keys of 1 MiB each that records what it is asked to read ahead."""
+
+    def __init__(self, name: str, fail_at: str | None = None) -> None:
+        self.name, self.fail_at = name, fail_at
+        self.asked: list[str] = []
+        self.changed = threading.Condition()
+
+    def info(self, key: str) -> TensorInfo:
+        return TensorInfo((1 << 18,), torch.float32)
+
+    def read_ahead(self, keys: Sequence[str]) -> None:
+        if self.fail_at in keys:
+            raise CheckpointError(f"{self.name}: gone")
+        with self.changed:
+            self.asked.extend(keys)
+            self.changed.notify_all()
+
+    def wait_for(self, count: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.asked) >= count, timeout=10), self.asked
+
+
+def _reads(sources: Sequence[_Source], keys: int) -> list[tuple[str, list[_Source]]]:
+    return [(f"k{i}", list(sources)) for i in range(keys)]
+
+
+def test_sources_are_read_in_order_and_at_most_the_budget_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("automerge.merge.read_ahead.WINDOW_BYTES", 2 << 20)  # one key of both sources
+    a, b = _Source("a"), _Source("b")
+    with ReadAhead(_reads([a, b], 20), budget=6 << 20) as ahead:  # 3 keys of both
+        a.wait_for(3)
+        time.sleep(0.2)  # it would run on here if it ignored the budget
+        assert a.asked == b.asked == ["k0", "k1", "k2"]
+        ahead.passed("k0")
+        a.wait_for(4)
+        ahead.passed("k9")  # the merge ran past: k4 … k9 are not read any more
+        a.wait_for(7)
+        time.sleep(0.2)
+        assert a.asked == b.asked == ["k0", "k1", "k2", "k3", "k10", "k11", "k12"]
+
+
+def test_a_source_that_fails_stops_the_read_ahead_not_the_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("automerge.merge.read_ahead.WINDOW_BYTES", 1 << 20)
+    a = _Source("a", fail_at="k2")
+    with ReadAhead(_reads([a], 6), budget=1 << 40):
+        a.wait_for(2)
+        time.sleep(0.2)
+    assert a.asked == ["k0", "k1"]
+
+
+def test_the_export_reads_each_sources_keys_ahead_once(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TIES export over a, b, d with base c: every merged key of every source and each key copied
+    from A is asked for once, in the export's order, and the output is the one without read-ahead."""
+    from automerge.checkpoints._safetensors_reader import SafetensorsCheckpoint
+
+    data = {"models": {k: str(tiny_models[k]) for k in "abdc"}, "method": "ties", "params": {"density": 0.4}}
+    asked: dict[str, list[str]] = {}
+    original = SafetensorsCheckpoint.read_ahead
+
+    def record(self: SafetensorsCheckpoint, keys: Sequence[str]) -> None:
+        asked.setdefault(self.path.name, []).extend(keys)
+        original(self, keys)
+
+    def export(out: Path) -> bytes:
+        with plan_merge(recipe_from_data(data, source="t.yaml"), source="t.yaml") as plan:
+            export_merge(plan, out)
+        return out.read_bytes()
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "read_ahead", record)
+    read_ahead = export(tmp_path / "ahead.safetensors")
+    with open_safetensors(tiny_models["a"]) as a:
+        exported = [key for key in a.keys() if not key.startswith("model_ema")]
+    a, b, c, d = (asked[tiny_models[name].name] for name in "abcd")
+    assert sorted(a) == sorted(exported)
+    assert set(b) == set(c) == set(d) and set(b) < set(exported) and b == [key for key in a if key in set(b)]
+    assert all(len(keys) == len(set(keys)) for keys in asked.values())
+
+    class _Off(ReadAhead):
+        def __init__(self, reads: Sequence[object], **_: object) -> None:
+            super().__init__([])
+
+    monkeypatch.setattr("automerge.merge.export.ReadAhead", _Off)
+    assert export(tmp_path / "plain.safetensors") == read_ahead
