@@ -22,6 +22,7 @@ on which other elements, chunks or keys were computed before it, and needs no st
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -149,6 +150,7 @@ def add_into(total: Tensor, kept: Tensor) -> None:
     total.add_(kept)
 
 
+@functools.lru_cache(maxsize=1 << 12)  # an export asks for the same few weights at every key
 def agree_weight(weight: float) -> float:
     """w_i as ``add_agreeing`` adds it: rounded to float32 (``torch.where``'s dtype)."""
     return float(torch.tensor(weight, dtype=torch.float32))
