@@ -608,8 +608,61 @@ static int sampled_cut(const void *model, const void *base, int dtype, int64_t n
     return 1;
 }
 
+/* The k-th smallest of a[0..n) by quickselect (Hoare's partition, median-of-three pivot); a is
+ * reordered. */
+static int32_t kth_smallest(int32_t *a, int64_t n, int64_t index) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const int32_t x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi];
+        const int32_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y));
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i <= j) {
+                const int32_t swap = a[i];
+                a[i++] = a[j];
+                a[j--] = swap;
+            }
+        }
+        if (index <= j) hi = j;
+        else if (index >= i) lo = i;
+        else return pivot; /* between the parts: equal to the pivot */
+    }
+    return a[index];
+}
+
+/* t and the cut of a key of at most SMALL_SELECT elements: their bits held, t by quickselect on a
+ * copy, the cut by one scan (a histogram's fixed cost would be most of the work). ``scratch``: 2n. */
+#define SMALL_SELECT 256
+static void small_cut(const void *model, const void *base, int dtype, int64_t n, int64_t k, int32_t *scratch,
+                      int32_t *threshold, int64_t *cut) {
+    int32_t *bits = scratch, *work = scratch + n;
+    for (int64_t j = 0; j < n; j++) work[j] = bits[j] = magnitude_bits1(model, base, j, dtype);
+    const int32_t t = kth_smallest(work, n, n - k);
+    int64_t above = 0, ties = 0;
+    for (int64_t j = 0; j < n; j++) {
+        above += bits[j] > t;
+        ties += bits[j] == t;
+    }
+    const int64_t room = k - above;
+    *threshold = t;
+    *cut = n;
+    if (ties == room) return;
+    int64_t seen = 0;
+    for (int64_t j = 0; j < n; j++)
+        if (bits[j] == t && ++seen == room) {
+            *cut = j + 1;
+            return;
+        }
+}
+
 static void top_k_cut(const void *model, const void *base, int dtype, int64_t n, int64_t k, uint32_t *histogram,
                       int32_t *gathered, int64_t capacity, int64_t sample_from, int32_t *threshold, int64_t *cut) {
+    if (n <= SMALL_SELECT) {
+        small_cut(model, base, dtype, n, k, gathered, threshold, cut);
+        return;
+    }
     if (n >= sample_from && sampled_cut(model, base, dtype, n, k, histogram, gathered, capacity, threshold, cut))
         return;
     const int digit = n <= SMALL_KEY ? 11 : DIGIT_MAX;

@@ -178,6 +178,7 @@ EXPORT_CASES = [  # method, models, source dtype, out dtype, weights
     [
         (1, 1 << 20, 1 << 16),
         (9, 1 << 20, 1 << 16),
+        (250, 1 << 20, 1 << 16),  # a quickselect over the held bits
         (4_099, 1 << 20, 1 << 16),
         (70_001, 1 << 20, 1 << 16),  # the select bracketed by a sample: one pass
         (70_001, 1 << 20, 1 << 31),  # 16-bit radix digits over the data and 3 calls
