@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +40,8 @@ RUN_KEY_NUMEL = 1 << 16
 """Keys of at most this many elements are merged in runs (``merge_run``); larger ones alone."""
 RUN_NUMEL = 1 << 20
 """Elements of one run at most."""
+WRITES_IN_FLIGHT = 2
+"""Merged tensors handed to the writing thread and not yet written, at most (memory: that many tensors)."""
 
 
 def merged_tensors(
@@ -492,17 +495,36 @@ def _write_merged(
     device: str,
     progress: ExportProgress | None,
 ) -> None:
-    """Merge and write every key the writer does not hold yet, reporting the counts after each."""
+    """Merge and write every key the writer does not hold yet, reporting the counts after each is
+    written and journaled. The sources are read ahead (``ReadAhead``), and each tensor is written by a
+    thread while the next keys merge, at most ``WRITES_IN_FLIGHT`` waiting: the disk reads, the merge
+    computes and the output is written at once. Whatever stops the loop (an interrupt, an error), the
+    tensors already handed over are written and reported before it leaves, so the last count
+    reported is what the journal holds."""
     report = progress or (lambda *counts: None)
     total_bytes = sum(info.nbytes for info in infos.values())
     keys, done_bytes = len(writer.done), sum(infos[key].nbytes for key in writer.done)
     report(keys, len(infos), done_bytes, total_bytes)
-    with ReadAhead(source_reads(plan, exported_keys(plan, skip=writer.done))) as ahead:
-        for key, tensor in merged_tensors(plan, dtype=dtype, device=device, skip=writer.done):
-            writer.write(key, tensor.cpu())
-            ahead.passed(key)
-            keys, done_bytes = keys + 1, done_bytes + infos[key].nbytes
-            report(keys, len(infos), done_bytes, total_bytes)
+    pending: deque[tuple[str, Future[None]]] = deque()
+
+    def finish_oldest() -> None:
+        nonlocal keys, done_bytes
+        key, written = pending.popleft()
+        written.result()  # a failed write raises here, the first one first
+        keys, done_bytes = keys + 1, done_bytes + infos[key].nbytes
+        report(keys, len(infos), done_bytes, total_bytes)
+
+    reads = source_reads(plan, exported_keys(plan, skip=writer.done))
+    with ReadAhead(reads) as ahead, ThreadPoolExecutor(1, thread_name_prefix="automerge-write") as writing:
+        try:
+            for key, tensor in merged_tensors(plan, dtype=dtype, device=device, skip=writer.done):
+                pending.append((key, writing.submit(writer.write, key, tensor.cpu())))
+                ahead.passed(key)
+                while len(pending) > WRITES_IN_FLIGHT or (pending and pending[0][1].done()):
+                    finish_oldest()
+        finally:  # also when interrupted: what was handed over is written and reported
+            while pending:
+                finish_oldest()
 
 
 def export_fingerprint(plan: MergePlan, *, dtype: torch.dtype, device: str) -> dict[str, str]:
