@@ -26,17 +26,19 @@ WINDOW_BYTES = 64 << 20
 
 class ReadAhead:
     """Calls each source's ``read_ahead`` for ``reads`` (key, the checkpoints the merge of the key
-    reads) in order, at most ``budget`` bytes ahead of the merge; ``passed(key)`` after each key is
+    reads: one sequence object for keys read from the same ones) in order, at most ``budget`` bytes
+    (the first checkpoint's size of a key times their number) ahead of the merge; ``passed(key)`` after each key is
     merged, ``close()`` at the end (or use it as a context manager). Advisory: when a read fails, the
     thread stops and the merge reads the bytes itself."""
 
     def __init__(
         self, reads: Sequence[tuple[str, Sequence[Checkpoint]]], *, budget: int = READ_AHEAD_BYTES
     ) -> None:
-        self._reads = [
-            (key, [c for c in checkpoints if hasattr(c, "read_ahead")]) for key, checkpoints in reads
+        self._reads = reads
+        sizes = [
+            checkpoints[0].info(key).nbytes * len(checkpoints) if checkpoints else 0
+            for key, checkpoints in reads
         ]
-        sizes = [sum(c.info(key).nbytes for c in checkpoints) for key, checkpoints in self._reads]
         self._ends = list(itertools.accumulate(sizes))  # bytes through each key
         self._position = {key: i for i, (key, _) in enumerate(self._reads)}
         self._budget = budget
@@ -94,13 +96,18 @@ class ReadAhead:
 
     @staticmethod
     def _read(window: Sequence[tuple[str, Sequence[Checkpoint]]]) -> bool:
-        by_source: dict[int, tuple[Checkpoint, list[str]]] = {}
+        by_sources: dict[int, tuple[Sequence[Checkpoint], list[str]]] = {}  # keys read from the same sources
         for key, checkpoints in window:
-            for checkpoint in checkpoints:
-                by_source.setdefault(id(checkpoint), (checkpoint, []))[1].append(key)
+            by_sources.setdefault(id(checkpoints), (checkpoints, []))[1].append(key)
         try:
-            for checkpoint, keys in by_source.values():
-                checkpoint.read_ahead(keys)
-        except (OSError, ValueError, CheckpointError):  # a source closed or gone: the merge will say
+            for checkpoints, keys in by_sources.values():
+                for checkpoint in checkpoints:
+                    checkpoint.read_ahead(keys)
+        except (
+            OSError,
+            ValueError,
+            AttributeError,
+            CheckpointError,
+        ):  # closed, gone, no such reader: the merge will say
             return False
         return True
