@@ -4,7 +4,7 @@ A merge that first touches a source's bytes in its own threads waits for the dis
 key, and the disk idles while it computes: a TIES export of 10 real-size SD1 sources took 48 s from
 the disk against 21 s for reading them once. A thread that ``read_ahead``s the next keys of every
 source (``MADV_POPULATE_READ``: read and mapped, no copy) keeps the disk busy while the merge computes:
-33 s (BENCHMARKS.md). The pages are the files' page cache, not anonymous memory, and at most
+26–34 s in alternated runs (BENCHMARKS.md). The pages are the files' page cache, not anonymous memory, and at most
 ``READ_AHEAD_BYTES`` are read ahead of the key being merged.
 """
 
@@ -27,9 +27,9 @@ WINDOW_BYTES = 64 << 20
 class ReadAhead:
     """Calls each source's ``read_ahead`` for ``reads`` (key, the checkpoints the merge of the key
     reads: one sequence object for keys read from the same ones) in order, at most ``budget`` bytes
-    (the first checkpoint's size of a key times their number) ahead of the merge; ``passed(key)`` after each key is
-    merged, ``close()`` at the end (or use it as a context manager). Advisory: when a read fails, the
-    thread stops and the merge reads the bytes itself."""
+    (a key's size in its first checkpoint times their number) ahead of the merge; ``passed(key)``
+    after each key is merged, ``close()`` at the end (or use it as a context manager). Advisory: when
+    a read fails, the thread stops and the merge reads the bytes itself."""
 
     def __init__(
         self, reads: Sequence[tuple[str, Sequence[Checkpoint]]], *, budget: int = READ_AHEAD_BYTES
