@@ -1,10 +1,11 @@
 """Bringing a memory map's pages in ahead of their first touch (Linux ``madvise``).
 
-``MADV_POPULATE_READ`` (Linux ≥ 5.14) reads the range's pages and maps them, blocking only the calling
-thread: a thread that runs it ahead of the merge overlaps the disk with the computation, which page
-faults in the merge's own threads serialize (a TIES export of 10 SD1 sources from the disk: 47–50 → 26–34 s,
-BENCHMARKS.md). Older kernels get ``MADV_WILLNEED`` (asynchronous readahead); other systems nothing.
-Advisory only: every failure is ignored, the later reads fault the pages in as before.
+``MADV_POPULATE_READ`` (Linux ≥ 5.14) reads the range's pages and maps them, blocking only the
+calling thread: a thread that runs it ahead of the merge overlaps the disk with the computation,
+which page faults in the merge's own threads serialize (a TIES export of 10 SD1 sources from the
+disk: 47–50 → 26–34 s, BENCHMARKS.md). Older kernels get ``MADV_WILLNEED`` (asynchronous
+readahead); other systems nothing. Advisory only: every failure is ignored, the later reads fault
+the pages in as before.
 """
 
 from __future__ import annotations

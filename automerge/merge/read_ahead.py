@@ -1,11 +1,11 @@
 """The export's sources read ahead of the merge, in a background thread.
 
 A merge that first touches a source's bytes in its own threads waits for the disk there, key after
-key, and the disk idles while it computes: a TIES export of 10 real-size SD1 sources took 48 s from
-the disk against 21 s for reading them once. A thread that ``read_ahead``s the next keys of every
-source (``MADV_POPULATE_READ``: read and mapped, no copy) keeps the disk busy while the merge computes:
-26–34 s in alternated runs (BENCHMARKS.md). The pages are the files' page cache, not anonymous memory, and at most
-``READ_AHEAD_BYTES`` are read ahead of the key being merged.
+key, and the disk idles while it computes: a TIES export of 10 real-size SD1 sources took 47–50 s
+from the disk against ~20 s for reading them once. A thread that ``read_ahead``s the next keys of
+every source (``MADV_POPULATE_READ``: read and mapped, no copy) keeps the disk busy while the merge
+computes: 26–34 s in alternated runs (BENCHMARKS.md). The pages are the files' page cache, not
+anonymous memory, and at most ``READ_AHEAD_BYTES`` are read ahead of the key being merged.
 """
 
 from __future__ import annotations
