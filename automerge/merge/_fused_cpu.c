@@ -485,24 +485,29 @@ static void digit_over_data(select_state *st, const void *model, const void *bas
     decide(st, histogram, width, k);
 }
 
+/* the lanes of ``b`` set in ``hits`` appended to bits/positions (position j + lane); the new count */
+static inline int64_t append_hits(__m256i b, int hits, int64_t j, int32_t *bits, int32_t *positions, int64_t count) {
+    int32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, b);
+    for (int l = 0; l < 8; l++)
+        if (hits >> l & 1) {
+            bits[count] = lanes[l];
+            positions[count++] = (int32_t)(j + l);
+        }
+    return count;
+}
+
 /* the elements that match the prefix, their bits and positions in index order; returns the count */
 static int64_t gather(const select_state *st, const void *model, const void *base, int dtype, int64_t n,
                       int32_t *bits_out, int32_t *positions) {
     const int64_t vectorized = n - n % 8;
     const __m256i known8 = _mm256_set1_epi32((int32_t)st->known), prefix8 = _mm256_set1_epi32((int32_t)st->prefix);
-    int32_t lanes[8];
     int64_t count = 0;
     for (int64_t j = 0; j < vectorized; j += 8) {
         const __m256i bits = magnitude_bits8(model, base, j, dtype);
         const int hits = _mm256_movemask_ps(_mm256_castsi256_ps(
             _mm256_cmpeq_epi32(_mm256_and_si256(bits, known8), prefix8)));
-        if (!hits) continue;
-        _mm256_storeu_si256((__m256i *)lanes, bits);
-        for (int l = 0; l < 8; l++)
-            if (hits >> l & 1) {
-                bits_out[count] = lanes[l];
-                positions[count++] = (int32_t)(j + l);
-            }
+        if (hits) count = append_hits(bits, hits, j, bits_out, positions, count);
     }
     for (int64_t j = vectorized; j < n; j++) {
         const uint32_t bits = (uint32_t)magnitude_bits1(model, base, j, dtype);
@@ -576,7 +581,6 @@ static int sampled_cut(const void *model, const void *base, int dtype, int64_t n
     const int64_t vectorized = n - n % 8;
     const __m256i hi8 = _mm256_set1_epi32((int32_t)hi), below_lo8 = _mm256_set1_epi32((int32_t)lo - 1);
     int32_t *bits = gathered, *positions = gathered + capacity;
-    int32_t lanes[8];
     int64_t above = 0, count = 0;
     for (int64_t j = 0; j < vectorized; j += 8) {
         const __m256i b = magnitude_bits8(model, base, j, dtype);
@@ -585,12 +589,7 @@ static int sampled_cut(const void *model, const void *base, int dtype, int64_t n
         const int hits = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(over, _mm256_cmpgt_epi32(b, below_lo8))));
         if (!hits) continue;
         if (count + 8 > capacity) return 0;
-        _mm256_storeu_si256((__m256i *)lanes, b);
-        for (int l = 0; l < 8; l++)
-            if (hits >> l & 1) {
-                bits[count] = lanes[l];
-                positions[count++] = (int32_t)(j + l);
-            }
+        count = append_hits(b, hits, j, bits, positions, count);
     }
     for (int64_t j = vectorized; j < n; j++) {
         const uint32_t b = (uint32_t)magnitude_bits1(model, base, j, dtype);
