@@ -105,7 +105,7 @@ class SafetensorsCheckpoint(Checkpoint):
             return
         mapped = self._open_map()
         address = map_address(mapped)
-        spans = sorted((self._entry(key)[1], self._entry(key)[0].nbytes) for key in keys)
+        spans = sorted((at, info.nbytes) for info, at in map(self._entry, keys))
         start, end = None, None
         for begin, nbytes in spans:
             if start is not None and begin <= end:

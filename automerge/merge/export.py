@@ -103,9 +103,8 @@ def read_ahead_pays(plan: MergePlan) -> bool:
     ahead (``ReadAhead``) to pay: its bookkeeping costs per key and source, its gain is per byte."""
     primary = plan.primary.checkpoint
     keys = primary.keys()
-    return bool(keys) and sum(primary.info(key).nbytes for key in keys) >= READ_AHEAD_MIN_KEY_BYTES * len(
-        keys
-    )
+    total = sum(primary.info(key).nbytes for key in keys)
+    return bool(keys) and total >= READ_AHEAD_MIN_KEY_BYTES * len(keys)
 
 
 def _runs_possible(plan: MergePlan) -> bool:
