@@ -40,8 +40,8 @@ class Killed(BaseException):
 @pytest.fixture(autouse=True)
 def _one_write_at_a_time(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each key written before the next merges, so an export stopped from its progress callback has
-    written exactly the keys reported (the tests below damage the last one); the SIGKILL test keeps
-    the writes in flight."""
+    written exactly the keys reported (the tests below damage the last one); the SIGKILL test and the
+    CLI's interrupt keep the writes in flight."""
     if "in_flight" not in request.keywords:
         monkeypatch.setattr(export_module, "WRITES_IN_FLIGHT", 0)
 
@@ -355,6 +355,7 @@ def test_a_second_run_onto_the_same_output_is_refused_while_the_first_writes(
 # -- the command line ---------------------------------------------------------------------------------
 
 
+@pytest.mark.in_flight
 def test_automerge_merge_says_what_it_keeps_when_interrupted_and_resumes_from_it(
     tiny_models: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
