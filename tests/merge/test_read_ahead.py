@@ -4,8 +4,7 @@ more than the budget ahead of the merge, keys the merge passed skipped, failures
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,13 @@ from automerge.merge.read_ahead import ReadAhead
 
 
 class _Source:
-    """A checkpoint of keys of 1 MiB each that records what it is asked to read ahead."""
+    """A checkpoint of keys of 1 MiB each that records what it is asked to read ahead, and how far the
+    merge had come (``merged()``, bytes) when it was asked."""
 
-    def __init__(self, name: str, fail_at: str | None = None) -> None:
-        self.name, self.fail_at = name, fail_at
+    def __init__(self, name: str, fail_at: str | None = None, merged: Callable[[], int] = lambda: 0) -> None:
+        self.name, self.fail_at, self.merged = name, fail_at, merged
         self.asked: list[str] = []
+        self.asked_at: list[int] = []
         self.changed = threading.Condition()
 
     def info(self, key: str) -> TensorInfo:
@@ -33,11 +34,12 @@ class _Source:
             raise CheckpointError(f"{self.name}: gone")
         with self.changed:
             self.asked.extend(keys)
+            self.asked_at.extend(self.merged() for _ in keys)
             self.changed.notify_all()
 
     def wait_for(self, count: int) -> None:
         with self.changed:
-            assert self.changed.wait_for(lambda: len(self.asked) >= count, timeout=10), self.asked
+            assert self.changed.wait_for(lambda: len(self.asked) >= count, timeout=60), self.asked
 
 
 def _reads(sources: Sequence[_Source], keys: int) -> list[tuple[str, list[_Source]]]:
@@ -45,18 +47,29 @@ def _reads(sources: Sequence[_Source], keys: int) -> list[tuple[str, list[_Sourc
 
 
 def test_sources_are_read_in_order_and_at_most_the_budget_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys of 2 MiB (both sources), a budget of 6 MiB: each key is asked for only once the merge has
+    passed all but the 3 keys before it (or it is the next one), and a key the merge passed is not."""
     monkeypatch.setattr("automerge.merge.read_ahead.WINDOW_BYTES", 2 << 20)  # one key of both sources
-    a, b = _Source("a"), _Source("b")
-    with ReadAhead(_reads([a, b], 20), budget=6 << 20) as ahead:  # 3 keys of both
+    merged = [0]  # bytes through the last key passed, moved before the read-ahead is told
+    a, b = _Source("a", merged=lambda: merged[0]), _Source("b", merged=lambda: merged[0])
+
+    def passed(ahead: ReadAhead, index: int) -> None:
+        merged[0] = (index + 1) * (2 << 20)
+        ahead.passed(f"k{index}")
+
+    with ReadAhead(_reads([a, b], 20), budget=6 << 20) as ahead:
         a.wait_for(3)
-        time.sleep(0.2)  # it would run on here if it ignored the budget
-        assert a.asked == b.asked == ["k0", "k1", "k2"]
-        ahead.passed("k0")
+        b.wait_for(3)
+        assert a.asked == b.asked == ["k0", "k1", "k2"]  # k3 would be 8 MiB ahead
+        passed(ahead, 0)
         a.wait_for(4)
-        ahead.passed("k9")  # the merge ran past: k4 … k9 are not read any more
+        passed(ahead, 9)  # the merge ran past: k4 … k9 are not read any more
         a.wait_for(7)
-        time.sleep(0.2)
-        assert a.asked == b.asked == ["k0", "k1", "k2", "k3", "k10", "k11", "k12"]
+        b.wait_for(7)
+    assert a.asked == b.asked == ["k0", "k1", "k2", "k3", "k10", "k11", "k12"]
+    for key, at in zip(a.asked + b.asked, a.asked_at + b.asked_at, strict=True):
+        index = int(key[1:])
+        assert (index + 1) * (2 << 20) - at <= 6 << 20 or index * (2 << 20) <= at, (key, at)
 
 
 def test_a_source_that_fails_stops_the_read_ahead_not_the_merge(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,7 +77,9 @@ def test_a_source_that_fails_stops_the_read_ahead_not_the_merge(monkeypatch: pyt
     a = _Source("a", fail_at="k2")
     with ReadAhead(_reads([a], 6), budget=1 << 40):
         a.wait_for(2)
-        time.sleep(0.2)
+        for thread in [t for t in threading.enumerate() if t.name == "automerge-read-ahead"]:
+            thread.join(timeout=60)  # it ends by itself at k2, before the merge is done
+            assert not thread.is_alive()
     assert a.asked == ["k0", "k1"]
 
 
