@@ -336,7 +336,8 @@ class FusedKernel:
             first, last = bounds[g], bounds[g + 1]
             pointers = (ctypes.c_void_p * (last - first))(*(t.data_ptr() for t in models[first:last]))
             return self._top_k_cut(
-                pointers, last - first, base.data_ptr(), _DTYPES[base.dtype], n, k, _TOP_K_GATHER, _TOP_K_SAMPLE_FROM,
+                pointers, last - first, base.data_ptr(), _DTYPES[base.dtype], n, k,
+                _TOP_K_GATHER, _TOP_K_SAMPLE_FROM,
                 ctypes.addressof(thresholds) + first * int_size, ctypes.addressof(cuts) + first * long_size,
             )  # fmt: skip
 

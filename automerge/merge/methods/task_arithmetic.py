@@ -106,8 +106,8 @@ class TaskArithmetic:
         **sparsify_params: Any,
     ) -> bool:
         """``out`` ← this merge of the sources as stored (CPU views), through the fused kernel's
-        ``task_export``: the torch path's operations, two passes over each model for its top-k cut and
-        one for the merge. False when it cannot: no kernel, DELLA (ranks), weights whose sign election the
+        ``task_export``: the torch path's operations, one pass over each model for its top-k cut (two
+        where no sample brackets it) and one for the merge. False when it cannot: no kernel, DELLA (ranks), weights whose sign election the
         kernel does not reproduce (< 0, or in (0, tiny)), tensors it does not take, a non-finite delta
         or kept value."""
         kernel = fused_kernel()
