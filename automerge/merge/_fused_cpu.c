@@ -708,6 +708,64 @@ int fused_top_k_cuts(const void *const *models, int32_t count, const void *base,
     return 0;
 }
 
+/* ---- a run of small keys laid back to back (one view of each source's run): each key's top-k cuts
+ * (or its draws' keys) and its merge, key after key, in one call: at a small width the per-key calls
+ * cost more than the merge. ``rule``: the run's merge (its start, stop, thresholds, cuts and draw_keys
+ * are set here for each key; its base, sources and out point at the run's first element); key j holds
+ * elements offsets[j] … offsets[j + 1] − 1 of the run. Top-k: keep_counts[j] is its k (0 ≤ k ≤ n);
+ * drop: draw_keys[2·(j·models + i)] … are model i's (k0, k1) for key j. Returns 0, 2 when a key has a
+ * non-finite delta or kept value (the keys after it are not merged), 1 for arguments it does not take,
+ * 3 when its scratch cannot be allocated. */
+int fused_task_run(const task_args *rule, int32_t keys, const int64_t *offsets, const int64_t *keep_counts,
+                   const uint32_t *draw_keys, int64_t sample_from) {
+    if (keys < 1 || rule->models < 1 || offsets[0] < 0) return 1;
+    if (rule->in_dtype != F16 && rule->in_dtype != F32) return 1;
+    const int m = rule->models;
+    int64_t capacity = 1;
+    for (int32_t j = 0; j < keys; j++) {
+        const int64_t n = offsets[j + 1] - offsets[j];
+        if (n < 1 || n > INT32_MAX) return 1;
+        if (rule->keep_mode == KEEP_TOP_K && (keep_counts[j] < 0 || keep_counts[j] > n)) return 1;
+        if (n > capacity) capacity = n;
+    }
+    const size_t size = rule->in_dtype == F16 ? 2 : 4, out_size = rule->out_dtype == F16 ? 2 : 4;
+    const void **sources = malloc(sizeof(void *) * (size_t)m);
+    int32_t *thresholds = malloc(sizeof(int32_t) * (size_t)m);
+    int64_t *cuts = malloc(sizeof(int64_t) * (size_t)m);
+    uint32_t *histogram = malloc(sizeof(uint32_t) << DIGIT_MAX);
+    int32_t *gathered = malloc(sizeof(int32_t) * 2 * (size_t)capacity);
+    int code = (sources && thresholds && cuts && histogram && gathered) ? 0 : 3;
+    for (int32_t j = 0; j < keys && !code; j++) {
+        const int64_t first = offsets[j], n = offsets[j + 1] - first;
+        task_args key = *rule;
+        for (int i = 0; i < m; i++) sources[i] = (const char *)rule->sources[i] + first * size;
+        key.start = 0, key.stop = n;
+        key.base = (const char *)rule->base + first * size;
+        key.out = (char *)rule->out + first * out_size;
+        key.sources = sources;
+        if (rule->keep_mode == KEEP_TOP_K) {
+            const int64_t k = keep_counts[j];
+            for (int i = 0; i < m; i++) {
+                if (k == n || k == 0) /* all or none: t = −1 keeps every |Δ|, t = INT32_MAX none */
+                    thresholds[i] = k == n ? -1 : INT32_MAX, cuts[i] = 0;
+                else
+                    top_k_cut(sources[i], key.base, rule->in_dtype, n, k, histogram, gathered, capacity,
+                              sample_from, thresholds + i, cuts + i);
+            }
+            key.thresholds = thresholds, key.cuts = cuts;
+        } else {
+            key.draw_keys = draw_keys + (int64_t)2 * j * m;
+        }
+        code = fused_task_export(&key);
+    }
+    free(sources);
+    free(thresholds);
+    free(cuts);
+    free(histogram);
+    free(gathered);
+    return code;
+}
+
 /* ---- the live engine's top-k places: each element's position in its key's stable descending order
  * of |d| (ties by position), as ``torch.sort(bits(|d|).neg(), stable=True)`` orders them. An LSD radix
  * sort of k = 0x7FFFFFFF − bits(|d|) (31 bits: digits of 11, 11 and 9 bits; each scatter is stable, so

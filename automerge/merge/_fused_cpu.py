@@ -132,6 +132,17 @@ class ExportRule:
     draw_keys: tuple[tuple[int, int], ...] = ()
 
 
+@dataclass(frozen=True)
+class KeyRun:
+    """Consecutive keys laid back to back, merged in one call (``task_export_run``): each key's size
+    (elements, in order) and how it keeps: top-k, each key's k (``keep_counts``); else by draws,
+    each model's draw keys, key after key (``draw_keys``: keys × models pairs)."""
+
+    sizes: tuple[int, ...]
+    keep_counts: tuple[int, ...] | None = None
+    draw_keys: tuple[tuple[int, int], ...] = ()
+
+
 _KEEP_TOP_K, _KEEP_DRAWS, _NOT_FINITE = 0, 1, 2
 
 
@@ -166,6 +177,12 @@ class FusedKernel:
             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
         ]  # fmt: skip
         self._top_k_cut.restype = ctypes.c_int
+        self._task_run = library.fused_task_run
+        self._task_run.argtypes = [
+            ctypes.POINTER(_TaskArgs), ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int64,
+        ]  # fmt: skip
+        self._task_run.restype = ctypes.c_int
         self._places = library.fused_places
         self._places.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -288,27 +305,10 @@ class FusedKernel:
         k = rule.keep_count
         if k is not None:
             self._top_k_cuts(models, base, k, thresholds, cuts)
-        template = dict(
-            models=m,
-            in_dtype=_DTYPES[base.dtype],
-            out_dtype=_DTYPES[out.dtype],
-            keep_mode=_KEEP_DRAWS if k is None else _KEEP_TOP_K,
-            elect=int(rule.elect),
-            weighted=int(any(w != 1.0 for w in rule.weights)),
-            unit_agree=int(all(v == 1.0 for v in rule.agree_weights)),
-            divide=int(k is None and rule.density != 1.0),
-            draw_threshold=rule.draw_threshold,
-            density=rule.density,
-            alpha=rule.alpha,
-            tiny=torch.finfo(torch.float32).tiny,
-            base=base.data_ptr(),
-            sources=sources,
+        template = self._task_template(out, models, base, rule, sources, top_k=k is not None) | dict(
             thresholds=thresholds,
             cuts=cuts,
             draw_keys=(ctypes.c_uint32 * (2 * m))(*(x for pair in rule.draw_keys for x in pair)),
-            weights=(ctypes.c_float * m)(*rule.weights),
-            agree=(ctypes.c_float * m)(*rule.agree_weights),
-            out=out.data_ptr(),
         )
         calls = [
             _TaskArgs(start=start, stop=min(n, start + _PIECE), **template) for start in range(0, n, _PIECE)
@@ -317,6 +317,98 @@ class FusedKernel:
         if any(code not in (0, _NOT_FINITE) for code in codes):
             raise RuntimeError("the fused CPU kernel refused its arguments")
         return _NOT_FINITE not in codes
+
+    def task_export_run(
+        self, out: Tensor, models: Sequence[Tensor], base: Tensor, rule: ExportRule, run: KeyRun
+    ) -> bool:
+        """``task_export`` of each key of a run laid back to back in flat views (``run``: the keys'
+        sizes and their k or draw keys; ``rule``'s own ``keep_count``/``draw_keys`` are unused) in one
+        kernel call per thread, the keys split among the threads by elements. False when the kernel
+        does not take the tensors or some key has a non-finite delta or kept value (``out`` partly
+        written; the caller merges the keys one by one)."""
+        total = sum(run.sizes)
+        m = len(models)
+        top_k = run.keep_counts is not None
+        if (
+            not self._takes(models, base, out)
+            or any(t.numel() != total for t in [*models, base, out])
+            or not run.sizes
+            or (top_k and len(run.keep_counts or ()) != len(run.sizes))
+            or (not top_k and len(run.draw_keys) != m * len(run.sizes))
+        ):
+            return False
+        offsets = [0]
+        for size in run.sizes:
+            offsets.append(offsets[-1] + size)
+        keys = len(run.sizes)
+        offset_array = (ctypes.c_int64 * (keys + 1))(*offsets)
+        counts = (ctypes.c_int64 * keys)(*run.keep_counts) if top_k else None
+        draws = (
+            None
+            if top_k
+            else (ctypes.c_uint32 * (2 * m * keys))(*(x for pair in run.draw_keys for x in pair))
+        )
+        pointers = (ctypes.c_void_p * m)(*(t.data_ptr() for t in models))
+        args = _TaskArgs(
+            start=0, stop=0, **self._task_template(out, models, base, rule, pointers, top_k=top_k)
+        )
+        groups = max(1, min(keys, torch.get_num_threads() if total >= _PIECE // 4 else 1))
+        bounds = [0]  # each group's first key: the keys split by elements
+        for g in range(1, groups):
+            target = total * g // groups
+            bounds.append(next((j for j in range(bounds[-1], keys) if offsets[j] >= target), keys))
+        bounds.append(keys)
+        long_size, pair_size = ctypes.sizeof(ctypes.c_int64), 2 * m * ctypes.sizeof(ctypes.c_uint32)
+
+        def group(g: int) -> int:
+            first, last = bounds[g], bounds[g + 1]
+            if first == last:
+                return 0
+            return self._task_run(
+                ctypes.byref(args), last - first, ctypes.addressof(offset_array) + first * long_size,
+                None if counts is None else ctypes.addressof(counts) + first * long_size,
+                None if draws is None else ctypes.addressof(draws) + first * pair_size,
+                _TOP_K_SAMPLE_FROM,
+            )  # fmt: skip
+
+        codes = self._map(group, range(groups))
+        if any(code == 3 for code in codes):
+            raise MemoryError("the fused CPU kernel could not allocate its top-k scratch")
+        if any(code not in (0, _NOT_FINITE) for code in codes):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
+        return _NOT_FINITE not in codes
+
+    @staticmethod
+    def _task_template(
+        out: Tensor,
+        models: Sequence[Tensor],
+        base: Tensor,
+        rule: ExportRule,
+        sources: ctypes.Array,
+        *,
+        top_k: bool,
+    ) -> dict[str, object]:
+        """``_TaskArgs``'s fields of ``rule`` and the buffers (all but the elements and how each key keeps)."""
+        m = len(models)
+        return dict(
+            models=m,
+            in_dtype=_DTYPES[base.dtype],
+            out_dtype=_DTYPES[out.dtype],
+            keep_mode=_KEEP_TOP_K if top_k else _KEEP_DRAWS,
+            elect=int(rule.elect),
+            weighted=int(any(w != 1.0 for w in rule.weights)),
+            unit_agree=int(all(v == 1.0 for v in rule.agree_weights)),
+            divide=int(not top_k and rule.density != 1.0),
+            draw_threshold=rule.draw_threshold,
+            density=rule.density,
+            alpha=rule.alpha,
+            tiny=torch.finfo(torch.float32).tiny,
+            base=base.data_ptr(),
+            sources=sources,
+            weights=(ctypes.c_float * m)(*rule.weights),
+            agree=(ctypes.c_float * m)(*rule.agree_weights),
+            out=out.data_ptr(),
+        )
 
     def _top_k_cuts(
         self, models: Sequence[Tensor], base: Tensor, k: int, thresholds: ctypes.Array, cuts: ctypes.Array

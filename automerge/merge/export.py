@@ -32,7 +32,14 @@ from automerge.checkpoints import (
     cached_sha256,
 )
 from automerge.errors import ConfigError, MergeError
-from automerge.merge.methods import LazySources, MergeMethod, check_finite, merge_into, noise_for
+from automerge.merge.methods import (
+    LazySources,
+    MergeMethod,
+    check_finite,
+    merge_into,
+    merge_run_into,
+    noise_for,
+)
 from automerge.merge.plan import MergePlan
 from automerge.merge.read_ahead import ReadAhead
 
@@ -135,6 +142,9 @@ def _merge_viewed_run(
     flat = {name: view for name, view in views.items() if view is not None}
     if len(flat) != len(views):
         return None
+    whole = _merged_as_one(plan, keys, flat, block=block, dtype=dtype)
+    if whole is not None:
+        return whole
     merged, offset = [], 0
     for key in keys:
         info = plan.primary.checkpoint.info(key)
@@ -143,6 +153,38 @@ def _merge_viewed_run(
         merged.append((key, merge_key(plan, key, block=block, dtype=dtype, device=device, stored=stored)))
         offset += info.numel
     return merged
+
+
+def _merged_as_one(
+    plan: MergePlan, keys: Sequence[str], views: Mapping[str, torch.Tensor], *, block: str, dtype: torch.dtype
+) -> list[tuple[str, torch.Tensor]] | None:
+    """The keys of a viewed run merged in one call (``merge_run_into``: the method's
+    ``stored_run_into``), each a view of one output; None when that cannot be done."""
+    base = plan.sources[plan.base_name].checkpoint.load_run(keys) if plan.base_name else None
+    if plan.method.stored_run_into is None or (plan.base_name and base is None):
+        return None
+    primary = plan.primary.checkpoint
+    infos = [primary.info(key) for key in keys]
+    out = torch.empty(sum(info.numel for info in infos), dtype=dtype)
+    merged = merge_run_into(
+        out,
+        plan.method,
+        [views[name] for name in plan.model_names],
+        base,
+        keys=keys,
+        sizes=[info.numel for info in infos],
+        params=plan.params.for_block(block),
+        seed=plan.seed,
+        weights=plan.params.model_weights(block, plan.model_names),
+        compute_dtype=plan.compute_dtype,
+    )
+    if not merged:
+        return None
+    tensors, offset = [], 0
+    for key, info in zip(keys, infos, strict=True):
+        tensors.append((key, out[offset : offset + info.numel].view(info.shape)))
+        offset += info.numel
+    return tensors
 
 
 def _run_from(plan: MergePlan, keys: Sequence[str], index: int, block: str) -> list[str]:

@@ -126,3 +126,44 @@ def test_small_keys_merged_in_runs_give_the_bytes_of_key_by_key(
     monkeypatch.setattr(export_module, "_runs_possible", lambda plan: False)
     assert in_runs == export_merge(plan, tmp_path / "keys.safetensors").read_bytes()
     plan.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("ties", {"alpha": {"default": 0.9, "IN04": 1.3}, "density": 0.4, "weight.e": 1.5}),
+        ("dare_ties", {"alpha": 0.8, "density": {"default": 0.6, "OUT02": 0.2}}),  # per-key draws
+    ],
+)
+def test_a_task_arithmetic_export_merges_each_run_of_small_keys_in_one_call(
+    method: str, params: dict, five_models: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """TIES and DARE merge each run of small keys in one kernel call (``merge_run_into``): the file is
+    byte for byte the one merged key by key."""
+    from automerge.merge import export as export_module
+    from automerge.merge._fused_cpu import fused_kernel
+
+    if fused_kernel() is None:
+        pytest.skip("no fused CPU kernel here")
+    data = {
+        "models": {k: str(v) for k, v in five_models.items()},
+        "method": method,
+        "params": params,
+        "seed": 3,
+    }
+    plan = plan_merge(recipe_from_data(data, source="t.yaml"), source="t.yaml")
+    runs: list[int] = []
+    real = export_module.merge_run_into
+
+    def counted(out: torch.Tensor, *args: object, keys: list[str], **options: object) -> bool:
+        merged = real(out, *args, keys=keys, **options)  # type: ignore[arg-type]
+        runs.append(len(keys) if merged else 0)
+        return merged
+
+    monkeypatch.setattr(export_module, "merge_run_into", counted)
+    in_runs = export_merge(plan, tmp_path / "runs.safetensors").read_bytes()
+    assert runs and all(count > 1 for count in runs)
+    assert sum(runs) > len(plan.primary.checkpoint.keys()) // 2
+    monkeypatch.setattr(export_module, "_viewed_runs_possible", lambda plan, device: False)
+    assert in_runs == export_merge(plan, tmp_path / "keys.safetensors").read_bytes()
+    plan.close()

@@ -224,6 +224,74 @@ def test_the_export_kernel_gives_the_methods_bits(
         assert torch.equal(fast.view(bits), slow.view(bits)), (density, alpha)
 
 
+RUN_SIZES = [1, 7, 8, 9, 250, 333, 4_099, 1, 70_001, 2, 300]  # the tails, the quickselect, a sampled cut
+
+
+@pytest.mark.parametrize(("method", "models", "source_dtype", "out_dtype", "weights"), EXPORT_CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.usefixtures("kernel_needed")
+def test_a_run_of_keys_merged_in_one_call_gives_each_keys_bits(
+    method: str,
+    models: int,
+    source_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    weights: tuple[float, ...] | None,
+    threads: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``stored_run_into`` (``task_export_run``: keys laid back to back, each key's cuts or draws and
+    merge in one kernel call per thread) against ``stored_into`` key by key, each key with its own
+    noise: equal bits, at densities that keep all, none and some (so k = n and k = 0 keys too), the
+    keys split between two threads."""
+    from automerge.merge.methods import noise_for
+
+    monkeypatch.setattr("automerge.merge._fused_cpu._PIECE", 1 << 15)  # a run this small is split too
+    merge = METHODS.get(method)
+    assert merge.stored_run_into is not None and merge.stored_into is not None
+    total = sum(RUN_SIZES)
+    base, rows = _sources(models, total, source_dtype, seed=models)
+    names = [f"model.diffusion_model.k{j}" for j in range(len(RUN_SIZES))]
+    noises = [noise_for(name, 3) for name in names] if merge.random else None
+    w = None if weights is None else list(weights)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for density, alpha in [(0.45, 0.8), (1.0, 1.0), (0.0, 1.0), (0.03, -1.7)]:
+            run = torch.full((total,), float("nan"), dtype=out_dtype)
+            assert merge.stored_run_into(
+                run, rows, base, sizes=RUN_SIZES, noises=noises, weights=w, alpha=alpha, density=density
+            )
+            start = 0
+            for j, size in enumerate(RUN_SIZES):
+                part = slice(start, start + size)
+                one = torch.empty(size, dtype=out_dtype)
+                extra = {} if noises is None else {"noise": noises[j]}
+                keys_rows = [r[part] for r in rows]
+                assert merge.stored_into(
+                    one, keys_rows, base[part], weights=w, alpha=alpha, density=density, **extra
+                )
+                bits = torch.int16 if out_dtype == torch.float16 else torch.int32
+                assert torch.equal(run[part].view(bits), one.view(bits)), (density, alpha, j)
+                start += size
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.usefixtures("kernel_needed")
+def test_a_run_with_a_non_finite_delta_is_declined() -> None:
+    """A NaN in one model of one key of the run: the run call declines (the export then merges its
+    keys one by one, and the general path names the source)."""
+    merge = METHODS.get("ties")
+    assert merge.stored_run_into is not None
+    total = sum(RUN_SIZES)
+    base, rows = _sources(3, total, torch.float16, seed=2)
+    out = torch.empty(total, dtype=torch.float16)
+    assert merge.stored_run_into(out, rows, base, sizes=RUN_SIZES, density=0.5)
+    rows[1][total - 3] = float("nan")
+    assert not merge.stored_run_into(out, rows, base, sizes=RUN_SIZES, density=0.5)
+    assert not merge.stored_run_into(out, rows, base, sizes=RUN_SIZES[:-1], density=0.5)  # sizes ≠ total
+
+
 def _sample_gaps(numel: int, runs: int = 512, run: int = 32) -> torch.Tensor:
     """The positions outside the sampled select's runs (``SAMPLE_RUNS``, ``SAMPLE_RUN`` in the C file)."""
     outside = torch.ones(numel, dtype=torch.bool)

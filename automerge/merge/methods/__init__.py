@@ -22,6 +22,7 @@ from automerge.merge.methods._apply import (
     check_finite,
     max_magnitude,
     merge_into,
+    merge_run_into,
     merge_tensor,
     noise_for,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "check_finite",
     "max_magnitude",
     "merge_into",
+    "merge_run_into",
     "merge_tensor",
     "noise_for",
     "register_method",

@@ -324,6 +324,36 @@ def _merged_as_stored(
     )
 
 
+def merge_run_into(
+    out: Tensor,
+    method: MergeMethod,
+    models: Sequence[Tensor],
+    base: Tensor | None,
+    *,
+    keys: Sequence[str],
+    sizes: Sequence[int],
+    params: Mapping[str, float],
+    seed: int,
+    weights: Sequence[float] | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> bool:
+    """``merge_into`` of each of ``keys``, laid back to back in flat stored views (``out``, ``models``,
+    ``base``; key j: ``sizes[j]`` elements, its noise ``noise_for(keys[j], seed)``), in one call of
+    the method's ``stored_run_into``: the same bits as key by key. False (``out`` partly written)
+    when the method has none or it cannot, or the base or the result holds NaN/Inf: the caller then
+    merges key by key, which names the key and the source."""
+    if method.stored_run_into is None or compute_dtype != torch.float32 or out.device.type != "cpu":
+        return False
+    _check_weights(method, weights, len(models), key=keys[0])
+    if base is not None and not all_finite(base):
+        return False
+    extras: dict[str, object] = {"noises": [noise_for(key, seed) for key in keys]} if method.random else {}
+    if weights is not None:
+        extras["weights"] = [float(weight) for weight in weights]
+    merged = method.stored_run_into(out, models, base, sizes=sizes, **params, **extras)
+    return merged and all_finite(out)
+
+
 def _merge_elementwise_chunks(
     out: Tensor,
     method: MergeMethod,

@@ -111,6 +111,10 @@ class MergeMethod:
     # sources as stored (views of their files on the CPU, in their own dtype, not checked for NaN/Inf)
     # into out, rounded once; False when it cannot (the general path then runs; out may be written).
     stored_into: Callable[..., bool] | None = None
+    # stored_run_into(out, models, base, *, sizes, noises, **params[, weights]) -> bool: stored_into of
+    # each key of a run of keys laid back to back in flat views (key j: sizes[j] elements, its draws
+    # noises[j] for a random method), the same bits as key by key, in one call.
+    stored_run_into: Callable[..., bool] | None = None
     # growth(**params) = g with |result| ≤ g·max|source| element-wise (finite sources); lets the
     # engine and the export skip the output's NaN/Inf check when g·max|source| fits the dtype.
     growth: Callable[..., float] | None = None
@@ -135,6 +139,7 @@ class MergeMethod:
         inplace: Callable[..., None] | None = None,
         compute_into: Callable[..., None] | None = None,
         stored_into: Callable[..., bool] | None = None,
+        stored_run_into: Callable[..., bool] | None = None,
         growth: Callable[..., float] | None = None,
     ) -> MergeMethod:
         """``fn`` with its ``ParamSpec``s, randomness and weights derived from its signature; a
@@ -162,6 +167,7 @@ class MergeMethod:
             inplace=inplace,
             compute_into=compute_into,
             stored_into=stored_into,
+            stored_run_into=stored_run_into,
             growth=growth,
         )
 
@@ -179,6 +185,7 @@ def register_method(
     inplace: Callable[..., None] | None = None,
     compute_into: Callable[..., None] | None = None,
     stored_into: Callable[..., bool] | None = None,
+    stored_run_into: Callable[..., bool] | None = None,
     growth: Callable[..., float] | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorator: derive ``fn``'s parameters from its signature and register it in ``METHODS``."""
@@ -194,6 +201,7 @@ def register_method(
             inplace=inplace,
             compute_into=compute_into,
             stored_into=stored_into,
+            stored_run_into=stored_run_into,
             growth=growth,
         )
         METHODS.register(name, method)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
-from automerge.merge._fused_cpu import ExportRule, fused_kernel
+from automerge.merge._fused_cpu import ExportRule, KeyRun, fused_kernel
 from automerge.merge.methods._spec import (
     Param,
     fits_between_passes,
@@ -107,28 +108,72 @@ class TaskArithmetic:
     ) -> bool:
         """``out`` ← this merge of the sources as stored (CPU views), through the fused kernel's
         ``task_export``: the torch path's operations, one pass over each model for its top-k cut (two
-        where no sample brackets it) and one for the merge. False when it cannot: no kernel, DELLA (ranks), weights whose sign election the
-        kernel does not reproduce (< 0, or in (0, tiny)), tensors it does not take, a non-finite delta
-        or kept value."""
+        where no sample brackets it) and one for the merge. False when it cannot: no kernel, DELLA
+        (ranks), weights whose sign election the kernel does not reproduce (< 0, or in (0, tiny)),
+        tensors it does not take, a non-finite delta or kept value."""
+        found = self._export_rule(len(models), alpha, weights, sparsify_params)
         kernel = fused_kernel()
-        keep = _KERNEL_KEEP.get(self.sparsify.__name__)
-        if kernel is None or keep is None or base is None:
+        if kernel is None or found is None or base is None:
             return False
-        w = model_weights(weights, len(models), method=self.name)
-        agree = [agree_weight(x) for x in w]
-        if self.elect and not election_is_fast_exact(w, agree):
-            return False
-        defaults = {name: p.default for name, p in self.__signature__.parameters.items()}
-        density = float(sparsify_params.get("density", defaults["density"]))
-        how: dict[str, Any]
-        if keep == "top_k":
-            how = {"keep_count": _keep_count(density, out.numel())}
+        rule, density = found
+        if _KERNEL_KEEP[self.sparsify.__name__] == "top_k":
+            rule = replace(rule, keep_count=_keep_count(density, out.numel()))
         else:
             noise = sparsify_params["noise"]
-            keys = tuple(noise_key(noise.seed, noise.key, i) for i in range(len(models)))
-            how = {"density": density, "draw_threshold": draw_threshold(density), "draw_keys": keys}
-        rule = ExportRule(elect=self.elect, alpha=alpha, weights=tuple(w), agree_weights=tuple(agree), **how)
+            rule = replace(
+                rule, draw_keys=tuple(noise_key(noise.seed, noise.key, i) for i in range(len(models)))
+            )
         return kernel.task_export(out, models, base, rule)
+
+    def stored_run_into(
+        self,
+        out: Tensor,
+        models: Sequence[Tensor],
+        base: Tensor | None,
+        *,
+        sizes: Sequence[int],
+        noises: Sequence[Noise] | None = None,
+        alpha: float = 1.0,
+        weights: Sequence[float] | None = None,
+        **sparsify_params: Any,
+    ) -> bool:
+        """``stored_into`` of each key of a run laid back to back in flat views (key j: ``sizes[j]``
+        elements, its draws ``noises[j]``), in one kernel call per thread (``task_export_run``); the
+        same bits as key by key. False when ``stored_into`` would be, for any key."""
+        found = self._export_rule(len(models), alpha, weights, sparsify_params)
+        kernel = fused_kernel()
+        if kernel is None or found is None or base is None:
+            return False
+        rule, density = found
+        if _KERNEL_KEEP[self.sparsify.__name__] == "top_k":
+            run = KeyRun(tuple(sizes), keep_counts=tuple(_keep_count(density, n) for n in sizes))
+        elif noises is not None and len(noises) == len(sizes):
+            pairs = tuple(noise_key(x.seed, x.key, i) for x in noises for i in range(len(models)))
+            run = KeyRun(tuple(sizes), draw_keys=pairs)
+        else:
+            return False
+        return kernel.task_export_run(out, models, base, rule, run)
+
+    def _export_rule(
+        self, count: int, alpha: float, weights: Sequence[float] | None, sparsify_params: dict[str, Any]
+    ) -> tuple[ExportRule, float] | None:
+        """The kernel's rule of this merge without its per-key part (top-k's k, the draws' keys), and
+        the density; None when the kernel cannot reproduce it (DELLA's ranks; weights < 0 or in
+        (0, tiny) with the sign election)."""
+        keep = _KERNEL_KEEP.get(self.sparsify.__name__)
+        if keep is None:
+            return None
+        w = model_weights(weights, count, method=self.name)
+        agree = [agree_weight(x) for x in w]
+        if self.elect and not election_is_fast_exact(w, agree):
+            return None
+        defaults = {name: p.default for name, p in self.__signature__.parameters.items()}
+        density = float(sparsify_params.get("density", defaults["density"]))
+        drops = {} if keep == "top_k" else {"density": density, "draw_threshold": draw_threshold(density)}
+        rule = ExportRule(
+            elect=self.elect, alpha=alpha, weights=tuple(w), agree_weights=tuple(agree), **drops
+        )
+        return rule, density
 
     def _kept(self, model: Tensor, index: int, base: Tensor, weight: float, params: dict[str, Any]) -> Tensor:
         """kept_i = w_i · where(keep_i, Δi / p_i, 0) for model ``index``."""
@@ -204,7 +249,11 @@ def _compose_signature(sparsify: Sparsifier) -> inspect.Signature:
 def _register(variant: TaskArithmetic) -> TaskArithmetic:
     fused = variant.sparsify.__name__ in _KERNEL_KEEP  # DELLA's ranks: the torch path only
     register_method(
-        variant.name, needs_base=True, max_models=None, stored_into=variant.stored_into if fused else None
+        variant.name,
+        needs_base=True,
+        max_models=None,
+        stored_into=variant.stored_into if fused else None,
+        stored_run_into=variant.stored_run_into if fused else None,
     )(variant)
     return variant
 
