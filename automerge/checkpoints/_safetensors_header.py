@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -90,17 +93,39 @@ def parse_header(raw: bytes, *, data_bytes: int) -> SafetensorsHeader:
     """Validate the JSON header ``raw`` against a data section of ``data_bytes`` bytes."""
     document = _parse_json(raw)
     metadata = _parse_metadata(document.pop(METADATA_KEY, None))
-    tensors = {name: _parse_entry(name, entry) for name, entry in document.items()}
+    return SafetensorsHeader(metadata=metadata, tensors=_tensor_table(document, data_bytes), length=len(raw))
+
+
+_TABLES: OrderedDict[tuple[int, int, str | None], tuple[dict[str, Any], Mapping[str, TensorEntry]]] = OrderedDict()
+_TABLES_KEPT = 8
+_tables_lock = threading.Lock()
+
+
+def _tensor_table(document: dict[str, Any], data_bytes: int) -> Mapping[str, TensorEntry]:
+    """The tensors of a header's JSON (its metadata removed), validated. Sources written alike (the
+    fine-tunes of one base: 2,518 entries each for SDXL) have equal tables: a table equal to one of
+    the last few validated (compared in full) is that one's, not validated again (~30 ms a file)."""
+    fingerprint = (data_bytes, len(document), next(iter(document), None))
+    with _tables_lock:
+        known = _TABLES.get(fingerprint)
+    if known is not None and known[0] == document:
+        return known[1]
+    tensors = MappingProxyType({name: _parse_entry(name, entry) for name, entry in document.items()})
     _check_tiling(tensors, data_bytes=data_bytes)
-    return SafetensorsHeader(metadata=metadata, tensors=tensors, length=len(raw))
+    with _tables_lock:
+        _TABLES[fingerprint] = (document, tensors)
+        _TABLES.move_to_end(fingerprint)
+        while len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    return tensors
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _HeaderProblem(f"header names '{key}' twice")
-        seen[key] = value
+    seen = dict(pairs)
+    if len(seen) != len(pairs):
+        names = [key for key, _ in pairs]
+        twice = next(key for i, key in enumerate(names) if key in names[:i])
+        raise _HeaderProblem(f"header names '{twice}' twice")
     return seen
 
 

@@ -141,6 +141,10 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
         ),
         r"header names 'a' twice",
     ),
+    "duplicate field of an entry": (
+        _safetensors(b'{"a":{"dtype":"U8","dtype":"F32","shape":[1],"data_offsets":[0,1]}}', b"\0"),
+        r"header names 'dtype' twice",
+    ),
     "non-string metadata": (
         _safetensors({"__metadata__": {"ss_steps": 1000}}, b""),
         r"'__metadata__' value for 'ss_steps' is 1000, not a string",

@@ -248,3 +248,29 @@ def test_read_ahead_brings_the_keys_pages_in_and_changes_no_tensor(tmp_path: Pat
         for key, tensor in tensors.items():
             assert torch.equal(checkpoint.load(key), tensor)
     checkpoint.read_ahead(keys)  # closed: nothing
+
+
+def _raw_safetensors(path: Path, entries: dict[str, Any], data: bytes, metadata: dict[str, str]) -> Path:
+    body = json.dumps({"__metadata__": metadata, **entries}).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    return path
+
+
+def test_files_with_one_tensor_table_share_it_and_a_different_table_is_validated_anew(tmp_path: Path) -> None:
+    """Sources written alike (other metadata, the same tensors) share the validated table; a file
+    whose table differs where the cache's quick fingerprint does not look (same size, count and
+    first name; a tensor overlapping another) is validated on its own and refused."""
+    entries = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+    }
+    first = open_safetensors(_raw_safetensors(tmp_path / "1.safetensors", entries, bytes(16), {"n": "1"}))
+    second = open_safetensors(_raw_safetensors(tmp_path / "2.safetensors", entries, bytes(16), {"n": "2"}))
+    assert second.metadata == {"n": "2"}
+    assert first._layout is second._layout and second.info("b") == TensorInfo((2,), torch.float32)
+    overlapping = entries | {"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    path = _raw_safetensors(tmp_path / "3.safetensors", overlapping, bytes(16), {"n": "1"})
+    with pytest.raises(CheckpointError, match="overlaps tensor 'a'"):
+        open_safetensors(path)
+    first.close()
+    second.close()
