@@ -96,7 +96,9 @@ def parse_header(raw: bytes, *, data_bytes: int) -> SafetensorsHeader:
     return SafetensorsHeader(metadata=metadata, tensors=_tensor_table(document, data_bytes), length=len(raw))
 
 
-_TABLES: OrderedDict[tuple[int, int, str | None], tuple[dict[str, Any], Mapping[str, TensorEntry]]] = OrderedDict()
+_TABLES: OrderedDict[tuple[int, int, str | None], tuple[dict[str, Any], Mapping[str, TensorEntry]]] = (
+    OrderedDict()
+)
 _TABLES_KEPT = 8
 _tables_lock = threading.Lock()
 
