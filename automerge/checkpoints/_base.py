@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Self, runtime_checkable
 
@@ -21,22 +20,22 @@ class TensorInfo:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    # Computed once, at construction: asked per key and source (``load_run``, the export's counts).
+    # Not functools.cached_property: on Python < 3.12 it takes one lock shared by every instance,
+    # and threads asking at once (the merge, the writer) queued on it (~50 µs a call).
+    numel: int = field(init=False, repr=False, compare=False)
+    """Number of elements: the product of ``shape`` (1 for a 0-dim tensor)."""
+    nbytes: int = field(init=False, repr=False, compare=False)
+    """Size of the data in bytes: ``numel × itemsize``."""
 
     def __post_init__(self) -> None:
         if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in self.shape):
             raise ValueError(f"TensorInfo shape must be non-negative ints, got {self.shape!r}")
         if not isinstance(self.dtype, torch.dtype):
             raise ValueError(f"TensorInfo dtype must be a torch.dtype, got {self.dtype!r}")
-
-    @functools.cached_property  # infos are shared between files and asked often (``load_run``)
-    def numel(self) -> int:
-        """Number of elements: the product of ``shape`` (1 for a 0-dim tensor)."""
-        return math.prod(self.shape)
-
-    @functools.cached_property
-    def nbytes(self) -> int:
-        """Size of the data in bytes: ``numel × itemsize``."""
-        return self.numel * self.dtype.itemsize
+        numel = math.prod(self.shape)
+        object.__setattr__(self, "numel", numel)
+        object.__setattr__(self, "nbytes", numel * self.dtype.itemsize)
 
 
 @runtime_checkable
