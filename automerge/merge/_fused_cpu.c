@@ -766,6 +766,117 @@ int fused_task_run(const task_args *rule, int32_t keys, const int64_t *offsets, 
     return code;
 }
 
+/* ---- Model Stock of one key, in three calls over pieces of it (``model_stock.py`` has the formula):
+ * ``fused_stock_sums``: D = Σ Δi (float32, from +0, in model order) into ``delta_sum``, and each
+ * model's Σ Δi² (float64) into ``squares``; ``fused_stock_units``: with r_i, U = Σ Δi·r_i (float32,
+ * from +0, in model order), ‖U‖² and Σ_i ‖Δi·r_i‖² (float64) into ``norms``; ``fused_stock_apply``:
+ * out = C + s·D, rounded once. The float64 sums are over 4 lanes, block after block, the lanes added
+ * last: a fixed order for a given piece (the caller's pieces do not depend on its threads). Returns 2
+ * when some Δi is not finite (the caller's torch path names the source). */
+#define STOCK_BLOCK 1024
+
+static inline __m256d square_add(__m256d sum, __m128 x) {
+    const __m256d wide = _mm256_cvtps_pd(x);
+    return _mm256_add_pd(sum, _mm256_mul_pd(wide, wide));
+}
+
+static inline __m256d square8_add(__m256d sum, __m256 x) {
+    return square_add(square_add(sum, _mm256_castps256_ps128(x)), _mm256_extractf128_ps(x, 1));
+}
+
+static inline double lanes_sum(__m256d x) {
+    double lanes[4];
+    _mm256_storeu_pd(lanes, x);
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+static inline int finite_bits(float x) {
+    int32_t bits;
+    memcpy(&bits, &x, 4);
+    return (bits & 0x7FFFFFFF) < NOT_FINITE;
+}
+
+int fused_stock_sums(const void *const *models, int32_t count, const void *base, int32_t dtype, int64_t start,
+                     int64_t stop, float *delta_sum, double *squares) {
+    if ((dtype != F16 && dtype != F32) || count < 1 || start < 0 || stop < start) return 1;
+    double *lanes = calloc((size_t)count * 5, sizeof(double)); /* each model's 4 lanes, then the tails */
+    if (!lanes) return 3;
+    double *tails = lanes + (size_t)count * 4;
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), limit = _mm256_set1_epi32(NOT_FINITE - 1);
+    __m256i bad = _mm256_setzero_si256();
+    int bad1 = 0;
+    for (int64_t begin = start; begin < stop; begin += STOCK_BLOCK) {
+        const int64_t end = begin + STOCK_BLOCK < stop ? begin + STOCK_BLOCK : stop;
+        const int64_t vectorized = end - (end - begin) % 8;
+        for (int64_t j = begin; j < vectorized; j += 8) _mm256_storeu_ps(delta_sum + j, _mm256_setzero_ps());
+        for (int64_t j = vectorized; j < end; j++) delta_sum[j] = 0.0f;
+        for (int i = 0; i < count; i++) {
+            __m256d sum = _mm256_setzero_pd();
+            for (int64_t j = begin; j < vectorized; j += 8) {
+                const __m256 d = _mm256_sub_ps(load8(models[i], j, dtype), load8(base, j, dtype));
+                bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(_mm256_and_si256(_mm256_castps_si256(d), magnitude), limit));
+                _mm256_storeu_ps(delta_sum + j, _mm256_add_ps(_mm256_loadu_ps(delta_sum + j), d));
+                sum = square8_add(sum, d);
+            }
+            _mm256_storeu_pd(lanes + 4 * i, _mm256_add_pd(_mm256_loadu_pd(lanes + 4 * i), sum));
+            for (int64_t j = vectorized; j < end; j++) {
+                const float d = load1(models[i], j, dtype) - load1(base, j, dtype);
+                bad1 |= !finite_bits(d);
+                delta_sum[j] = delta_sum[j] + d;
+                tails[i] += (double)d * (double)d;
+            }
+        }
+    }
+    for (int i = 0; i < count; i++) squares[i] = lanes_sum(_mm256_loadu_pd(lanes + 4 * i)) + tails[i];
+    free(lanes);
+    return (_mm256_movemask_epi8(bad) || bad1) ? 2 : 0;
+}
+
+int fused_stock_units(const void *const *models, int32_t count, const void *base, int32_t dtype, int64_t start,
+                      int64_t stop, const float *scales, double *norms) {
+    if ((dtype != F16 && dtype != F32) || count < 1 || start < 0 || stop < start) return 1;
+    float units[STOCK_BLOCK];
+    __m256d unit_lanes = _mm256_setzero_pd(), sum_lanes = _mm256_setzero_pd();
+    double unit_tail = 0.0, sum_tail = 0.0;
+    for (int64_t begin = start; begin < stop; begin += STOCK_BLOCK) {
+        const int64_t length = begin + STOCK_BLOCK < stop ? STOCK_BLOCK : stop - begin;
+        const int64_t vectorized = length - length % 8;
+        for (int64_t j = 0; j < vectorized; j += 8) _mm256_storeu_ps(units + j, _mm256_setzero_ps());
+        for (int64_t j = vectorized; j < length; j++) units[j] = 0.0f;
+        for (int i = 0; i < count; i++) {
+            const __m256 r = _mm256_set1_ps(scales[i]);
+            for (int64_t j = 0; j < vectorized; j += 8) {
+                const __m256 d = _mm256_sub_ps(load8(models[i], begin + j, dtype), load8(base, begin + j, dtype));
+                const __m256 u = _mm256_mul_ps(d, r);
+                unit_lanes = square8_add(unit_lanes, u);
+                _mm256_storeu_ps(units + j, _mm256_add_ps(_mm256_loadu_ps(units + j), u));
+            }
+            for (int64_t j = vectorized; j < length; j++) {
+                const float u = (load1(models[i], begin + j, dtype) - load1(base, begin + j, dtype)) * scales[i];
+                unit_tail += (double)u * (double)u;
+                units[j] = units[j] + u;
+            }
+        }
+        for (int64_t j = 0; j < vectorized; j += 8) sum_lanes = square8_add(sum_lanes, _mm256_loadu_ps(units + j));
+        for (int64_t j = vectorized; j < length; j++) sum_tail += (double)units[j] * (double)units[j];
+    }
+    norms[0] = lanes_sum(sum_lanes) + sum_tail;   /* ‖U‖² */
+    norms[1] = lanes_sum(unit_lanes) + unit_tail; /* Σ ‖Δi·r_i‖² */
+    return 0;
+}
+
+int fused_stock_apply(void *out, int32_t out_dtype, const void *base, int32_t dtype, const float *delta_sum,
+                      float scale, int64_t start, int64_t stop) {
+    if ((dtype != F16 && dtype != F32) || (out_dtype != F16 && out_dtype != F32) || start < 0 || stop < start)
+        return 1;
+    const __m256 s = _mm256_set1_ps(scale);
+    const int64_t vectorized = stop - (stop - start) % 8;
+    for (int64_t j = start; j < vectorized; j += 8)
+        store8(out, j, _mm256_add_ps(load8(base, j, dtype), _mm256_mul_ps(_mm256_loadu_ps(delta_sum + j), s)), out_dtype);
+    for (int64_t j = vectorized; j < stop; j++) store1(out, j, load1(base, j, dtype) + delta_sum[j] * scale, out_dtype);
+    return 0;
+}
+
 /* ---- the live engine's top-k places: each element's position in its key's stable descending order
  * of |d| (ties by position), as ``torch.sort(bits(|d|).neg(), stable=True)`` orders them. An LSD radix
  * sort of k = 0x7FFFFFFF − bits(|d|) (31 bits: digits of 11, 11 and 9 bits; each scatter is stable, so

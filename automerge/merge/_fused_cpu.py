@@ -183,6 +183,21 @@ class FusedKernel:
             ctypes.c_int64,
         ]  # fmt: skip
         self._task_run.restype = ctypes.c_int
+        pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+        self._stock_sums = library.fused_stock_sums
+        self._stock_sums.argtypes = [
+            ctypes.POINTER(pointer), ctypes.c_int32, pointer, ctypes.c_int32, int64, int64, pointer, pointer,
+        ]  # fmt: skip
+        self._stock_units = library.fused_stock_units
+        self._stock_units.argtypes = [
+            ctypes.POINTER(pointer), ctypes.c_int32, pointer, ctypes.c_int32, int64, int64, pointer, pointer,
+        ]  # fmt: skip
+        self._stock_apply = library.fused_stock_apply
+        self._stock_apply.argtypes = [
+            pointer, ctypes.c_int32, pointer, ctypes.c_int32, pointer, ctypes.c_float, int64, int64,
+        ]  # fmt: skip
+        for function in (self._stock_sums, self._stock_units, self._stock_apply):
+            function.restype = ctypes.c_int
         self._places = library.fused_places
         self._places.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -377,6 +392,90 @@ class FusedKernel:
         if any(code not in (0, _NOT_FINITE) for code in codes):
             raise RuntimeError("the fused CPU kernel refused its arguments")
         return _NOT_FINITE not in codes
+
+    def model_stock_into(
+        self,
+        out: Tensor,
+        models: Sequence[Tensor],
+        base: Tensor,
+        scales: Callable[[Sequence[float]], Sequence[float]],
+        stock_scale: Callable[[float, float], float],
+    ) -> bool:
+        """out ← C + s·ΣΔi (Model Stock, ``model_stock.py``): pass 1 sums D = ΣΔi and each ‖Δi‖²,
+        ``scales`` turns those into the r_i, pass 2 sums ‖Σ Δi·r_i‖² and Σ‖Δi·r_i‖², ``stock_scale``
+        turns these into s, and pass 3 writes out; each pass over pieces of ``_PIECE`` elements on the
+        threads, the pieces' float64 sums added in piece order (the same bits at any thread count).
+        Scratch: one float32 tensor. False, with nothing done, for tensors the kernel does not take
+        or a non-finite delta (then the caller's torch path names the source)."""
+        n, m = out.numel(), len(models)
+        if not self._takes(models, base, out) or any(t.numel() != n for t in [*models, base]) or n == 0:
+            return False
+        dtype = _DTYPES[base.dtype]
+        delta_sum = torch.empty(n, dtype=torch.float32)
+        sources = (ctypes.c_void_p * m)(*(t.data_ptr() for t in models))
+        pieces = [(start, min(n, start + _PIECE)) for start in range(0, n, _PIECE)]
+        squares = [(ctypes.c_double * m)() for _ in pieces]
+        norms = [(ctypes.c_double * 2)() for _ in pieces]
+
+        def sums(p: int) -> int:
+            start, stop = pieces[p]
+            return self._stock_sums(
+                sources,
+                m,
+                base.data_ptr(),
+                dtype,
+                start,
+                stop,
+                delta_sum.data_ptr(),
+                ctypes.addressof(squares[p]),
+            )
+
+        codes = self._map(sums, range(len(pieces)))
+        if any(code not in (0, _NOT_FINITE) for code in codes):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
+        if _NOT_FINITE in codes:
+            return False
+        totals = [0.0] * m
+        for piece in squares:
+            totals = [total + piece[i] for i, total in enumerate(totals)]
+        factors = (ctypes.c_float * m)(*scales(totals))
+
+        def units(p: int) -> int:
+            start, stop = pieces[p]
+            return self._stock_units(
+                sources,
+                m,
+                base.data_ptr(),
+                dtype,
+                start,
+                stop,
+                ctypes.addressof(factors),
+                ctypes.addressof(norms[p]),
+            )
+
+        unit_sum_square = unit_squares = 0.0
+        if any(self._map(units, range(len(pieces)))):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
+        for piece in norms:
+            unit_sum_square, unit_squares = unit_sum_square + piece[0], unit_squares + piece[1]
+        scale = stock_scale(unit_sum_square, unit_squares)
+
+        def apply(p: int) -> int:
+            start, stop = pieces[p]
+            return self._stock_apply(
+                out.data_ptr(),
+                _DTYPES[out.dtype],
+                base.data_ptr(),
+                dtype,
+                delta_sum.data_ptr(),
+                scale,
+                start,
+                stop,
+            )
+
+        if any(self._map(apply, range(len(pieces)))):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
+        return True
 
     @staticmethod
     def _task_template(

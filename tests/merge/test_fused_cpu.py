@@ -376,3 +376,59 @@ def test_the_kernel_places_are_torchs_stable_descending_order(dtype: torch.dtype
             numel, dtype=torch.int32
         )
         assert torch.equal(row, expected)
+
+
+@pytest.mark.parametrize(
+    ("models", "numel", "source_dtype", "out_dtype"),
+    [
+        (2, 1, torch.float16, torch.float16),
+        (3, 7, torch.float32, torch.float32),
+        (3, 4_099, torch.float16, torch.float32),
+        (5, 70_001, torch.float16, torch.float16),  # several pieces (the piece made small below)
+        (70, 3_001, torch.float16, torch.float16),
+    ],
+)
+@pytest.mark.usefixtures("kernel_needed")
+def test_model_stock_through_the_kernel_gives_the_methods_bits_at_any_thread_count(
+    models: int,
+    numel: int,
+    source_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``model_stock``'s kernel (three passes over pieces, its float64 sums in its own order) against
+    the method on the upcast sources: equal bits, with one thread and with two, and for a model that
+    equals the base (Δ = 0, unit 0) and one that cancels another."""
+    monkeypatch.setattr("automerge.merge._fused_cpu._PIECE", 1 << 14)
+    merge = METHODS.get("model_stock")
+    assert merge.stored_into is not None
+    base, rows = _sources(models, numel, source_dtype, seed=models)
+    if models >= 5:  # two cancel, one is the base: the other models' deltas remain
+        rows[1] = base.clone()
+        rows[2] = (2 * base.float() - rows[0].float()).to(source_dtype)
+    previous = torch.get_num_threads()
+    try:
+        for alpha in [1.0, 0.37, 2.0]:
+            expected = merge.fn([r.float() for r in rows], base.float(), alpha=alpha).to(out_dtype)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                out = torch.full((numel,), float("nan"), dtype=out_dtype)
+                assert merge.stored_into(out, rows, base, alpha=alpha)
+                bits = torch.int16 if out_dtype == torch.float16 else torch.int32
+                assert torch.equal(out.view(bits), expected.view(bits)), (alpha, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.usefixtures("kernel_needed")
+def test_model_stock_kernel_declines_a_non_finite_delta() -> None:
+    merge = METHODS.get("model_stock")
+    assert merge.stored_into is not None
+    base, rows = _sources(3, 4_099, torch.float16, seed=1)
+    out = torch.empty(4_099, dtype=torch.float16)
+    for bad in (float("nan"), float("inf")):
+        damaged = [rows[0], rows[1].clone(), rows[2]]
+        damaged[1][4_098] = bad  # in the scalar tail
+        assert not merge.stored_into(out, damaged, base)
+        damaged[1][4_098], damaged[1][5] = rows[1][4_098], bad  # in the vector part
+        assert not merge.stored_into(out, damaged, base)

@@ -551,16 +551,15 @@ def test_stored_into_equals_the_method_function_bit_for_bit(
     assert method.stored_into is not None
     models, base = _sources(method, (4099,), dtype=source_dtype, count=4)
     params = method.defaults() | {spec.name: (spec.default or 0.0) * 0.8 + 0.1 for spec in method.params}
-    extras = {"noise": _noise(9)} if method.random else {}
-    weights = [0.5, 1.0, 1.5, 0.7]
+    extras: dict[str, object] = {"noise": _noise(9)} if method.random else {}
+    if method.weighted:
+        extras["weights"] = [0.5, 1.0, 1.5, 0.7]
     out = torch.empty(4099, dtype=out_dtype)
-    taken = method.stored_into(out, models, base, **params, weights=weights, **extras)
+    taken = method.stored_into(out, models, base, **params, **extras)
     assert taken == (fused_kernel() is not None)
     if taken:
         upcast = [m.float() for m in models]
-        expected = method.fn(
-            upcast, None if base is None else base.float(), **params, weights=weights, **extras
-        )
+        expected = method.fn(upcast, None if base is None else base.float(), **params, **extras)
         assert torch.equal(out, expected.to(out_dtype))
 
 

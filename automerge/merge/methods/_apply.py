@@ -315,10 +315,14 @@ def _merged_as_stored(
     compute_dtype: torch.dtype,
 ) -> bool:
     """The method's ``stored_into`` ran on the models' stored views (lazily read sources that know
-    them, on the CPU) and merged ``out``; False when there is none or it could not."""
+    them, on the CPU) and merged ``out``; False when there is none or it could not. A method that
+    is not element-wise takes loaded CPU tensors (the live engine's) the same way, so that the live
+    weights and the export come from one computation (Model Stock's float64 sums in one order)."""
     if method.stored_into is None or compute_dtype != torch.float32 or out.device.type != "cpu":
         return False
-    views = stored_views(models)  # None for loaded tensors (the live engine's)
+    views = stored_views(models)
+    if views is None and not method.elementwise and not isinstance(models, _OnAccess):
+        views = list(models)  # loaded tensors: ``stored_into`` declines those it does not take
     return views is not None and method.stored_into(
         out, views, base, **params, **_extras(method, noise, weights)
     )

@@ -1,46 +1,86 @@
 """Model Stock: move from the base toward the mean fine-tune by a ratio set by how aligned the deltas
-are; one pass over the models, holding one at a time."""
+are; one pass over the models, holding one at a time (the CPU kernel: two passes over all of them)."""
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
 from typing import Annotated
 
 import torch
 from torch import Tensor
 
+from automerge.merge._fused_cpu import fused_kernel
 from automerge.merge.methods._spec import Param, register_method
 
 _NORM_FLOOR = 1e-12  # a zero delta has cosine 0 with every other delta
 
+Alpha = Annotated[float, Param(0.0, 2.0, "scale of t·mean(Δi); 1 is Model Stock as published")]
 
-@register_method("model_stock", needs_base=True, max_models=None)
-def model_stock(
-    models: Sequence[Tensor],
-    base: Tensor | None,
-    *,
-    alpha: Annotated[float, Param(0.0, 2.0, "scale of t·mean(Δi); 1 is Model Stock as published")] = 1.0,
-) -> Tensor:
+
+def unit_scale(square_sum: float) -> float:
+    """r = 1 / max(‖Δ‖, 1e-12) from ‖Δ‖² (float64), rounded to float32: u = Δ·r is Δ's unit vector."""
+    return _float32(1.0 / max(math.sqrt(square_sum), _NORM_FLOOR))
+
+
+def stock_scale(unit_sum_square: float, unit_squares: float, count: int, alpha: float) -> float:
+    """s = α·t / N rounded to float32, t = N·cosθ / (1 + (N−1)·cosθ), cosθ = (‖Σui‖² − Σ‖ui‖²) / (N(N−1))
+    clamped to [−1, 1], all in float64; t = 0 where the deltas cancel (1 + (N−1)·cosθ ≤ 0)."""
+    cos = min(max((unit_sum_square - unit_squares) / (count * (count - 1)), -1.0), 1.0)
+    denominator = 1.0 + (count - 1) * cos
+    t = count * cos / denominator if denominator > 0 else 0.0
+    return _float32(alpha * t / count)
+
+
+def _float32(value: float) -> float:
+    return float(struct.unpack("<f", struct.pack("<f", value))[0])
+
+
+def _square_sum(tensor: Tensor) -> float:
+    """Σ x² in float64 (each square exact: a float32 value squared fits float64's 53 bits)."""
+    return float(tensor.double().square().sum())
+
+
+def _model_stock_stored_into(
+    out: Tensor, models: Sequence[Tensor], base: Tensor | None, *, alpha: float = 1.0
+) -> bool:
+    """``model_stock`` from the sources as stored (CPU views, or loaded CPU tensors) through the fused
+    kernel's three passes (``model_stock_into``), rounded once to out's dtype; False when it cannot."""
+    kernel = fused_kernel()
+    if kernel is None or base is None or len(models) < 2:
+        return False
+    count = len(models)
+    return kernel.model_stock_into(
+        out,
+        models,
+        base,
+        lambda squares: [unit_scale(square) for square in squares],
+        lambda unit_sum_square, unit_squares: stock_scale(unit_sum_square, unit_squares, count, alpha),
+    )
+
+
+@register_method("model_stock", needs_base=True, max_models=None, stored_into=_model_stock_stored_into)
+def model_stock(models: Sequence[Tensor], base: Tensor | None, *, alpha: Alpha = 1.0) -> Tensor:
     """C + α·t·mean(Δi), t = N·cosθ / (1 + (N−1)·cosθ), cosθ = mean pairwise cosine of the flattened Δi
 
     Model Stock (Jang et al. 2024) as in mergekit (filter_wise off) and sd-mecha; α (default 1) is
-    automerge's addition so the ratio can be tuned per block. Streamed: with ui = Δi/max(‖Δi‖, 1e-12),
-    the mean pairwise cosine is (‖Σ ui‖² − Σ ‖ui‖²) / (N(N−1)), so one pass accumulates ΣΔi, Σ ui and
-    Σ ‖ui‖² (the last bits differ from summing the pairwise dot products). When the deltas cancel
-    exactly (1 + (N−1)·cosθ = 0) t is taken as 0 and the result is C (mergekit gives NaN there).
+    automerge's addition so the ratio can be tuned per block. Streamed: with ui = Δi·ri, ri =
+    1/max(‖Δi‖, 1e-12) rounded to float32 (``unit_scale``), the mean pairwise cosine is
+    (‖Σ ui‖² − Σ ‖ui‖²) / (N(N−1)), so one pass accumulates ΣΔi and Σ ui (float32, model order) and
+    the squared norms (float64); then C + s·ΣΔi with s = α·t/N rounded to float32 (``stock_scale``).
+    The CPU kernel computes the same float32 operations and sums the squares in float64 in its own
+    order. When the deltas cancel exactly (1 + (N−1)·cosθ = 0) t is taken as 0 and the result is C
+    (mergekit gives NaN there).
     """
     assert base is not None
     delta_sum, unit_sum = torch.zeros_like(base), torch.zeros_like(base)
-    unit_square_sum = torch.zeros((), dtype=base.dtype, device=base.device)
+    unit_squares = 0.0
     for model in models:
         delta = model - base
-        unit = delta / torch.linalg.vector_norm(delta).clamp(min=_NORM_FLOOR)
+        unit = delta * unit_scale(_square_sum(delta))
         delta_sum += delta
         unit_sum += unit
-        unit_square_sum += torch.linalg.vector_norm(unit).square()
-    n = len(models)
-    cos = ((torch.linalg.vector_norm(unit_sum).square() - unit_square_sum) / (n * (n - 1))).clamp(-1.0, 1.0)
-    denominator = 1 + (n - 1) * cos
-    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    t = torch.where(denominator > 0, n * cos / safe, torch.zeros_like(cos))
-    return base + (alpha * t) * (delta_sum / n)
+        unit_squares += _square_sum(unit)
+    scale = stock_scale(_square_sum(unit_sum), unit_squares, len(models), alpha)
+    return base + delta_sum * scale
