@@ -877,6 +877,60 @@ int fused_stock_apply(void *out, int32_t out_dtype, const void *base, int32_t dt
     return 0;
 }
 
+/* r = 1 / max(‖Δ‖, 1e-12) rounded to float32, and s = α·t / N: ``model_stock.unit_scale`` and
+ * ``stock_scale``, operation for operation in float64 (the tests compare the bits). */
+static float unit_scale(double square_sum) {
+    double norm = _mm_cvtsd_f64(_mm_sqrt_sd(_mm_setzero_pd(), _mm_set_sd(square_sum))); /* IEEE sqrt */
+    if (norm < 1e-12) norm = 1e-12;
+    return (float)(1.0 / norm);
+}
+
+static float stock_scale(double unit_sum_square, double unit_squares, int32_t count, double alpha) {
+    double cos = (unit_sum_square - unit_squares) / ((double)count * (double)(count - 1));
+    cos = cos < -1.0 ? -1.0 : (cos > 1.0 ? 1.0 : cos);
+    const double denominator = 1.0 + (double)(count - 1) * cos;
+    const double t = denominator > 0 ? (double)count * cos / denominator : 0.0;
+    return (float)(alpha * t / (double)count);
+}
+
+/* Model Stock of each key of a run laid back to back (key j: elements offsets[j] … offsets[j + 1] − 1),
+ * each key's three passes in turn, in one call. Returns 2 when a key has a non-finite delta (the keys
+ * after it are not merged), 3 when its scratch cannot be allocated. */
+int fused_stock_run(const void *const *models, int32_t count, const void *base, int32_t dtype, void *out,
+                    int32_t out_dtype, int32_t keys, const int64_t *offsets, double alpha) {
+    if ((dtype != F16 && dtype != F32) || (out_dtype != F16 && out_dtype != F32) || count < 2 || keys < 1)
+        return 1;
+    int64_t largest = 0;
+    for (int32_t j = 0; j < keys; j++) {
+        const int64_t n = offsets[j + 1] - offsets[j];
+        if (n < 1 || offsets[j] < 0) return 1;
+        if (n > largest) largest = n;
+    }
+    const size_t size = dtype == F16 ? 2 : 4, out_size = out_dtype == F16 ? 2 : 4;
+    const void **sources = malloc(sizeof(void *) * (size_t)count);
+    double *squares = malloc(sizeof(double) * (size_t)count);
+    float *scales = malloc(sizeof(float) * (size_t)count), *delta_sum = malloc(sizeof(float) * (size_t)largest);
+    int code = (sources && squares && scales && delta_sum) ? 0 : 3;
+    for (int32_t j = 0; j < keys && !code; j++) {
+        const int64_t first = offsets[j], n = offsets[j + 1] - first;
+        for (int i = 0; i < count; i++) sources[i] = (const char *)models[i] + first * size;
+        const void *key_base = (const char *)base + first * size;
+        code = fused_stock_sums(sources, count, key_base, dtype, 0, n, delta_sum, squares);
+        if (code) break;
+        for (int i = 0; i < count; i++) scales[i] = unit_scale(squares[i]);
+        double norms[2];
+        code = fused_stock_units(sources, count, key_base, dtype, 0, n, scales, norms);
+        if (code) break;
+        code = fused_stock_apply((char *)out + first * out_size, out_dtype, key_base, dtype, delta_sum,
+                                 stock_scale(norms[0], norms[1], count, alpha), 0, n);
+    }
+    free(sources);
+    free(squares);
+    free(scales);
+    free(delta_sum);
+    return code;
+}
+
 /* ---- the live engine's top-k places: each element's position in its key's stable descending order
  * of |d| (ties by position), as ``torch.sort(bits(|d|).neg(), stable=True)`` orders them. An LSD radix
  * sort of k = 0x7FFFFFFF − bits(|d|) (31 bits: digits of 11, 11 and 9 bits; each scatter is stable, so

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -196,7 +197,12 @@ class FusedKernel:
         self._stock_apply.argtypes = [
             pointer, ctypes.c_int32, pointer, ctypes.c_int32, pointer, ctypes.c_float, int64, int64,
         ]  # fmt: skip
-        for function in (self._stock_sums, self._stock_units, self._stock_apply):
+        self._stock_run = library.fused_stock_run
+        self._stock_run.argtypes = [
+            ctypes.POINTER(pointer), ctypes.c_int32, pointer, ctypes.c_int32, pointer, ctypes.c_int32,
+            ctypes.c_int32, pointer, ctypes.c_double,
+        ]  # fmt: skip
+        for function in (self._stock_sums, self._stock_units, self._stock_apply, self._stock_run):
             function.restype = ctypes.c_int
         self._places = library.fused_places
         self._places.argtypes = [
@@ -352,9 +358,7 @@ class FusedKernel:
             or (not top_k and len(run.draw_keys) != m * len(run.sizes))
         ):
             return False
-        offsets = [0]
-        for size in run.sizes:
-            offsets.append(offsets[-1] + size)
+        offsets = list(itertools.accumulate(run.sizes, initial=0))
         keys = len(run.sizes)
         offset_array = (ctypes.c_int64 * (keys + 1))(*offsets)
         counts = (ctypes.c_int64 * keys)(*run.keep_counts) if top_k else None
@@ -367,12 +371,8 @@ class FusedKernel:
         args = _TaskArgs(
             start=0, stop=0, **self._task_template(out, models, base, rule, pointers, top_k=top_k)
         )
-        groups = max(1, min(keys, torch.get_num_threads() if total >= _PIECE // 4 else 1))
-        bounds = [0]  # each group's first key: the keys split by elements
-        for g in range(1, groups):
-            target = total * g // groups
-            bounds.append(next((j for j in range(bounds[-1], keys) if offsets[j] >= target), keys))
-        bounds.append(keys)
+        bounds = _key_groups(offsets)
+        groups = len(bounds) - 1
         long_size, pair_size = ctypes.sizeof(ctypes.c_int64), 2 * m * ctypes.sizeof(ctypes.c_uint32)
 
         def group(g: int) -> int:
@@ -477,6 +477,45 @@ class FusedKernel:
             raise RuntimeError("the fused CPU kernel refused its arguments")
         return True
 
+    def model_stock_run_into(
+        self, out: Tensor, models: Sequence[Tensor], base: Tensor, sizes: Sequence[int], alpha: float
+    ) -> bool:
+        """``model_stock_into`` of each key of a run laid back to back in flat views (key j: ``sizes[j]``
+        elements, each at most ``_PIECE``: one piece, so the same sums), in one kernel call per
+        thread, the scales computed in C as ``model_stock`` defines them. False when the kernel does
+        not take the tensors or a key has a non-finite delta (``out`` partly written)."""
+        m = len(models)
+        offsets = list(itertools.accumulate(sizes, initial=0))
+        if (
+            m < 2
+            or not sizes
+            or not self._takes(models, base, out)
+            or any(t.numel() != offsets[-1] for t in [*models, base, out])
+            or max(sizes) > _PIECE
+        ):
+            return False
+        offset_array = (ctypes.c_int64 * len(offsets))(*offsets)
+        sources = (ctypes.c_void_p * m)(*(t.data_ptr() for t in models))
+        bounds = _key_groups(offsets)
+        long_size = ctypes.sizeof(ctypes.c_int64)
+        dtype, out_dtype = _DTYPES[base.dtype], _DTYPES[out.dtype]
+
+        def group(g: int) -> int:
+            first, last = bounds[g], bounds[g + 1]
+            if first == last:
+                return 0
+            return self._stock_run(
+                sources, m, base.data_ptr(), dtype, out.data_ptr(), out_dtype, last - first,
+                ctypes.addressof(offset_array) + first * long_size, alpha,
+            )  # fmt: skip
+
+        codes = self._map(group, range(len(bounds) - 1))
+        if any(code == 3 for code in codes):
+            raise MemoryError("the fused CPU kernel could not allocate its Model Stock scratch")
+        if any(code not in (0, _NOT_FINITE) for code in codes):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
+        return _NOT_FINITE not in codes
+
     @staticmethod
     def _task_template(
         out: Tensor,
@@ -577,6 +616,19 @@ class FusedKernel:
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="automerge-fused")
             self._threads = threads
         return list(self._pool.map(function, calls))
+
+
+def _key_groups(offsets: Sequence[int]) -> list[int]:
+    """The first key of each thread's share of a run of keys (``offsets``: each key's first element,
+    then the end), split by elements; one share when the run is small. The last entry is the end."""
+    keys, total = len(offsets) - 1, offsets[-1]
+    groups = max(1, min(keys, torch.get_num_threads() if total >= _PIECE // 4 else 1))
+    bounds = [0]
+    for g in range(1, groups):
+        target = total * g // groups
+        bounds.append(next((j for j in range(bounds[-1], keys) if offsets[j] >= target), keys))
+    bounds.append(keys)
+    return bounds
 
 
 def _pieces(parts: Sequence[KeyPart]) -> list[KeyPart]:

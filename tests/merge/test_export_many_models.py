@@ -133,13 +133,14 @@ def test_small_keys_merged_in_runs_give_the_bytes_of_key_by_key(
     [
         ("ties", {"alpha": {"default": 0.9, "IN04": 1.3}, "density": 0.4, "weight.e": 1.5}),
         ("dare_ties", {"alpha": 0.8, "density": {"default": 0.6, "OUT02": 0.2}}),  # per-key draws
+        ("model_stock", {"alpha": {"default": 1.0, "IN04": 0.6}}),  # per-key scales
     ],
 )
-def test_a_task_arithmetic_export_merges_each_run_of_small_keys_in_one_call(
+def test_an_n_model_export_merges_each_run_of_small_keys_in_one_call(
     method: str, params: dict, five_models: dict[str, Path], tmp_path: Path, monkeypatch
 ) -> None:
-    """TIES and DARE merge each run of small keys in one kernel call (``merge_run_into``): the file is
-    byte for byte the one merged key by key."""
+    """TIES, DARE and Model Stock merge each run of small keys in one kernel call (``merge_run_into``):
+    the file is byte for byte the one merged key by key."""
     from automerge.merge import export as export_module
     from automerge.merge._fused_cpu import fused_kernel
 

@@ -420,6 +420,41 @@ def test_model_stock_through_the_kernel_gives_the_methods_bits_at_any_thread_cou
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.usefixtures("kernel_needed")
+def test_model_stock_of_a_run_of_keys_in_one_call_gives_each_keys_bits(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stored_run_into`` of Model Stock (each key's passes and scales in C) against ``stored_into``
+    key by key (its scales in Python): equal bits, keys split between two threads; a key of a
+    model equal to the base and a key larger than a piece is declined."""
+    monkeypatch.setattr("automerge.merge._fused_cpu._PIECE", 1 << 15)
+    merge = METHODS.get("model_stock")
+    assert merge.stored_run_into is not None and merge.stored_into is not None
+    sizes = [size for size in RUN_SIZES if size <= 1 << 15]
+    total = sum(sizes)
+    base, rows = _sources(5, total, torch.float16, seed=8)
+    rows[3][:1] = base[:1]  # the first key: model 3's delta is 0
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for alpha in [1.0, 0.37]:
+            run = torch.full((total,), float("nan"), dtype=torch.float16)
+            assert merge.stored_run_into(run, rows, base, sizes=sizes, alpha=alpha)
+            start = 0
+            for size in sizes:
+                part = slice(start, start + size)
+                one = torch.empty(size, dtype=torch.float16)
+                assert merge.stored_into(one, [r[part] for r in rows], base[part], alpha=alpha)
+                assert torch.equal(run[part].view(torch.int16), one.view(torch.int16)), (alpha, size)
+                start += size
+        big = torch.empty(sum(RUN_SIZES), dtype=torch.float16)
+        big_base, big_rows = _sources(3, sum(RUN_SIZES), torch.float16, seed=9)
+        assert not merge.stored_run_into(big, big_rows, big_base, sizes=RUN_SIZES)  # 70,001 > a piece
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.usefixtures("kernel_needed")
 def test_model_stock_kernel_declines_a_non_finite_delta() -> None:
     merge = METHODS.get("model_stock")

@@ -60,7 +60,26 @@ def _model_stock_stored_into(
     )
 
 
-@register_method("model_stock", needs_base=True, max_models=None, stored_into=_model_stock_stored_into)
+def _model_stock_stored_run_into(
+    out: Tensor, models: Sequence[Tensor], base: Tensor | None, *, sizes: Sequence[int], alpha: float = 1.0
+) -> bool:
+    """``_model_stock_stored_into`` of each key of a run laid back to back in flat views (key j:
+    ``sizes[j]`` elements), in one kernel call per thread (``model_stock_run_into``)."""
+    kernel = fused_kernel()
+    return (
+        kernel is not None
+        and base is not None
+        and kernel.model_stock_run_into(out, models, base, sizes, alpha)
+    )
+
+
+@register_method(
+    "model_stock",
+    needs_base=True,
+    max_models=None,
+    stored_into=_model_stock_stored_into,
+    stored_run_into=_model_stock_stored_run_into,
+)
 def model_stock(models: Sequence[Tensor], base: Tensor | None, *, alpha: Alpha = 1.0) -> Tensor:
     """C + α·t·mean(Δi), t = N·cosθ / (1 + (N−1)·cosθ), cosθ = mean pairwise cosine of the flattened Δi
 
