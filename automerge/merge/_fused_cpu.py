@@ -417,20 +417,17 @@ class FusedKernel:
         squares = [(ctypes.c_double * m)() for _ in pieces]
         norms = [(ctypes.c_double * 2)() for _ in pieces]
 
-        def sums(p: int) -> int:
-            start, stop = pieces[p]
-            return self._stock_sums(
-                sources,
-                m,
-                base.data_ptr(),
-                dtype,
-                start,
-                stop,
-                delta_sum.data_ptr(),
-                ctypes.addressof(squares[p]),
+        def over_pieces(function: Callable[..., int], *per_piece: Sequence[int]) -> list[int]:
+            """``function(sources, m, base, dtype, start, stop, *arrays)`` for each piece, on the threads."""
+            return self._map(
+                lambda p: function(
+                    sources, m, base.data_ptr(), dtype, *pieces[p], *(a[p] for a in per_piece)
+                ),
+                range(len(pieces)),
             )
 
-        codes = self._map(sums, range(len(pieces)))
+        addresses = [ctypes.addressof(piece) for piece in squares]
+        codes = over_pieces(self._stock_sums, [delta_sum.data_ptr()] * len(pieces), addresses)
         if any(code not in (0, _NOT_FINITE) for code in codes):
             raise RuntimeError("the fused CPU kernel refused its arguments")
         if _NOT_FINITE in codes:
@@ -439,23 +436,15 @@ class FusedKernel:
         for piece in squares:
             totals = [total + piece[i] for i, total in enumerate(totals)]
         factors = (ctypes.c_float * m)(*scales(totals))
-
-        def units(p: int) -> int:
-            start, stop = pieces[p]
-            return self._stock_units(
-                sources,
-                m,
-                base.data_ptr(),
-                dtype,
-                start,
-                stop,
-                ctypes.addressof(factors),
-                ctypes.addressof(norms[p]),
+        if any(
+            over_pieces(
+                self._stock_units,
+                [ctypes.addressof(factors)] * len(pieces),
+                [ctypes.addressof(x) for x in norms],
             )
-
-        unit_sum_square = unit_squares = 0.0
-        if any(self._map(units, range(len(pieces)))):
+        ):
             raise RuntimeError("the fused CPU kernel refused its arguments")
+        unit_sum_square = unit_squares = 0.0
         for piece in norms:
             unit_sum_square, unit_squares = unit_sum_square + piece[0], unit_squares + piece[1]
         scale = stock_scale(unit_sum_square, unit_squares)

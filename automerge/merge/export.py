@@ -160,8 +160,10 @@ def _merged_as_one(
 ) -> list[tuple[str, torch.Tensor]] | None:
     """The keys of a viewed run merged in one call (``merge_run_into``: the method's
     ``stored_run_into``), each a view of one output; None when that cannot be done."""
+    if plan.method.stored_run_into is None:
+        return None
     base = plan.sources[plan.base_name].checkpoint.load_run(keys) if plan.base_name else None
-    if plan.method.stored_run_into is None or (plan.base_name and base is None):
+    if plan.base_name and base is None:
         return None
     primary = plan.primary.checkpoint
     infos = [primary.info(key) for key in keys]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from automerge.errors import MergeError
 from automerge.merge import export_merge, plan_merge, recipe_from_data
 from automerge.merge.methods import merge_tensor, noise_for
+from automerge.merge.plan import MergePlan
 from automerge.tiny import write_tiny
 
 
@@ -26,6 +27,16 @@ def five_models(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathF
     return {name: tiny_models[name] for name in "abdc"} | extra
 
 
+def _plan(models: dict[str, Path], method: str, params: dict, *, seed: int) -> MergePlan:
+    data = {
+        "models": {k: str(v) for k, v in models.items()},
+        "method": method,
+        "params": params,
+        "seed": seed,
+    }
+    return plan_merge(recipe_from_data(data, source="t.yaml"), source="t.yaml")
+
+
 @pytest.mark.parametrize(
     ("method", "params"),
     [
@@ -38,13 +49,7 @@ def five_models(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathF
 def test_export_of_five_models_equals_merge_tensor_on_the_loaded_sources(
     method: str, params: dict, five_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    data = {
-        "models": {k: str(v) for k, v in five_models.items()},
-        "method": method,
-        "params": params,
-        "seed": 5,
-    }
-    plan = plan_merge(recipe_from_data(data, source="t.yaml"), source="t.yaml")
+    plan = _plan(five_models, method, params, seed=5)
     if not plan.method.needs_base:  # c is a model like the others then
         assert len(plan.model_names) == 6
     else:
@@ -146,13 +151,7 @@ def test_an_n_model_export_merges_each_run_of_small_keys_in_one_call(
 
     if fused_kernel() is None:
         pytest.skip("no fused CPU kernel here")
-    data = {
-        "models": {k: str(v) for k, v in five_models.items()},
-        "method": method,
-        "params": params,
-        "seed": 3,
-    }
-    plan = plan_merge(recipe_from_data(data, source="t.yaml"), source="t.yaml")
+    plan = _plan(five_models, method, params, seed=3)
     runs: list[int] = []
     real = export_module.merge_run_into
 

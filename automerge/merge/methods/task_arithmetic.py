@@ -111,12 +111,11 @@ class TaskArithmetic:
         where no sample brackets it) and one for the merge. False when it cannot: no kernel, DELLA
         (ranks), weights whose sign election the kernel does not reproduce (< 0, or in (0, tiny)),
         tensors it does not take, a non-finite delta or kept value."""
-        found = self._export_rule(len(models), alpha, weights, sparsify_params)
-        kernel = fused_kernel()
+        kernel, found = fused_kernel(), self._export_rule(len(models), alpha, weights, sparsify_params)
         if kernel is None or found is None or base is None:
             return False
-        rule, density = found
-        if _KERNEL_KEEP[self.sparsify.__name__] == "top_k":
+        rule, density, top_k = found
+        if top_k:
             rule = replace(rule, keep_count=_keep_count(density, out.numel()))
         else:
             noise = sparsify_params["noise"]
@@ -140,12 +139,11 @@ class TaskArithmetic:
         """``stored_into`` of each key of a run laid back to back in flat views (key j: ``sizes[j]``
         elements, its draws ``noises[j]``), in one kernel call per thread (``task_export_run``); the
         same bits as key by key. False when ``stored_into`` would be, for any key."""
-        found = self._export_rule(len(models), alpha, weights, sparsify_params)
-        kernel = fused_kernel()
+        kernel, found = fused_kernel(), self._export_rule(len(models), alpha, weights, sparsify_params)
         if kernel is None or found is None or base is None:
             return False
-        rule, density = found
-        if _KERNEL_KEEP[self.sparsify.__name__] == "top_k":
+        rule, density, top_k = found
+        if top_k:
             run = KeyRun(tuple(sizes), keep_counts=tuple(_keep_count(density, n) for n in sizes))
         elif noises is not None and len(noises) == len(sizes):
             pairs = tuple(noise_key(x.seed, x.key, i) for x in noises for i in range(len(models)))
@@ -156,10 +154,10 @@ class TaskArithmetic:
 
     def _export_rule(
         self, count: int, alpha: float, weights: Sequence[float] | None, sparsify_params: dict[str, Any]
-    ) -> tuple[ExportRule, float] | None:
-        """The kernel's rule of this merge without its per-key part (top-k's k, the draws' keys), and
-        the density; None when the kernel cannot reproduce it (DELLA's ranks; weights < 0 or in
-        (0, tiny) with the sign election)."""
+    ) -> tuple[ExportRule, float, bool] | None:
+        """The kernel's rule of this merge without its per-key part (top-k's k, the draws' keys), the
+        density, and whether it keeps by top-k (else by draws); None when the kernel cannot reproduce
+        it (DELLA's ranks; weights < 0 or in (0, tiny) with the sign election)."""
         keep = _KERNEL_KEEP.get(self.sparsify.__name__)
         if keep is None:
             return None
@@ -173,7 +171,7 @@ class TaskArithmetic:
         rule = ExportRule(
             elect=self.elect, alpha=alpha, weights=tuple(w), agree_weights=tuple(agree), **drops
         )
-        return rule, density
+        return rule, density, keep == "top_k"
 
     def _kept(self, model: Tensor, index: int, base: Tensor, weight: float, params: dict[str, Any]) -> Tensor:
         """kept_i = w_i · where(keep_i, Δi / p_i, 0) for model ``index``."""
