@@ -310,6 +310,7 @@ def test_a_misleading_sample_falls_back_to_the_radix_select(
     its bracket holds more elements than the gather limit (60 % of |Δ| equal, t among them) or misses
     t (every large |Δ| between the sampled runs, so the sample ranks t far too low)."""
     monkeypatch.setattr("automerge.merge._fused_cpu._TOP_K_GATHER", 20_000)
+    monkeypatch.setattr("automerge.merge._fused_cpu._TOP_K_SAMPLE_FROM", 1 << 16)
     numel = 70_001
     base, rows = _sources(3, numel, torch.float16, seed=5)
     generator = torch.Generator().manual_seed(6)
