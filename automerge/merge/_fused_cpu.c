@@ -426,10 +426,23 @@ static inline __m256i magnitude_bits8(const void *model, const void *base, int64
     return _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7FFFFFFF));
 }
 
-/* the bucket, counted from the top, that holds the k-th largest entry; *above: the entries above it */
+/* the bucket, counted from the top, that holds the k-th largest entry; *above: the entries above it.
+ * Groups of 8 buckets whose sum keeps the count below k are passed whole (a histogram of 2048
+ * buckets is mostly empty above the data's largest value). */
 static int bucket_of(const uint32_t *histogram, int buckets, int64_t k, int64_t *above) {
     int64_t total = 0;
-    for (int b = buckets - 1; b > 0; b--) {
+    int b = buckets - 1;
+    for (; b >= 8; b -= 8) { /* buckets b − 7 … b, all above bucket 0 */
+        const __m256i counts = _mm256_loadu_si256((const __m256i *)(histogram + b - 7));
+        const __m256i wide = _mm256_add_epi64(_mm256_cvtepu32_epi64(_mm256_castsi256_si128(counts)),
+                                              _mm256_cvtepu32_epi64(_mm256_extracti128_si256(counts, 1)));
+        int64_t lanes[4];
+        _mm256_storeu_si256((__m256i *)lanes, wide);
+        const int64_t group = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+        if (total + group >= k) break;
+        total += group;
+    }
+    for (; b > 0; b--) {
         if (total + histogram[b] >= k) {
             *above = total;
             return b;
