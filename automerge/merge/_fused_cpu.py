@@ -355,6 +355,7 @@ class FusedKernel:
             not self._takes(models, base, out)
             or any(t.numel() != total for t in [*models, base, out])
             or not run.sizes
+            or min(run.sizes) < 1  # an empty key: merged on its own
             or (top_k and len(run.keep_counts or ()) != len(run.sizes))
             or (not top_k and len(run.draw_keys) != m * len(run.sizes))
         ):
@@ -479,6 +480,7 @@ class FusedKernel:
         if (
             m < 2
             or not sizes
+            or min(sizes) < 1  # an empty key: merged on its own
             or not self._takes(models, base, out)
             or any(t.numel() != offsets[-1] for t in [*models, base, out])
             or max(sizes) > _PIECE

@@ -278,15 +278,19 @@ def test_a_run_of_keys_merged_in_one_call_gives_each_keys_bits(
 
 
 @pytest.mark.usefixtures("kernel_needed")
-def test_a_run_with_a_non_finite_delta_is_declined() -> None:
-    """A NaN in one model of one key of the run: the run call declines (the export then merges its
-    keys one by one, and the general path names the source)."""
+def test_a_run_with_a_non_finite_delta_or_an_empty_key_is_declined() -> None:
+    """A NaN in one model of one key of the run, or a key of no elements: the run call declines (the
+    export then merges its keys one by one, and the general path names the source)."""
     merge = METHODS.get("ties")
     assert merge.stored_run_into is not None
     total = sum(RUN_SIZES)
     base, rows = _sources(3, total, torch.float16, seed=2)
     out = torch.empty(total, dtype=torch.float16)
     assert merge.stored_run_into(out, rows, base, sizes=RUN_SIZES, density=0.5)
+    for name in ("ties", "model_stock"):  # an empty key in a run: declined, not refused with an error
+        method = METHODS.get(name)
+        assert method.stored_run_into is not None
+        assert not method.stored_run_into(out, rows, base, sizes=[*RUN_SIZES[:-1], 0, RUN_SIZES[-1]])
     rows[1][total - 3] = float("nan")
     assert not merge.stored_run_into(out, rows, base, sizes=RUN_SIZES, density=0.5)
     assert not merge.stored_run_into(out, rows, base, sizes=RUN_SIZES[:-1], density=0.5)  # sizes ≠ total
