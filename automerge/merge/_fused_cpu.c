@@ -14,7 +14,10 @@
  *   else:   merged = Σ kept_i
  *   out = C + merged · α  (rounded once to the output's dtype); ``merged_out`` ← merged when given.
  *
- * ``fused_weighted_mean`` is the weighted average, (Σ x_i·w_i) / Σ w_i, in the same way.
+ * ``fused_weighted_mean`` is the weighted average, (Σ x_i·w_i) / Σ w_i, in the same way. The export
+ * also takes TIES's top-k cuts here (``fused_top_k_cuts``), a run of small keys in one call
+ * (``fused_task_run``, ``fused_stock_run``) and Model Stock (``fused_stock_*``: its float32 element
+ * operations as ``model_stock.py`` orders them, its squared norms summed in float64).
  */
 #include <immintrin.h>
 #include <stdint.h>

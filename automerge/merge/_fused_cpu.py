@@ -1,5 +1,6 @@
 """The live task-arithmetic merge (ties, dare, dare_ties) in one pass on a CPU (``_fused_cpu.c``), and
-the weighted average of many sources.
+the export's kernels: the weighted average of many sources, TIES/DARE with their top-k cuts, Model
+Stock, and runs of small keys in one call.
 
 ``_sparse_live`` runs it as about twenty torch passes over each chunk, bound by the number of passes;
 the C file computes the same float32 operations in the same order in one pass (AVX2 + F16C), so its
