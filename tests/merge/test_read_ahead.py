@@ -38,8 +38,10 @@ class _Source:
             self.changed.notify_all()
 
     def wait_for(self, count: int) -> None:
+        """Until ``count`` keys were asked for (the timeout only keeps a broken read-ahead from
+        hanging the suite; what was asked is what the tests check)."""
         with self.changed:
-            assert self.changed.wait_for(lambda: len(self.asked) >= count, timeout=60), self.asked
+            self.changed.wait_for(lambda: len(self.asked) >= count, timeout=60)
 
 
 def _reads(sources: Sequence[_Source], keys: int) -> list[tuple[str, list[_Source]]]:
@@ -78,8 +80,7 @@ def test_a_source_that_fails_stops_the_read_ahead_not_the_merge(monkeypatch: pyt
     with ReadAhead(_reads([a], 6), budget=1 << 40):
         a.wait_for(2)
         for thread in [t for t in threading.enumerate() if t.name == "automerge-read-ahead"]:
-            thread.join(timeout=60)  # it ends by itself at k2, before the merge is done
-            assert not thread.is_alive()
+            thread.join()  # it ends by itself at k2 (a thread that went on would ask k3 … k5 and end)
     assert a.asked == ["k0", "k1"]
 
 
