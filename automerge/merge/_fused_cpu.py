@@ -374,14 +374,9 @@ class FusedKernel:
         args = _TaskArgs(
             start=0, stop=0, **self._task_template(out, models, base, rule, pointers, top_k=top_k)
         )
-        bounds = _key_groups(offsets)
-        groups = len(bounds) - 1
         long_size, pair_size = ctypes.sizeof(ctypes.c_int64), 2 * m * ctypes.sizeof(ctypes.c_uint32)
 
-        def group(g: int) -> int:
-            first, last = bounds[g], bounds[g + 1]
-            if first == last:
-                return 0
+        def keys_of(first: int, last: int) -> int:
             return self._task_run(
                 ctypes.byref(args), last - first, ctypes.addressof(offset_array) + first * long_size,
                 None if counts is None else ctypes.addressof(counts) + first * long_size,
@@ -389,12 +384,7 @@ class FusedKernel:
                 _TOP_K_SAMPLE_FROM,
             )  # fmt: skip
 
-        codes = self._map(group, range(groups))
-        if any(code == 3 for code in codes):
-            raise MemoryError("the fused CPU kernel could not allocate its top-k scratch")
-        if any(code not in (0, _NOT_FINITE) for code in codes):
-            raise RuntimeError("the fused CPU kernel refused its arguments")
-        return _NOT_FINITE not in codes
+        return self._over_key_groups(offsets, keys_of)
 
     def model_stock_into(
         self,
@@ -489,22 +479,25 @@ class FusedKernel:
             return False
         offset_array = (ctypes.c_int64 * len(offsets))(*offsets)
         sources = (ctypes.c_void_p * m)(*(t.data_ptr() for t in models))
-        bounds = _key_groups(offsets)
         long_size = ctypes.sizeof(ctypes.c_int64)
         dtype, out_dtype = _DTYPES[base.dtype], _DTYPES[out.dtype]
 
-        def group(g: int) -> int:
-            first, last = bounds[g], bounds[g + 1]
-            if first == last:
-                return 0
+        def keys_of(first: int, last: int) -> int:
             return self._stock_run(
                 sources, m, base.data_ptr(), dtype, out.data_ptr(), out_dtype, last - first,
                 ctypes.addressof(offset_array) + first * long_size, alpha,
             )  # fmt: skip
 
-        codes = self._map(group, range(len(bounds) - 1))
+        return self._over_key_groups(offsets, keys_of)
+
+    def _over_key_groups(self, offsets: Sequence[int], keys_of: Callable[[int, int], int]) -> bool:
+        """``keys_of(first, last)`` (one kernel call over keys first … last − 1 of a run) for each
+        thread's share of the keys (``_key_groups``); False when a key had a non-finite value."""
+        bounds = _key_groups(offsets)
+        shares = [(first, last) for first, last in zip(bounds, bounds[1:], strict=False) if first < last]
+        codes = self._map(lambda share: keys_of(*share), shares)
         if any(code == 3 for code in codes):
-            raise MemoryError("the fused CPU kernel could not allocate its Model Stock scratch")
+            raise MemoryError("the fused CPU kernel could not allocate its scratch")
         if any(code not in (0, _NOT_FINITE) for code in codes):
             raise RuntimeError("the fused CPU kernel refused its arguments")
         return _NOT_FINITE not in codes

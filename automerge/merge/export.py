@@ -145,14 +145,26 @@ def _merge_viewed_run(
     whole = _merged_as_one(plan, keys, flat, block=block, dtype=dtype)
     if whole is not None:
         return whole
-    merged, offset = [], 0
-    for key in keys:
-        info = plan.primary.checkpoint.info(key)
-        part = slice(offset, offset + info.numel)
+    merged = []
+    for key, part, _ in _key_parts(plan, keys):
         stored = {name: view[part] for name, view in flat.items()}  # flat: stored_into reads elements
         merged.append((key, merge_key(plan, key, block=block, dtype=dtype, device=device, stored=stored)))
-        offset += info.numel
     return merged
+
+
+def _key_parts(plan: MergePlan, keys: Sequence[str]) -> list[tuple[str, slice, TensorInfo]]:
+    """Each of a run's keys, its elements in the run's flat view, and its info (from A)."""
+    parts, offset = [], 0
+    for key in keys:
+        info = plan.primary.checkpoint.info(key)
+        parts.append((key, slice(offset, offset + info.numel), info))
+        offset += info.numel
+    return parts
+
+
+def _split_run(plan: MergePlan, keys: Sequence[str], out: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A run's merged flat tensor as each key's view, in its shape."""
+    return [(key, out[part].view(info.shape)) for key, part, info in _key_parts(plan, keys)]
 
 
 def _merged_as_one(
@@ -165,28 +177,21 @@ def _merged_as_one(
     base = plan.sources[plan.base_name].checkpoint.load_run(keys) if plan.base_name else None
     if plan.base_name and base is None:
         return None
-    primary = plan.primary.checkpoint
-    infos = [primary.info(key) for key in keys]
-    out = torch.empty(sum(info.numel for info in infos), dtype=dtype)
+    sizes = [info.numel for _, _, info in _key_parts(plan, keys)]
+    out = torch.empty(sum(sizes), dtype=dtype)
     merged = merge_run_into(
         out,
         plan.method,
         [views[name] for name in plan.model_names],
         base,
         keys=keys,
-        sizes=[info.numel for info in infos],
+        sizes=sizes,
         params=plan.params.for_block(block),
         seed=plan.seed,
         weights=plan.params.model_weights(block, plan.model_names),
         compute_dtype=plan.compute_dtype,
     )
-    if not merged:
-        return None
-    tensors, offset = [], 0
-    for key, info in zip(keys, infos, strict=True):
-        tensors.append((key, out[offset : offset + info.numel].view(info.shape)))
-        offset += info.numel
-    return tensors
+    return _split_run(plan, keys, out) if merged else None
 
 
 def _run_from(plan: MergePlan, keys: Sequence[str], index: int, block: str) -> list[str]:
@@ -242,12 +247,7 @@ def merge_run(
         _merge_block_into(plan, out, models, base, key=keys[0], block=block, magnitude=magnitude)
     except MergeError:
         return None
-    merged, offset = [], 0
-    for key in keys:
-        info = plan.primary.checkpoint.info(key)
-        merged.append((key, out[offset : offset + info.numel].view(info.shape)))
-        offset += info.numel
-    return merged
+    return _split_run(plan, keys, out)
 
 
 def _upcast(tensor: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:

@@ -216,9 +216,12 @@ def merge_tensor(
     return result
 
 
-def _extras(method: MergeMethod, noise: Noise | None, weights: Sequence[float] | None) -> dict[str, object]:
-    """The keywords beyond the parameters: noise for random methods, weights for weighted ones."""
-    extras: dict[str, object] = {"noise": noise} if method.random else {}
+def _extras(
+    method: MergeMethod, noise: object, weights: Sequence[float] | None, *, noise_name: str = "noise"
+) -> dict[str, object]:
+    """The keywords beyond the parameters: noise for random methods (as ``noise_name``: a run of keys
+    takes ``noises``, one per key), weights for weighted ones."""
+    extras: dict[str, object] = {noise_name: noise} if method.random else {}
     if weights is not None:
         extras["weights"] = [float(weight) for weight in weights]
     return extras
@@ -351,9 +354,8 @@ def merge_run_into(
     _check_weights(method, weights, len(models), key=keys[0])
     if base is not None and not all_finite(base):
         return False
-    extras: dict[str, object] = {"noises": [noise_for(key, seed) for key in keys]} if method.random else {}
-    if weights is not None:
-        extras["weights"] = [float(weight) for weight in weights]
+    noises = [noise_for(key, seed) for key in keys] if method.random else None
+    extras = _extras(method, noises, weights, noise_name="noises")
     merged = method.stored_run_into(out, models, base, sizes=sizes, **params, **extras)
     return merged and all_finite(out)
 
