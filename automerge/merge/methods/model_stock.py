@@ -3,8 +3,6 @@ are; one pass over the models, holding one at a time (the CPU kernel: two passes
 
 from __future__ import annotations
 
-import math
-import struct
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -19,27 +17,30 @@ _NORM_FLOOR = 1e-12  # a zero delta has cosine 0 with every other delta
 Alpha = Annotated[float, Param(0.0, 2.0, "scale of t·mean(Δi); 1 is Model Stock as published")]
 
 
-def unit_scale(square_sum: float) -> float:
-    """r = 1 / max(‖Δ‖, 1e-12) from ‖Δ‖² (float64), rounded to float32: u = Δ·r is Δ's unit vector."""
-    return _float32(1.0 / max(math.sqrt(square_sum), _NORM_FLOOR))
+def unit_scale(square_sum: Tensor) -> Tensor:
+    """r = 1 / max(‖Δ‖, 1e-12) from ‖Δ‖² (a float64 0-dim tensor), rounded to float32: u = Δ·r is Δ's
+    unit vector. A tensor on Δ's device, so the method never waits for the device."""
+    return (1.0 / square_sum.sqrt().clamp(min=_NORM_FLOOR)).float()
 
 
-def stock_scale(unit_sum_square: float, unit_squares: float, count: int, alpha: float) -> float:
+def stock_scale(unit_sum_square: Tensor, unit_squares: Tensor, count: int, alpha: float) -> Tensor:
     """s = α·t / N rounded to float32, t = N·cosθ / (1 + (N−1)·cosθ), cosθ = (‖Σui‖² − Σ‖ui‖²) / (N(N−1))
-    clamped to [−1, 1], all in float64; t = 0 where the deltas cancel (1 + (N−1)·cosθ ≤ 0)."""
-    cos = min(max((unit_sum_square - unit_squares) / (count * (count - 1)), -1.0), 1.0)
+    clamped to [−1, 1], all in float64 (0-dim tensors); t = 0 where the deltas cancel
+    (1 + (N−1)·cosθ ≤ 0)."""
+    cos = ((unit_sum_square - unit_squares) / (count * (count - 1))).clamp(-1.0, 1.0)
     denominator = 1.0 + (count - 1) * cos
-    t = count * cos / denominator if denominator > 0 else 0.0
-    return _float32(alpha * t / count)
+    positive = denominator > 0
+    t = torch.where(positive, count * cos / torch.where(positive, denominator, 1.0), 0.0)
+    return (alpha * t / count).float()
 
 
-def _float32(value: float) -> float:
-    return float(struct.unpack("<f", struct.pack("<f", value))[0])
+def _square_sum(tensor: Tensor) -> Tensor:
+    """Σ x² in float64, a 0-dim tensor (each square exact: a float32 value squared fits 53 bits)."""
+    return tensor.double().square().sum()
 
 
-def _square_sum(tensor: Tensor) -> float:
-    """Σ x² in float64 (each square exact: a float32 value squared fits float64's 53 bits)."""
-    return float(tensor.double().square().sum())
+def _float64(value: float) -> Tensor:
+    return torch.tensor(value, dtype=torch.float64)
 
 
 def _model_stock_stored_into(
@@ -55,8 +56,10 @@ def _model_stock_stored_into(
         out,
         models,
         base,
-        lambda squares: [unit_scale(square) for square in squares],
-        lambda unit_sum_square, unit_squares: stock_scale(unit_sum_square, unit_squares, count, alpha),
+        lambda squares: [float(unit_scale(_float64(square))) for square in squares],
+        lambda unit_sum_square, unit_squares: float(
+            stock_scale(_float64(unit_sum_square), _float64(unit_squares), count, alpha)
+        ),
     )
 
 
@@ -94,7 +97,7 @@ def model_stock(models: Sequence[Tensor], base: Tensor | None, *, alpha: Alpha =
     """
     assert base is not None
     delta_sum, unit_sum = torch.zeros_like(base), torch.zeros_like(base)
-    unit_squares = 0.0
+    unit_squares = torch.zeros((), dtype=torch.float64, device=base.device)
     for model in models:
         delta = model - base
         unit = delta * unit_scale(_square_sum(delta))
