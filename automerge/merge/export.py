@@ -32,6 +32,7 @@ from automerge.checkpoints import (
     cached_sha256,
 )
 from automerge.errors import ConfigError, MergeError
+from automerge.gc_scope import long_lived_frozen
 from automerge.merge.methods import (
     LazySources,
     MergeMethod,
@@ -490,6 +491,7 @@ ExportProgress = Callable[[int, int, int, int], None]
 counts then are what a resumed export found already written) and after each key."""
 
 
+@long_lived_frozen()  # the collector's full passes paused the loop for 0.1–0.24 s each
 def export_merge(
     plan: MergePlan,
     out: Path,

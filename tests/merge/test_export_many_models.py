@@ -3,6 +3,7 @@ what ``merge_tensor`` gives on the loaded tensors."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,18 @@ def test_an_n_model_export_merges_each_run_of_small_keys_in_one_call(
     monkeypatch.setattr(export_module, "_viewed_runs_possible", lambda plan, device: False)
     assert in_runs == export_merge(plan, tmp_path / "keys.safetensors").read_bytes()
     plan.close()
+
+
+def test_the_export_runs_with_what_it_found_alive_out_of_the_collectors_passes(
+    five_models: dict[str, Path], tmp_path: Path
+):
+    """Full collector passes over the imports and the opened sources paused the merge loop (``gc_scope``)."""
+    frozen_during: list[int] = []
+    plan = _plan(five_models, "ties", {"density": 0.5}, seed=0)
+    export_merge(
+        plan,
+        tmp_path / "out.safetensors",
+        progress=lambda *counts: frozen_during.append(gc.get_freeze_count()),
+    )
+    assert frozen_during and min(frozen_during) > 0
+    assert gc.get_freeze_count() == 0
