@@ -47,7 +47,7 @@ _FLAGS = ["-O2", "-mavx2", "-mf16c", "-ffp-contract=off", "-fno-fast-math", "-fP
 _PIECE = 1 << 20  # elements per call: a key larger than this is split among the threads
 _PLACES_PARALLEL_BYTES = 256 << 20  # models ranked in parallel while each one's scratch is below this
 _TOP_K_GATHER = 1 << 20  # top-k of a large key: the elements of t's bucket gathered, up to this many
-_TOP_K_SAMPLE_FROM = 1 << 22  # top-k of a key this large: first a one-pass select bracketed by a sample
+_TOP_K_SAMPLE_FROM = 1 << 20  # top-k of a key this large: first a one-pass select bracketed by a sample
 # (below it the radix select was as fast or faster: benchmarks/top_k_cut.py, BENCHMARKS.md)
 
 

@@ -179,9 +179,10 @@ EXPORT_CASES = [  # method, models, source dtype, out dtype, weights
         (1, 1 << 20, 1 << 16),
         (9, 1 << 20, 1 << 16),
         (250, 1 << 20, 1 << 16),  # a quickselect over the held bits
-        (4_099, 1 << 20, 1 << 16),
+        (4_099, 1 << 20, 1 << 16),  # 11-bit digits, one histogram; the gathered by quickselect
+        (20_000, 1 << 20, 1 << 16),  # the first 11-bit digit counted into four copies
         (70_001, 1 << 20, 1 << 16),  # the select bracketed by a sample: one pass
-        (70_001, 1 << 20, 1 << 31),  # 16-bit radix digits over the data and 3 calls
+        (70_001, 1 << 20, 1 << 31),  # 12-bit radix digits over the data (four copies) and 3 calls
         (70_001, 40, 1 << 16),  # a gather limit of 40: no sample, further passes over the data
     ],
 )
