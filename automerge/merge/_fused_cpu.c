@@ -215,9 +215,9 @@ int fused_weighted_mean(void *out, int32_t out_dtype, const void *const *sources
  * then the sum or the sign election as ``vector_part`` computes it, and out = C + merged·α rounded once.
  * keep_i: top-k, |d_i|'s bits > t_i, or = t_i at a position < cut_i (the first ties in index order);
  * drop, bits(u_i) < the draw threshold, u_i = counter_uniform's draw (``_task_core``).
- * The models are read block by block (TASK_BLOCK elements: S, T, W of a block stay in L1), each in
- * turn, so any number of models streams; the election's second sweep reads the block's kept values
- * held from the first (4 KiB a model).
+ * The models are read block by block (TASK_BLOCK elements: the block's sums stay in L1), each in
+ * turn and once, so any number of models streams: the election's sums for either sign are kept in
+ * the same sweep as S, and the sign picks one pair at the end.
  * Returns 2, with ``out`` partly written, when some d_i or kept_i is not finite: the caller's torch
  * path then names the source (or the overflow). */
 enum { KEEP_TOP_K = 0, KEEP_DRAWS = 1 };
@@ -314,84 +314,65 @@ static inline float kept1(const task_args *a, int i, int64_t j, float c, int *ba
     return d;
 }
 
-/* This thread's buffer for a block's kept values of ``models`` models (grown when needed, kept for the
- * thread's next call: the callers are a few long-lived threads), or NULL when it cannot be had (then
- * the election's sweep computes them again: the same values). */
-static float *held_block(int models) {
-    static __thread float *buffer = NULL;
-    static __thread int capacity = 0;
-    if (models > capacity) {
-        float *grown = realloc(buffer, sizeof(float) * TASK_BLOCK * (size_t)models);
-        if (!grown) return NULL;
-        buffer = grown, capacity = models;
-    }
-    return buffer;
-}
-
 int fused_task_export(const task_args *a) {
     if (a->models < 1 || a->start < 0 || a->stop > INT32_MAX || a->start > a->stop) return 1;
     if ((a->in_dtype != F16 && a->in_dtype != F32) || (a->out_dtype != F16 && a->out_dtype != F32)) return 1;
     const int m = a->models;
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), minus = _mm256_set1_ps(-1.0f);
-    const __m256 tiny = _mm256_set1_ps(a->tiny), alpha = _mm256_set1_ps(a->alpha);
-    float sums[TASK_BLOCK], agreeing[TASK_BLOCK], weights[TASK_BLOCK];
-    float *held = a->elect ? held_block(m) : NULL; /* the block's kept_i for the election's sweep */
+    const __m256 sign = _mm256_set1_ps(-0.0f), tiny = _mm256_set1_ps(a->tiny), alpha = _mm256_set1_ps(a->alpha);
+    /* S = Σ kept_i; the election's T and W for either sign, in the same sweep: P = Σ max(kept_i, +0),
+     * Q = Σ max(−kept_i, +0), WP = Σ [kept_i > 0]·v_i, WQ = Σ [kept_i < 0]·v_i, each left to right,
+     * so that T, W = P, WP where S > 0 and Q, WQ where S < 0 (kept_i·e is kept_i or −kept_i exactly) */
+    float sums[TASK_BLOCK], plus[TASK_BLOCK], minus_sums[TASK_BLOCK], plus_weights[TASK_BLOCK], minus_weights[TASK_BLOCK];
     __m256i bad = _mm256_setzero_si256();
     int bad1 = 0;
     for (int64_t begin = a->start; begin < a->stop; begin += TASK_BLOCK) {
         const int64_t length = begin + TASK_BLOCK < a->stop ? TASK_BLOCK : a->stop - begin;
         const int64_t vectorized = length - length % 8;
-        for (int i = 0; i < m; i++) { /* S = Σ kept_i, left to right */
-            float *row = held ? held + (int64_t)i * TASK_BLOCK : NULL;
+        for (int i = 0; i < m; i++) {
+            const __m256 v = _mm256_set1_ps(a->agree[i]);
             for (int64_t j = 0; j < vectorized; j += 8) {
                 const __m256 kept = kept8(a, i, begin + j, load8(a->base, begin + j, a->in_dtype), &bad);
-                if (row) _mm256_storeu_ps(row + j, kept);
                 _mm256_storeu_ps(sums + j, i == 0 ? kept : _mm256_add_ps(_mm256_loadu_ps(sums + j), kept));
+                if (!a->elect) continue;
+                const __m256 above = _mm256_cmp_ps(kept, zero, _CMP_GT_OQ), below = _mm256_cmp_ps(kept, zero, _CMP_LT_OQ);
+                const __m256 p = _mm256_and_ps(kept, above), q = _mm256_and_ps(_mm256_xor_ps(kept, sign), below);
+                const __m256 wp = a->unit_agree ? _mm256_and_ps(above, one) : _mm256_mul_ps(_mm256_and_ps(above, one), v);
+                const __m256 wq = a->unit_agree ? _mm256_and_ps(below, one) : _mm256_mul_ps(_mm256_and_ps(below, one), v);
+                _mm256_storeu_ps(plus + j, i == 0 ? p : _mm256_add_ps(_mm256_loadu_ps(plus + j), p));
+                _mm256_storeu_ps(minus_sums + j, i == 0 ? q : _mm256_add_ps(_mm256_loadu_ps(minus_sums + j), q));
+                _mm256_storeu_ps(plus_weights + j, i == 0 ? wp : _mm256_add_ps(_mm256_loadu_ps(plus_weights + j), wp));
+                _mm256_storeu_ps(minus_weights + j, i == 0 ? wq : _mm256_add_ps(_mm256_loadu_ps(minus_weights + j), wq));
             }
             for (int64_t j = vectorized; j < length; j++) {
                 const float kept = kept1(a, i, begin + j, load1(a->base, begin + j, a->in_dtype), &bad1);
-                if (row) row[j] = kept;
                 sums[j] = i == 0 ? kept : sums[j] + kept;
+                if (!a->elect) continue;
+                const float p = kept > 0.0f ? kept : 0.0f, q = kept < 0.0f ? -kept : 0.0f;
+                const float sp = kept > 0.0f ? 1.0f : 0.0f, sq = kept < 0.0f ? 1.0f : 0.0f;
+                const float wp = a->unit_agree ? sp : sp * a->agree[i], wq = a->unit_agree ? sq : sq * a->agree[i];
+                plus[j] = i == 0 ? p : plus[j] + p;
+                minus_sums[j] = i == 0 ? q : minus_sums[j] + q;
+                plus_weights[j] = i == 0 ? wp : plus_weights[j] + wp;
+                minus_weights[j] = i == 0 ? wq : minus_weights[j] + wq;
             }
         }
-        if (a->elect) { /* e = sign(S); T = Σ max(kept_i·e, +0); W = Σ [kept_i·e > 0]·v_i */
-            for (int i = 0; i < m; i++) {
-                const __m256 v = _mm256_set1_ps(a->agree[i]);
-                for (int64_t j = 0; j < vectorized; j += 8) {
-                    const __m256 s = _mm256_loadu_ps(sums + j);
-                    const __m256 e = _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(s, zero, _CMP_GT_OQ), one),
-                                                  _mm256_and_ps(_mm256_cmp_ps(s, zero, _CMP_LT_OQ), minus));
-                    const __m256 kept = held ? _mm256_loadu_ps(held + (int64_t)i * TASK_BLOCK + j)
-                                             : kept8(a, i, begin + j, load8(a->base, begin + j, a->in_dtype), &bad);
-                    const __m256 x = _mm256_mul_ps(kept, e);
-                    const __m256 agrees = _mm256_cmp_ps(x, zero, _CMP_GT_OQ);
-                    const __m256 ai = _mm256_and_ps(x, agrees);
-                    const __m256 si = _mm256_and_ps(agrees, one);
-                    const __m256 wi = a->unit_agree ? si : _mm256_mul_ps(si, v);
-                    _mm256_storeu_ps(agreeing + j, i == 0 ? ai : _mm256_add_ps(_mm256_loadu_ps(agreeing + j), ai));
-                    _mm256_storeu_ps(weights + j, i == 0 ? wi : _mm256_add_ps(_mm256_loadu_ps(weights + j), wi));
-                }
-                for (int64_t j = vectorized; j < length; j++) {
-                    const float s = sums[j], e = s > 0.0f ? 1.0f : (s < 0.0f ? -1.0f : 0.0f);
-                    const float kept = held ? held[(int64_t)i * TASK_BLOCK + j]
-                                            : kept1(a, i, begin + j, load1(a->base, begin + j, a->in_dtype), &bad1);
-                    const float x = kept * e;
-                    const float ai = x > 0.0f ? x : 0.0f, si = x > 0.0f ? 1.0f : 0.0f;
-                    const float wi = a->unit_agree ? si : si * a->agree[i];
-                    agreeing[j] = i == 0 ? ai : agreeing[j] + ai;
-                    weights[j] = i == 0 ? wi : weights[j] + wi;
-                }
-            }
+        if (a->elect) { /* e = sign(S); merged = T / max(W, tiny) · e (T = W = +0 where S = 0) */
             for (int64_t j = 0; j < vectorized; j += 8) {
                 const __m256 s = _mm256_loadu_ps(sums + j);
-                const __m256 e = _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(s, zero, _CMP_GT_OQ), one),
-                                              _mm256_and_ps(_mm256_cmp_ps(s, zero, _CMP_LT_OQ), minus));
-                const __m256 w = _mm256_max_ps(_mm256_loadu_ps(weights + j), tiny);
-                _mm256_storeu_ps(sums + j, _mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(agreeing + j), w), e));
+                const __m256 positive = _mm256_cmp_ps(s, zero, _CMP_GT_OQ), negative = _mm256_cmp_ps(s, zero, _CMP_LT_OQ);
+                const __m256 e = _mm256_or_ps(_mm256_and_ps(positive, one), _mm256_and_ps(negative, minus));
+                const __m256 t = _mm256_or_ps(_mm256_and_ps(positive, _mm256_loadu_ps(plus + j)),
+                                              _mm256_and_ps(negative, _mm256_loadu_ps(minus_sums + j)));
+                const __m256 w = _mm256_or_ps(_mm256_and_ps(positive, _mm256_loadu_ps(plus_weights + j)),
+                                              _mm256_and_ps(negative, _mm256_loadu_ps(minus_weights + j)));
+                _mm256_storeu_ps(sums + j, _mm256_mul_ps(_mm256_div_ps(t, _mm256_max_ps(w, tiny)), e));
             }
             for (int64_t j = vectorized; j < length; j++) {
                 const float s = sums[j], e = s > 0.0f ? 1.0f : (s < 0.0f ? -1.0f : 0.0f);
-                sums[j] = (agreeing[j] / (weights[j] > a->tiny ? weights[j] : a->tiny)) * e;
+                const float t = s > 0.0f ? plus[j] : (s < 0.0f ? minus_sums[j] : 0.0f);
+                const float w = s > 0.0f ? plus_weights[j] : (s < 0.0f ? minus_weights[j] : 0.0f);
+                sums[j] = (t / (w > a->tiny ? w : a->tiny)) * e;
             }
         }
         for (int64_t j = 0; j < vectorized; j += 8) {
