@@ -12,6 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from automerge.errors import MergeError
 from automerge.merge import export_merge, plan_merge, recipe_from_data
+from automerge.merge.export import (
+    SMALL_WRITES_IN_FLIGHT,
+    WRITE_BYTES_IN_FLIGHT,
+    WRITES_IN_FLIGHT,
+    write_backlog_full,
+)
 from automerge.merge.methods import merge_tensor, noise_for
 from automerge.merge.plan import MergePlan
 from automerge.tiny import write_tiny
@@ -183,3 +189,10 @@ def test_the_export_runs_with_what_it_found_alive_out_of_the_collectors_passes(
     )
     assert frozen_during and min(frozen_during) > 0
     assert gc.get_freeze_count() == 0
+
+
+def test_the_merge_waits_for_the_writer_past_two_tensors_unless_they_are_few_and_small():
+    assert not write_backlog_full(WRITES_IN_FLIGHT, 10 * WRITE_BYTES_IN_FLIGHT)  # two of any size
+    assert write_backlog_full(WRITES_IN_FLIGHT + 1, WRITE_BYTES_IN_FLIGHT + 1)
+    assert not write_backlog_full(SMALL_WRITES_IN_FLIGHT, WRITE_BYTES_IN_FLIGHT)  # a run's small keys
+    assert write_backlog_full(SMALL_WRITES_IN_FLIGHT + 1, 1)
