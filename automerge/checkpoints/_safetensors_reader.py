@@ -15,9 +15,10 @@ import mmap
 import sys
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any, TypeVar
 
 import torch
 
@@ -83,6 +84,17 @@ class SafetensorsCheckpoint(Checkpoint):
         """One view of the map over ``keys`` when they are back to back in one dtype, aligned."""
         if not keys:
             return None
+        run = self._derived("run", keys, self._run_of)
+        if run is None:
+            return None
+        begin, end, dtype = run
+        if (self._data_start + begin) % dtype.itemsize:
+            return None
+        count = (end - begin) // dtype.itemsize
+        return torch.frombuffer(self._open_map(), dtype=dtype, count=count, offset=self._data_start + begin)
+
+    def _run_of(self, keys: Sequence[str]) -> tuple[int, int, torch.dtype] | None:
+        """The data section's bytes [begin, end) of ``keys`` back to back in one dtype, else None."""
         first, begin = self._entry(keys[0])
         end = begin + first.nbytes
         for key in keys[1:]:
@@ -90,32 +102,40 @@ class SafetensorsCheckpoint(Checkpoint):
             if at != end or info.dtype != first.dtype:
                 return None
             end += info.nbytes
-        itemsize = first.dtype.itemsize
-        if (self._data_start + begin) % itemsize or end == begin:
-            return None
-        count = (end - begin) // itemsize
-        return torch.frombuffer(
-            self._open_map(), dtype=first.dtype, count=count, offset=self._data_start + begin
-        )
+        return None if end == begin else (begin, end, first.dtype)
 
     def read_ahead(self, keys: Sequence[str]) -> None:
         """``populate`` the map's pages of ``keys`` (adjacent keys in one call): read and mapped by the
         calling thread, so the merge's first touch of them neither waits for the disk nor faults."""
         if self._closed:
             return
-        mapped = self._open_map()
-        address = map_address(mapped)
-        spans = sorted((at, info.nbytes) for info, at in map(self._entry, keys))
-        start, end = None, None
-        for begin, nbytes in spans:
-            if start is not None and begin <= end:
-                end = max(end, begin + nbytes)
-                continue
-            if start is not None:
-                populate(address + self._data_start + start, end - start)
-            start, end = begin, begin + nbytes
-        if start is not None:
-            populate(address + self._data_start + start, end - start)
+        address = map_address(self._open_map()) + self._data_start
+        for start, end in self._derived("spans", keys, self._spans_of):
+            populate(address + start, end - start)
+
+    def _spans_of(self, keys: Sequence[str]) -> list[tuple[int, int]]:
+        """The data section's bytes of ``keys``, adjacent or overlapping ones joined: [(start, end)]."""
+        spans: list[tuple[int, int]] = []
+        for begin, nbytes in sorted((at, info.nbytes) for info, at in map(self._entry, keys)):
+            if spans and begin <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], begin + nbytes))
+            else:
+                spans.append((begin, begin + nbytes))
+        return spans
+
+    def _derived(self, kind: str, keys: Sequence[str], compute: Callable[[Sequence[str]], _T]) -> _T:
+        """``compute(keys)``, once per shared key table: the N sources of a merge ask alike, run after
+        run (at 100 tiny sources, ~0.15 s of Python a merge; ``_Layout.derived``)."""
+        derived, token = self._layout.derived, (kind, tuple(keys))
+        try:
+            return derived[token]
+        except KeyError:
+            pass
+        value = compute(keys)
+        if len(derived) >= _DERIVED_MAX:
+            derived.clear()
+        derived[token] = value
+        return value
 
     def close(self) -> None:
         # Tensors still viewing the map keep it alive (the buffer protocol); it is unmapped when the
@@ -141,14 +161,20 @@ class SafetensorsCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.path}: cannot map the file: {exc}") from None
 
 
-class _Layout:
-    """A file's key table: name → (info, offset in the data section), and the names sorted."""
+_T = TypeVar("_T")
+_DERIVED_MAX = 256  # runs and read-ahead windows remembered per key table (an SDXL export: ~60)
 
-    __slots__ = ("__weakref__", "entries", "keys")
+
+class _Layout:
+    """A file's key table: name → (info, offset in the data section), the names sorted, and what was
+    derived from it for lists of keys (their run, their spans; offsets within the data section)."""
+
+    __slots__ = ("__weakref__", "derived", "entries", "keys")
 
     def __init__(self, entries: dict[str, tuple[TensorInfo, int]]) -> None:
         self.entries = entries
         self.keys = sorted(entries)
+        self.derived: dict[tuple[str, tuple[str, ...]], Any] = {}
 
 
 _LAYOUTS: weakref.WeakValueDictionary[int, _Layout] = weakref.WeakValueDictionary()

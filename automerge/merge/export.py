@@ -48,8 +48,6 @@ RUN_KEY_NUMEL = 1 << 16
 """Keys of at most this many elements are merged in runs (``merge_run``); larger ones alone."""
 RUN_NUMEL = 1 << 20
 """Elements of one run at most."""
-READ_AHEAD_MIN_KEY_BYTES = 256 << 10
-"""Sources are read ahead when their mean key is at least this large (real SD1: 1.9 MB; tiny: 4.6 kB)."""
 WRITES_IN_FLIGHT = 2
 """Merged tensors handed to the writing thread and not yet written, at most, whatever their size …"""
 SMALL_WRITES_IN_FLIGHT = 256
@@ -109,15 +107,6 @@ def source_reads(plan: MergePlan, keys: Sequence[str]) -> list[tuple[str, tuple[
     merged = tuple(plan.sources[name].checkpoint for name in names)
     copied = (primary,)
     return [(key, merged if plan.merged_block(key, primary.info(key).dtype) else copied) for key in keys]
-
-
-def read_ahead_pays(plan: MergePlan) -> bool:
-    """The sources' keys are large enough on average (``READ_AHEAD_MIN_KEY_BYTES``) for reading them
-    ahead (``ReadAhead``) to pay: its bookkeeping costs per key and source, its gain is per byte."""
-    primary = plan.primary.checkpoint
-    keys = primary.keys()
-    total = sum(primary.info(key).nbytes for key in keys)
-    return bool(keys) and total >= READ_AHEAD_MIN_KEY_BYTES * len(keys)
 
 
 def _runs_possible(plan: MergePlan) -> bool:
@@ -557,7 +546,7 @@ def _write_merged(
     progress: ExportProgress | None,
 ) -> None:
     """Merge and write every key the writer does not hold yet, reporting the counts after each is
-    written and journaled. The sources are read ahead (``ReadAhead``, where ``read_ahead_pays``), and
+    written and journaled. The sources are read ahead (``ReadAhead``), and
     each tensor is written by a thread while the next keys merge, at most ``WRITES_IN_FLIGHT`` waiting
     (or ``SMALL_WRITES_IN_FLIGHT`` small ones): the disk reads, the merge computes and the output is
     written at once. Whatever stops the loop (an interrupt, an error), the tensors already handed over
@@ -577,7 +566,7 @@ def _write_merged(
         keys, done_bytes = keys + 1, done_bytes + infos[key].nbytes
         report(keys, len(infos), done_bytes, total_bytes)
 
-    reads = source_reads(plan, exported_keys(plan, skip=writer.done)) if read_ahead_pays(plan) else []
+    reads = source_reads(plan, exported_keys(plan, skip=writer.done))
     with ReadAhead(reads) as ahead, ThreadPoolExecutor(1, thread_name_prefix="automerge-write") as writing:
         try:
             for key, tensor in merged_tensors(plan, dtype=dtype, device=device, skip=writer.done):

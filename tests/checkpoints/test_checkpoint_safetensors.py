@@ -201,6 +201,29 @@ def test_a_run_of_keys_back_to_back_in_one_dtype_is_one_view_else_none(tmp_path:
         assert checkpoint.load_run([]) is None
 
 
+def test_files_sharing_a_key_table_with_headers_of_other_lengths_each_view_their_own_run(
+    tmp_path: Path,
+) -> None:
+    """A run is worked out once per shared key table (``_Layout.derived``), as offsets within the data
+    section: two files with the same table but metadata of other lengths (data sections at other
+    places) each view their own bytes; an unknown key is named for the file asked, every time."""
+    tensors = {f"k{i}": torch.full((i + 1,), float(i)) for i in range(3)}
+    paths = []
+    for metadata, scale in [({"a": "b"}, 1.0), ({"a": "b" * 41}, 2.0)]:
+        paths.append(tmp_path / f"m{len(paths)}.safetensors")
+        save_file({key: value * scale for key, value in tensors.items()}, paths[-1], metadata=metadata)
+    with open_safetensors(paths[0]) as first, open_safetensors(paths[1]) as second:
+        assert first._layout is second._layout
+        order = sorted(first.keys(), key=lambda key: first._entries[key][1])
+        for checkpoint, scale in [(first, 1.0), (second, 2.0), (first, 1.0)]:
+            run = checkpoint.load_run(order)
+            assert run is not None
+            assert torch.equal(run, torch.cat([tensors[key] * scale for key in order]))
+        for checkpoint in (first, second, first):
+            with pytest.raises(CheckpointError, match=checkpoint.path.name):
+                checkpoint.load_run([*order, "missing"])
+
+
 def _resident_pages(address: int, length: int) -> int | None:
     """How many pages of [address, address + length) are in memory (``mincore``); None off Linux."""
     import ctypes

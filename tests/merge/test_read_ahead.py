@@ -88,16 +88,10 @@ def test_the_export_reads_each_sources_keys_ahead_once(
     tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A TIES export over a, b, d with base c: every merged key of every source and each key copied
-    from A is asked for once, in the export's order, and the output is the one without read-ahead.
-    (Tiny sources' keys are too small for it to pay: ``read_ahead_pays`` says no, lowered here.)"""
+    from A is asked for once, in the export's order, and the output is the one without read-ahead."""
     from automerge.checkpoints._safetensors_reader import SafetensorsCheckpoint
-    from automerge.merge.export import read_ahead_pays
 
     data = {"models": {k: str(tiny_models[k]) for k in "abdc"}, "method": "ties", "params": {"density": 0.4}}
-    with plan_merge(recipe_from_data(data, source="t.yaml"), source="t.yaml") as plan:
-        assert not read_ahead_pays(plan)
-        monkeypatch.setattr("automerge.merge.export.READ_AHEAD_MIN_KEY_BYTES", 1)
-        assert read_ahead_pays(plan)
     asked: dict[str, list[str]] = {}
     original = SafetensorsCheckpoint.read_ahead
 
