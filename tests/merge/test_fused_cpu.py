@@ -178,7 +178,8 @@ EXPORT_CASES = [  # method, models, source dtype, out dtype, weights
     [
         (1, 1 << 20, 1 << 16),
         (9, 1 << 20, 1 << 16),
-        (250, 1 << 20, 1 << 16),  # a quickselect over the held bits
+        (120, 1 << 20, 1 << 16),  # a quickselect over the held bits
+        (250, 1 << 20, 1 << 16),  # 11-bit digits over a key of a few hundred
         (4_099, 1 << 20, 1 << 16),  # 11-bit digits, one histogram; the gathered by quickselect
         (20_000, 1 << 20, 1 << 16),  # the first 11-bit digit counted into four copies
         (70_001, 1 << 20, 1 << 16),  # the select bracketed by a sample: one pass
@@ -225,7 +226,7 @@ def test_the_export_kernel_gives_the_methods_bits(
         assert torch.equal(fast.view(bits), slow.view(bits)), (density, alpha)
 
 
-RUN_SIZES = [1, 7, 8, 9, 250, 333, 4_099, 1, 70_001, 2, 300]  # the tails, the quickselect, a sampled cut
+RUN_SIZES = [1, 7, 8, 9, 120, 250, 333, 4_099, 1, 70_001, 2, 300]  # the tails, the quickselect, a sampled cut
 
 
 @pytest.mark.parametrize(("method", "models", "source_dtype", "out_dtype", "weights"), EXPORT_CASES)
