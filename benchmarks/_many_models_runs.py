@@ -260,8 +260,9 @@ class ResumeCheck:
 
     @property
     def keys_redone(self) -> int:
-        """Keys written by both runs (the work the kill cost)."""
-        return self.killed_after_keys + self.resumed_keys - self.keys
+        """Keys written by both runs (the work the kill cost): the killed run's journal, not its
+        progress count, says what it wrote (writes in flight land after the last count reported)."""
+        return max(self.killed_after_keys, self.journal_records_at_kill) + self.resumed_keys - self.keys
 
 
 def resume_check(job: Job, folder: Path, *, cache_dir: Path) -> ResumeCheck:
