@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "automerge"
 # Bottom to top; a part may import parts of lower layers and of its own part, never of a higher layer
 # or of another part in its layer.
 LAYERS: list[set[str]] = [
-    {"errors", "quiet", "terminal", "_version"},
+    {"errors", "quiet", "terminal", "_version", "gc_scope"},
     {"registry"},
     {"dtypes", "files"},
     {"config"},

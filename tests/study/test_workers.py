@@ -146,7 +146,10 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(make_st
             running = [
                 t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if len(t.params) == 2
             ]
-    assert running, "the worker never started a trial"
+    if not running:  # say why: the worker's exit code and last output, or that it was still running
+        first.kill()
+        output = first.communicate(timeout=60)[0]
+        raise AssertionError(f"the worker never started a trial (exit {first.returncode}): {output[-3000:]}")
     first.send_signal(signal.SIGKILL)
     first.communicate(timeout=60)
     killed = running[0].number
