@@ -388,7 +388,7 @@ int fused_task_export(const task_args *a) {
 /* ---- top-k's cut of each model's delta: t_i, the k-th largest |d_i|'s bits, and cut_i, so that
  * "bits > t_i, or = t_i at a position < cut_i" keeps exactly k elements, equal |d_i| taken in index
  * order (as ``_top_k``). A radix select over |d_i|'s 31 bits computed on the fly: a histogram of the
- * top digit (11 bits up to SMALL_KEY elements, a histogram that stays in L1; else 16), then the
+ * top digit (11 bits up to SMALL_KEY elements, a histogram that stays in L1; else LARGE_DIGIT), then the
  * elements of the bucket that holds t_i gathered with their positions (when there are at most
  * ``gather_limit``, or all of a small key) and the rest of the select and the cut done on them in cache: two passes over the
  * data. A bucket too large to gather is selected by further passes over the data. A key of at least
@@ -396,8 +396,8 @@ int fused_task_export(const task_args *a) {
  * caller keeps all or none itself). Non-finite d give some t_i: the task pass that follows refuses
  * them. */
 #define SMALL_KEY 65536
-#define DIGIT_MAX 16
 #define LARGE_DIGIT 12
+#define HISTOGRAM_BITS 14 /* the histogram's entries: the first digit's four copies at LARGE_DIGIT bits */
 
 static inline int32_t magnitude_bits1(const void *model, const void *base, int64_t j, int dtype) {
     const float d = load1(model, j, dtype) - load1(base, j, dtype);
@@ -483,7 +483,7 @@ static void digit_over_data(select_state *st, const void *model, const void *bas
                             int64_t k, int digit, uint32_t *histogram) {
     const int width = st->undecided < digit ? st->undecided : digit, shift = st->undecided - width;
     const uint32_t mask = (1u << width) - 1;
-    if (!st->known && n >= FOUR_COPIES_FROM && 4 << width <= 1 << DIGIT_MAX) {
+    if (!st->known && n >= FOUR_COPIES_FROM && 4 << width <= 1 << HISTOGRAM_BITS) {
         first_digit_four_copies(model, base, dtype, n, width, histogram);
         decide(st, histogram, width, k);
         return;
@@ -752,7 +752,7 @@ int fused_top_k_cuts(const void *const *models, int32_t count, const void *base,
     if ((dtype != F16 && dtype != F32) || k < 1 || k >= n || n > INT32_MAX || count < 0 || gather_limit < 1)
         return 1;
     const int64_t capacity = n <= SMALL_KEY ? n : (gather_limit < n ? gather_limit : n);
-    uint32_t *histogram = malloc(sizeof(uint32_t) << DIGIT_MAX);
+    uint32_t *histogram = malloc(sizeof(uint32_t) << HISTOGRAM_BITS);
     int32_t *gathered = malloc(sizeof(int32_t) * 2 * (size_t)(capacity + GATHER_SLACK));
     if (!histogram || !gathered) {
         free(histogram);
@@ -791,7 +791,7 @@ int fused_task_run(const task_args *rule, int32_t keys, const int64_t *offsets, 
     const void **sources = malloc(sizeof(void *) * (size_t)m);
     int32_t *thresholds = malloc(sizeof(int32_t) * (size_t)m);
     int64_t *cuts = malloc(sizeof(int64_t) * (size_t)m);
-    uint32_t *histogram = malloc(sizeof(uint32_t) << DIGIT_MAX);
+    uint32_t *histogram = malloc(sizeof(uint32_t) << HISTOGRAM_BITS);
     int32_t *gathered = malloc(sizeof(int32_t) * 2 * (size_t)(capacity + GATHER_SLACK));
     int code = (sources && thresholds && cuts && histogram && gathered) ? 0 : 3;
     for (int32_t j = 0; j < keys && !code; j++) {
