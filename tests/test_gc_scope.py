@@ -46,11 +46,14 @@ def test_nested_calls_unfreeze_once_at_the_outermost():
 
 
 def test_a_callers_own_freeze_is_left_alone():
+    """Nothing more is frozen, and the caller's objects stay frozen (the count may only drop: frozen
+    objects that die leave the permanent generation)."""
     gc.freeze()
     frozen = gc.get_freeze_count()
+    made_since = [{} for _ in range(1000)]  # tracked, young: frozen too if the scope froze
     with long_lived_frozen():
-        pass
-    assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() < frozen + len(made_since)
+    assert 0 < gc.get_freeze_count() <= frozen
 
 
 def test_frozen_again_after_an_error():
