@@ -48,6 +48,7 @@ _PIECE = 1 << 20  # elements per call: a key larger than this is split among the
 _PLACES_PARALLEL_BYTES = 256 << 20  # models ranked in parallel while each one's scratch is below this
 _TOP_K_GATHER = 1 << 20  # top-k of a large key: the elements of t's bucket gathered, up to this many
 _TOP_K_SAMPLE_FROM = 1 << 20  # top-k of a key this large: first a one-pass select bracketed by a sample
+_DELLA_SPLIT = 1 << 18  # DELLA of a key this large: its models' sorts and its elements over the threads
 # (below it the radix select was as fast or faster: benchmarks/top_k_cut.py, BENCHMARKS.md)
 
 
@@ -123,16 +124,18 @@ class FusedRule:
 class ExportRule:
     """One key's task-arithmetic merge for the export's kernel (``fused_task_export``): keep by top-k
     (``keep_count`` elements of each model's |Δ|) or by draws (bits(u) < ``draw_threshold``, u drawn
-    with each model's ``draw_keys``), then the sum or the sign election, C + α·merged."""
+    with each model's ``draw_keys``; DELLA: u < p_j, ``fused_della_run``), then the sum or the sign
+    election, C + α·merged."""
 
     elect: bool
     alpha: float
     weights: tuple[float, ...]  # w_i
     agree_weights: tuple[float, ...]  # v_i
     keep_count: int | None = None  # top-k: k
-    density: float = 1.0  # drop: Δ is divided by it (unless 1)
+    density: float = 1.0  # drop: Δ is divided by it (unless 1); DELLA: its density
     draw_threshold: int = 0
     draw_keys: tuple[tuple[int, int], ...] = ()
+    spread: float | None = None  # DELLA (keep where u < p_j, its rank's probability): ε'
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,22 @@ class FusedKernel:
             ctypes.c_int64,
         ]  # fmt: skip
         self._task_run.restype = ctypes.c_int
+        self._della_run = library.fused_della_run
+        self._della_run.argtypes = [
+            ctypes.POINTER(_TaskArgs), ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+        ]  # fmt: skip
+        self._della_run.restype = ctypes.c_int
+        self._della_add = library.fused_della_add
+        self._della_add.argtypes = [
+            ctypes.POINTER(_TaskArgs), ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ]  # fmt: skip
+        self._della_finish = library.fused_della_finish
+        self._della_finish.argtypes = [
+            ctypes.POINTER(_TaskArgs), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ]  # fmt: skip
+        for function in (self._della_add, self._della_finish):
+            function.restype = ctypes.c_int
         pointer, int64 = ctypes.c_void_p, ctypes.c_int64
         self._stock_sums = library.fused_stock_sums
         self._stock_sums.argtypes = [
@@ -316,6 +335,10 @@ class FusedKernel:
         rounded once to out's dtype. False when the kernel does not take the tensors, or some delta or
         kept value is not finite (then ``out`` is partly written, and the caller's torch path runs)."""
         n = out.numel()
+        if rule.spread is not None:  # DELLA: model after model over the key
+            return n > 0 and self.task_export_run(
+                out, models, base, rule, KeyRun((n,), draw_keys=rule.draw_keys)
+            )
         if (
             not self._takes(models, base, out)
             or any(t.numel() != n for t in [*models, base])
@@ -346,7 +369,8 @@ class FusedKernel:
     ) -> bool:
         """``task_export`` of each key of a run laid back to back in flat views (``run``: the keys'
         sizes and their k or draw keys; ``rule``'s own ``keep_count``/``draw_keys`` are unused) in one
-        kernel call per thread, the keys split among the threads by elements. False when the kernel
+        kernel call per thread, the keys split among the threads by elements (DELLA: each key model
+        after model, ``fused_della_run``). False when the kernel
         does not take the tensors or some key has a non-finite delta or kept value (``out`` partly
         written; the caller merges the keys one by one)."""
         total = sum(run.sizes)
@@ -359,6 +383,7 @@ class FusedKernel:
             or min(run.sizes) < 1  # an empty key: merged on its own
             or (top_k and len(run.keep_counts or ()) != len(run.sizes))
             or (not top_k and len(run.draw_keys) != m * len(run.sizes))
+            or (top_k and rule.spread is not None)
         ):
             return False
         offsets = list(itertools.accumulate(run.sizes, initial=0))
@@ -375,8 +400,16 @@ class FusedKernel:
             start=0, stop=0, **self._task_template(out, models, base, rule, pointers, top_k=top_k)
         )
         long_size, pair_size = ctypes.sizeof(ctypes.c_int64), 2 * m * ctypes.sizeof(ctypes.c_uint32)
+        if rule.spread is not None and keys == 1 and total >= _DELLA_SPLIT and torch.get_num_threads() > 1:
+            args.draw_keys = ctypes.cast(draws, ctypes.POINTER(ctypes.c_uint32))
+            return self._della_key(args, models, base, rule.spread)
 
         def keys_of(first: int, last: int) -> int:
+            if rule.spread is not None:  # DELLA
+                return self._della_run(
+                    ctypes.byref(args), last - first, ctypes.addressof(offset_array) + first * long_size,
+                    ctypes.addressof(draws) + first * pair_size, rule.spread,
+                )  # fmt: skip
             return self._task_run(
                 ctypes.byref(args), last - first, ctypes.addressof(offset_array) + first * long_size,
                 None if counts is None else ctypes.addressof(counts) + first * long_size,
@@ -385,6 +418,53 @@ class FusedKernel:
             )  # fmt: skip
 
         return self._over_key_groups(offsets, keys_of)
+
+    def _della_key(self, args: _TaskArgs, models: Sequence[Tensor], base: Tensor, spread: float) -> bool:
+        """DELLA of one large key on the threads: the places of as many models as threads at once (a
+        radix sort each, ``fused_places``), then each model's kept values added in model order with
+        the key's elements split among the threads, then the election (``fused_della_add``,
+        ``fused_della_finish``); the bits of ``fused_della_run``. Scratch: 20 bytes an element for the
+        sums and 20 per thread for the sorts."""
+        n, threads = base.numel(), torch.get_num_threads()
+        sums = torch.empty(5 * n, dtype=torch.float32)
+        places = [torch.empty(n, dtype=torch.int32) for _ in range(threads)]
+        scratch = [torch.empty(4 * n, dtype=torch.int32) for _ in range(threads)]
+        pieces = [(n * p // threads // 8 * 8, n * (p + 1) // threads // 8 * 8) for p in range(threads)]
+        pieces[-1] = (pieces[-1][0], n)
+        dtype = _DTYPES[base.dtype]
+
+        def sort(slot_model: tuple[int, int]) -> int:
+            slot, i = slot_model
+            return self._places(
+                models[i].data_ptr(),
+                base.data_ptr(),
+                dtype,
+                n,
+                places[slot].data_ptr(),
+                scratch[slot].data_ptr(),
+            )
+
+        for first in range(0, len(models), threads):
+            group = list(enumerate(range(first, min(first + threads, len(models)))))
+            if any(self._map(sort, group)):
+                raise RuntimeError("the fused CPU kernel refused its arguments")
+            for slot, i in group:
+                codes = self._map(
+                    lambda piece, slot=slot, i=i: self._della_add(
+                        ctypes.byref(args), i, n, places[slot].data_ptr(), spread, sums.data_ptr(), *piece
+                    ),
+                    pieces,
+                )
+                if any(code == 1 for code in codes):
+                    raise RuntimeError("the fused CPU kernel refused its arguments")
+                if _NOT_FINITE in codes:
+                    return False
+        codes = self._map(
+            lambda piece: self._della_finish(ctypes.byref(args), sums.data_ptr(), n, *piece), pieces
+        )
+        if any(codes):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
+        return True
 
     def model_stock_into(
         self,

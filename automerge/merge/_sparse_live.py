@@ -51,6 +51,7 @@ from automerge.merge.methods.task_arithmetic import (
     _della_drop,
     _keep_count,
     _top_k,
+    della_spread,
 )
 
 _TOP_K, _DROP, _DELLA = "top_k", "drop", "della"
@@ -266,7 +267,7 @@ class LiveTaskArithmetic:
             compute=self.compute_dtype,
             alpha=float(params["alpha"]),
             density=density,
-            spread=min(float(params.get("epsilon", 0.0)) + 0.0, 2 * density, 2 * (1 - density)),
+            spread=della_spread(density, float(params.get("epsilon", 0.0)) + 0.0),
             weights=tuple(w),
             agree_weights=tuple(agree_weight(x) for x in w),
             counts=tuple(_keep_count(density, s.numel) for s in spans) if self.kind == _TOP_K else (),

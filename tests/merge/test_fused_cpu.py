@@ -169,6 +169,9 @@ EXPORT_CASES = [  # method, models, source dtype, out dtype, weights
     ("dare", 4, torch.float32, torch.float16, (0.9, 1.1, 0.4, 2.5)),
     ("dare_ties", 3, torch.float16, torch.float32, (0.5, 1.0, 1.5)),
     ("dare_ties", 66, torch.float16, torch.float16, None),
+    ("della", 1, torch.float16, torch.float16, None),
+    ("della", 4, torch.float32, torch.float16, (0.9, 1.1, 0.4, 2.5)),
+    ("della", 66, torch.float16, torch.float32, None),
 ]
 
 
@@ -205,6 +208,8 @@ def test_the_export_kernel_gives_the_methods_bits(
     elements, 0.25, and the Δ = 0 of copied elements), so the cut among ties is exercised."""
     from automerge.merge.methods import noise_for
 
+    if method == "della" and (gather, sample_from) != (1 << 20, 1 << 16):
+        pytest.skip("DELLA ranks by a sort: the top-k select's limits do not apply")
     monkeypatch.setattr("automerge.merge._fused_cpu._PIECE", 1 << 15)
     monkeypatch.setattr("automerge.merge._fused_cpu._TOP_K_GATHER", gather)
     monkeypatch.setattr("automerge.merge._fused_cpu._TOP_K_SAMPLE_FROM", sample_from)
@@ -279,6 +284,35 @@ def test_a_run_of_keys_merged_in_one_call_gives_each_keys_bits(
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("numel", [4_099, 70_001])
+@pytest.mark.usefixtures("kernel_needed")
+def test_della_of_a_large_key_on_two_threads_gives_the_methods_bits(
+    numel: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DELLA of a key past ``_DELLA_SPLIT`` (``_della_key``: two models sorted at once, each one's kept
+    values added with the elements split between the threads) against the method itself: equal bits,
+    for 5 models (a group of two short of a pair), weights, and a NaN declined."""
+    from automerge.merge.methods import noise_for
+
+    monkeypatch.setattr("automerge.merge._fused_cpu._DELLA_SPLIT", 1_000)
+    merge = METHODS.get("della")
+    assert merge.stored_into is not None
+    base, rows = _sources(5, numel, torch.float16, seed=numel)
+    params = {"noise": noise_for("model.diffusion_model.k", 4), "density": 0.4, "epsilon": 0.3}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for weights in (None, [0.5, 1.0, 2.0, 0.25, 1.5]):
+            fast = torch.empty(numel, dtype=torch.float16)
+            assert merge.stored_into(fast, rows, base, weights=weights, alpha=0.9, **params)
+            slow = merge.fn([r.float() for r in rows], base.float(), weights=weights, alpha=0.9, **params)
+            assert torch.equal(fast.view(torch.int16), slow.half().view(torch.int16)), weights
+        rows[3][numel - 2] = float("nan")
+        assert not merge.stored_into(torch.empty(numel, dtype=torch.float16), rows, base, **params)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.usefixtures("kernel_needed")
 def test_a_run_with_a_non_finite_delta_or_an_empty_key_is_declined() -> None:
     """A NaN in one model of one key of the run, or a key of no elements: the run call declines (the
@@ -336,7 +370,7 @@ def test_a_misleading_sample_falls_back_to_the_radix_select(
         assert torch.equal(fast.view(torch.int16), slow.view(torch.int16)), density
 
 
-@pytest.mark.parametrize("method", ["ties", "dare"])
+@pytest.mark.parametrize("method", ["ties", "dare", "della"])
 @pytest.mark.usefixtures("kernel_needed")
 def test_the_export_kernel_leaves_non_finite_sources_and_odd_weights_to_torch(method: str) -> None:
     """A NaN or Inf in any model (kept or not): the kernel declines, and the general path (which names
@@ -383,6 +417,34 @@ def test_the_kernel_places_are_torchs_stable_descending_order(dtype: torch.dtype
             numel, dtype=torch.int32
         )
         assert torch.equal(row, expected)
+
+
+@pytest.mark.parametrize("shared", ["low_digit", "low_and_middle_digits", "every_digit", "high_digit"])
+@pytest.mark.usefixtures("kernel_needed")
+def test_the_kernel_places_skip_the_digits_every_key_shares(shared: str) -> None:
+    """A digit of the radix sort that every |Δ| shares is skipped: the places are still the stable
+    descending order, where the low digit (bits 0–10), the low and middle ones, all three (every |Δ|
+    equal) or only the high one (one exponent, random low bits) are the same for every element."""
+    from automerge.merge.methods._task_core import magnitude_order
+
+    kernel = fused_kernel()
+    assert kernel is not None
+    numel = 5_000
+    generator = torch.Generator().manual_seed(3)
+    base = torch.ones(numel)
+    steps = torch.randint(0, 300, (numel,), generator=generator).float()
+    delta = {
+        "low_digit": steps * 2.0**-10,  # a few significant bits: bits 0–10 of |Δ| are all zero
+        "low_and_middle_digits": torch.where(steps < 150, 0.5, 0.75),  # bits 0–21 zero
+        "every_digit": torch.full((numel,), 0.25),
+        "high_digit": 1.0 + torch.rand(numel, generator=generator) * 0.4,  # one exponent, 9 high bits shared
+    }[shared]
+    model = base + delta * torch.where(steps % 2 == 0, 1.0, -1.0)
+    out = torch.full((1, numel), -1, dtype=torch.int32)
+    assert kernel.places([model], base, list(out))
+    expected = torch.empty(numel, dtype=torch.int32)
+    expected[magnitude_order((model - base).abs())] = torch.arange(numel, dtype=torch.int32)
+    assert torch.equal(out[0], expected)
 
 
 @pytest.mark.parametrize(

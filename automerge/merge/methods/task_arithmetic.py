@@ -108,9 +108,9 @@ class TaskArithmetic:
     ) -> bool:
         """``out`` ← this merge of the sources as stored (CPU views), through the fused kernel's
         ``task_export``: the torch path's operations, one pass over each model for its top-k cut (two
-        where no sample brackets it) and one for the merge. False when it cannot: no kernel, DELLA
-        (ranks), weights whose sign election the kernel does not reproduce (< 0, or in (0, tiny)),
-        tensors it does not take, a non-finite delta or kept value."""
+        where no sample brackets it; DELLA: a radix sort for its ranks) and one for the merge. False
+        when it cannot: no kernel, weights whose sign election the kernel does not reproduce (< 0, or
+        in (0, tiny)), tensors it does not take, a non-finite delta or kept value."""
         kernel, found = fused_kernel(), self._export_rule(len(models), alpha, weights, sparsify_params)
         if kernel is None or found is None or base is None:
             return False
@@ -157,7 +157,7 @@ class TaskArithmetic:
     ) -> tuple[ExportRule, float, bool] | None:
         """The kernel's rule of this merge without its per-key part (top-k's k, the draws' keys), the
         density, and whether it keeps by top-k (else by draws); None when the kernel cannot reproduce
-        it (DELLA's ranks; weights < 0 or in (0, tiny) with the sign election)."""
+        it (weights < 0 or in (0, tiny) with the sign election)."""
         keep = _KERNEL_KEEP.get(self.sparsify.__name__)
         if keep is None:
             return None
@@ -167,7 +167,12 @@ class TaskArithmetic:
             return None
         defaults = {name: p.default for name, p in self.__signature__.parameters.items()}
         density = float(sparsify_params.get("density", defaults["density"]))
-        drops = {} if keep == "top_k" else {"density": density, "draw_threshold": draw_threshold(density)}
+        drops: dict[str, Any] = {}
+        if keep == "draws":
+            drops = {"density": density, "draw_threshold": draw_threshold(density)}
+        elif keep == "ranks":
+            epsilon = float(sparsify_params.get("epsilon", defaults["epsilon"]))
+            drops = {"density": density, "spread": della_spread(density, epsilon)}
         rule = ExportRule(
             elect=self.elect, alpha=alpha, weights=tuple(w), agree_weights=tuple(agree), **drops
         )
@@ -245,7 +250,7 @@ def _compose_signature(sparsify: Sparsifier) -> inspect.Signature:
 
 
 def _register(variant: TaskArithmetic) -> TaskArithmetic:
-    fused = variant.sparsify.__name__ in _KERNEL_KEEP  # DELLA's ranks: the torch path only
+    fused = variant.sparsify.__name__ in _KERNEL_KEEP
     register_method(
         variant.name,
         needs_base=True,
@@ -259,8 +264,9 @@ def _register(variant: TaskArithmetic) -> TaskArithmetic:
 # -- sparsifiers: (keep mask, keep probability) of one model's delta ------------------------------
 
 
-_KERNEL_KEEP = {"_top_k": "top_k", "_bernoulli_drop": "draws"}
-"""The sparsifiers the fused kernel's export reproduces, and how (DELLA's ranks it does not)."""
+_KERNEL_KEEP = {"_top_k": "top_k", "_bernoulli_drop": "draws", "_della_drop": "ranks"}
+"""The sparsifiers the fused kernel's export reproduces, and how (DELLA: draws against its ranks'
+probabilities, ``fused_della_run``)."""
 
 
 def _keep_count(density: float, numel: int) -> int:
@@ -308,6 +314,11 @@ def _draws(delta: Tensor, model_index: int, noise: Noise) -> Tensor:
     return noise.uniform(model_index, 0, delta.numel(), delta.device).view(delta.shape)
 
 
+def della_spread(density: float, epsilon: float) -> float:
+    """DELLA's ε' = min(ε, 2·density, 2·(1 − density)): every keep probability stays in [0, 1]."""
+    return min(epsilon, 2 * density, 2 * (1 - density))
+
+
 def _della_keep(delta: Tensor, density: float, epsilon: float) -> Tensor:
     """p_j = density + ε'·(r_j/n − (n+1)/(2n)), ε' = min(ε, 2·density, 2·(1 − density)).
 
@@ -319,7 +330,7 @@ def _della_keep(delta: Tensor, density: float, epsilon: float) -> Tensor:
     """
     flat = delta.flatten()
     n = flat.numel()
-    spread = min(epsilon, 2 * density, 2 * (1 - density))
+    spread = della_spread(density, epsilon)
     order = magnitude_order(flat.abs())
     rank = torch.empty_like(flat)
     rank[order] = torch.arange(n, 0, -1, dtype=flat.dtype, device=flat.device)
