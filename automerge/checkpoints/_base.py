@@ -65,6 +65,11 @@ class Checkpoint(Protocol):
         (each one's bytes right after the previous one's), else None (then ``load`` each)."""
         return None
 
+    def request(self, keys: Sequence[str]) -> None:
+        """Ask the system to start reading the bytes of ``keys`` and return at once (``read_ahead``
+        then waits for them); readers without a memory map do nothing."""
+        return None
+
     def read_ahead(self, keys: Sequence[str]) -> None:
         """Bring the bytes of ``keys`` into memory before they are loaded, blocking only the calling
         thread (a background reader's); readers without a memory map do nothing."""

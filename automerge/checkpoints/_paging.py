@@ -53,6 +53,20 @@ def populate(address: int, length: int) -> None:
         madvise(start, length, _advice)
 
 
+def request(address: int, length: int) -> None:
+    """Start reading the pages of [address, address + length) and return (``MADV_WILLNEED``: the
+    reads are queued, exactly the range, none around it); nothing where the system cannot.
+
+    ``populate`` alone, on pages not yet read, reads around each first touch as much as the disk's
+    read-ahead setting (8 MiB on this project's VM): asked for the first keys of 100 sources it read
+    800 MiB before returning (0.73 s), asked after ``request`` exactly the 6 MiB asked (0.01 s)."""
+    madvise = _madvise()
+    if madvise is None or length <= 0:
+        return
+    start = address - address % PAGE
+    madvise(start, length + address - start, MADV_WILLNEED)
+
+
 @functools.cache
 def _madvise() -> Callable[[int, int, int], int] | None:
     """libc's ``madvise`` (ctypes releases the GIL for the call), None off Linux."""

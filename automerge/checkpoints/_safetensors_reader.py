@@ -29,7 +29,7 @@ from automerge.checkpoints._base import (
     require_file,
     unknown_key_error,
 )
-from automerge.checkpoints._paging import map_address, populate
+from automerge.checkpoints._paging import map_address, populate, request
 from automerge.checkpoints._safetensors_header import PREFIX_BYTES, SafetensorsHeader, read_header
 from automerge.errors import CheckpointError
 
@@ -104,14 +104,22 @@ class SafetensorsCheckpoint(Checkpoint):
             end += info.nbytes
         return None if end == begin else (begin, end, first.dtype)
 
+    def request(self, keys: Sequence[str]) -> None:
+        """``request`` the map's pages of ``keys``: their reads queued, exactly their bytes."""
+        self._over_spans(keys, request)
+
     def read_ahead(self, keys: Sequence[str]) -> None:
         """``populate`` the map's pages of ``keys`` (adjacent keys in one call): read and mapped by the
         calling thread, so the merge's first touch of them neither waits for the disk nor faults."""
+        self._over_spans(keys, populate)
+
+    def _over_spans(self, keys: Sequence[str], advise: Callable[[int, int], None]) -> None:
+        """``advise(address, length)`` of each span of ``keys``' bytes in the map (nothing once closed)."""
         if self._closed:
             return
         address = map_address(self._open_map()) + self._data_start
         for start, end in self._derived("spans", keys, self._spans_of):
-            populate(address + start, end - start)
+            advise(address + start, end - start)
 
     def _spans_of(self, keys: Sequence[str]) -> list[tuple[int, int]]:
         """The data section's bytes of ``keys``, adjacent or overlapping ones joined: [(start, end)]."""

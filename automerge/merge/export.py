@@ -58,12 +58,19 @@ WRITE_BYTES_IN_FLIGHT = 16 << 20
 
 
 def merged_tensors(
-    plan: MergePlan, *, dtype: torch.dtype, device: str = "cpu", skip: Collection[str] = ()
+    plan: MergePlan,
+    *,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    skip: Collection[str] = (),
+    ready: Callable[[str], None] = lambda key: None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) in A's key order: merged keys computed, the rest copied from A; EMA dropped, and
     the keys in ``skip`` (already written by a resumed export) neither read nor computed. Small keys
     of an element-wise method are merged a run at a time (``merge_run``), with the same bits; those
-    of a method that merges from stored views take them from one view of the run per source."""
+    of a method that merges from stored views take them from one view of the run per source.
+    ``ready(key)`` is called before the sources' bytes of ``key`` (of a run: its last key) are read
+    (``ReadAhead.ready``)."""
     primary = plan.primary.checkpoint
     keys = exported_keys(plan, skip=skip)
     runs, viewed_runs = _runs_possible(plan), _viewed_runs_possible(plan, device)
@@ -73,6 +80,7 @@ def merged_tensors(
         info = primary.info(key)
         block = plan.merged_block(key, info.dtype)
         if block is None:  # copied from A: refused with NaN/Inf as the live engine refuses it
+            ready(key)
             tensor = plan.load("a", key)
             check_finite(tensor, model=f"a ({plan.primary.path.name})", key=key)
             yield (
@@ -82,6 +90,7 @@ def merged_tensors(
             index += 1
             continue
         run = _run_from(plan, keys, index, block) if runs or viewed_runs else [key]
+        ready(run[-1])
         merged = None
         if len(run) > 1:
             merge = merge_run if runs else _merge_viewed_run
@@ -569,7 +578,9 @@ def _write_merged(
     reads = source_reads(plan, exported_keys(plan, skip=writer.done))
     with ReadAhead(reads) as ahead, ThreadPoolExecutor(1, thread_name_prefix="automerge-write") as writing:
         try:
-            for key, tensor in merged_tensors(plan, dtype=dtype, device=device, skip=writer.done):
+            for key, tensor in merged_tensors(
+                plan, dtype=dtype, device=device, skip=writer.done, ready=ahead.ready
+            ):
                 pending.append((key, writing.submit(writer.write, key, tensor.cpu())))
                 pending_bytes += infos[key].nbytes
                 ahead.passed(key)

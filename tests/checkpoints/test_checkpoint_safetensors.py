@@ -240,10 +240,14 @@ def _resident_pages(address: int, length: int) -> int | None:
     return sum(v & 1 for v in vector)
 
 
-def test_read_ahead_brings_the_keys_pages_in_and_changes_no_tensor(tmp_path: Path) -> None:
-    """``read_ahead`` of some keys (adjacent ones joined, an empty one, a repeated one): their pages
-    are in memory afterwards where they were not (checked where the file system can drop them), the
-    tensors load as stored, and after ``close`` it does nothing."""
+@pytest.mark.parametrize("requested_first", [False, True])
+def test_read_ahead_brings_the_keys_pages_in_and_changes_no_tensor(
+    tmp_path: Path, requested_first: bool
+) -> None:
+    """``read_ahead`` of some keys (adjacent ones joined, an empty one, a repeated one), alone or after
+    ``request`` (the reads queued first, as the export's read-ahead does): their pages are in memory
+    afterwards where they were not (checked where the file system can drop them), the tensors load as
+    stored, and after ``close`` both do nothing."""
     import os
 
     from automerge.checkpoints._paging import map_address
@@ -264,13 +268,16 @@ def test_read_ahead_brings_the_keys_pages_in_and_changes_no_tensor(tmp_path: Pat
             os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         pages = (begin + length - 1) // mmap.PAGESIZE - begin // mmap.PAGESIZE + 1
         before = _resident_pages(begin, length)
+        if requested_first:
+            checkpoint.request(keys)
         checkpoint.read_ahead(keys)
         if before is not None and before < pages:  # a file system whose cache can drop the pages
             assert _resident_pages(begin, length) == pages
         assert map_address(checkpoint._open_map()) <= begin
         for key, tensor in tensors.items():
             assert torch.equal(checkpoint.load(key), tensor)
-    checkpoint.read_ahead(keys)  # closed: nothing
+    checkpoint.request(keys)  # closed: nothing
+    checkpoint.read_ahead(keys)
 
 
 def _raw_safetensors(path: Path, entries: dict[str, Any], data: bytes, metadata: dict[str, str]) -> Path:

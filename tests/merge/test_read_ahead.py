@@ -1,5 +1,6 @@
-"""The export's read-ahead thread (``merge/read_ahead``): every key's sources asked in order, never
-more than the budget ahead of the merge, keys the merge passed skipped, failures kept to itself."""
+"""The export's read-ahead thread (``merge/read_ahead``): every key's sources asked in order (each
+window requested from every source before any is read), never more than the budget ahead of the merge
+unless the merge waits for a key, keys the merge passed skipped, failures kept to itself."""
 
 from __future__ import annotations
 
@@ -20,18 +21,31 @@ class _Source:
     """A checkpoint of keys of 1 MiB each that records what it is asked to read ahead, and how far the
     merge had come (``merged()``, bytes) when it was asked."""
 
-    def __init__(self, name: str, fail_at: str | None = None, merged: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        fail_at: str | None = None,
+        merged: Callable[[], int] = lambda: 0,
+        log: list[tuple[str, str, str]] | None = None,
+    ) -> None:
         self.name, self.fail_at, self.merged = name, fail_at, merged
+        self.log = [] if log is None else log  # (step, source, first key), shared by the sources
         self.asked: list[str] = []
         self.asked_at: list[int] = []
+        self.requested: list[str] = []
         self.changed = threading.Condition()
 
     def info(self, key: str) -> TensorInfo:
         return TensorInfo((1 << 18,), torch.float32)
 
+    def request(self, keys: Sequence[str]) -> None:
+        self.requested.extend(keys)
+        self.log.append(("request", self.name, keys[0]))
+
     def read_ahead(self, keys: Sequence[str]) -> None:
         if self.fail_at in keys:
             raise CheckpointError(f"{self.name}: gone")
+        self.log.append(("read", self.name, keys[0]))
         with self.changed:
             self.asked.extend(keys)
             self.asked_at.extend(self.merged() for _ in keys)
@@ -50,7 +64,8 @@ def _read_ahead_running() -> bool:
 
 
 def _reads(sources: Sequence[_Source], keys: int) -> list[tuple[str, list[_Source]]]:
-    return [(f"k{i}", list(sources)) for i in range(keys)]
+    shared = list(sources)  # one sequence object: a window's keys are asked of each source in one call
+    return [(f"k{i}", shared) for i in range(keys)]
 
 
 def test_sources_are_read_in_order_and_at_most_the_budget_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,11 +97,37 @@ def test_sources_are_read_in_order_and_at_most_the_budget_ahead(monkeypatch: pyt
 def test_a_source_that_fails_stops_the_read_ahead_not_the_merge(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("automerge.merge.read_ahead.WINDOW_BYTES", 1 << 20)
     a = _Source("a", fail_at="k2")
-    with ReadAhead(_reads([a], 6), budget=1 << 40):
+    with ReadAhead(_reads([a], 6), budget=1 << 40) as ahead:
         a.wait_for(2)
         for thread in [t for t in threading.enumerate() if t.name == "automerge-read-ahead"]:
             thread.join()  # it ends by itself at k2 (a thread that went on would ask k3 … k5 and end)
+        ahead.ready("k5")  # the thread has ended: the merge reads k5 itself, it does not wait
     assert a.asked == ["k0", "k1"]
+
+
+def test_the_merge_waits_for_its_keys_window_and_lifts_the_budget_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``ready(key)`` returns once the key's window was read (requested from both sources first, then
+    read): for a key the budget alone would never let the thread reach (the merge passed nothing),
+    the windows up to it are read all the same; a key outside the reads does not wait."""
+    monkeypatch.setattr("automerge.merge.read_ahead.WINDOW_BYTES", 4 << 20)  # two keys of both sources
+    log: list[tuple[str, str, str]] = []
+    a, b = _Source("a", log=log), _Source("b", log=log)
+    with ReadAhead(_reads([a, b], 12), budget=4 << 20) as ahead:
+        ahead.ready("k0")
+        assert a.asked[:2] == b.asked[:2] == ["k0", "k1"]
+        assert log[:4] == [
+            ("request", "a", "k0"),
+            ("request", "b", "k0"),
+            ("read", "a", "k0"),
+            ("read", "b", "k0"),
+        ]
+        ahead.ready("k7")  # 16 MiB ahead of the merge: past the budget
+        assert a.asked[:8] == b.asked[:8] == [f"k{i}" for i in range(8)]
+        assert a.requested[:8] == b.requested[:8] == a.asked[:8]
+        ahead.ready("not-a-key")
+    assert "k11" not in a.asked  # never wanted, never within the budget
 
 
 def test_the_export_reads_each_sources_keys_ahead_once(
