@@ -39,6 +39,7 @@ from automerge.merge.methods._task_core import (
     magnitude_bits,
     magnitude_order,
     noise_key,
+    noise_keys,
 )
 from automerge.merge.methods.task_arithmetic import TaskArithmetic, _top_k
 
@@ -986,6 +987,9 @@ def test_noise_for_draws_from_blake2b_of_seed_key_and_model_index() -> None:
         int.from_bytes(digest[:4], "little"),
         int.from_bytes(digest[4:], "little"),
     )
+    assert noise_keys(7, "a.weight", 12) == [
+        noise_key(7, "a.weight", i) for i in range(12)
+    ]  # 10, 11: two digits
     draw = noise.uniform(2, 0, 64, "cpu")
     assert draw.dtype == torch.float32 and 0.0 <= draw.min() and draw.max() < 1.0
     assert torch.equal(draw, noise_for("a.weight", 7).uniform(2, 0, 64, "cpu"))

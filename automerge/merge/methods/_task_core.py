@@ -43,7 +43,22 @@ _MULTIPLIER = 0x45D9F3B  # the integer hash's multiplier (< 2^27, so products st
 
 def noise_key(seed: int, key: str, model_index: int) -> tuple[int, int]:
     """Two 32-bit keys of one model's draws for one tensor: blake2b of (seed, key, model index)."""
-    digest = hashlib.blake2b(f"{seed}\0{key}\0{model_index}".encode(), digest_size=8).digest()
+    return _split(hashlib.blake2b(f"{seed}\0{key}\0{model_index}".encode(), digest_size=8).digest())
+
+
+def noise_keys(seed: int, key: str, models: int) -> list[tuple[int, int]]:
+    """``noise_key`` of models 0 … models − 1: the hash of the shared prefix copied for each (an
+    export of 100 models asks 251,800 of them: 0.27 → 0.19 s)."""
+    prefix = hashlib.blake2b(f"{seed}\0{key}\0".encode(), digest_size=8)
+    keys = []
+    for index in range(models):
+        state = prefix.copy()
+        state.update(str(index).encode())
+        keys.append(_split(state.digest()))
+    return keys
+
+
+def _split(digest: bytes) -> tuple[int, int]:
     return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
 

@@ -46,7 +46,7 @@ from automerge.merge.methods._task_core import (
     kth_largest,
     magnitude_bits,
     magnitude_order,
-    noise_key,
+    noise_keys,
     weighted_delta,
 )
 
@@ -119,9 +119,7 @@ class TaskArithmetic:
             rule = replace(rule, keep_count=_keep_count(density, out.numel()))
         else:
             noise = sparsify_params["noise"]
-            rule = replace(
-                rule, draw_keys=tuple(noise_key(noise.seed, noise.key, i) for i in range(len(models)))
-            )
+            rule = replace(rule, draw_keys=tuple(noise_keys(noise.seed, noise.key, len(models))))
         return kernel.task_export(out, models, base, rule)
 
     def stored_run_into(
@@ -146,7 +144,7 @@ class TaskArithmetic:
         if top_k:
             run = KeyRun(tuple(sizes), keep_counts=tuple(_keep_count(density, n) for n in sizes))
         elif noises is not None and len(noises) == len(sizes):
-            pairs = tuple(noise_key(x.seed, x.key, i) for x in noises for i in range(len(models)))
+            pairs = tuple(pair for x in noises for pair in noise_keys(x.seed, x.key, len(models)))
             run = KeyRun(tuple(sizes), draw_keys=pairs)
         else:
             return False
