@@ -16,7 +16,8 @@
  *
  * ``fused_weighted_mean`` is the weighted average, (Σ x_i·w_i) / Σ w_i, in the same way. The export
  * also takes TIES's top-k cuts here (``fused_top_k_cuts``), a run of small keys in one call
- * (``fused_task_run``, ``fused_stock_run``) and Model Stock (``fused_stock_*``: its float32 element
+ * (``fused_task_run``, ``fused_stock_run``), DELLA (``fused_della_*``: the same per-element
+ * operations, models outside, ranks by the radix sort ``fused_places``) and Model Stock (``fused_stock_*``: its float32 element
  * operations as ``model_stock.py`` orders them, its squared norms summed in float64).
  */
 #include <immintrin.h>
@@ -801,7 +802,20 @@ int fused_top_k_cuts(const void *const *models, int32_t count, const void *base,
     return 0;
 }
 
-/* ---- a run of small keys laid back to back (one view of each source's run): each key's top-k cuts
+/* ---- a run's key of n elements from its element ``first`` on: ``rule`` with its buffers moved there,
+ * the models' pointers written into ``sources`` (``rule->models`` of them). */
+static task_args key_of_run(const task_args *rule, int64_t first, int64_t n, const void **sources) {
+    const size_t size = rule->in_dtype == F16 ? 2 : 4, out_size = rule->out_dtype == F16 ? 2 : 4;
+    task_args key = *rule;
+    for (int i = 0; i < rule->models; i++) sources[i] = (const char *)rule->sources[i] + first * size;
+    key.start = 0, key.stop = n;
+    key.base = (const char *)rule->base + first * size;
+    key.out = (char *)rule->out + first * out_size;
+    key.sources = sources;
+    return key;
+}
+
+/* A run of small keys laid back to back (one view of each source's run): each key's top-k cuts
  * (or its draws' keys) and its merge, key after key, in one call: at a small width the per-key calls
  * cost more than the merge. ``rule``: the run's merge (its start, stop, thresholds, cuts and draw_keys
  * are set here for each key; its base, sources and out point at the run's first element); key j holds
@@ -821,7 +835,6 @@ int fused_task_run(const task_args *rule, int32_t keys, const int64_t *offsets, 
         if (rule->keep_mode == KEEP_TOP_K && (keep_counts[j] < 0 || keep_counts[j] > n)) return 1;
         if (n > capacity) capacity = n;
     }
-    const size_t size = rule->in_dtype == F16 ? 2 : 4, out_size = rule->out_dtype == F16 ? 2 : 4;
     const void **sources = malloc(sizeof(void *) * (size_t)m);
     int32_t *thresholds = malloc(sizeof(int32_t) * (size_t)m);
     int64_t *cuts = malloc(sizeof(int64_t) * (size_t)m);
@@ -829,13 +842,8 @@ int fused_task_run(const task_args *rule, int32_t keys, const int64_t *offsets, 
     int32_t *gathered = malloc(sizeof(int32_t) * 2 * (size_t)(capacity + GATHER_SLACK));
     int code = (sources && thresholds && cuts && histogram && gathered) ? 0 : 3;
     for (int32_t j = 0; j < keys && !code; j++) {
-        const int64_t first = offsets[j], n = offsets[j + 1] - first;
-        task_args key = *rule;
-        for (int i = 0; i < m; i++) sources[i] = (const char *)rule->sources[i] + first * size;
-        key.start = 0, key.stop = n;
-        key.base = (const char *)rule->base + first * size;
-        key.out = (char *)rule->out + first * out_size;
-        key.sources = sources;
+        const int64_t n = offsets[j + 1] - offsets[j];
+        task_args key = key_of_run(rule, offsets[j], n, sources);
         if (rule->keep_mode == KEEP_TOP_K) {
             const int64_t k = keep_counts[j];
             for (int i = 0; i < m; i++) {
@@ -1176,20 +1184,14 @@ int fused_della_run(const task_args *rule, int32_t keys, const int64_t *offsets,
         if (n < 1 || n > INT32_MAX) return 1;
         if (n > largest) largest = n;
     }
-    const size_t size = rule->in_dtype == F16 ? 2 : 4, out_size = rule->out_dtype == F16 ? 2 : 4;
     const void **sources = malloc(sizeof(void *) * (size_t)m);
     float *sums = malloc(sizeof(float) * 5 * (size_t)largest);
     int32_t *places = malloc(sizeof(int32_t) * (size_t)largest);
     uint32_t *sort_scratch = malloc(sizeof(uint32_t) * 4 * (size_t)largest);
     int code = (sources && sums && places && sort_scratch) ? 0 : 3;
     for (int32_t j = 0; j < keys && !code; j++) {
-        const int64_t first = offsets[j], n = offsets[j + 1] - first;
-        task_args key = *rule;
-        for (int i = 0; i < m; i++) sources[i] = (const char *)rule->sources[i] + first * size;
-        key.start = 0, key.stop = n;
-        key.base = (const char *)rule->base + first * size;
-        key.out = (char *)rule->out + first * out_size;
-        key.sources = sources;
+        const int64_t n = offsets[j + 1] - offsets[j];
+        task_args key = key_of_run(rule, offsets[j], n, sources);
         key.draw_keys = draw_keys + (int64_t)2 * j * m;
         for (int i = 0; i < m && !code; i++) {
             fused_places(sources[i], key.base, key.in_dtype, n, places, sort_scratch);

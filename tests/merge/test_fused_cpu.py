@@ -175,19 +175,27 @@ EXPORT_CASES = [  # method, models, source dtype, out dtype, weights
 ]
 
 
-@pytest.mark.parametrize(("method", "models", "source_dtype", "out_dtype", "weights"), EXPORT_CASES)
+SELECT_CASES = [  # numel, gather limit, sampled select from
+    (1, 1 << 20, 1 << 16),
+    (9, 1 << 20, 1 << 16),
+    (120, 1 << 20, 1 << 16),  # a quickselect over the held bits
+    (250, 1 << 20, 1 << 16),  # 11-bit digits over a key of a few hundred
+    (4_099, 1 << 20, 1 << 16),  # 11-bit digits, one histogram; the gathered by quickselect
+    (20_000, 1 << 20, 1 << 16),  # the first 11-bit digit counted into four copies
+    (70_001, 1 << 20, 1 << 16),  # the select bracketed by a sample: one pass
+    (70_001, 1 << 20, 1 << 31),  # 12-bit radix digits over the data (four copies) and 3 calls
+    (70_001, 40, 1 << 16),  # a gather limit of 40: no sample, further passes over the data
+]
+"""Key sizes and select limits that take each path of the top-k cut (DELLA sorts: its default only)."""
+
+
 @pytest.mark.parametrize(
-    ("numel", "gather", "sample_from"),
+    ("method", "models", "source_dtype", "out_dtype", "weights", "numel", "gather", "sample_from"),
     [
-        (1, 1 << 20, 1 << 16),
-        (9, 1 << 20, 1 << 16),
-        (120, 1 << 20, 1 << 16),  # a quickselect over the held bits
-        (250, 1 << 20, 1 << 16),  # 11-bit digits over a key of a few hundred
-        (4_099, 1 << 20, 1 << 16),  # 11-bit digits, one histogram; the gathered by quickselect
-        (20_000, 1 << 20, 1 << 16),  # the first 11-bit digit counted into four copies
-        (70_001, 1 << 20, 1 << 16),  # the select bracketed by a sample: one pass
-        (70_001, 1 << 20, 1 << 31),  # 12-bit radix digits over the data (four copies) and 3 calls
-        (70_001, 40, 1 << 16),  # a gather limit of 40: no sample, further passes over the data
+        (*case, *select)
+        for case in EXPORT_CASES
+        for select in SELECT_CASES
+        if case[0] != "della" or select[1:] == (1 << 20, 1 << 16)
     ],
 )
 @pytest.mark.usefixtures("kernel_needed")
@@ -208,8 +216,6 @@ def test_the_export_kernel_gives_the_methods_bits(
     elements, 0.25, and the Δ = 0 of copied elements), so the cut among ties is exercised."""
     from automerge.merge.methods import noise_for
 
-    if method == "della" and (gather, sample_from) != (1 << 20, 1 << 16):
-        pytest.skip("DELLA ranks by a sort: the top-k select's limits do not apply")
     monkeypatch.setattr("automerge.merge._fused_cpu._PIECE", 1 << 15)
     monkeypatch.setattr("automerge.merge._fused_cpu._TOP_K_GATHER", gather)
     monkeypatch.setattr("automerge.merge._fused_cpu._TOP_K_SAMPLE_FROM", sample_from)
