@@ -18,13 +18,17 @@ from automerge.study import find_study, load_study_file, records
 from automerge.study.storage import open_storage, storage_url
 
 WORKER = "import sys; from automerge.cli import main; sys.argv = ['automerge', *sys.argv[1:]]; main()"
+STUCK_WORKER = (  # a worker whose trials never end (a hung GPU): killed mid-trial whatever the render speed
+    "import threading; from automerge.study import StudyRuntime; "
+    "StudyRuntime.evaluate = lambda self, *args, **kwargs: threading.Event().wait(); " + WORKER
+)
 
 
-def _start_workers(study: Path, count: int) -> list[subprocess.Popen[str]]:
+def _start_workers(study: Path, count: int, *, code: str = WORKER) -> list[subprocess.Popen[str]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, "optimize", str(study)],
+            [sys.executable, "-c", code, "optimize", str(study)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -120,20 +124,9 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(make_st
     import signal
     import time
 
-    import yaml
-
-    slow = tmp_path / "slow.yaml"  # trials of a few seconds, so the kill lands mid-trial
-    slow.write_text(
-        yaml.safe_dump(
-            {
-                "defaults": {"steps": 5, "width": 64, "height": 64, "seeds": [1, 2]},
-                "items": [{"prompt": "a red house"}, {"prompt": "a boat"}],
-            }
-        )
-    )
-    path = make_study(trials=2, baselines=False, payloads=[str(slow)], heartbeat={"interval": 1, "grace": 4})
+    path = make_study(trials=2, baselines=False, heartbeat={"interval": 1, "grace": 4})
     url = storage_url(None, study_path=path)
-    (first,) = _start_workers(path, 1)
+    (first,) = _start_workers(path, 1, code=STUCK_WORKER)  # its first trial never ends: killed in it
     deadline, running = time.monotonic() + 300, []
     while not running and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.1)
