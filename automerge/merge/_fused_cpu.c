@@ -1105,8 +1105,11 @@ int fused_places(const void *model, const void *base, int32_t dtype, int64_t n, 
  * float32 operations in its order), kept_j = w_i·(u_j < p_j ? Δ_j / p_j : +0) with u_j the model's
  * draw (DARE's), added to the election's sums over the whole key (``add_kept8``), then
  * ``elect_and_store``. Per element these are ``fused_task_export``'s operations in its order; only the
- * loops are turned (models outside), so that the scratch, ~40 bytes an element of the largest key,
- * does not grow with the number of models. ``rule``: its density is DELLA's, ``spread`` is ε';
+ * loops are turned (groups of up to DELLA_GROUP models outside: their places sorted, then added tile by
+ * tile), so that the scratch, 36 bytes an element of the largest key and 4 more per model of a group,
+ * does not grow with the number of models (a model at a time, the sums went through memory once a
+ * model: 8.5 ns an element-model for a key of 1.6 M, 2-3 ns in groups of 8). ``rule``: its density is
+ * DELLA's, ``spread`` is ε';
  * draw_keys[2·(j·models + i)] … are model i's (k0, k1) for key j. */
 static inline __m256 della_kept8(const task_args *a, int i, int64_t j, const int32_t *places, int64_t n,
                                  float spread, __m256i *bad) {
@@ -1148,19 +1151,34 @@ static inline float della_kept1(const task_args *a, int i, int64_t j, const int3
     return d;
 }
 
-/* Model ``i``'s kept values added to the election's sums (5n floats: S, P, Q, WP, WQ) at
- * elements start … stop − 1 of a key of n, its places given. Returns 2 when some Δ or kept value is
- * not finite (the sums are then unusable), else 0. */
-int fused_della_add(const task_args *a, int32_t i, int64_t n, const int32_t *places, float spread, float *sums,
-                    int64_t start, int64_t stop) {
-    if (i < 0 || i >= a->models || n < 1 || n > INT32_MAX || start < 0 || stop > n || start > stop) return 1;
+/* Models first … first + count − 1's kept values added to the election's sums (5n floats: S, P, Q,
+ * WP, WQ) at elements start … stop − 1 of a key of n, model g's places at places[g]: tile by tile
+ * (``DELLA_TILE`` elements, whose sums stay in the cache), each tile model after model, so every
+ * element's sums add in model order as one model at a time would. Returns 2 when some Δ or kept value
+ * is not finite (the sums are then unusable), else 0. */
+#define DELLA_TILE 2048
+#define DELLA_GROUP 8                      /* models' places held at once, at most */
+#define DELLA_GROUP_BYTES (64 << 20) /* and in at most this many bytes (one model's when larger) */
+int fused_della_add(const task_args *a, int32_t first, int32_t count, int64_t n, const int32_t *const *places,
+                    float spread, float *sums, int64_t start, int64_t stop) {
+    if (first < 0 || count < 1 || first + count > a->models || n < 1 || n > INT32_MAX || start < 0 || stop > n ||
+        start > stop)
+        return 1;
     const election_sums e = {sums, sums + n, sums + 2 * n, sums + 3 * n, sums + 4 * n};
-    const __m256 v = _mm256_set1_ps(a->agree[i]);
-    const int64_t vectorized = stop - (stop - start) % 8;
     __m256i bad = _mm256_setzero_si256();
     int bad1 = 0;
-    for (int64_t j = start; j < vectorized; j += 8) add_kept8(e, j, della_kept8(a, i, j, places, n, spread, &bad), a, i, v);
-    for (int64_t j = vectorized; j < stop; j++) add_kept1(e, j, della_kept1(a, i, j, places, n, spread, &bad1), a, i);
+    for (int64_t tile = start; tile < stop; tile += DELLA_TILE) {
+        const int64_t tile_stop = stop - tile < DELLA_TILE ? stop : tile + DELLA_TILE;
+        const int64_t vectorized = tile_stop - (tile_stop - tile) % 8;
+        for (int g = 0; g < count; g++) {
+            const int i = first + g;
+            const __m256 v = _mm256_set1_ps(a->agree[i]);
+            for (int64_t j = tile; j < vectorized; j += 8)
+                add_kept8(e, j, della_kept8(a, i, j, places[g], n, spread, &bad), a, i, v);
+            for (int64_t j = vectorized; j < tile_stop; j++)
+                add_kept1(e, j, della_kept1(a, i, j, places[g], n, spread, &bad1), a, i);
+        }
+    }
     return (_mm256_movemask_epi8(bad) || bad1) ? 2 : 0;
 }
 
@@ -1184,18 +1202,26 @@ int fused_della_run(const task_args *rule, int32_t keys, const int64_t *offsets,
         if (n < 1 || n > INT32_MAX) return 1;
         if (n > largest) largest = n;
     }
+    int group = (int)(DELLA_GROUP_BYTES / (4 * largest)); /* models whose places are held at once */
+    group = group < 1 ? 1 : group > DELLA_GROUP ? DELLA_GROUP : group;
+    group = group > m ? m : group;
     const void **sources = malloc(sizeof(void *) * (size_t)m);
     float *sums = malloc(sizeof(float) * 5 * (size_t)largest);
-    int32_t *places = malloc(sizeof(int32_t) * (size_t)largest);
+    const int64_t stride = (largest + 15) / 16 * 16 + 16; /* rows 64 bytes off one another's cache sets */
+    int32_t *places = malloc(sizeof(int32_t) * (size_t)stride * (size_t)group);
     uint32_t *sort_scratch = malloc(sizeof(uint32_t) * 4 * (size_t)largest);
     int code = (sources && sums && places && sort_scratch) ? 0 : 3;
+    const int32_t *rows[DELLA_GROUP];
+    for (int g = 0; g < group; g++) rows[g] = places + (int64_t)g * stride;
     for (int32_t j = 0; j < keys && !code; j++) {
         const int64_t n = offsets[j + 1] - offsets[j];
         task_args key = key_of_run(rule, offsets[j], n, sources);
         key.draw_keys = draw_keys + (int64_t)2 * j * m;
-        for (int i = 0; i < m && !code; i++) {
-            fused_places(sources[i], key.base, key.in_dtype, n, places, sort_scratch);
-            code = fused_della_add(&key, i, n, places, spread, sums, 0, n);
+        for (int first = 0; first < m && !code; first += group) {
+            const int count = m - first < group ? m - first : group;
+            for (int g = 0; g < count; g++)
+                fused_places(sources[first + g], key.base, key.in_dtype, n, (int32_t *)rows[g], sort_scratch);
+            code = fused_della_add(&key, first, count, n, rows, spread, sums, 0, n);
         }
         if (!code) fused_della_finish(&key, sums, n, 0, n);
     }

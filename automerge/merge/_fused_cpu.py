@@ -49,6 +49,7 @@ _PIECE = 1 << 20  # elements per call: a key larger than this is split among the
 _PLACES_PARALLEL_BYTES = 256 << 20  # models ranked in parallel while each one's scratch is below this
 _TOP_K_GATHER = 1 << 20  # top-k of a large key: the elements of t's bucket gathered, up to this many
 _TOP_K_SAMPLE_FROM = 1 << 20  # top-k of a key this large: first a one-pass select bracketed by a sample
+_DELLA_GROUP, _DELLA_GROUP_BYTES = 8, 64 << 20  # the C file's DELLA_GROUP, DELLA_GROUP_BYTES
 _DELLA_SPLIT = 1 << 18  # DELLA of a key this large: its models' sorts and its elements over the threads
 # (below it the radix select was as fast or faster: benchmarks/top_k_cut.py, BENCHMARKS.md)
 
@@ -197,8 +198,8 @@ class FusedKernel:
         self._della_run.restype = ctypes.c_int
         self._della_add = library.fused_della_add
         self._della_add.argtypes = [
-            ctypes.POINTER(_TaskArgs), ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float,
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+            ctypes.POINTER(_TaskArgs), ctypes.c_int32, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p,
+            ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
         ]  # fmt: skip
         self._della_finish = library.fused_della_finish
         self._della_finish.argtypes = [
@@ -417,45 +418,45 @@ class FusedKernel:
         return self._over_key_groups(offsets, keys_of)
 
     def _della_key(self, args: _TaskArgs, models: Sequence[Tensor], base: Tensor, spread: float) -> bool:
-        """DELLA of one large key on the threads: the places of as many models as threads at once (a
-        radix sort each, ``fused_places``), then each model's kept values added in model order with
-        the key's elements split among the threads, then the election (``fused_della_add``,
-        ``fused_della_finish``); the bits of ``fused_della_run``. Scratch: 20 bytes an element for the
-        sums and 20 per thread for the sorts."""
+        """DELLA of one large key on the threads: the places of a group of models (``_della_group``
+        of them; a radix sort each, ``fused_places``, as many at once as threads), then the group's
+        kept values added in model order with the key's elements split among the threads, then the
+        election (``fused_della_add``, ``fused_della_finish``); the bits of ``fused_della_run``.
+        Scratch: 20 bytes an element for the sums, 4 per model of the group, 16 per thread."""
         n, threads = base.numel(), torch.get_num_threads()
+        group = _della_group(n, threads)
         sums = torch.empty(5 * n, dtype=torch.float32)
-        places = [torch.empty(n, dtype=torch.int32) for _ in range(threads)]
+        places = [torch.empty(n, dtype=torch.int32) for _ in range(group)]
+        rows = (ctypes.c_void_p * group)(*(row.data_ptr() for row in places))
         scratch = [torch.empty(4 * n, dtype=torch.int32) for _ in range(threads)]
         pieces = [(n * p // threads // 8 * 8, n * (p + 1) // threads // 8 * 8) for p in range(threads)]
         pieces[-1] = (pieces[-1][0], n)
         dtype = _DTYPES[base.dtype]
 
-        def sort(slot_model: tuple[int, int]) -> int:
-            slot, i = slot_model
-            return self._places(
-                models[i].data_ptr(),
-                base.data_ptr(),
-                dtype,
-                n,
-                places[slot].data_ptr(),
-                scratch[slot].data_ptr(),
-            )
+        def sort(slots: Sequence[tuple[int, int]]) -> int:
+            codes = 0
+            for slot, i in slots:
+                codes |= self._places(
+                    models[i].data_ptr(), base.data_ptr(), dtype, n, places[slot].data_ptr(),
+                    scratch[slots[0][0] % threads].data_ptr(),
+                )  # fmt: skip
+            return codes
 
-        for first in range(0, len(models), threads):
-            group = list(enumerate(range(first, min(first + threads, len(models)))))
-            if any(self._map(sort, group)):
+        for first in range(0, len(models), group):
+            count = min(group, len(models) - first)
+            slots = list(enumerate(range(first, first + count)))
+            if any(self._map(sort, [slots[t::threads] for t in range(min(threads, count))])):
                 raise RuntimeError("the fused CPU kernel refused its arguments")
-            for slot, i in group:
-                codes = self._map(
-                    lambda piece, slot=slot, i=i: self._della_add(
-                        ctypes.byref(args), i, n, places[slot].data_ptr(), spread, sums.data_ptr(), *piece
-                    ),
-                    pieces,
-                )
-                if any(code == 1 for code in codes):
-                    raise RuntimeError("the fused CPU kernel refused its arguments")
-                if _NOT_FINITE in codes:
-                    return False
+            codes = self._map(
+                lambda piece, first=first, count=count: self._della_add(
+                    ctypes.byref(args), first, count, n, rows, spread, sums.data_ptr(), *piece
+                ),
+                pieces,
+            )
+            if any(code == 1 for code in codes):
+                raise RuntimeError("the fused CPU kernel refused its arguments")
+            if _NOT_FINITE in codes:
+                return False
         codes = self._map(
             lambda piece: self._della_finish(ctypes.byref(args), sums.data_ptr(), n, *piece), pieces
         )
@@ -688,6 +689,14 @@ def _uint32_array(values: Iterable[int]) -> ctypes.Array:
     if packed.itemsize != ctypes.sizeof(ctypes.c_uint32):  # no platform this runs on
         return (ctypes.c_uint32 * len(packed))(*packed)
     return (ctypes.c_uint32 * len(packed)).from_buffer(packed)  # keeps ``packed`` alive
+
+
+def _della_group(n: int, threads: int) -> int:
+    """How many models' DELLA places are held at once for a key of ``n`` elements: up to
+    ``_DELLA_GROUP`` (each added over a tile of the sums while it is in the cache, so the sums go
+    through memory once a group, not once a model) in at most ``_DELLA_GROUP_BYTES``, and at least as
+    many as threads (their sorts run side by side); ``fused_della_run`` sizes its groups alike."""
+    return max(threads, min(_DELLA_GROUP, _DELLA_GROUP_BYTES // (4 * n)))
 
 
 def _key_groups(offsets: Sequence[int]) -> list[int]:

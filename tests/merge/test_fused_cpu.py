@@ -290,25 +290,26 @@ def test_a_run_of_keys_merged_in_one_call_gives_each_keys_bits(
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("numel", [4_099, 70_001])
+@pytest.mark.parametrize(("numel", "models"), [(4_099, 5), (70_001, 5), (70_001, 11)])
 @pytest.mark.usefixtures("kernel_needed")
 def test_della_of_a_large_key_on_two_threads_gives_the_methods_bits(
-    numel: int, monkeypatch: pytest.MonkeyPatch
+    numel: int, models: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """DELLA of a key past ``_DELLA_SPLIT`` (``_della_key``: two models sorted at once, each one's kept
-    values added with the elements split between the threads) against the method itself: equal bits,
-    for 5 models (a group of two short of a pair), weights, and a NaN declined."""
+    """DELLA of a key past ``_DELLA_SPLIT`` (``_della_key``: a group of up to 8 models sorted two at
+    once, the group's kept values added tile by tile with the elements split between the threads)
+    against the method itself: equal bits, for 5 models (one group, an odd one out of the pairs) and
+    11 (a full group and a short one), weights, and a NaN declined."""
     from automerge.merge.methods import noise_for
 
     monkeypatch.setattr("automerge.merge._fused_cpu._DELLA_SPLIT", 1_000)
     merge = METHODS.get("della")
     assert merge.stored_into is not None
-    base, rows = _sources(5, numel, torch.float16, seed=numel)
+    base, rows = _sources(models, numel, torch.float16, seed=numel)
     params = {"noise": noise_for("model.diffusion_model.k", 4), "density": 0.4, "epsilon": 0.3}
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for weights in (None, [0.5, 1.0, 2.0, 0.25, 1.5]):
+        for weights in (None, [0.5, 1.0, 2.0, 0.25, 1.5, 0.75][:models] + [1.25] * (models - 6)):
             fast = torch.empty(numel, dtype=torch.float16)
             assert merge.stored_into(fast, rows, base, weights=weights, alpha=0.9, **params)
             slow = merge.fn([r.float() for r in rows], base.float(), weights=weights, alpha=0.9, **params)
