@@ -1034,68 +1034,93 @@ int fused_stock_run(const void *const *models, int32_t count, const void *base, 
 
 /* ---- the places of a key's elements (the live engine's top-k, the export's DELLA ranks): each element's position in its key's stable descending order
  * of |d| (ties by position), as ``torch.sort(bits(|d|).neg(), stable=True)`` orders them. An LSD radix
- * sort of k = 0x7FFFFFFF − bits(|d|) (31 bits: digits of 11, 11 and 9 bits; each scatter is stable, so
- * equal k keep index order); the last scatter writes each element's position straight into
+ * sort of k = 0x7FFFFFFF − bits(|d|) over only the bits where the keys differ (from the lowest to the
+ * highest such bit: W bits in digits of at most 12 bits, and of at most log2(n) + 1 when n is small:
+ * clearing and summing 2^12 counters each costs; fp16 sources' deltas leave the
+ * lowest 7-12 bits shared, so 2 digits where fixed 11-bit digits took 3); each scatter is stable, so
+ * equal k keep index order; the last scatter writes each element's position straight into
  * ``places``. ``scratch``: 4n uint32. */
+#define PLACES_DIGIT 12
+#define PLACES_DIGIT_MIN 8
 int fused_places(const void *model, const void *base, int32_t dtype, int64_t n, int32_t *places, uint32_t *scratch) {
     if ((dtype != F16 && dtype != F32) || n < 0 || n > INT32_MAX) return 1;
     uint32_t *key_a = scratch, *index_a = scratch + n, *key_b = scratch + 2 * n, *index_b = scratch + 3 * n;
-    static const int shifts[3] = {0, 11, 22}, widths[3] = {11, 11, 9};
-    int64_t *offsets[3];
-    int64_t counts[2048 + 2048 + 512];
-    memset(counts, 0, sizeof(counts));
-    offsets[0] = counts, offsets[1] = counts + 2048, offsets[2] = counts + 4096;
     const int64_t vectorized = n - n % 8;
-    int32_t lanes[8];
-    for (int64_t j = 0; j < n; j += 8) { /* the keys, and the three digits' histograms */
-        if (j < vectorized) {
-            _mm256_storeu_si256((__m256i *)lanes, magnitude_bits8(model, base, j, dtype));
-        } else {
-            for (int l = 0; l < 8 && j + l < n; l++) lanes[l] = magnitude_bits1(model, base, j + l, dtype);
+    const __m256i top = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256i all = _mm256_set1_epi32(-1), any = _mm256_setzero_si256();
+    for (int64_t j = 0; j < vectorized; j += 8) { /* the keys, and the bits every key has or none has */
+        const __m256i k = _mm256_sub_epi32(top, magnitude_bits8(model, base, j, dtype));
+        _mm256_storeu_si256((__m256i *)(key_b + j), k);
+        all = _mm256_and_si256(all, k);
+        any = _mm256_or_si256(any, k);
+    }
+    uint32_t lanes_all[8], lanes_any[8], every = 0xFFFFFFFFu, some = 0;
+    _mm256_storeu_si256((__m256i *)lanes_all, all);
+    _mm256_storeu_si256((__m256i *)lanes_any, any);
+    for (int l = 0; l < 8; l++) every &= lanes_all[l], some |= lanes_any[l];
+    for (int64_t j = vectorized; j < n; j++) {
+        const uint32_t k = 0x7FFFFFFFu - (uint32_t)magnitude_bits1(model, base, j, dtype);
+        key_b[j] = k;
+        every &= k, some |= k;
+    }
+    const uint32_t varying = some & ~every;
+    if (varying == 0) { /* every |d| equal: the order of the elements */
+        for (int64_t q = 0; q < n; q++) places[q] = (int32_t)q;
+        return 0;
+    }
+    const int low = __builtin_ctz(varying), width_all = 32 - __builtin_clz(varying) - low;
+    int widest = 64 - __builtin_clzll((uint64_t)n); /* digits no wider than ~n buckets: clearing and summing them costs */
+    widest = widest < PLACES_DIGIT_MIN ? PLACES_DIGIT_MIN : widest > PLACES_DIGIT ? PLACES_DIGIT : widest;
+    const int digits = (width_all + widest - 1) / widest, width = (width_all + digits - 1) / digits;
+    const uint32_t mask = (1u << width) - 1;
+    int shifts[4];
+    uint32_t counts[4 << PLACES_DIGIT], *offsets[4];
+    for (int d = 0; d < digits; d++) shifts[d] = low + d * width, offsets[d] = counts + ((int64_t)d << width);
+    memset(counts, 0, sizeof(uint32_t) * (size_t)(digits << width));
+    if (digits == 1) {
+        for (int64_t q = 0; q < n; q++) offsets[0][(key_b[q] >> shifts[0]) & mask]++;
+    } else if (digits == 2) {
+        for (int64_t q = 0; q < n; q++) {
+            const uint32_t k = key_b[q];
+            offsets[0][(k >> shifts[0]) & mask]++;
+            offsets[1][(k >> shifts[1]) & mask]++;
         }
-        for (int l = 0; l < 8 && j + l < n; l++) {
-            const uint32_t k = 0x7FFFFFFFu - (uint32_t)lanes[l];
-            key_b[j + l] = k;
-            offsets[0][k & 2047]++;
-            offsets[1][(k >> 11) & 2047]++;
-            offsets[2][k >> 22]++;
+    } else {
+        for (int64_t q = 0; q < n; q++) {
+            const uint32_t k = key_b[q];
+            for (int d = 0; d < digits; d++) offsets[d][(k >> shifts[d]) & mask]++;
         }
     }
-    int same[3]; /* a digit every key shares leaves the order as it is: its pass is skipped (the low one,
-                  * for instance, when every |d| has at most 12 significant bits, as fp16 sources give) */
-    for (int d = 0; d < 3; d++) same[d] = n > 0 && offsets[d][(key_b[0] >> shifts[d]) & ((1u << widths[d]) - 1)] == n;
-    for (int d = 0; d < 3; d++) { /* counts → first positions */
-        int64_t total = 0;
-        for (int b = 0; b < 1 << widths[d]; b++) {
-            const int64_t c = offsets[d][b];
+    int same[4]; /* a digit every key shares leaves the order as it is: its pass is skipped */
+    for (int d = 0; d < digits; d++) {
+        same[d] = offsets[d][(key_b[0] >> shifts[d]) & mask] == n;
+        uint32_t total = 0; /* counts → first positions */
+        for (uint32_t b = 0; b <= mask; b++) {
+            const uint32_t c = offsets[d][b];
             offsets[d][b] = total;
             total += c;
         }
     }
     const uint32_t *keys = key_b, *indices = NULL; /* NULL: the element at q is element q */
-    if (!same[0]) { /* by the low digit */
-        for (int64_t j = 0; j < n; j++) {
-            const uint32_t k = key_b[j];
-            const int64_t p = offsets[0][k & 2047]++;
-            key_a[p] = k;
-            index_a[p] = (uint32_t)j;
-        }
-        keys = key_a, indices = index_a;
-    }
-    if (!same[1]) { /* by the middle digit */
+    for (int d = 0; d < digits - 1; d++) {
+        if (same[d]) continue;
         uint32_t *key_to = keys == key_a ? key_b : key_a, *index_to = keys == key_a ? index_b : index_a;
+        const int shift = shifts[d];
+        uint32_t *offset = offsets[d];
         for (int64_t q = 0; q < n; q++) {
             const uint32_t k = keys[q];
-            const int64_t p = offsets[1][(k >> shifts[1]) & 2047]++;
+            const uint32_t p = offset[(k >> shift) & mask]++;
             key_to[p] = k;
             index_to[p] = indices ? indices[q] : (uint32_t)q;
         }
         keys = key_to, indices = index_to;
     }
-    if (indices == NULL) /* by the high digit: the final position */
-        for (int64_t q = 0; q < n; q++) places[q] = (int32_t)offsets[2][keys[q] >> shifts[2]]++;
+    const int shift = shifts[digits - 1]; /* the last digit: the final position */
+    uint32_t *offset = offsets[digits - 1];
+    if (indices == NULL)
+        for (int64_t q = 0; q < n; q++) places[q] = (int32_t)offset[(keys[q] >> shift) & mask]++;
     else
-        for (int64_t q = 0; q < n; q++) places[indices[q]] = (int32_t)offsets[2][keys[q] >> shifts[2]]++;
+        for (int64_t q = 0; q < n; q++) places[indices[q]] = (int32_t)offset[(keys[q] >> shift) & mask]++;
     return 0;
 }
 

@@ -426,26 +426,36 @@ def test_the_kernel_places_are_torchs_stable_descending_order(dtype: torch.dtype
         assert torch.equal(row, expected)
 
 
-@pytest.mark.parametrize("shared", ["low_digit", "low_and_middle_digits", "every_digit", "high_digit"])
+@pytest.mark.parametrize(
+    "shared", ["low_bits", "all_but_one_bit", "every_bit", "high_bits", "a_middle_digit", "no_bits_few_elements"]
+)
 @pytest.mark.usefixtures("kernel_needed")
-def test_the_kernel_places_skip_the_digits_every_key_shares(shared: str) -> None:
-    """A digit of the radix sort that every |Δ| shares is skipped: the places are still the stable
-    descending order, where the low digit (bits 0–10), the low and middle ones, all three (every |Δ|
-    equal) or only the high one (one exponent, random low bits) are the same for every element."""
+def test_the_kernel_places_sort_only_the_bits_where_magnitudes_differ(shared: str) -> None:
+    """The radix sort's digits cover only the bits where some |Δ| differ, and a digit every |Δ| shares
+    is skipped: the places are still the stable descending order, where the low bits are zero for
+    every element (few significant bits, as fp16 sources give), all but one bit are shared, every |Δ|
+    is equal, the high bits are shared (one exponent), only bits 0–3 and 23–25 differ (three 9-bit
+    digits, the middle one shared), or 28 differ over 200 elements (four 7-bit digits)."""
     from automerge.merge.methods._task_core import magnitude_order
 
     kernel = fused_kernel()
     assert kernel is not None
-    numel = 5_000
+    numel = 200 if shared == "no_bits_few_elements" else 5_000
     generator = torch.Generator().manual_seed(3)
     base = torch.ones(numel)
     steps = torch.randint(0, 300, (numel,), generator=generator).float()
+    exponents = torch.randint(100, 108, (numel,), generator=generator, dtype=torch.int32)
+    low_bits = torch.randint(0, 16, (numel,), generator=generator, dtype=torch.int32)
     delta = {
-        "low_digit": steps * 2.0**-10,  # a few significant bits: bits 0–10 of |Δ| are all zero
-        "low_and_middle_digits": torch.where(steps < 150, 0.5, 0.75),  # bits 0–21 zero
-        "every_digit": torch.full((numel,), 0.25),
-        "high_digit": 1.0 + torch.rand(numel, generator=generator) * 0.4,  # one exponent, 9 high bits shared
+        "low_bits": steps * 2.0**-10,  # a few significant bits: bits 0–10 of |Δ| are all zero
+        "all_but_one_bit": torch.where(steps < 150, 0.5, 0.75),  # only bit 22 differs
+        "every_bit": torch.full((numel,), 0.25),
+        "high_bits": 1.0 + torch.rand(numel, generator=generator) * 0.4,  # one exponent
+        "a_middle_digit": ((exponents << 23) | low_bits).view(torch.float32),
+        "no_bits_few_elements": torch.randn(numel, generator=generator) * 1e-30,
     }[shared]
+    if shared in ("a_middle_digit", "no_bits_few_elements"):  # |Δ| exact: from zero
+        base = torch.zeros(numel)
     model = base + delta * torch.where(steps % 2 == 0, 1.0, -1.0)
     out = torch.full((1, numel), -1, dtype=torch.int32)
     assert kernel.places([model], base, list(out))
