@@ -21,6 +21,7 @@
  * operations as ``model_stock.py`` orders them, its squared norms summed in float64).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1254,6 +1255,101 @@ int fused_della_run(const task_args *rule, int32_t keys, const int64_t *offsets,
     free(sums);
     free(places);
     free(sort_scratch);
+    return code;
+}
+
+/* ---- the geometric median of one key (``geometric_median.py``): Weiszfeld's loop with
+ * ``grid_norm``'s norms (each d_j² on a power-of-two grid below the largest, summed as integers: the
+ * same bits in any order, so these loops give the torch path's bits) and ``weighted_mean``'s sums. */
+static int ceil_log2(int64_t n) { return n <= 1 ? 0 : 64 - __builtin_clzll((uint64_t)(n - 1)); }
+
+/* max_j |a_j − b_j| (b NULL: 0) in float32; −1 when some difference is not finite. */
+static float largest_difference(const void *a, int32_t dtype, const float *b, int64_t n) {
+    const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF), huge = _mm256_set1_epi32(NOT_FINITE - 1);
+    const int64_t vectorized = n - n % 8;
+    __m256 top = _mm256_setzero_ps();
+    __m256i bad = _mm256_setzero_si256();
+    for (int64_t j = 0; j < vectorized; j += 8) {
+        const __m256 d = b ? _mm256_sub_ps(load8(a, j, dtype), _mm256_loadu_ps(b + j)) : load8(a, j, dtype);
+        const __m256i bits = _mm256_and_si256(_mm256_castps_si256(d), magnitude_mask);
+        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(bits, huge));
+        top = _mm256_max_ps(top, _mm256_castsi256_ps(bits));
+    }
+    float lanes[8], largest = 0.0f;
+    _mm256_storeu_ps(lanes, top);
+    for (int l = 0; l < 8; l++) largest = lanes[l] > largest ? lanes[l] : largest;
+    for (int64_t j = vectorized; j < n; j++) {
+        const float d = b ? load1(a, j, dtype) - b[j] : load1(a, j, dtype);
+        if (!finite_bits(d)) return -1.0f;
+        largest = fabsf(d) > largest ? fabsf(d) : largest;
+    }
+    return _mm256_movemask_epi8(bad) ? -1.0f : largest;
+}
+
+/* ``grid_norm`` of a − b (b NULL: 0); −1 when some difference is not finite. */
+static float grid_norm(const void *a, int32_t dtype, const float *b, int64_t n) {
+    if (n == 0) return 0.0f;
+    const float top = largest_difference(a, dtype, b, n);
+    if (top < 0.0f) return -1.0f;
+    const double largest = (double)top * (double)top;
+    int exponent;
+    frexp(largest, &exponent);
+    int steps = (52 < 62 - ceil_log2(n) ? 52 : 62 - ceil_log2(n)) - exponent;
+    steps = steps < -1000 ? -1000 : steps > 1000 ? 1000 : steps;
+    const double scale = ldexp(1.0, steps);
+    const __m256d scale4 = _mm256_set1_pd(scale), magic = _mm256_set1_pd(4503599627370496.0); /* 2^52 */
+    const __m256i magic_bits = _mm256_set1_epi64x(0x4330000000000000LL);
+    __m256i total4 = _mm256_setzero_si256();
+    const int64_t vectorized = n - n % 8;
+    for (int64_t j = 0; j < vectorized; j += 8) {
+        const __m256 d = b ? _mm256_sub_ps(load8(a, j, dtype), _mm256_loadu_ps(b + j)) : load8(a, j, dtype);
+        const __m256d halves[2] = {_mm256_cvtps_pd(_mm256_castps256_ps128(d)), _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1))};
+        for (int h = 0; h < 2; h++) { /* round(d²·scale) ≤ 2^52: + 2^52 puts it in the mantissa's bits */
+            const __m256d q = _mm256_round_pd(_mm256_mul_pd(_mm256_mul_pd(halves[h], halves[h]), scale4),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            total4 = _mm256_add_epi64(total4, _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(q, magic)), magic_bits));
+        }
+    }
+    int64_t lanes[4], total = 0;
+    _mm256_storeu_si256((__m256i *)lanes, total4);
+    for (int l = 0; l < 4; l++) total += lanes[l];
+    for (int64_t j = vectorized; j < n; j++) {
+        const double d = (double)(b ? load1(a, j, dtype) - b[j] : load1(a, j, dtype));
+        total += (int64_t)nearbyint(d * d * scale);
+    }
+    return (float)sqrt((double)total / scale);
+}
+
+/* Weiszfeld from ``median`` (the weighted mean, given): up to max_iter steps m ← Σ c_i·M_i / Σ c_i,
+ * c_i = (1 / max(‖M_i − m‖, 1e-8))·w_i (float32; Σ c_i from +0, left to right), stopping once
+ * ‖m_new − m‖ ≤ 1e-7·‖m_new‖. ``median`` ends as the result; ``scratch``: n floats, ``coefficients``:
+ * m. Returns 2 when some difference is not finite (the torch path then gives its inf or nan). */
+int fused_geometric_median(const void *const *sources, int32_t models, int32_t dtype, const float *weights, int64_t n,
+                           int32_t max_iter, float *median, float *scratch, float *coefficients) {
+    if ((dtype != F16 && dtype != F32) || models < 1 || n < 1) return 1;
+    float *current = median, *updated = scratch;
+    int code = 0;
+    for (int32_t step = 0; step < max_iter; step++) {
+        float coefficient_sum = 0.0f;
+        for (int i = 0; i < models; i++) {
+            float distance = grid_norm(sources[i], dtype, current, n);
+            if (distance < 0.0f) code = 2;
+            distance = distance > 1e-8f ? distance : 1e-8f;
+            coefficients[i] = (1.0f / distance) * weights[i]; /* torch's w / d: 1/d, then × w */
+            coefficient_sum = coefficient_sum + coefficients[i];
+        }
+        if (code) break;
+        fused_weighted_mean(updated, F32, sources, dtype, coefficients, models, n, coefficient_sum);
+        const float moved = grid_norm(updated, F32, current, n), size = grid_norm(updated, F32, NULL, n);
+        float *previous = current;
+        current = updated, updated = previous;
+        if (moved < 0.0f || size < 0.0f) {
+            code = 2;
+            break;
+        }
+        if (moved <= 1e-7f * size) break;
+    }
+    if (current != median) memcpy(median, current, sizeof(float) * (size_t)n);
     return code;
 }
 

@@ -44,7 +44,7 @@ SOURCE = Path(__file__).with_name("_fused_cpu.c")
 DISABLE_VARIABLE = "AUTOMERGE_FUSED_CPU"
 MAX_MODELS = 64
 _DTYPES = {torch.float16: 0, torch.float32: 1}  # the C file's F16, F32
-_FLAGS = ["-O2", "-mavx2", "-mf16c", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
+_FLAGS = ["-O2", "-mavx2", "-mf16c", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-lm"]
 _PIECE = 1 << 20  # elements per call: a key larger than this is split among the threads
 _PLACES_PARALLEL_BYTES = 256 << 20  # models ranked in parallel while each one's scratch is below this
 _TOP_K_GATHER = 1 << 20  # top-k of a large key: the elements of t's bucket gathered, up to this many
@@ -227,6 +227,12 @@ class FusedKernel:
         ]  # fmt: skip
         for function in (self._stock_sums, self._stock_units, self._stock_apply, self._stock_run):
             function.restype = ctypes.c_int
+        self._geometric_median = library.fused_geometric_median
+        self._geometric_median.argtypes = [
+            ctypes.POINTER(pointer), ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_float), int64,
+            ctypes.c_int32, pointer, pointer, ctypes.POINTER(ctypes.c_float),
+        ]  # fmt: skip
+        self._geometric_median.restype = ctypes.c_int
         self._places = library.fused_places
         self._places.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -331,6 +337,33 @@ class FusedKernel:
         """``weighted_mean_into`` a new float32 tensor; None for sources the kernel does not take."""
         total = torch.empty(sources[0].shape, dtype=torch.float32)
         return total if self.weighted_mean_into(total, sources, weights, divisor) else None
+
+    def geometric_median_into(
+        self, out: Tensor, models: Sequence[Tensor], weights: Sequence[float], max_iter: int
+    ) -> bool:
+        """out ← ``geometric_median`` of one key (``fused_geometric_median``: from ``weighted_mean``,
+        Weiszfeld's steps with ``grid_norm``'s norms, in one call on one thread), rounded once to
+        out's dtype. False, ``out`` untouched, when the kernel does not take the tensors or some
+        difference is not finite (the torch path then gives its inf or nan)."""
+        n = out.numel()
+        if not self._takes(models, models[0], out) or any(t.numel() != n for t in models) or n == 0:
+            return False
+        median = self.weighted_mean(models, weights, sum(weights))
+        if median is None:
+            return False
+        m = len(models)
+        scratch = torch.empty_like(median)
+        code = self._geometric_median(
+            (ctypes.c_void_p * m)(*(t.data_ptr() for t in models)), m, _DTYPES[models[0].dtype],
+            (ctypes.c_float * m)(*weights), n, max_iter, median.data_ptr(), scratch.data_ptr(),
+            (ctypes.c_float * m)(),
+        )  # fmt: skip
+        if code not in (0, _NOT_FINITE):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
+        if code == _NOT_FINITE:
+            return False
+        out.copy_(median.view(out.shape))
+        return True
 
     def task_export(self, out: Tensor, models: Sequence[Tensor], base: Tensor, rule: ExportRule) -> bool:
         """out ← C + α·merged of one key (``ExportRule``), as ``TaskArithmetic`` computes it in float32,

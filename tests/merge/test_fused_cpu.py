@@ -427,7 +427,8 @@ def test_the_kernel_places_are_torchs_stable_descending_order(dtype: torch.dtype
 
 
 @pytest.mark.parametrize(
-    "shared", ["low_bits", "all_but_one_bit", "every_bit", "high_bits", "a_middle_digit", "no_bits_few_elements"]
+    "shared",
+    ["low_bits", "all_but_one_bit", "every_bit", "high_bits", "a_middle_digit", "no_bits_few_elements"],
 )
 @pytest.mark.usefixtures("kernel_needed")
 def test_the_kernel_places_sort_only_the_bits_where_magnitudes_differ(shared: str) -> None:
@@ -553,3 +554,41 @@ def test_model_stock_kernel_declines_a_non_finite_delta() -> None:
         assert not merge.stored_into(out, damaged, base)
         damaged[1][4_098], damaged[1][5] = rows[1][4_098], bad  # in the vector part
         assert not merge.stored_into(out, damaged, base)
+
+
+@pytest.mark.parametrize(
+    ("models", "numel", "source_dtype", "out_dtype", "weights", "max_iter"),
+    [
+        (1, 50, torch.float16, torch.float16, None, 5),
+        (3, 1_001, torch.float16, torch.float16, None, 100),  # runs to the stopping test
+        (7, 70_001, torch.float16, torch.float32, (0.5, 1.0, 2.0, 0.0, 1.0, 3.0, 1.7), 8),
+        (12, 9, torch.float32, torch.float16, None, 100),  # more than 8 models: the mean block by block
+    ],
+)
+@pytest.mark.usefixtures("kernel_needed")
+def test_the_geometric_median_kernel_gives_the_methods_bits(
+    models: int,
+    numel: int,
+    source_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    weights: tuple[float, ...] | None,
+    max_iter: int,
+) -> None:
+    """``geometric_median``'s ``stored_into`` (Weiszfeld's loop in C with ``grid_norm``'s norms)
+    against the method itself on the upcast sources, rounded to the output's dtype: equal bits, with
+    a model equal to another on a stretch and a weight of 0; a NaN in a model is declined."""
+    merge = METHODS.get("geometric_median")
+    assert merge.stored_into is not None
+    _, rows = _sources(models, numel, source_dtype, seed=models + numel)
+    if models > 1 and numel > 40:
+        rows[0][10:40] = rows[1][10:40]
+    w = None if weights is None else list(weights)
+    fast = torch.empty(numel, dtype=out_dtype)
+    assert merge.stored_into(fast, rows, None, weights=w, max_iter=max_iter)
+    slow = merge.fn([r.float() for r in rows], None, weights=w, max_iter=max_iter).to(out_dtype)
+    bits = torch.int16 if out_dtype == torch.float16 else torch.int32
+    assert torch.equal(fast.view(bits), slow.view(bits))
+    rows[-1][numel // 2] = float("nan")
+    untouched = fast.clone()
+    assert not merge.stored_into(fast, rows, None, weights=w, max_iter=max_iter)
+    assert torch.equal(fast.view(bits), untouched.view(bits))

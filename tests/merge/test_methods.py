@@ -1435,3 +1435,20 @@ def test_kth_largest_selects_large_int32_bits_by_histograms_not_kthvalue(monkeyp
     kth_largest(large[: RADIX_SELECT_NUMEL - 1], 10)
     kth_largest(magnitude_bits(_randn(RADIX_SELECT_NUMEL, seed=5).double().abs()), 10)
     assert calls == [(torch.int32, RADIX_SELECT_NUMEL - 1), (torch.int64, RADIX_SELECT_NUMEL)]
+
+
+def test_grid_norm_is_the_same_in_any_order_and_close_to_the_exact_norm() -> None:
+    """``grid_norm`` (geometric median's distances): the same bits for any order of the elements, the
+    float64 norm rounded to float32 within an ulp, 0 for zeros, inf or nan for non-finite ones."""
+    from automerge.merge.methods.geometric_median import grid_norm
+
+    generator = torch.Generator().manual_seed(5)
+    for numel in (1, 7, 1_000, 300_001):
+        x = torch.randn(numel, generator=generator) * torch.rand(numel, generator=generator) ** 8
+        shuffled = x[torch.randperm(numel, generator=generator)]
+        assert torch.equal(grid_norm(x), grid_norm(shuffled))
+        exact = torch.linalg.vector_norm(x.double())
+        assert abs(float(grid_norm(x)) - float(exact)) <= 1.2e-7 * float(exact)
+    assert float(grid_norm(torch.zeros(5))) == 0.0
+    assert float(grid_norm(torch.tensor([1.0, float("inf")]))) == math.inf
+    assert math.isnan(float(grid_norm(torch.tensor([1.0, float("nan")]))))
