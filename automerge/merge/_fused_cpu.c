@@ -1263,46 +1263,22 @@ int fused_della_run(const task_args *rule, int32_t keys, const int64_t *offsets,
  * same bits in any order, so these loops give the torch path's bits) and ``weighted_mean``'s sums. */
 static int ceil_log2(int64_t n) { return n <= 1 ? 0 : 64 - __builtin_clzll((uint64_t)(n - 1)); }
 
-/* max_j |a_j − b_j| (b NULL: 0) in float32; −1 when some difference is not finite. */
-static float largest_difference(const void *a, int32_t dtype, const float *b, int64_t n) {
+/* Σ_j round(d_j²·scale) as int64 over d = a − b (b NULL: 0), elements start … stop − 1, and in *top
+ * max_j |d_j| (float32; −1 when some d_j is not finite). A scale too large for the largest term gives
+ * a meaningless sum (the caller checks the largest term's exponent and sums again). */
+static int64_t grid_sum(const void *a, int32_t dtype, const float *b, int64_t start, int64_t stop, double scale,
+                        float *top) {
     const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF), huge = _mm256_set1_epi32(NOT_FINITE - 1);
-    const int64_t vectorized = n - n % 8;
-    __m256 top = _mm256_setzero_ps();
-    __m256i bad = _mm256_setzero_si256();
-    for (int64_t j = 0; j < vectorized; j += 8) {
+    const __m256d scale4 = _mm256_set1_pd(scale), magic = _mm256_set1_pd(4503599627370496.0); /* 2^52 */
+    const __m256i magic_bits = _mm256_set1_epi64x(0x4330000000000000LL);
+    __m256i total4 = _mm256_setzero_si256(), bad = _mm256_setzero_si256();
+    __m256 largest8 = _mm256_setzero_ps();
+    const int64_t vectorized = stop - (stop - start) % 8;
+    for (int64_t j = start; j < vectorized; j += 8) {
         const __m256 d = b ? _mm256_sub_ps(load8(a, j, dtype), _mm256_loadu_ps(b + j)) : load8(a, j, dtype);
         const __m256i bits = _mm256_and_si256(_mm256_castps_si256(d), magnitude_mask);
         bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(bits, huge));
-        top = _mm256_max_ps(top, _mm256_castsi256_ps(bits));
-    }
-    float lanes[8], largest = 0.0f;
-    _mm256_storeu_ps(lanes, top);
-    for (int l = 0; l < 8; l++) largest = lanes[l] > largest ? lanes[l] : largest;
-    for (int64_t j = vectorized; j < n; j++) {
-        const float d = b ? load1(a, j, dtype) - b[j] : load1(a, j, dtype);
-        if (!finite_bits(d)) return -1.0f;
-        largest = fabsf(d) > largest ? fabsf(d) : largest;
-    }
-    return _mm256_movemask_epi8(bad) ? -1.0f : largest;
-}
-
-/* ``grid_norm`` of a − b (b NULL: 0); −1 when some difference is not finite. */
-static float grid_norm(const void *a, int32_t dtype, const float *b, int64_t n) {
-    if (n == 0) return 0.0f;
-    const float top = largest_difference(a, dtype, b, n);
-    if (top < 0.0f) return -1.0f;
-    const double largest = (double)top * (double)top;
-    int exponent;
-    frexp(largest, &exponent);
-    int steps = (52 < 62 - ceil_log2(n) ? 52 : 62 - ceil_log2(n)) - exponent;
-    steps = steps < -1000 ? -1000 : steps > 1000 ? 1000 : steps;
-    const double scale = ldexp(1.0, steps);
-    const __m256d scale4 = _mm256_set1_pd(scale), magic = _mm256_set1_pd(4503599627370496.0); /* 2^52 */
-    const __m256i magic_bits = _mm256_set1_epi64x(0x4330000000000000LL);
-    __m256i total4 = _mm256_setzero_si256();
-    const int64_t vectorized = n - n % 8;
-    for (int64_t j = 0; j < vectorized; j += 8) {
-        const __m256 d = b ? _mm256_sub_ps(load8(a, j, dtype), _mm256_loadu_ps(b + j)) : load8(a, j, dtype);
+        largest8 = _mm256_max_ps(largest8, _mm256_castsi256_ps(bits));
         const __m256d halves[2] = {_mm256_cvtps_pd(_mm256_castps256_ps128(d)), _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1))};
         for (int h = 0; h < 2; h++) { /* round(d²·scale) ≤ 2^52: + 2^52 puts it in the mantissa's bits */
             const __m256d q = _mm256_round_pd(_mm256_mul_pd(_mm256_mul_pd(halves[h], halves[h]), scale4),
@@ -1310,12 +1286,47 @@ static float grid_norm(const void *a, int32_t dtype, const float *b, int64_t n) 
             total4 = _mm256_add_epi64(total4, _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(q, magic)), magic_bits));
         }
     }
-    int64_t lanes[4], total = 0;
+    int64_t lanes[4];
+    uint64_t total = 0; /* a meaningless sum may wrap */
+    float largest_lanes[8], largest = 0.0f;
     _mm256_storeu_si256((__m256i *)lanes, total4);
-    for (int l = 0; l < 4; l++) total += lanes[l];
-    for (int64_t j = vectorized; j < n; j++) {
-        const double d = (double)(b ? load1(a, j, dtype) - b[j] : load1(a, j, dtype));
-        total += (int64_t)nearbyint(d * d * scale);
+    _mm256_storeu_ps(largest_lanes, largest8);
+    for (int l = 0; l < 4; l++) total += (uint64_t)lanes[l];
+    for (int l = 0; l < 8; l++) largest = largest_lanes[l] > largest ? largest_lanes[l] : largest;
+    int bad1 = 0;
+    for (int64_t j = vectorized; j < stop; j++) {
+        const float d = b ? load1(a, j, dtype) - b[j] : load1(a, j, dtype);
+        bad1 |= !finite_bits(d);
+        largest = fabsf(d) > largest ? fabsf(d) : largest;
+        const double q = (double)d * (double)d * scale;
+        total += q < 9.0e18 ? (uint64_t)(int64_t)nearbyint(q) : 0;
+    }
+    *top = (_mm256_movemask_epi8(bad) || bad1) ? -1.0f : largest;
+    return (int64_t)total;
+}
+
+/* 1/g of ``grid_norm``'s grid for a largest square of exponent e (2^(e−1) ≤ max d² < 2^e), n terms */
+static double grid_scale(int64_t n, int exponent) {
+    int steps = (52 < 62 - ceil_log2(n) ? 52 : 62 - ceil_log2(n)) - exponent;
+    steps = steps < -1000 ? -1000 : steps > 1000 ? 1000 : steps;
+    return ldexp(1.0, steps);
+}
+
+/* ``grid_norm`` of a − b (b NULL: 0); −1 when some difference is not finite. *guess: the largest
+ * square's exponent expected (the last step's, for the same model), updated: one pass when right,
+ * two when not (INT32_MIN: no guess yet). */
+static float grid_norm(const void *a, int32_t dtype, const float *b, int64_t n, int *guess) {
+    if (n == 0) return 0.0f;
+    float top;
+    int exponent;
+    double scale = grid_scale(n, *guess == INT32_MIN ? 0 : *guess);
+    int64_t total = grid_sum(a, dtype, b, 0, n, scale, &top);
+    if (top < 0.0f) return -1.0f;
+    frexp((double)top * (double)top, &exponent);
+    if (exponent != *guess) {
+        *guess = exponent;
+        scale = grid_scale(n, exponent);
+        total = grid_sum(a, dtype, b, 0, n, scale, &top);
     }
     return (float)sqrt((double)total / scale);
 }
@@ -1323,16 +1334,19 @@ static float grid_norm(const void *a, int32_t dtype, const float *b, int64_t n) 
 /* Weiszfeld from ``median`` (the weighted mean, given): up to max_iter steps m ← Σ c_i·M_i / Σ c_i,
  * c_i = (1 / max(‖M_i − m‖, 1e-8))·w_i (float32; Σ c_i from +0, left to right), stopping once
  * ‖m_new − m‖ ≤ 1e-7·‖m_new‖. ``median`` ends as the result; ``scratch``: n floats, ``coefficients``:
- * m. Returns 2 when some difference is not finite (the torch path then gives its inf or nan). */
+ * m, ``guesses``: m + 2 (each norm's largest square's exponent, kept from step to step so that a
+ * norm is one pass while it stays). Returns 2 when some difference is not finite (the torch path then
+ * gives its inf or nan). */
 int fused_geometric_median(const void *const *sources, int32_t models, int32_t dtype, const float *weights, int64_t n,
-                           int32_t max_iter, float *median, float *scratch, float *coefficients) {
+                           int32_t max_iter, float *median, float *scratch, float *coefficients, int32_t *guesses) {
     if ((dtype != F16 && dtype != F32) || models < 1 || n < 1) return 1;
     float *current = median, *updated = scratch;
     int code = 0;
+    for (int i = 0; i < models + 2; i++) guesses[i] = INT32_MIN;
     for (int32_t step = 0; step < max_iter; step++) {
         float coefficient_sum = 0.0f;
         for (int i = 0; i < models; i++) {
-            float distance = grid_norm(sources[i], dtype, current, n);
+            float distance = grid_norm(sources[i], dtype, current, n, guesses + i);
             if (distance < 0.0f) code = 2;
             distance = distance > 1e-8f ? distance : 1e-8f;
             coefficients[i] = (1.0f / distance) * weights[i]; /* torch's w / d: 1/d, then × w */
@@ -1340,7 +1354,8 @@ int fused_geometric_median(const void *const *sources, int32_t models, int32_t d
         }
         if (code) break;
         fused_weighted_mean(updated, F32, sources, dtype, coefficients, models, n, coefficient_sum);
-        const float moved = grid_norm(updated, F32, current, n), size = grid_norm(updated, F32, NULL, n);
+        const float moved = grid_norm(updated, F32, current, n, guesses + models),
+                    size = grid_norm(updated, F32, NULL, n, guesses + models + 1);
         float *previous = current;
         current = updated, updated = previous;
         if (moved < 0.0f || size < 0.0f) {
@@ -1350,6 +1365,47 @@ int fused_geometric_median(const void *const *sources, int32_t models, int32_t d
         if (moved <= 1e-7f * size) break;
     }
     if (current != median) memcpy(median, current, sizeof(float) * (size_t)n);
+    return code;
+}
+
+/* ``fused_geometric_median`` of each key of a run laid back to back (key j: elements offsets[j] …
+ * offsets[j + 1] − 1 of every source and of ``out``), from ``weighted_mean``'s Σ w_i·M_i / divisor,
+ * the result stored in out's dtype (rounded once): one call per thread's share of the run, so that
+ * small keys cost no call each. Returns 2 at a key with a difference that is not finite (the caller
+ * merges key by key), 3 when the scratch (8 bytes an element of the largest key) cannot be had. */
+int fused_geometric_median_run(const void *const *sources, int32_t models, int32_t dtype, const float *weights,
+                               float divisor, int32_t keys, const int64_t *offsets, int32_t max_iter, void *out,
+                               int32_t out_dtype) {
+    if ((dtype != F16 && dtype != F32) || (out_dtype != F16 && out_dtype != F32) || models < 1 || keys < 1 ||
+        offsets[0] < 0)
+        return 1;
+    int64_t largest = 1;
+    for (int32_t j = 0; j < keys; j++) {
+        const int64_t n = offsets[j + 1] - offsets[j];
+        if (n < 1) return 1;
+        if (n > largest) largest = n;
+    }
+    const size_t size = dtype == F16 ? 2 : 4, out_size = out_dtype == F16 ? 2 : 4;
+    const void **key_sources = malloc(sizeof(void *) * (size_t)models);
+    float *median = malloc(sizeof(float) * 2 * (size_t)largest), *coefficients = malloc(sizeof(float) * (size_t)models);
+    int32_t *guesses = malloc(sizeof(int32_t) * ((size_t)models + 2));
+    int code = (key_sources && median && coefficients && guesses) ? 0 : 3;
+    for (int32_t j = 0; j < keys && !code; j++) {
+        const int64_t first = offsets[j], n = offsets[j + 1] - first;
+        for (int i = 0; i < models; i++) key_sources[i] = (const char *)sources[i] + first * size;
+        fused_weighted_mean(median, F32, key_sources, dtype, weights, models, n, divisor);
+        code = fused_geometric_median(key_sources, models, dtype, weights, n, max_iter, median, median + largest,
+                                      coefficients, guesses);
+        if (code) break;
+        void *key_out = (char *)out + first * out_size;
+        const int64_t vectorized = n - n % 8;
+        for (int64_t q = 0; q < vectorized; q += 8) store8(key_out, q, _mm256_loadu_ps(median + q), out_dtype);
+        for (int64_t q = vectorized; q < n; q++) store1(key_out, q, median[q], out_dtype);
+    }
+    free(key_sources);
+    free(median);
+    free(coefficients);
+    free(guesses);
     return code;
 }
 

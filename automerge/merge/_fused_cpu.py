@@ -227,12 +227,12 @@ class FusedKernel:
         ]  # fmt: skip
         for function in (self._stock_sums, self._stock_units, self._stock_apply, self._stock_run):
             function.restype = ctypes.c_int
-        self._geometric_median = library.fused_geometric_median
-        self._geometric_median.argtypes = [
-            ctypes.POINTER(pointer), ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_float), int64,
-            ctypes.c_int32, pointer, pointer, ctypes.POINTER(ctypes.c_float),
+        self._geometric_median_run = library.fused_geometric_median_run
+        self._geometric_median_run.argtypes = [
+            ctypes.POINTER(pointer), ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_float),
+            ctypes.c_float, ctypes.c_int32, pointer, ctypes.c_int32, pointer, ctypes.c_int32,
         ]  # fmt: skip
-        self._geometric_median.restype = ctypes.c_int
+        self._geometric_median_run.restype = ctypes.c_int
         self._places = library.fused_places
         self._places.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -338,32 +338,42 @@ class FusedKernel:
         total = torch.empty(sources[0].shape, dtype=torch.float32)
         return total if self.weighted_mean_into(total, sources, weights, divisor) else None
 
-    def geometric_median_into(
-        self, out: Tensor, models: Sequence[Tensor], weights: Sequence[float], max_iter: int
+    def geometric_median_run(
+        self,
+        out: Tensor,
+        models: Sequence[Tensor],
+        weights: Sequence[float],
+        sizes: Sequence[int],
+        max_iter: int,
     ) -> bool:
-        """out ← ``geometric_median`` of one key (``fused_geometric_median``: from ``weighted_mean``,
-        Weiszfeld's steps with ``grid_norm``'s norms, in one call on one thread), rounded once to
-        out's dtype. False, ``out`` untouched, when the kernel does not take the tensors or some
-        difference is not finite (the torch path then gives its inf or nan)."""
-        n = out.numel()
-        if not self._takes(models, models[0], out) or any(t.numel() != n for t in models) or n == 0:
-            return False
-        median = self.weighted_mean(models, weights, sum(weights))
-        if median is None:
+        """out ← ``geometric_median`` of each key of a run laid back to back in flat views (key j:
+        ``sizes[j]`` elements), each from ``weighted_mean``, Weiszfeld's steps with ``grid_norm``'s
+        norms, rounded once to out's dtype (``fused_geometric_median_run``: the keys split among the
+        threads by elements, one call each). False when the kernel does not take the tensors or some
+        key has a difference that is not finite (``out`` partly written; the caller merges key by key
+        and the torch path gives its inf or nan)."""
+        total = sum(sizes)
+        if (
+            not self._takes(models, models[0], out)
+            or any(t.numel() != total for t in [*models, out])
+            or not sizes
+            or min(sizes) < 1
+        ):
             return False
         m = len(models)
-        scratch = torch.empty_like(median)
-        code = self._geometric_median(
-            (ctypes.c_void_p * m)(*(t.data_ptr() for t in models)), m, _DTYPES[models[0].dtype],
-            (ctypes.c_float * m)(*weights), n, max_iter, median.data_ptr(), scratch.data_ptr(),
-            (ctypes.c_float * m)(),
-        )  # fmt: skip
-        if code not in (0, _NOT_FINITE):
-            raise RuntimeError("the fused CPU kernel refused its arguments")
-        if code == _NOT_FINITE:
-            return False
-        out.copy_(median.view(out.shape))
-        return True
+        offsets = list(itertools.accumulate(sizes, initial=0))
+        offset_array = (ctypes.c_int64 * len(offsets))(*offsets)
+        pointers = (ctypes.c_void_p * m)(*(t.data_ptr() for t in models))
+        weight_array = (ctypes.c_float * m)(*weights)
+        long_size = ctypes.sizeof(ctypes.c_int64)
+
+        def keys_of(first: int, last: int) -> int:
+            return self._geometric_median_run(
+                pointers, m, _DTYPES[models[0].dtype], weight_array, sum(weights), last - first,
+                ctypes.addressof(offset_array) + first * long_size, max_iter, out.data_ptr(), _DTYPES[out.dtype],
+            )  # fmt: skip
+
+        return self._over_key_groups(offsets, keys_of)
 
     def task_export(self, out: Tensor, models: Sequence[Tensor], base: Tensor, rule: ExportRule) -> bool:
         """out ← C + α·merged of one key (``ExportRule``), as ``TaskArithmetic`` computes it in float32,

@@ -592,3 +592,31 @@ def test_the_geometric_median_kernel_gives_the_methods_bits(
     untouched = fast.clone()
     assert not merge.stored_into(fast, rows, None, weights=w, max_iter=max_iter)
     assert torch.equal(fast.view(bits), untouched.view(bits))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.usefixtures("kernel_needed")
+def test_the_geometric_median_of_a_run_gives_each_keys_bits(threads: int) -> None:
+    """``geometric_median``'s ``stored_run_into`` (keys laid back to back, split among the threads,
+    one kernel call each) against the method on each key alone: equal bits; a NaN in one key declines
+    the run (the export then merges key by key)."""
+    merge = METHODS.get("geometric_median")
+    assert merge.stored_run_into is not None
+    total = sum(RUN_SIZES)
+    _, rows = _sources(5, total, torch.float16, seed=9)
+    weights = [1.0, 0.5, 2.0, 1.0, 3.0]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.empty(total, dtype=torch.float16)
+        assert merge.stored_run_into(out, rows, None, sizes=RUN_SIZES, max_iter=20, weights=weights)
+        offset = 0
+        for size in RUN_SIZES:
+            part = slice(offset, offset + size)
+            slow = merge.fn([r[part].float() for r in rows], None, max_iter=20, weights=weights).half()
+            assert torch.equal(out[part].view(torch.int16), slow.view(torch.int16)), size
+            offset += size
+        rows[2][total - 5] = float("nan")
+        assert not merge.stored_run_into(out, rows, None, sizes=RUN_SIZES, max_iter=20, weights=weights)
+    finally:
+        torch.set_num_threads(previous)

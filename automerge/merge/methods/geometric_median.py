@@ -17,6 +17,30 @@ _DISTANCE_FLOOR = 1e-8  # ε in 1/max(‖Mi − m‖, ε): a model at m gets a l
 _RELATIVE_TOLERANCE = 1e-7  # stop when ‖m_new − m‖ ≤ tol·‖m‖
 
 
+def _geometric_median_stored_run_into(
+    out: Tensor,
+    models: Sequence[Tensor],
+    base: Tensor | None,
+    *,
+    sizes: Sequence[int],
+    max_iter: int = 100,
+    weights: Sequence[float] | None = None,
+) -> bool:
+    """``geometric_median`` of each key of a run laid back to back in flat stored views (key j:
+    ``sizes[j]`` elements) into ``out`` (the fused kernel's ``geometric_median_run``: the method's
+    operations and norms, each result rounded once); the same bits as key by key."""
+    w = _checked_weights(weights, len(models))
+    kernel = fused_kernel()
+    return (
+        kernel is not None
+        and sum(w) != 0
+        and out.is_contiguous()
+        and kernel.geometric_median_run(
+            out.view(-1), [m.reshape(-1) for m in models], w, sizes, int(max_iter)
+        )
+    )
+
+
 def _geometric_median_stored_into(
     out: Tensor,
     models: Sequence[Tensor],
@@ -25,15 +49,19 @@ def _geometric_median_stored_into(
     max_iter: int = 100,
     weights: Sequence[float] | None = None,
 ) -> bool:
-    """``geometric_median`` straight from the stored sources into ``out`` (the fused kernel's
-    ``geometric_median_into``: the method's operations and norms, the result rounded once)."""
-    w = _checked_weights(weights, len(models))
-    kernel = fused_kernel()
-    return kernel is not None and sum(w) != 0 and kernel.geometric_median_into(out, models, w, int(max_iter))
+    """``geometric_median`` of one key straight from its stored sources (a run of one key)."""
+    sizes = [out.numel()] if out.numel() else []
+    return _geometric_median_stored_run_into(
+        out, models, base, sizes=sizes, max_iter=max_iter, weights=weights
+    )
 
 
 @register_method(
-    "geometric_median", needs_base=False, max_models=None, stored_into=_geometric_median_stored_into
+    "geometric_median",
+    needs_base=False,
+    max_models=None,
+    stored_into=_geometric_median_stored_into,
+    stored_run_into=_geometric_median_stored_run_into,
 )
 def geometric_median(
     models: Sequence[Tensor],
@@ -85,10 +113,10 @@ def _weiszfeld_step(models: Sequence[Tensor], w: list[float], median: Tensor) ->
 
 
 def grid_norm(difference: Tensor) -> Tensor:
-    """‖d‖₂ in float32, the same bits whatever order its terms are added in: each d_j² (exact in
-    float64) rounded to the nearest multiple of g = 2^(e − b), ties to even, where 2^(e−1) ≤ max d_j²
+    """‖d‖₂ in d's dtype, the same bits whatever order its terms are added in: each d_j² (in float64:
+    exact for float32 d) rounded to the nearest multiple of g = 2^(e − b), ties to even, where 2^(e−1) ≤ max d_j²
     < 2^e and b = min(52, 62 − ⌈log2 n⌉) (so the largest term is ~2^b grid steps and the sum of n fits
-    in int64), summed exactly as integers, then √(Σ·g) rounded once to float32. The sum's error is at
+    in int64), summed exactly as integers, then √(Σ·g) rounded once to d's dtype. The sum's error is at
     most n·2^−b of its largest term (2^−31 at 2 M elements), below float32's rounding; a vector_norm's
     sum depends on how it is split into lanes and threads. No device sync. Non-finite d: inf or nan,
     as vector_norm gives."""
@@ -101,5 +129,5 @@ def grid_norm(difference: Tensor) -> Tensor:
     steps = (grid_bits - exponent).clamp(-1000, 1000)  # 1/g = 2^steps; the clamp: frexp of inf or nan
     scale = ((steps + 1023) << 52).view(torch.float64)  # the float64 2^steps, from its bits
     total = torch.round(squares * scale).to(torch.int64).sum()  # not finite: unused
-    fixed = (total.double() / scale).sqrt().float()
-    return torch.where(torch.isfinite(largest), fixed, largest.sqrt().float())
+    fixed = (total.double() / scale).sqrt().to(difference.dtype)
+    return torch.where(torch.isfinite(largest), fixed, largest.sqrt().to(difference.dtype))
