@@ -18,7 +18,9 @@
  * also takes TIES's top-k cuts here (``fused_top_k_cuts``), a run of small keys in one call
  * (``fused_task_run``, ``fused_stock_run``), DELLA (``fused_della_*``: the same per-element
  * operations, models outside, ranks by the radix sort ``fused_places``) and Model Stock (``fused_stock_*``: its float32 element
- * operations as ``model_stock.py`` orders them, its squared norms summed in float64).
+ * operations as ``model_stock.py`` orders them, its squared norms summed in float64) and the
+ * geometric median (``fused_geometric_median*``: Weiszfeld's loop, its norms ``grid_norm``'s integer
+ * sums, which any order gives alike).
  */
 #include <immintrin.h>
 #include <math.h>
