@@ -1333,6 +1333,17 @@ static float grid_norm(const void *a, int32_t dtype, const float *b, int64_t n, 
     return (float)sqrt((double)total / scale);
 }
 
+/* A share of ``grid_norm``s for a key of n split among threads: for each source i, over elements
+ * start … stop − 1, its grid sum of d = M_i − b (b NULL: 0) on the grid of exponents[i] (as
+ * ``grid_norm`` takes it for a largest square of that exponent) in sums[i], and its largest |d| in
+ * tops[i] (−1 when some d is not finite). The integer sums of the shares add up to the whole's. */
+int fused_grid_sums(const void *const *sources, int32_t count, int32_t dtype, const float *b, int64_t n, int64_t start,
+                    int64_t stop, const int32_t *exponents, int64_t *sums, float *tops) {
+    if ((dtype != F16 && dtype != F32) || count < 1 || start < 0 || stop > n || start > stop) return 1;
+    for (int i = 0; i < count; i++) sums[i] = grid_sum(sources[i], dtype, b, start, stop, grid_scale(n, exponents[i]), tops + i);
+    return 0;
+}
+
 /* Weiszfeld from ``median`` (the weighted mean, given): up to max_iter steps m ← Σ c_i·M_i / Σ c_i,
  * c_i = (1 / max(‖M_i − m‖, 1e-8))·w_i (float32; Σ c_i from +0, left to right), stopping once
  * ‖m_new − m‖ ≤ 1e-7·‖m_new‖. ``median`` ends as the result; ``scratch``: n floats, ``coefficients``:

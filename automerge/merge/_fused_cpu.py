@@ -21,6 +21,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import math
 import os
 import platform
 import shutil
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,7 +52,12 @@ _PLACES_PARALLEL_BYTES = 256 << 20  # models ranked in parallel while each one's
 _TOP_K_GATHER = 1 << 20  # top-k of a large key: the elements of t's bucket gathered, up to this many
 _TOP_K_SAMPLE_FROM = 1 << 20  # top-k of a key this large: first a one-pass select bracketed by a sample
 _DELLA_GROUP, _DELLA_GROUP_BYTES = 8, 64 << 20  # the C file's DELLA_GROUP, DELLA_GROUP_BYTES
-_DELLA_SPLIT = 1 << 18  # DELLA of a key this large: its models' sorts and its elements over the threads
+_DELLA_SPLIT = 1 << 18
+_GEOMETRIC_MEDIAN_SPLIT = 1 << 18  # a key this large: every geometric-median pass split among the threads
+_DISTANCE_FLOOR, _RELATIVE_TOLERANCE = (
+    1e-8,
+    1e-7,
+)  # geometric_median.py's (and the C file's)  # DELLA of a key this large: its models' sorts and its elements over the threads
 # (below it the radix select was as fast or faster: benchmarks/top_k_cut.py, BENCHMARKS.md)
 
 
@@ -233,6 +240,12 @@ class FusedKernel:
             ctypes.c_float, ctypes.c_int32, pointer, ctypes.c_int32, pointer, ctypes.c_int32,
         ]  # fmt: skip
         self._geometric_median_run.restype = ctypes.c_int
+        self._grid_sums = library.fused_grid_sums
+        self._grid_sums.argtypes = [
+            ctypes.POINTER(pointer), ctypes.c_int32, ctypes.c_int32, pointer, int64, int64, int64,
+            ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float),
+        ]  # fmt: skip
+        self._grid_sums.restype = ctypes.c_int
         self._places = library.fused_places
         self._places.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -367,6 +380,9 @@ class FusedKernel:
         weight_array = (ctypes.c_float * m)(*weights)
         long_size = ctypes.sizeof(ctypes.c_int64)
 
+        if len(sizes) == 1 and total >= _GEOMETRIC_MEDIAN_SPLIT and torch.get_num_threads() > 1:
+            return self._geometric_median_key(out, models, weights, max_iter)
+
         def keys_of(first: int, last: int) -> int:
             return self._geometric_median_run(
                 pointers, m, _DTYPES[models[0].dtype], weight_array, sum(weights), last - first,
@@ -374,6 +390,85 @@ class FusedKernel:
             )  # fmt: skip
 
         return self._over_key_groups(offsets, keys_of)
+
+    def _geometric_median_key(
+        self, out: Tensor, models: Sequence[Tensor], weights: Sequence[float], max_iter: int
+    ) -> bool:
+        """``fused_geometric_median`` of one large key with every pass split among the threads: the
+        distances' grid sums per share (``fused_grid_sums``; integers, so the shares add up to the
+        bits of one pass), the weighted means (``weighted_mean_into``); the float32 steps between
+        passes as the C loop takes them (numpy float32 scalars)."""
+        one = np.float32(1.0)
+        median = self.weighted_mean(models, weights, sum(weights))
+        if median is None:
+            return False
+        updated = torch.empty_like(median)
+        guesses: list[int | None] = [None] * len(models)
+        moved_guess: list[int | None] = [None]
+        size_guess: list[int | None] = [None]
+        for _ in range(max_iter):
+            distances = self._grid_norms(models, median, guesses)
+            if distances is None:
+                return False
+            coefficients = [
+                (one / max(d, np.float32(_DISTANCE_FLOOR))) * np.float32(w)
+                for d, w in zip(distances, weights, strict=True)
+            ]
+            coefficient_sum = np.float32(0.0)
+            for c in coefficients:
+                coefficient_sum = coefficient_sum + c
+            self.weighted_mean_into(updated, models, [float(c) for c in coefficients], float(coefficient_sum))
+            moved = self._grid_norms([updated], median, moved_guess)
+            size = self._grid_norms([updated], None, size_guess)
+            median, updated = updated, median
+            if moved is None or size is None:
+                return False
+            if moved[0] <= np.float32(_RELATIVE_TOLERANCE) * size[0]:
+                break
+        out.copy_(median)
+        return True
+
+    def _grid_norms(
+        self, sources: Sequence[Tensor], median: Tensor | None, guesses: list[int | None]
+    ) -> list[np.float32] | None:
+        """``grid_norm`` of each source − median (None: 0) over the threads' shares of the key, each
+        on the grid of ``guesses[i]`` (its largest square's exponent last time; updated), again for
+        those whose exponent moved; None when some difference is not finite."""
+        n, count, threads = (
+            median.numel() if median is not None else sources[0].numel(),
+            len(sources),
+            torch.get_num_threads(),
+        )
+        shares = [(n * t // threads // 8 * 8, n * (t + 1) // threads // 8 * 8) for t in range(threads)]
+        shares[-1] = (shares[-1][0], n)
+        pointers = (ctypes.c_void_p * count)(*(s.data_ptr() for s in sources))
+        dtype, b = _DTYPES[sources[0].dtype], None if median is None else median.data_ptr()
+
+        def sums(exponents: Sequence[int]) -> tuple[list[int], list[float]]:
+            exponent_array = (ctypes.c_int32 * count)(*exponents)
+            results = [((ctypes.c_int64 * count)(), (ctypes.c_float * count)()) for _ in shares]
+
+            def share(t: int) -> int:
+                return self._grid_sums(pointers, count, dtype, b, n, *shares[t], exponent_array, *results[t])
+
+            if any(self._map(share, range(len(shares)))):
+                raise RuntimeError("the fused CPU kernel refused its arguments")
+            return [sum(r[0][i] for r in results) for i in range(count)], [
+                max(r[1][i] for r in results) if all(r[1][i] >= 0 for r in results) else -1.0
+                for i in range(count)
+            ]
+
+        totals, tops = sums([0 if g is None else g for g in guesses])
+        if any(top < 0 for top in tops):
+            return None
+        exponents = [math.frexp(top * top)[1] for top in tops]
+        if exponents != guesses:
+            guesses[:] = exponents
+            totals, tops = sums(exponents)
+        return [
+            np.float32(math.sqrt(total / _grid_scale(n, e)))
+            for total, e in zip(totals, exponents, strict=True)
+        ]
 
     def task_export(self, out: Tensor, models: Sequence[Tensor], base: Tensor, rule: ExportRule) -> bool:
         """out ← C + α·merged of one key (``ExportRule``), as ``TaskArithmetic`` computes it in float32,
@@ -732,6 +827,12 @@ def _uint32_array(values: Iterable[int]) -> ctypes.Array:
     if packed.itemsize != ctypes.sizeof(ctypes.c_uint32):  # no platform this runs on
         return (ctypes.c_uint32 * len(packed))(*packed)
     return (ctypes.c_uint32 * len(packed)).from_buffer(packed)  # keeps ``packed`` alive
+
+
+def _grid_scale(n: int, exponent: int) -> float:
+    """1/g of ``grid_norm``'s grid (the C file's ``grid_scale``)."""
+    steps = min(52, 62 - (n - 1).bit_length()) - exponent
+    return math.ldexp(1.0, max(-1000, min(1000, steps)))
 
 
 def _della_group(n: int, threads: int) -> int:

@@ -620,3 +620,31 @@ def test_the_geometric_median_of_a_run_gives_each_keys_bits(threads: int) -> Non
         assert not merge.stored_run_into(out, rows, None, sizes=RUN_SIZES, max_iter=20, weights=weights)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("numel", [4_099, 70_001])
+@pytest.mark.usefixtures("kernel_needed")
+def test_the_geometric_median_of_a_large_key_on_two_threads_gives_the_methods_bits(
+    numel: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key past ``_GEOMETRIC_MEDIAN_SPLIT`` (``_geometric_median_key``: every pass split between the
+    threads, the grid sums added from the shares) against the method itself: equal bits, with weights
+    and till the stopping test; a NaN declined with ``out`` untouched."""
+    monkeypatch.setattr("automerge.merge._fused_cpu._GEOMETRIC_MEDIAN_SPLIT", 1_000)
+    merge = METHODS.get("geometric_median")
+    assert merge.stored_into is not None
+    _, rows = _sources(6, numel, torch.float16, seed=numel + 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for weights, max_iter in ((None, 100), ([0.5, 1.0, 2.0, 0.0, 1.5, 1.0], 6)):
+            fast = torch.empty(numel, dtype=torch.float16)
+            assert merge.stored_into(fast, rows, None, weights=weights, max_iter=max_iter)
+            slow = merge.fn([r.float() for r in rows], None, weights=weights, max_iter=max_iter)
+            assert torch.equal(fast.view(torch.int16), slow.half().view(torch.int16)), weights
+        rows[4][numel - 3] = float("nan")
+        untouched = fast.clone()
+        assert not merge.stored_into(fast, rows, None, max_iter=5)
+        assert torch.equal(fast.view(torch.int16), untouched.view(torch.int16))
+    finally:
+        torch.set_num_threads(previous)
