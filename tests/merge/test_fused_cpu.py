@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,14 @@ class _Span:
     key: str
     offset: int
     numel: int
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored() -> Iterator[None]:
+    """Tests here set torch's number of threads; each gives back the number it started with."""
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
 
 
 def _sources(
@@ -266,28 +275,24 @@ def test_a_run_of_keys_merged_in_one_call_gives_each_keys_bits(
     names = [f"model.diffusion_model.k{j}" for j in range(len(RUN_SIZES))]
     noises = [noise_for(name, 3) for name in names] if merge.random else None
     w = None if weights is None else list(weights)
-    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        for density, alpha in [(0.45, 0.8), (1.0, 1.0), (0.0, 1.0), (0.03, -1.7)]:
-            run = torch.full((total,), float("nan"), dtype=out_dtype)
-            assert merge.stored_run_into(
-                run, rows, base, sizes=RUN_SIZES, noises=noises, weights=w, alpha=alpha, density=density
+    for density, alpha in [(0.45, 0.8), (1.0, 1.0), (0.0, 1.0), (0.03, -1.7)]:
+        run = torch.full((total,), float("nan"), dtype=out_dtype)
+        assert merge.stored_run_into(
+            run, rows, base, sizes=RUN_SIZES, noises=noises, weights=w, alpha=alpha, density=density
+        )
+        start = 0
+        for j, size in enumerate(RUN_SIZES):
+            part = slice(start, start + size)
+            one = torch.empty(size, dtype=out_dtype)
+            extra = {} if noises is None else {"noise": noises[j]}
+            keys_rows = [r[part] for r in rows]
+            assert merge.stored_into(
+                one, keys_rows, base[part], weights=w, alpha=alpha, density=density, **extra
             )
-            start = 0
-            for j, size in enumerate(RUN_SIZES):
-                part = slice(start, start + size)
-                one = torch.empty(size, dtype=out_dtype)
-                extra = {} if noises is None else {"noise": noises[j]}
-                keys_rows = [r[part] for r in rows]
-                assert merge.stored_into(
-                    one, keys_rows, base[part], weights=w, alpha=alpha, density=density, **extra
-                )
-                bits = torch.int16 if out_dtype == torch.float16 else torch.int32
-                assert torch.equal(run[part].view(bits), one.view(bits)), (density, alpha, j)
-                start += size
-    finally:
-        torch.set_num_threads(previous)
+            bits = torch.int16 if out_dtype == torch.float16 else torch.int32
+            assert torch.equal(run[part].view(bits), one.view(bits)), (density, alpha, j)
+            start += size
 
 
 @pytest.mark.parametrize(("numel", "models"), [(4_099, 5), (70_001, 5), (70_001, 11)])
@@ -306,18 +311,14 @@ def test_della_of_a_large_key_on_two_threads_gives_the_methods_bits(
     assert merge.stored_into is not None
     base, rows = _sources(models, numel, torch.float16, seed=numel)
     params = {"noise": noise_for("model.diffusion_model.k", 4), "density": 0.4, "epsilon": 0.3}
-    previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        for weights in (None, [0.5, 1.0, 2.0, 0.25, 1.5, 0.75][:models] + [1.25] * (models - 6)):
-            fast = torch.empty(numel, dtype=torch.float16)
-            assert merge.stored_into(fast, rows, base, weights=weights, alpha=0.9, **params)
-            slow = merge.fn([r.float() for r in rows], base.float(), weights=weights, alpha=0.9, **params)
-            assert torch.equal(fast.view(torch.int16), slow.half().view(torch.int16)), weights
-        rows[3][numel - 2] = float("nan")
-        assert not merge.stored_into(torch.empty(numel, dtype=torch.float16), rows, base, **params)
-    finally:
-        torch.set_num_threads(previous)
+    for weights in (None, [0.5, 1.0, 2.0, 0.25, 1.5, 0.75][:models] + [1.25] * (models - 6)):
+        fast = torch.empty(numel, dtype=torch.float16)
+        assert merge.stored_into(fast, rows, base, weights=weights, alpha=0.9, **params)
+        slow = merge.fn([r.float() for r in rows], base.float(), weights=weights, alpha=0.9, **params)
+        assert torch.equal(fast.view(torch.int16), slow.half().view(torch.int16)), weights
+    rows[3][numel - 2] = float("nan")
+    assert not merge.stored_into(torch.empty(numel, dtype=torch.float16), rows, base, **params)
 
 
 @pytest.mark.usefixtures("kernel_needed")
@@ -493,18 +494,14 @@ def test_model_stock_through_the_kernel_gives_the_methods_bits_at_any_thread_cou
     if models >= 5:  # two cancel, one is the base: the other models' deltas remain
         rows[1] = base.clone()
         rows[2] = (2 * base.float() - rows[0].float()).to(source_dtype)
-    previous = torch.get_num_threads()
-    try:
-        for alpha in [1.0, 0.37, 2.0]:
-            expected = merge.fn([r.float() for r in rows], base.float(), alpha=alpha).to(out_dtype)
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                out = torch.full((numel,), float("nan"), dtype=out_dtype)
-                assert merge.stored_into(out, rows, base, alpha=alpha)
-                bits = torch.int16 if out_dtype == torch.float16 else torch.int32
-                assert torch.equal(out.view(bits), expected.view(bits)), (alpha, threads)
-    finally:
-        torch.set_num_threads(previous)
+    for alpha in [1.0, 0.37, 2.0]:
+        expected = merge.fn([r.float() for r in rows], base.float(), alpha=alpha).to(out_dtype)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = torch.full((numel,), float("nan"), dtype=out_dtype)
+            assert merge.stored_into(out, rows, base, alpha=alpha)
+            bits = torch.int16 if out_dtype == torch.float16 else torch.int32
+            assert torch.equal(out.view(bits), expected.view(bits)), (alpha, threads)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -522,24 +519,20 @@ def test_model_stock_of_a_run_of_keys_in_one_call_gives_each_keys_bits(
     total = sum(sizes)
     base, rows = _sources(5, total, torch.float16, seed=8)
     rows[3][:1] = base[:1]  # the first key: model 3's delta is 0
-    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        for alpha in [1.0, 0.37]:
-            run = torch.full((total,), float("nan"), dtype=torch.float16)
-            assert merge.stored_run_into(run, rows, base, sizes=sizes, alpha=alpha)
-            start = 0
-            for size in sizes:
-                part = slice(start, start + size)
-                one = torch.empty(size, dtype=torch.float16)
-                assert merge.stored_into(one, [r[part] for r in rows], base[part], alpha=alpha)
-                assert torch.equal(run[part].view(torch.int16), one.view(torch.int16)), (alpha, size)
-                start += size
-        big = torch.empty(sum(RUN_SIZES), dtype=torch.float16)
-        big_base, big_rows = _sources(3, sum(RUN_SIZES), torch.float16, seed=9)
-        assert not merge.stored_run_into(big, big_rows, big_base, sizes=RUN_SIZES)  # 70,001 > a piece
-    finally:
-        torch.set_num_threads(previous)
+    for alpha in [1.0, 0.37]:
+        run = torch.full((total,), float("nan"), dtype=torch.float16)
+        assert merge.stored_run_into(run, rows, base, sizes=sizes, alpha=alpha)
+        start = 0
+        for size in sizes:
+            part = slice(start, start + size)
+            one = torch.empty(size, dtype=torch.float16)
+            assert merge.stored_into(one, [r[part] for r in rows], base[part], alpha=alpha)
+            assert torch.equal(run[part].view(torch.int16), one.view(torch.int16)), (alpha, size)
+            start += size
+    big = torch.empty(sum(RUN_SIZES), dtype=torch.float16)
+    big_base, big_rows = _sources(3, sum(RUN_SIZES), torch.float16, seed=9)
+    assert not merge.stored_run_into(big, big_rows, big_base, sizes=RUN_SIZES)  # 70,001 > a piece
 
 
 @pytest.mark.usefixtures("kernel_needed")
@@ -605,21 +598,17 @@ def test_the_geometric_median_of_a_run_gives_each_keys_bits(threads: int) -> Non
     total = sum(RUN_SIZES)
     _, rows = _sources(5, total, torch.float16, seed=9)
     weights = [1.0, 0.5, 2.0, 1.0, 3.0]
-    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        out = torch.empty(total, dtype=torch.float16)
-        assert merge.stored_run_into(out, rows, None, sizes=RUN_SIZES, max_iter=20, weights=weights)
-        offset = 0
-        for size in RUN_SIZES:
-            part = slice(offset, offset + size)
-            slow = merge.fn([r[part].float() for r in rows], None, max_iter=20, weights=weights).half()
-            assert torch.equal(out[part].view(torch.int16), slow.view(torch.int16)), size
-            offset += size
-        rows[2][total - 5] = float("nan")
-        assert not merge.stored_run_into(out, rows, None, sizes=RUN_SIZES, max_iter=20, weights=weights)
-    finally:
-        torch.set_num_threads(previous)
+    out = torch.empty(total, dtype=torch.float16)
+    assert merge.stored_run_into(out, rows, None, sizes=RUN_SIZES, max_iter=20, weights=weights)
+    offset = 0
+    for size in RUN_SIZES:
+        part = slice(offset, offset + size)
+        slow = merge.fn([r[part].float() for r in rows], None, max_iter=20, weights=weights).half()
+        assert torch.equal(out[part].view(torch.int16), slow.view(torch.int16)), size
+        offset += size
+    rows[2][total - 5] = float("nan")
+    assert not merge.stored_run_into(out, rows, None, sizes=RUN_SIZES, max_iter=20, weights=weights)
 
 
 @pytest.mark.parametrize("numel", [4_099, 70_001])
@@ -634,17 +623,13 @@ def test_the_geometric_median_of_a_large_key_on_two_threads_gives_the_methods_bi
     merge = METHODS.get("geometric_median")
     assert merge.stored_into is not None
     _, rows = _sources(6, numel, torch.float16, seed=numel + 1)
-    previous = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        for weights, max_iter in ((None, 100), ([0.5, 1.0, 2.0, 0.0, 1.5, 1.0], 6)):
-            fast = torch.empty(numel, dtype=torch.float16)
-            assert merge.stored_into(fast, rows, None, weights=weights, max_iter=max_iter)
-            slow = merge.fn([r.float() for r in rows], None, weights=weights, max_iter=max_iter)
-            assert torch.equal(fast.view(torch.int16), slow.half().view(torch.int16)), weights
-        rows[4][numel - 3] = float("nan")
-        untouched = fast.clone()
-        assert not merge.stored_into(fast, rows, None, max_iter=5)
-        assert torch.equal(fast.view(torch.int16), untouched.view(torch.int16))
-    finally:
-        torch.set_num_threads(previous)
+    for weights, max_iter in ((None, 100), ([0.5, 1.0, 2.0, 0.0, 1.5, 1.0], 6)):
+        fast = torch.empty(numel, dtype=torch.float16)
+        assert merge.stored_into(fast, rows, None, weights=weights, max_iter=max_iter)
+        slow = merge.fn([r.float() for r in rows], None, weights=weights, max_iter=max_iter)
+        assert torch.equal(fast.view(torch.int16), slow.half().view(torch.int16)), weights
+    rows[4][numel - 3] = float("nan")
+    untouched = fast.clone()
+    assert not merge.stored_into(fast, rows, None, max_iter=5)
+    assert torch.equal(fast.view(torch.int16), untouched.view(torch.int16))
