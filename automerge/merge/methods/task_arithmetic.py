@@ -46,6 +46,7 @@ from automerge.merge.methods._task_core import (
     kth_largest,
     magnitude_bits,
     magnitude_order,
+    noise_key_bytes,
     noise_keys,
     weighted_delta,
 )
@@ -144,8 +145,8 @@ class TaskArithmetic:
         if top_k:
             run = KeyRun(tuple(sizes), keep_counts=tuple(_keep_count(density, n) for n in sizes))
         elif noises is not None and len(noises) == len(sizes):
-            pairs = tuple(pair for x in noises for pair in noise_keys(x.seed, x.key, len(models)))
-            run = KeyRun(tuple(sizes), draw_keys=pairs)
+            draw_keys = b"".join(noise_key_bytes(x.seed, x.key, len(models)) for x in noises)
+            run = KeyRun(tuple(sizes), draw_keys=draw_keys)
         else:
             return False
         return kernel.task_export_run(out, models, base, rule, run)
