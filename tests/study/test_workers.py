@@ -146,7 +146,12 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(make_st
     first.send_signal(signal.SIGKILL)
     first.communicate(timeout=60)
     killed = running[0].number
-    time.sleep(5)  # past the grace period
+    beats = open_storage(
+        url, heartbeat=load_study_file(path).heartbeat
+    )  # Optuna's stale check, as workers run it
+    study_id = beats.get_study_id_from_name("test-study")
+    while running[0]._trial_id not in beats._get_stale_trial_ids(study_id):  # its last beat past the grace
+        time.sleep(0.2)
 
     (second,) = _start_workers(path, 1)
     output = second.communicate(timeout=600)[0]
