@@ -24,10 +24,9 @@ import math
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,14 +50,10 @@ _PIECE = 1 << 20  # elements per call: a key larger than this is split among the
 _PLACES_PARALLEL_BYTES = 256 << 20  # models ranked in parallel while each one's scratch is below this
 _TOP_K_GATHER = 1 << 20  # top-k of a large key: the elements of t's bucket gathered, up to this many
 _TOP_K_SAMPLE_FROM = 1 << 20  # top-k of a key this large: first a one-pass select bracketed by a sample
-_DELLA_GROUP, _DELLA_GROUP_BYTES = 8, 64 << 20  # the C file's DELLA_GROUP, DELLA_GROUP_BYTES
-_DELLA_SPLIT = 1 << 18
-_GEOMETRIC_MEDIAN_SPLIT = 1 << 18  # a key this large: every geometric-median pass split among the threads
-_DISTANCE_FLOOR, _RELATIVE_TOLERANCE = (
-    1e-8,
-    1e-7,
-)  # geometric_median.py's (and the C file's)  # DELLA of a key this large: its models' sorts and its elements over the threads
 # (below it the radix select was as fast or faster: benchmarks/top_k_cut.py, BENCHMARKS.md)
+_DELLA_GROUP, _DELLA_GROUP_BYTES = 8, 64 << 20  # the C file's DELLA_GROUP, DELLA_GROUP_BYTES
+_DELLA_SPLIT = 1 << 18  # DELLA of a key this large: its models' sorts and its elements over the threads
+_GEOMETRIC_MEDIAN_SPLIT = 1 << 18  # a key this large: every geometric-median pass split among the threads
 
 
 class _Args(ctypes.Structure):
@@ -143,7 +138,7 @@ class ExportRule:
     keep_count: int | None = None  # top-k: k
     density: float = 1.0  # drop: Δ is divided by it (unless 1); DELLA: its density
     draw_threshold: int = 0
-    draw_keys: tuple[tuple[int, int], ...] = ()
+    draw_keys: bytes = b""  # each model's (k0, k1), little-endian uint32 (``noise_key_bytes``)
     spread: float | None = None  # DELLA (keep where u < p_j, its rank's probability): ε'
 
 
@@ -374,15 +369,15 @@ class FusedKernel:
             or min(sizes) < 1
         ):
             return False
+        if len(sizes) == 1 and total >= _GEOMETRIC_MEDIAN_SPLIT and torch.get_num_threads() > 1:
+            return self._geometric_median_key(out, models, weights, max_iter)
+
         m = len(models)
         offsets = list(itertools.accumulate(sizes, initial=0))
         offset_array = (ctypes.c_int64 * len(offsets))(*offsets)
         pointers = (ctypes.c_void_p * m)(*(t.data_ptr() for t in models))
         weight_array = (ctypes.c_float * m)(*weights)
         long_size = ctypes.sizeof(ctypes.c_int64)
-
-        if len(sizes) == 1 and total >= _GEOMETRIC_MEDIAN_SPLIT and torch.get_num_threads() > 1:
-            return self._geometric_median_key(out, models, weights, max_iter)
 
         def keys_of(first: int, last: int) -> int:
             return self._geometric_median_run(
@@ -399,6 +394,8 @@ class FusedKernel:
         distances' grid sums per share (``fused_grid_sums``; integers, so the shares add up to the
         bits of one pass), the weighted means (``weighted_mean_into``); the float32 steps between
         passes as the C loop takes them (numpy float32 scalars)."""
+        from automerge.merge.methods.geometric_median import DISTANCE_FLOOR, RELATIVE_TOLERANCE
+
         one = np.float32(1.0)
         median = self.weighted_mean(models, weights, sum(weights))
         if median is None:
@@ -412,7 +409,7 @@ class FusedKernel:
             if distances is None:
                 return False
             coefficients = [
-                (one / max(d, np.float32(_DISTANCE_FLOOR))) * np.float32(w)
+                (one / max(d, np.float32(DISTANCE_FLOOR))) * np.float32(w)
                 for d, w in zip(distances, weights, strict=True)
             ]
             coefficient_sum = np.float32(0.0)
@@ -424,7 +421,7 @@ class FusedKernel:
             median, updated = updated, median
             if moved is None or size is None:
                 return False
-            if moved[0] <= np.float32(_RELATIVE_TOLERANCE) * size[0]:
+            if moved[0] <= np.float32(RELATIVE_TOLERANCE) * size[0]:
                 break
         out.copy_(median)
         return True
@@ -435,29 +432,26 @@ class FusedKernel:
         """``grid_norm`` of each source − median (None: 0) over the threads' shares of the key, each
         on the grid of ``guesses[i]`` (its largest square's exponent last time; updated), again for
         those whose exponent moved; None when some difference is not finite."""
-        n, count, threads = (
-            median.numel() if median is not None else sources[0].numel(),
-            len(sources),
-            torch.get_num_threads(),
-        )
-        shares = [(n * t // threads // 8 * 8, n * (t + 1) // threads // 8 * 8) for t in range(threads)]
-        shares[-1] = (shares[-1][0], n)
+        n, count = sources[0].numel(), len(sources)
+        shares = _thread_shares(n, torch.get_num_threads())
         pointers = (ctypes.c_void_p * count)(*(s.data_ptr() for s in sources))
         dtype, b = _DTYPES[sources[0].dtype], None if median is None else median.data_ptr()
 
         def sums(exponents: Sequence[int]) -> tuple[list[int], list[float]]:
+            """Each source's grid sum and largest |d| (−1: not finite), over all the shares."""
             exponent_array = (ctypes.c_int32 * count)(*exponents)
-            results = [((ctypes.c_int64 * count)(), (ctypes.c_float * count)()) for _ in shares]
-
-            def share(t: int) -> int:
-                return self._grid_sums(pointers, count, dtype, b, n, *shares[t], exponent_array, *results[t])
-
-            if any(self._map(share, range(len(shares)))):
+            parts = [((ctypes.c_int64 * count)(), (ctypes.c_float * count)()) for _ in shares]
+            codes = self._map(
+                lambda t: self._grid_sums(
+                    pointers, count, dtype, b, n, *shares[t], exponent_array, *parts[t]
+                ),
+                range(len(shares)),
+            )
+            if any(codes):
                 raise RuntimeError("the fused CPU kernel refused its arguments")
-            return [sum(r[0][i] for r in results) for i in range(count)], [
-                max(r[1][i] for r in results) if all(r[1][i] >= 0 for r in results) else -1.0
-                for i in range(count)
-            ]
+            totals = [sum(total[i] for total, _ in parts) for i in range(count)]
+            tops = [[top[i] for _, top in parts] for i in range(count)]
+            return totals, [-1.0 if min(each) < 0 else max(each) for each in tops]
 
         totals, tops = sums([0 if g is None else g for g in guesses])
         if any(top < 0 for top in tops):
@@ -478,7 +472,7 @@ class FusedKernel:
         n = out.numel()
         if rule.spread is not None:  # DELLA: model after model over the key
             return n > 0 and self.task_export_run(
-                out, models, base, rule, KeyRun((n,), draw_keys=_pair_bytes(rule.draw_keys))
+                out, models, base, rule, KeyRun((n,), draw_keys=rule.draw_keys)
             )
         if (
             not self._takes(models, base, out)
@@ -495,7 +489,7 @@ class FusedKernel:
         template = self._task_template(out, models, base, rule, sources, top_k=k is not None) | dict(
             thresholds=thresholds,
             cuts=cuts,
-            draw_keys=(ctypes.c_uint32 * (2 * m))(*(x for pair in rule.draw_keys for x in pair)),
+            draw_keys=_uint32_array(rule.draw_keys) if rule.draw_keys else None,
         )
         calls = [
             _TaskArgs(start=start, stop=min(n, start + _PIECE), **template) for start in range(0, n, _PIECE)
@@ -531,9 +525,7 @@ class FusedKernel:
         keys = len(run.sizes)
         offset_array = (ctypes.c_int64 * (keys + 1))(*offsets)
         counts = (ctypes.c_int64 * keys)(*run.keep_counts) if top_k else None
-        draws = (
-            None if top_k else (ctypes.c_uint32 * (len(run.draw_keys) // 4)).from_buffer_copy(run.draw_keys)
-        )
+        draws = None if top_k else _uint32_array(run.draw_keys)
         pointers = (ctypes.c_void_p * m)(*(t.data_ptr() for t in models))
         args = _TaskArgs(
             start=0, stop=0, **self._task_template(out, models, base, rule, pointers, top_k=top_k)
@@ -570,8 +562,7 @@ class FusedKernel:
         places = [torch.empty(n, dtype=torch.int32) for _ in range(group)]
         rows = (ctypes.c_void_p * group)(*(row.data_ptr() for row in places))
         scratch = [torch.empty(4 * n, dtype=torch.int32) for _ in range(threads)]
-        pieces = [(n * p // threads // 8 * 8, n * (p + 1) // threads // 8 * 8) for p in range(threads)]
-        pieces[-1] = (pieces[-1][0], n)
+        pieces = _thread_shares(n, threads)
         dtype = _DTYPES[base.dtype]
 
         def sort(slots: Sequence[tuple[int, int]]) -> int:
@@ -823,9 +814,16 @@ class FusedKernel:
         return list(self._pool.map(function, calls))
 
 
-def _pair_bytes(pairs: Iterable[tuple[int, int]]) -> bytes:
-    """Pairs of uint32 as ``KeyRun.draw_keys`` holds them (little-endian, pair after pair)."""
-    return b"".join(struct.pack("<II", *pair) for pair in pairs)
+def _uint32_array(packed: bytes) -> ctypes.Array:
+    """The kernel's uint32 array of little-endian uint32 ``packed`` (the kernel runs on x86 only)."""
+    return (ctypes.c_uint32 * (len(packed) // 4)).from_buffer_copy(packed)
+
+
+def _thread_shares(n: int, threads: int) -> list[tuple[int, int]]:
+    """Elements 0 … n − 1 cut into one share per thread, each starting at a multiple of 8."""
+    shares = [(n * t // threads // 8 * 8, n * (t + 1) // threads // 8 * 8) for t in range(threads)]
+    shares[-1] = (shares[-1][0], n)
+    return shares
 
 
 def _grid_scale(n: int, exponent: int) -> float:

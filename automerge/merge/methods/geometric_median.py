@@ -13,8 +13,8 @@ from automerge.merge._fused_cpu import fused_kernel
 from automerge.merge.methods._spec import Param, held_if_small, model_weights, register_method
 from automerge.merge.methods.average import weighted_mean
 
-_DISTANCE_FLOOR = 1e-8  # ε in 1/max(‖Mi − m‖, ε): a model at m gets a large, finite weight
-_RELATIVE_TOLERANCE = 1e-7  # stop when ‖m_new − m‖ ≤ tol·‖m‖
+DISTANCE_FLOOR = 1e-8  # ε in 1/max(‖Mi − m‖, ε): a model at m gets a large, finite weight
+RELATIVE_TOLERANCE = 1e-7  # stop when ‖m_new − m‖ ≤ tol·‖m‖
 
 
 def _geometric_median_stored_run_into(
@@ -86,7 +86,7 @@ def geometric_median(
         updated = _weiszfeld_step(models, w, median)
         step = grid_norm(updated - median)
         median = updated
-        if step <= _RELATIVE_TOLERANCE * grid_norm(median):
+        if step <= RELATIVE_TOLERANCE * grid_norm(median):
             break
     return median
 
@@ -103,7 +103,7 @@ def _weiszfeld_step(models: Sequence[Tensor], w: list[float], median: Tensor) ->
     total: Tensor | None = None
     coefficient_sum = torch.zeros((), dtype=median.dtype, device=median.device)
     for model, weight in zip(models, w, strict=True):
-        distance = grid_norm(model - median).clamp(min=_DISTANCE_FLOOR)  # ()
+        distance = grid_norm(model - median).clamp(min=DISTANCE_FLOOR)  # ()
         coefficient = distance.reciprocal() * weight  # what weight / distance computes, said plainly
         term = model * coefficient
         total = term if total is None else total.add_(term)

@@ -47,7 +47,6 @@ from automerge.merge.methods._task_core import (
     magnitude_bits,
     magnitude_order,
     noise_key_bytes,
-    noise_keys,
     weighted_delta,
 )
 
@@ -120,7 +119,7 @@ class TaskArithmetic:
             rule = replace(rule, keep_count=_keep_count(density, out.numel()))
         else:
             noise = sparsify_params["noise"]
-            rule = replace(rule, draw_keys=tuple(noise_keys(noise.seed, noise.key, len(models))))
+            rule = replace(rule, draw_keys=noise_key_bytes(noise.seed, noise.key, len(models)))
         return kernel.task_export(out, models, base, rule)
 
     def stored_run_into(
