@@ -169,6 +169,34 @@ int fused_task_arithmetic(const fused_args *a) {
  * sources); up to 8 sources are read interleaved (15 % faster at 5). */
 #define MEAN_BLOCK 2048
 #define INTERLEAVED_MODELS 8
+#define MEAN_GROUP 8
+
+/* acc[j] = Σ_i x_i[begin + j]·w_i over j < length, left to right from the first product, each
+ * product rounded first: the block's sums pass through registers once per MEAN_GROUP sources. */
+static void block_weighted_sum(float *acc, const void *const *sources, int32_t models, int32_t dtype,
+                               const float *weights, int64_t begin, int64_t length) {
+    const int64_t vectorized = length - length % 8;
+    for (int first = 0; first < models; first += MEAN_GROUP) {
+        const int count = models - first < MEAN_GROUP ? models - first : MEAN_GROUP;
+        const void *const *group = sources + first;
+        const float *w = weights + first;
+        for (int64_t j = 0; j < vectorized; j += 8) {
+            __m256 total = first == 0 ? _mm256_mul_ps(load8(group[0], begin + j, dtype), _mm256_set1_ps(w[0]))
+                                      : _mm256_add_ps(_mm256_loadu_ps(acc + j),
+                                                      _mm256_mul_ps(load8(group[0], begin + j, dtype), _mm256_set1_ps(w[0])));
+            for (int i = 1; i < count; i++)
+                total = _mm256_add_ps(total, _mm256_mul_ps(load8(group[i], begin + j, dtype), _mm256_set1_ps(w[i])));
+            _mm256_storeu_ps(acc + j, total);
+        }
+        for (int64_t j = vectorized; j < length; j++) {
+            float total = load1(group[0], begin + j, dtype) * w[0];
+            if (first) total = acc[j] + total;
+            for (int i = 1; i < count; i++) total = total + load1(group[i], begin + j, dtype) * w[i];
+            acc[j] = total;
+        }
+    }
+}
+
 int fused_weighted_mean(void *out, int32_t out_dtype, const void *const *sources, int32_t dtype,
                         const float *weights, int32_t models, int64_t n, float divisor) {
     if ((dtype != F16 && dtype != F32) || (out_dtype != F16 && out_dtype != F32) || n < 0 || models < 1)
@@ -192,19 +220,8 @@ int fused_weighted_mean(void *out, int32_t out_dtype, const void *const *sources
     float acc[MEAN_BLOCK];
     for (int64_t begin = 0; begin < n; begin += MEAN_BLOCK) {
         const int64_t length = begin + MEAN_BLOCK < n ? MEAN_BLOCK : n - begin;
+        block_weighted_sum(acc, sources, models, dtype, weights, begin, length);
         const int64_t vectorized = length - length % 8;
-        for (int i = 0; i < models; i++) {
-            const __m256 w = _mm256_set1_ps(weights[i]);
-            const void *source = sources[i];
-            for (int64_t j = 0; j < vectorized; j += 8) {
-                const __m256 term = _mm256_mul_ps(load8(source, begin + j, dtype), w);
-                _mm256_storeu_ps(acc + j, i == 0 ? term : _mm256_add_ps(_mm256_loadu_ps(acc + j), term));
-            }
-            for (int64_t j = vectorized; j < length; j++) {
-                const float term = load1(source, begin + j, dtype) * weights[i];
-                acc[j] = i == 0 ? term : acc[j] + term;
-            }
-        }
         for (int64_t j = 0; j < vectorized; j += 8)
             store8(out, begin + j, _mm256_div_ps(_mm256_loadu_ps(acc + j), d), out_dtype);
         for (int64_t j = vectorized; j < length; j++) store1(out, begin + j, acc[j] / divisor, out_dtype);
@@ -1270,40 +1287,40 @@ static int ceil_log2(int64_t n) { return n <= 1 ? 0 : 64 - __builtin_clzll((uint
  * a meaningless sum (the caller checks the largest term's exponent and sums again). */
 static int64_t grid_sum(const void *a, int32_t dtype, const float *b, int64_t start, int64_t stop, double scale,
                         float *top) {
-    const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF), huge = _mm256_set1_epi32(NOT_FINITE - 1);
-    const __m256d scale4 = _mm256_set1_pd(scale), magic = _mm256_set1_pd(4503599627370496.0); /* 2^52 */
-    const __m256i magic_bits = _mm256_set1_epi64x(0x4330000000000000LL);
-    __m256i total4 = _mm256_setzero_si256(), bad = _mm256_setzero_si256();
-    __m256 largest8 = _mm256_setzero_ps();
+    /* d² is exact in float64 and g = 1/scale a power of two, so d² + 2^52·g rounds d² to the grid
+     * (ties to even) while d² < 2^52·g, and the sum's bits less 2^52·g's are round(d²/g) */
+    const double offset = 4503599627370496.0 / scale;
+    const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256d offset4 = _mm256_set1_pd(offset);
+    __m256i total4 = _mm256_setzero_si256(), largest8 = _mm256_setzero_si256();
     const int64_t vectorized = stop - (stop - start) % 8;
     for (int64_t j = start; j < vectorized; j += 8) {
         const __m256 d = b ? _mm256_sub_ps(load8(a, j, dtype), _mm256_loadu_ps(b + j)) : load8(a, j, dtype);
-        const __m256i bits = _mm256_and_si256(_mm256_castps_si256(d), magnitude_mask);
-        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(bits, huge));
-        largest8 = _mm256_max_ps(largest8, _mm256_castsi256_ps(bits));
-        const __m256d halves[2] = {_mm256_cvtps_pd(_mm256_castps256_ps128(d)), _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1))};
-        for (int h = 0; h < 2; h++) { /* round(d²·scale) ≤ 2^52: + 2^52 puts it in the mantissa's bits */
-            const __m256d q = _mm256_round_pd(_mm256_mul_pd(_mm256_mul_pd(halves[h], halves[h]), scale4),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            total4 = _mm256_add_epi64(total4, _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(q, magic)), magic_bits));
-        }
+        largest8 = _mm256_max_epi32(largest8, _mm256_and_si256(_mm256_castps_si256(d), magnitude_mask));
+        const __m256d low = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), high = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+        total4 = _mm256_add_epi64(total4, _mm256_castpd_si256(_mm256_add_pd(_mm256_mul_pd(low, low), offset4)));
+        total4 = _mm256_add_epi64(total4, _mm256_castpd_si256(_mm256_add_pd(_mm256_mul_pd(high, high), offset4)));
     }
     int64_t lanes[4];
-    uint64_t total = 0; /* a meaningless sum may wrap */
-    float largest_lanes[8], largest = 0.0f;
+    int32_t largest_lanes[8], largest_bits = 0;
+    uint64_t offset_bits; /* a meaningless sum may wrap */
+    memcpy(&offset_bits, &offset, sizeof offset_bits);
+    uint64_t total = (uint64_t)0 - (uint64_t)(vectorized - start) * offset_bits;
     _mm256_storeu_si256((__m256i *)lanes, total4);
-    _mm256_storeu_ps(largest_lanes, largest8);
+    _mm256_storeu_si256((__m256i *)largest_lanes, largest8);
     for (int l = 0; l < 4; l++) total += (uint64_t)lanes[l];
-    for (int l = 0; l < 8; l++) largest = largest_lanes[l] > largest ? largest_lanes[l] : largest;
-    int bad1 = 0;
+    for (int l = 0; l < 8; l++) largest_bits = largest_lanes[l] > largest_bits ? largest_lanes[l] : largest_bits;
+    float largest;
+    memcpy(&largest, &largest_bits, sizeof largest);
+    int bad = largest_bits >= NOT_FINITE;
     for (int64_t j = vectorized; j < stop; j++) {
         const float d = b ? load1(a, j, dtype) - b[j] : load1(a, j, dtype);
-        bad1 |= !finite_bits(d);
+        bad |= !finite_bits(d);
         largest = fabsf(d) > largest ? fabsf(d) : largest;
         const double q = (double)d * (double)d * scale;
         total += q < 9.0e18 ? (uint64_t)(int64_t)nearbyint(q) : 0;
     }
-    *top = (_mm256_movemask_epi8(bad) || bad1) ? -1.0f : largest;
+    *top = bad ? -1.0f : largest;
     return (int64_t)total;
 }
 

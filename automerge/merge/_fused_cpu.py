@@ -54,6 +54,7 @@ _TOP_K_SAMPLE_FROM = 1 << 20  # top-k of a key this large: first a one-pass sele
 _DELLA_GROUP, _DELLA_GROUP_BYTES = 8, 64 << 20  # the C file's DELLA_GROUP, DELLA_GROUP_BYTES
 _DELLA_SPLIT = 1 << 18  # DELLA of a key this large: its models' sorts and its elements over the threads
 _GEOMETRIC_MEDIAN_SPLIT = 1 << 18  # a key this large: every geometric-median pass split among the threads
+_GROUP_WORK = 1 << 20  # element-passes of a run worth splitting among the threads (~1 ms of work)
 
 
 class _Args(ctypes.Structure):
@@ -331,11 +332,10 @@ class FusedKernel:
         factors = (ctypes.c_float * m)(*weights)
         in_dtype, out_dtype = _DTYPES[sources[0].dtype], _DTYPES[out.dtype]
         calls = []
-        for start in range(0, out.numel(), _PIECE):
+        for start, stop in _even_pieces(out.numel(), torch.get_num_threads(), m):
             pointers = (ctypes.c_void_p * m)(*(s.data_ptr() + start * size for s in sources))
-            count = min(_PIECE, out.numel() - start)
             target = out.data_ptr() + start * out_size
-            calls.append((target, out_dtype, pointers, in_dtype, factors, m, count, divisor))
+            calls.append((target, out_dtype, pointers, in_dtype, factors, m, stop - start, divisor))
         if any(self._map(lambda call: self._weighted_mean(*call), calls)):
             raise RuntimeError("the fused CPU kernel refused its arguments")
         return True
@@ -385,7 +385,7 @@ class FusedKernel:
                 ctypes.addressof(offset_array) + first * long_size, max_iter, out.data_ptr(), _DTYPES[out.dtype],
             )  # fmt: skip
 
-        return self._over_key_groups(offsets, keys_of)
+        return self._over_key_groups(offsets, keys_of, m * (2 * max_iter + 1))
 
     def _geometric_median_key(
         self, out: Tensor, models: Sequence[Tensor], weights: Sequence[float], max_iter: int
@@ -431,38 +431,43 @@ class FusedKernel:
     ) -> list[np.float32] | None:
         """``grid_norm`` of each source − median (None: 0) over the threads' shares of the key, each
         on the grid of ``guesses[i]`` (its largest square's exponent last time; updated), again for
-        those whose exponent moved; None when some difference is not finite."""
+        those whose exponent moved (only those); None when some difference is not finite."""
         n, count = sources[0].numel(), len(sources)
         shares = _thread_shares(n, torch.get_num_threads())
         pointers = (ctypes.c_void_p * count)(*(s.data_ptr() for s in sources))
         dtype, b = _DTYPES[sources[0].dtype], None if median is None else median.data_ptr()
 
-        def sums(exponents: Sequence[int]) -> tuple[list[int], list[float]]:
-            """Each source's grid sum and largest |d| (−1: not finite), over all the shares."""
-            exponent_array = (ctypes.c_int32 * count)(*exponents)
-            parts = [((ctypes.c_int64 * count)(), (ctypes.c_float * count)()) for _ in shares]
+        def sums(which: Sequence[int]) -> tuple[list[int], list[float]]:
+            """The grid sum and largest |d| (−1: not finite) of the sources ``which``, each on the
+            grid of its guess, over all the shares."""
+            k = len(which)
+            chosen = (ctypes.c_void_p * k)(*(pointers[i] for i in which))
+            exponents = (ctypes.c_int32 * k)(*(guesses[i] or 0 for i in which))
+            parts = [((ctypes.c_int64 * k)(), (ctypes.c_float * k)()) for _ in shares]
             codes = self._map(
-                lambda t: self._grid_sums(
-                    pointers, count, dtype, b, n, *shares[t], exponent_array, *parts[t]
-                ),
+                lambda t: self._grid_sums(chosen, k, dtype, b, n, *shares[t], exponents, *parts[t]),
                 range(len(shares)),
             )
             if any(codes):
                 raise RuntimeError("the fused CPU kernel refused its arguments")
-            totals = [sum(total[i] for total, _ in parts) for i in range(count)]
-            tops = [[top[i] for _, top in parts] for i in range(count)]
+            totals = [sum(total[j] for total, _ in parts) for j in range(k)]
+            tops = [[top[j] for _, top in parts] for j in range(k)]
             return totals, [-1.0 if min(each) < 0 else max(each) for each in tops]
 
-        totals, tops = sums([0 if g is None else g for g in guesses])
+        totals, tops = sums(range(count))
         if any(top < 0 for top in tops):
             return None
-        exponents = [math.frexp(top * top)[1] for top in tops]
-        if exponents != guesses:
-            guesses[:] = exponents
-            totals, tops = sums(exponents)
+        moved = []
+        for i, top in enumerate(tops):
+            exponent = math.frexp(top * top)[1]
+            if exponent != guesses[i]:
+                guesses[i] = exponent
+                moved.append(i)
+        if moved:  # summed again on the grid of their largest square
+            for i, total in zip(moved, sums(moved)[0], strict=True):
+                totals[i] = total
         return [
-            np.float32(math.sqrt(total / _grid_scale(n, e)))
-            for total, e in zip(totals, exponents, strict=True)
+            np.float32(math.sqrt(total / _grid_scale(n, e))) for total, e in zip(totals, guesses, strict=True)
         ]
 
     def task_export(self, out: Tensor, models: Sequence[Tensor], base: Tensor, rule: ExportRule) -> bool:
@@ -548,7 +553,7 @@ class FusedKernel:
                 _TOP_K_SAMPLE_FROM,
             )  # fmt: skip
 
-        return self._over_key_groups(offsets, keys_of)
+        return self._over_key_groups(offsets, keys_of, m * (2 if rule.spread is None else 8))
 
     def _della_key(self, args: _TaskArgs, models: Sequence[Tensor], base: Tensor, spread: float) -> bool:
         """DELLA of one large key on the threads: the places of a group of models (``_della_group``
@@ -698,12 +703,15 @@ class FusedKernel:
                 ctypes.addressof(offset_array) + first * long_size, alpha,
             )  # fmt: skip
 
-        return self._over_key_groups(offsets, keys_of)
+        return self._over_key_groups(offsets, keys_of, m * 2)
 
-    def _over_key_groups(self, offsets: Sequence[int], keys_of: Callable[[int, int], int]) -> bool:
+    def _over_key_groups(
+        self, offsets: Sequence[int], keys_of: Callable[[int, int], int], passes: int
+    ) -> bool:
         """``keys_of(first, last)`` (one kernel call over keys first … last − 1 of a run) for each
-        thread's share of the keys (``_key_groups``); False when a key had a non-finite value."""
-        bounds = _key_groups(offsets)
+        thread's share of the keys (``_key_groups``, ``passes`` over each element); False when a key
+        had a non-finite value."""
+        bounds = _key_groups(offsets, passes)
         shares = [(first, last) for first, last in zip(bounds, bounds[1:], strict=False) if first < last]
         codes = self._map(lambda share: keys_of(*share), shares)
         if any(code == 3 for code in codes):
@@ -819,6 +827,15 @@ def _uint32_array(packed: bytes) -> ctypes.Array:
     return (ctypes.c_uint32 * (len(packed) // 4)).from_buffer_copy(packed)
 
 
+def _even_pieces(n: int, threads: int, passes: int) -> list[tuple[int, int]]:
+    """Elements 0 … n − 1 cut into pieces of at most ~``_PIECE``, as many as a multiple of the
+    threads and of even size (each starting at a multiple of 8), so that no thread waits on
+    another's longer piece; one piece below ``_GROUP_WORK`` element-passes (``passes`` over each
+    element)."""
+    count = 1 if n * passes < _GROUP_WORK else threads * -(-n // (_PIECE * threads))
+    return _thread_shares(n, count)
+
+
 def _thread_shares(n: int, threads: int) -> list[tuple[int, int]]:
     """Elements 0 … n − 1 cut into one share per thread, each starting at a multiple of 8."""
     shares = [(n * t // threads // 8 * 8, n * (t + 1) // threads // 8 * 8) for t in range(threads)]
@@ -840,11 +857,13 @@ def _della_group(n: int, threads: int) -> int:
     return max(threads, min(_DELLA_GROUP, _DELLA_GROUP_BYTES // (4 * n)))
 
 
-def _key_groups(offsets: Sequence[int]) -> list[int]:
+def _key_groups(offsets: Sequence[int], passes: int) -> list[int]:
     """The first key of each thread's share of a run of keys (``offsets``: each key's first element,
-    then the end), split by elements; one share when the run is small. The last entry is the end."""
+    then the end), split by elements; one share when the run is small: below ``_GROUP_WORK``
+    element-passes (``passes``: how many times the method reads each element of the run, e.g. its
+    models × its steps). The last entry is the end."""
     keys, total = len(offsets) - 1, offsets[-1]
-    groups = max(1, min(keys, torch.get_num_threads() if total >= _PIECE // 4 else 1))
+    groups = max(1, min(keys, torch.get_num_threads() if total * passes >= _GROUP_WORK else 1))
     bounds = [0]
     for g in range(1, groups):
         target = total * g // groups

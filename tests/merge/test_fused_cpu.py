@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from automerge.merge._fused_cpu import DISABLE_VARIABLE, fused_kernel
+from automerge.merge._fused_cpu import (
+    _GROUP_WORK,
+    DISABLE_VARIABLE,
+    _even_pieces,
+    _key_groups,
+    fused_kernel,
+)
 from automerge.merge._sparse_live import LiveTaskArithmetic
 from automerge.merge.methods import METHODS
 
@@ -611,20 +617,22 @@ def test_the_geometric_median_of_a_run_gives_each_keys_bits(threads: int) -> Non
     assert not merge.stored_run_into(out, rows, None, sizes=RUN_SIZES, max_iter=20, weights=weights)
 
 
-@pytest.mark.parametrize("numel", [4_099, 70_001])
+@pytest.mark.parametrize(("numel", "models"), [(4_099, 6), (70_001, 6), (70_001, 11)])
 @pytest.mark.usefixtures("kernel_needed")
 def test_the_geometric_median_of_a_large_key_on_two_threads_gives_the_methods_bits(
-    numel: int, monkeypatch: pytest.MonkeyPatch
+    numel: int, models: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A key past ``_GEOMETRIC_MEDIAN_SPLIT`` (``_geometric_median_key``: every pass split between the
-    threads, the grid sums added from the shares) against the method itself: equal bits, with weights
-    and till the stopping test; a NaN declined with ``out`` untouched."""
+    threads, the grid sums added from the shares, summed again only for the norms whose grid moved)
+    against the method itself: equal bits, with weights and till the stopping test, with more models
+    than one group of the weighted mean's block loop; a NaN declined with ``out`` untouched."""
     monkeypatch.setattr("automerge.merge._fused_cpu._GEOMETRIC_MEDIAN_SPLIT", 1_000)
     merge = METHODS.get("geometric_median")
     assert merge.stored_into is not None
-    _, rows = _sources(6, numel, torch.float16, seed=numel + 1)
+    _, rows = _sources(models, numel, torch.float16, seed=numel + models)
     torch.set_num_threads(2)
-    for weights, max_iter in ((None, 100), ([0.5, 1.0, 2.0, 0.0, 1.5, 1.0], 6)):
+    weighted = [0.5, 1.0, 2.0, 0.0, 1.5, 1.0, 0.25, 3.0, 1.0, 0.5, 2.5][:models]
+    for weights, max_iter in ((None, 100), (weighted, 6)):
         fast = torch.empty(numel, dtype=torch.float16)
         assert merge.stored_into(fast, rows, None, weights=weights, max_iter=max_iter)
         slow = merge.fn([r.float() for r in rows], None, weights=weights, max_iter=max_iter)
@@ -633,3 +641,51 @@ def test_the_geometric_median_of_a_large_key_on_two_threads_gives_the_methods_bi
     untouched = fast.clone()
     assert not merge.stored_into(fast, rows, None, max_iter=5)
     assert torch.equal(fast.view(torch.int16), untouched.view(torch.int16))
+
+
+@pytest.mark.usefixtures("kernel_needed")
+def test_the_kernels_grid_sums_round_half_way_squares_to_even_as_torch_does() -> None:
+    """``fused_grid_sums`` rounds each d² to the grid by adding 2^52 grid steps: squares exactly half
+    way between two steps (in the vector part and in the scalar tail) go to the even one, as
+    ``torch.round`` in ``grid_norm`` does, and the sum is the torch path's integer."""
+    import ctypes
+
+    kernel = fused_kernel()
+    assert kernel is not None
+    n = 1_027  # b = min(52, 62 − ⌈log2 n⌉) = 51; the largest d = 1.5: d² = 2.25, exponent 2, 1/g = 2^49
+    odd = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0]) * 2.0**-25  # d²/g = k²/2: half way
+    x = torch.zeros(n, dtype=torch.float32)
+    x[0] = 1.5
+    x[1:8], x[16:23], x[1_024:] = odd, -odd, odd[1:4]  # both signs; the last three in the scalar tail
+    squares = x.double().square() * 2.0**49
+    assert int((squares.frac() == 0.5).sum()) == 17
+    expected = int(torch.round(squares).to(torch.int64).sum())
+    assert expected == 2**49 * 9 // 4 + 2 * (0 + 4 + 12 + 24 + 40 + 60 + 84) + (4 + 12 + 24)
+    pointers = (ctypes.c_void_p * 1)(x.data_ptr())
+    sums, tops = (ctypes.c_int64 * 1)(), (ctypes.c_float * 1)()
+    assert kernel._grid_sums(pointers, 1, 1, None, n, 0, n, (ctypes.c_int32 * 1)(2), sums, tops) == 0
+    assert sums[0] == expected
+    assert tops[0] == 1.5
+
+
+def test_runs_are_split_among_the_threads_by_their_work_not_their_size() -> None:
+    """``_key_groups``: a run of few elements read many times (geometric median of many models) is
+    split among the threads; the same run read twice is not; the shares cover every key once."""
+    torch.set_num_threads(2)
+    offsets = [0, 3_000, 6_000, 9_000, 12_000]
+    assert _key_groups(offsets, 2) == [0, 4]
+    split = _key_groups(offsets, _GROUP_WORK // 12_000 + 1)
+    assert split[0] == 0 and split[-1] == 4 and len(split) == 3
+
+
+def test_even_pieces_give_each_thread_the_same_share() -> None:
+    """``_even_pieces``: a number of pieces that is a multiple of the threads, of sizes within 8
+    elements of each other, covering 0 … n − 1 in order; one piece for a small amount of work."""
+    n = (1 << 20) + 500_000
+    pieces = _even_pieces(n, 2, 100)
+    assert len(pieces) % 2 == 0
+    assert pieces[0][0] == 0 and pieces[-1][1] == n
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+    sizes = [stop - start for start, stop in pieces]
+    assert max(sizes) - min(sizes) <= 8
+    assert _even_pieces(1_000, 2, 2) == [(0, 1_000)]
