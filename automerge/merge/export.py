@@ -16,6 +16,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from automerge.checkpoints import (
 )
 from automerge.errors import ConfigError, MergeError
 from automerge.gc_scope import long_lived_frozen
+from automerge.merge._fused_cpu import fused_kernel
 from automerge.merge.methods import (
     LazySources,
     MergeMethod,
@@ -576,7 +578,12 @@ def _write_merged(
         report(keys, len(infos), done_bytes, total_bytes)
 
     reads = source_reads(plan, exported_keys(plan, skip=writer.done))
-    with ReadAhead(reads) as ahead, ThreadPoolExecutor(1, thread_name_prefix="automerge-write") as writing:
+    kernel = fused_kernel()
+    with (
+        ReadAhead(reads) as ahead,
+        ThreadPoolExecutor(1, thread_name_prefix="automerge-write") as writing,
+        kernel.scratch_kept() if kernel is not None else nullcontext(),
+    ):
         try:
             for key, tensor in merged_tensors(
                 plan, dtype=dtype, device=device, skip=writer.done, ready=ahead.ready

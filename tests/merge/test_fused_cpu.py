@@ -328,6 +328,33 @@ def test_della_of_a_large_key_on_two_threads_gives_the_methods_bits(
 
 
 @pytest.mark.usefixtures("kernel_needed")
+def test_della_scratch_kept_from_key_to_key_gives_the_same_bits_and_goes_at_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inside ``scratch_kept`` (the export's loop), a large DELLA key's scratch is kept for the next
+    key (reused when large enough, replaced when not) and dropped when the body ends; a smaller key
+    after a larger one, read from the larger one's buffers, gives the method's bits."""
+    from automerge.merge.methods import noise_for
+
+    monkeypatch.setattr("automerge.merge._fused_cpu._DELLA_SPLIT", 1_000)
+    kernel = fused_kernel()
+    assert kernel is not None
+    merge = METHODS.get("della")
+    assert merge.stored_into is not None
+    params = {"noise": noise_for("model.diffusion_model.k", 4), "density": 0.4, "epsilon": 0.3}
+    torch.set_num_threads(2)
+    with kernel.scratch_kept():
+        for numel in (9_001, 5_003):
+            base, rows = _sources(3, numel, torch.float16, seed=numel)
+            fast = torch.empty(numel, dtype=torch.float16)
+            assert merge.stored_into(fast, rows, base, alpha=0.9, **params)
+            slow = merge.fn([r.float() for r in rows], base.float(), alpha=0.9, **params)
+            assert torch.equal(fast.view(torch.int16), slow.half().view(torch.int16)), numel
+            assert kernel._kept_scratch["della sums"].numel() == 5 * 9_001
+    assert not kernel._kept_scratch
+
+
+@pytest.mark.usefixtures("kernel_needed")
 def test_a_run_with_a_non_finite_delta_or_an_empty_key_is_declined() -> None:
     """A NaN in one model of one key of the run, or a key of no elements: the run call declines (the
     export then merges its keys one by one, and the general path names the source)."""
