@@ -28,7 +28,7 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -87,11 +87,13 @@ def _start_writeback(file: BinaryIO, start: int, end: int) -> None:
 
 
 class SafetensorsWriter:
-    """Context manager writing the tensors of ``infos`` (in that order) to ``path`` atomically.
+    """Context manager writing the tensors of ``infos`` (laid out in that order) to ``path`` atomically.
 
-    ``write(key, tensor)`` must be called for every key, in order, with the announced shape and dtype.
-    On a clean exit the temporary file ``.<name>.tmp-XXXXXXXX`` is fsynced and renamed onto ``path``;
-    on an exception, or if keys are missing, it is deleted and ``path`` is left as it was.
+    ``write(key, tensor)`` must be called for every key, in ``order`` (default: the layout's), with the
+    announced shape and dtype; each tensor goes to its place in the layout, so the order of the
+    writes does not change the file. On a clean exit the temporary file ``.<name>.tmp-XXXXXXXX`` is
+    fsynced and renamed onto ``path``; on an exception, or if keys are missing, it is deleted and
+    ``path`` is left as it was.
     """
 
     def __init__(
@@ -100,10 +102,15 @@ class SafetensorsWriter:
         infos: Mapping[str, TensorInfo],
         *,
         metadata: Mapping[str, str] | None = None,
+        order: Sequence[str] | None = None,
     ) -> None:
         self.path = Path(path)
         self._infos = dict(infos)
-        self._order = list(self._infos)
+        self._order = list(self._infos) if order is None else list(order)
+        if order is not None and (
+            len(self._order) != len(self._infos) or set(self._order) != set(self._infos)
+        ):
+            raise ValueError(f"{self.path}: the order of the writes must name each tensor once")
         self._header = encode_header(self._infos, metadata=_checked_metadata(metadata))
         self._ranges = _file_ranges(self._infos, start=len(self._header))
         self.done: frozenset[str] = frozenset()  # keys already in the file (a resumed write)
@@ -268,8 +275,9 @@ class ResumableSafetensorsWriter(SafetensorsWriter):
         *,
         metadata: Mapping[str, str] | None = None,
         fingerprint: Mapping[str, str],
+        order: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(path, infos, metadata=metadata)
+        super().__init__(path, infos, metadata=metadata, order=order)
         self.partial, self.journal = partial_paths(self.path)
         self.fingerprint = {name: _digest(value) for name, value in fingerprint.items()}
         self.fingerprint["the header"] = _digest(self._header)

@@ -31,6 +31,11 @@ WINDOW_BYTES = 64 << 20
 """Bytes asked of the sources at a time (adjacent keys of one source in one call)."""
 
 
+def read_bytes(key: str, checkpoints: Sequence[Checkpoint]) -> int:
+    """Bytes of ``key`` read from ``checkpoints``: its size in the first, once per checkpoint."""
+    return checkpoints[0].info(key).nbytes * len(checkpoints) if checkpoints else 0
+
+
 class ReadAhead:
     """Reads ``reads`` (key, the checkpoints the merge of the key reads: one sequence object for keys
     read from the same ones) in order, window after window, at most ``budget`` bytes (a key's size in
@@ -43,10 +48,7 @@ class ReadAhead:
         self, reads: Sequence[tuple[str, Sequence[Checkpoint]]], *, budget: int = READ_AHEAD_BYTES
     ) -> None:
         self._reads = reads
-        sizes = [
-            checkpoints[0].info(key).nbytes * len(checkpoints) if checkpoints else 0
-            for key, checkpoints in reads
-        ]
+        sizes = [read_bytes(key, checkpoints) for key, checkpoints in reads]
         self._ends = list(itertools.accumulate(sizes))  # bytes through each key
         self._position = {key: i for i, (key, _) in enumerate(self._reads)}
         self._budget = budget

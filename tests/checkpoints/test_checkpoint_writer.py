@@ -306,3 +306,29 @@ def test_a_tensor_info_refuses_a_bad_shape_or_dtype_saying_which(shape, dtype, m
     with pytest.raises(ValueError) as refused:
         TensorInfo(shape, dtype)
     assert str(refused.value) == message
+
+
+def test_writes_in_another_order_give_the_same_file_and_a_key_out_of_that_order_is_refused(
+    tmp_path: Path,
+) -> None:
+    """``order``: the tensors are written in it, each at its place in the layout of ``infos``, so
+    the file is byte for byte the one written in the layout's order; a key out of that order, or an
+    order that does not name each tensor once, is refused."""
+    tensors = _mixed()
+    in_order = tmp_path / "in-order.safetensors"
+    save_safetensors(in_order, tensors)
+    reordered = tmp_path / "reordered.safetensors"
+    order = [*list(tensors)[3:][::-1], *list(tensors)[:3]]
+    with SafetensorsWriter(reordered, _infos(tensors), order=order) as writer:
+        for key in order:
+            writer.write(key, tensors[key])
+    assert reordered.read_bytes() == in_order.read_bytes()
+    with pytest.raises(ValueError, match="expected tensor 'i64' next, got 'f32'"):
+        with SafetensorsWriter(
+            tmp_path / "x.safetensors", _infos(tensors), order=["i64", *(k for k in order if k != "i64")]
+        ) as writer:
+            writer.write("f32", tensors["f32"])
+    for bad in (order[:-1], [*order, "f32"], [*order[:-1], "nowhere"]):
+        with pytest.raises(ValueError, match="name each tensor once"):
+            SafetensorsWriter(tmp_path / "y.safetensors", _infos(tensors), order=bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in-order.safetensors", "reordered.safetensors"]

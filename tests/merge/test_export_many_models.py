@@ -13,9 +13,11 @@ from safetensors.torch import load_file, save_file
 from automerge.errors import MergeError
 from automerge.merge import export_merge, plan_merge, recipe_from_data
 from automerge.merge.export import (
+    READ_START_BYTES,
     SMALL_WRITES_IN_FLIGHT,
     WRITE_BYTES_IN_FLIGHT,
     WRITES_IN_FLIGHT,
+    read_order,
     write_backlog_full,
 )
 from automerge.merge.methods import merge_tensor, noise_for
@@ -196,3 +198,43 @@ def test_the_merge_waits_for_the_writer_past_two_tensors_unless_they_are_few_and
     assert write_backlog_full(WRITES_IN_FLIGHT + 1, WRITE_BYTES_IN_FLIGHT + 1)
     assert not write_backlog_full(SMALL_WRITES_IN_FLIGHT, WRITE_BYTES_IN_FLIGHT)  # a run's small keys
     assert write_backlog_full(SMALL_WRITES_IN_FLIGHT + 1, 1)
+
+
+def test_read_order_holds_a_large_key_back_until_as_many_bytes_went_before_it() -> None:
+    """``read_order``: keys within ``READ_START_BYTES`` or the bytes already taken go as given; a
+    larger one waits (small keys after it do not) until keys of at least its bytes went before it;
+    those held go in their order; what is still held goes at the end; every key exactly once."""
+    start = READ_START_BYTES
+    assert read_order([("a", 1), ("b", start), ("c", 5)]) == ["a", "b", "c"]
+    sizes = [("p", 10), ("E1", 3 * start), ("s1", start), ("s2", start), ("E2", 3 * start), ("s3", start)]
+    # E1 goes once p, s1, s2 and s3 (3·start + 10 bytes) went; E2 right after E1 (6·start + 10 ≥ 3·start)
+    assert read_order(sizes) == ["p", "s1", "s2", "s3", "E1", "E2"]
+    sizes = [("E1", 2 * start), ("E2", 2 * start), ("s1", start), ("s2", start), ("s3", 10)]
+    assert read_order(sizes) == ["s1", "s2", "E1", "E2", "s3"]
+    assert read_order([("E", 5 * start), ("s", start)]) == ["s", "E"]  # held to the end
+    assert read_order([]) == []
+
+
+def test_an_export_in_another_order_writes_the_same_bytes_in_that_order(
+    five_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export merges, reads and writes in ``read_order``'s order (here reversed: no run of small
+    keys is back to back then, so each key alone): the file is byte for byte the one in A's order,
+    for a random method too (its draws are per key, not per position)."""
+    from automerge.checkpoints import ResumableSafetensorsWriter
+    from automerge.merge import export as export_module
+
+    plan = _plan(five_models, "dare_ties", {"alpha": 0.9, "density": 0.5}, seed=7)
+    in_a_order = export_merge(plan, tmp_path / "a.safetensors").read_bytes()
+    written: list[str] = []
+    real_write = ResumableSafetensorsWriter.write
+
+    def recording(writer: ResumableSafetensorsWriter, key: str, tensor: torch.Tensor) -> None:
+        written.append(key)
+        real_write(writer, key, tensor)
+
+    monkeypatch.setattr(ResumableSafetensorsWriter, "write", recording)
+    monkeypatch.setattr(export_module, "read_order", lambda sizes: [key for key, _ in sizes][::-1])
+    assert export_merge(plan, tmp_path / "reversed.safetensors").read_bytes() == in_a_order
+    assert written == list(export_module.output_infos(plan, dtype=plan.dtype))[::-1]
+    plan.close()

@@ -150,6 +150,30 @@ def test_an_interrupted_export_resumes_into_the_bytes_of_an_uninterrupted_one_me
     plan.close()
 
 
+def test_an_export_interrupted_in_another_order_resumes_into_the_same_bytes(
+    tiny_models: dict,
+    tmp_path: Path,
+    reference: Callable[[float], bytes],
+    merge_calls: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keys written out of the layout's order (``read_order`` reversed here): the journal holds the
+    ones written, wherever they lie in the file, and the resumed export writes the others into the
+    bytes of an uninterrupted export in A's order."""
+    expected = reference(0.5)
+    merge_calls.clear()
+    monkeypatch.setattr(export_module, "read_order", lambda sizes: [key for key, _ in sizes][::-1])
+    out = tmp_path / "o.safetensors"
+    plan = _plan(tiny_models)
+    _interrupted(plan, out)
+    first = list(merge_calls)
+    merge_calls.clear()
+    export_merge(plan, out)
+    assert out.read_bytes() == expected
+    assert set(first).isdisjoint(merge_calls) and set(first) | set(merge_calls) == _merged_keys(plan)
+    plan.close()
+
+
 KILLED_EXPORT = """
 import json, os, signal, sys
 from pathlib import Path
