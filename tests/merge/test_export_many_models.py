@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from automerge.errors import MergeError
 from automerge.merge import export_merge, plan_merge, recipe_from_data
 from automerge.merge.export import (
+    HOLD_SHARE,
     READ_START_BYTES,
     SMALL_WRITES_IN_FLIGHT,
     WRITE_BYTES_IN_FLIGHT,
@@ -201,9 +202,10 @@ def test_the_merge_waits_for_the_writer_past_two_tensors_unless_they_are_few_and
 
 
 def test_read_order_holds_a_large_key_back_until_as_many_bytes_went_before_it() -> None:
-    """``read_order``: keys within ``READ_START_BYTES`` or the bytes already taken go as given; a
-    larger one waits (small keys after it do not) until keys of at least its bytes went before it;
-    those held go in their order; what is still held goes at the end; every key exactly once."""
+    """``read_order``: keys within ``READ_START_BYTES``, the bytes already taken, or ``HOLD_SHARE`` of
+    all go as given; a larger one waits (small keys after it do not) until keys of at least its bytes
+    went before it; those held go in their order; what is still held goes at the end; every key
+    exactly once."""
     start = READ_START_BYTES
     assert read_order([("a", 1), ("b", start), ("c", 5)]) == ["a", "b", "c"]
     sizes = [("p", 10), ("E1", 3 * start), ("s1", start), ("s2", start), ("E2", 3 * start), ("s3", start)]
@@ -213,6 +215,10 @@ def test_read_order_holds_a_large_key_back_until_as_many_bytes_went_before_it() 
     assert read_order(sizes) == ["s1", "s2", "E1", "E2", "s3"]
     assert read_order([("E", 5 * start), ("s", start)]) == ["s", "E"]  # held to the end
     assert read_order([]) == []
+    # a key of at most HOLD_SHARE of all the bytes keeps its place, however large
+    small_share = [("p", 10), ("E", 3 * start), *((f"s{i}", start) for i in range(30))]
+    assert 3 * start <= HOLD_SHARE * (33 * start + 10)
+    assert read_order(small_share) == [key for key, _ in small_share]
 
 
 def test_an_export_in_another_order_writes_the_same_bytes_in_that_order(
