@@ -1361,6 +1361,48 @@ int fused_grid_sums(const void *const *sources, int32_t count, int32_t dtype, co
     return 0;
 }
 
+/* max_j |a_j − b_j| over elements start … stop − 1 of float32 a and b; −1 when some difference is
+ * not finite */
+static float largest_difference(const float *a, const float *b, int64_t start, int64_t stop) {
+    const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256i largest8 = _mm256_setzero_si256();
+    const int64_t vectorized = stop - (stop - start) % 8;
+    for (int64_t j = start; j < vectorized; j += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j));
+        largest8 = _mm256_max_epi32(largest8, _mm256_and_si256(_mm256_castps_si256(d), magnitude_mask));
+    }
+    int32_t lanes[8], bits = 0;
+    _mm256_storeu_si256((__m256i *)lanes, largest8);
+    for (int l = 0; l < 8; l++) bits = lanes[l] > bits ? lanes[l] : bits;
+    for (int64_t j = vectorized; j < stop; j++) {
+        const float d = a[j] - b[j];
+        int32_t d_bits;
+        memcpy(&d_bits, &d, sizeof d_bits);
+        d_bits &= 0x7FFFFFFF;
+        bits = d_bits > bits ? d_bits : bits;
+    }
+    if (bits >= NOT_FINITE) return -1.0f;
+    float largest;
+    memcpy(&largest, &bits, sizeof largest);
+    return largest;
+}
+
+/* ``largest_difference`` of a share of a key (the threads' shares of a large key) */
+int fused_largest_difference(const float *a, const float *b, int64_t start, int64_t stop, float *largest) {
+    if (start < 0 || start > stop) return 1;
+    *largest = largest_difference(a, b, start, stop);
+    return 0;
+}
+
+/* Whether ``grid_norm`` of a d with largest |d_j| ``largest`` (≥ 0) is surely above ``bound`` (a
+ * float32): the grid sum is at least its largest term's, rounded down by at most half a step
+ * (2^−b of it, b ≥ 22), and √ and float32 lose 2^−24 more, so grid_norm(d) ≥ largest·(1 − 3e-7); a
+ * margin of 1e-5 keeps its float32 above the bound. Then the stopping test needs no norm. */
+#define LARGEST_TERM_SLACK 1e-5
+static int surely_above(float largest, float bound) {
+    return largest >= 0.0f && (double)largest * (1.0 - LARGEST_TERM_SLACK) > (double)bound;
+}
+
 /* Weiszfeld from ``median`` (the weighted mean, given): up to max_iter steps m ← Σ c_i·M_i / Σ c_i,
  * c_i = (1 / max(‖M_i − m‖, 1e-8))·w_i (float32; Σ c_i from +0, left to right), stopping once
  * ‖m_new − m‖ ≤ 1e-7·‖m_new‖. ``median`` ends as the result; ``scratch``: n floats, ``coefficients``:
@@ -1384,8 +1426,14 @@ int fused_geometric_median(const void *const *sources, int32_t models, int32_t d
         }
         if (code) break;
         fused_weighted_mean(updated, F32, sources, dtype, coefficients, models, n, coefficient_sum);
-        const float moved = grid_norm(updated, F32, current, n, guesses + models),
-                    size = grid_norm(updated, F32, NULL, n, guesses + models + 1);
+        /* ‖m_new − m‖ only near the stopping test: its grid's exponent moves each step (2 passes) */
+        const float size = grid_norm(updated, F32, NULL, n, guesses + models + 1),
+                    largest = largest_difference(updated, current, 0, n);
+        float moved = largest;
+        if (size < 0.0f || !surely_above(largest, 1e-7f * size)) {
+            if (largest > 0.0f) frexp((double)largest * (double)largest, guesses + models);
+            moved = grid_norm(updated, F32, current, n, guesses + models);
+        }
         float *previous = current;
         current = updated, updated = previous;
         if (moved < 0.0f || size < 0.0f) {

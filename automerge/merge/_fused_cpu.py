@@ -56,6 +56,7 @@ _DELLA_GROUP, _DELLA_GROUP_BYTES = 8, 64 << 20  # the C file's DELLA_GROUP, DELL
 _DELLA_SPLIT = 1 << 18  # DELLA of a key this large: its models' sorts and its elements over the threads
 _GEOMETRIC_MEDIAN_SPLIT = 1 << 18  # a key this large: every geometric-median pass split among the threads
 _GROUP_WORK = 1 << 20  # element-passes of a run worth splitting among the threads (~1 ms of work)
+_LARGEST_TERM_SLACK = 1e-5  # the C file's LARGEST_TERM_SLACK
 
 
 class _Args(ctypes.Structure):
@@ -244,6 +245,9 @@ class FusedKernel:
             ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float),
         ]  # fmt: skip
         self._grid_sums.restype = ctypes.c_int
+        self._largest = library.fused_largest_difference
+        self._largest.argtypes = [pointer, pointer, int64, int64, ctypes.POINTER(ctypes.c_float)]
+        self._largest.restype = ctypes.c_int
         self._places = library.fused_places
         self._places.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -444,8 +448,12 @@ class FusedKernel:
             for c in coefficients:
                 coefficient_sum = coefficient_sum + c
             self.weighted_mean_into(updated, models, [float(c) for c in coefficients], float(coefficient_sum))
-            moved = self._grid_norms([updated], median, moved_guess)
             size = self._grid_norms([updated], None, size_guess)
+            largest = self._largest_difference(updated, median)
+            moved: list[np.float32] | None = [np.float32(largest)]
+            if size is None or not _surely_above(largest, np.float32(RELATIVE_TOLERANCE) * size[0]):
+                moved_guess[0] = math.frexp(largest * largest)[1] if largest > 0 else moved_guess[0]
+                moved = self._grid_norms([updated], median, moved_guess)
             median, updated = updated, median
             if moved is None or size is None:
                 return False
@@ -453,6 +461,21 @@ class FusedKernel:
                 break
         out.copy_(median)
         return True
+
+    def _largest_difference(self, a: Tensor, b: Tensor) -> float:
+        """max_j |a_j − b_j| of two float32 tensors over the threads' shares; −1 when some difference
+        is not finite."""
+        n = a.numel()
+        shares = _thread_shares(n, torch.get_num_threads())
+        parts = [ctypes.c_float() for _ in shares]
+        codes = self._map(
+            lambda t: self._largest(a.data_ptr(), b.data_ptr(), *shares[t], ctypes.byref(parts[t])),
+            range(len(shares)),
+        )
+        if any(codes):
+            raise RuntimeError("the fused CPU kernel refused its arguments")
+        tops = [part.value for part in parts]
+        return -1.0 if min(tops) < 0 else max(tops)
 
     def _grid_norms(
         self, sources: Sequence[Tensor], median: Tensor | None, guesses: list[int | None]
@@ -869,6 +892,12 @@ def _thread_shares(n: int, threads: int) -> list[tuple[int, int]]:
     shares = [(n * t // threads // 8 * 8, n * (t + 1) // threads // 8 * 8) for t in range(threads)]
     shares[-1] = (shares[-1][0], n)
     return shares
+
+
+def _surely_above(largest: float, bound: np.float32) -> bool:
+    """The C file's ``surely_above``: ``grid_norm`` of a d whose largest |d_j| is ``largest`` is above
+    ``bound`` for sure (it is at least largest·(1 − 3e-7)), so the stopping test needs no norm."""
+    return largest >= 0 and largest * (1.0 - _LARGEST_TERM_SLACK) > float(bound)
 
 
 def _grid_scale(n: int, exponent: int) -> float:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -716,3 +717,35 @@ def test_even_pieces_give_each_thread_the_same_share() -> None:
     sizes = [stop - start for start, stop in pieces]
     assert max(sizes) - min(sizes) <= 8
     assert _even_pieces(1_000, 2, 2) == [(0, 1_000)]
+
+
+@pytest.mark.usefixtures("kernel_needed")
+def test_the_stopping_tests_shortcut_is_never_wrong_and_the_largest_difference_is_exact() -> None:
+    """``_surely_above``: whenever the largest |d_j| alone says ``grid_norm(d)`` is above a bound, it
+    is (a d of one large term and many small ones, bounds within 4e-5 of its largest term and of
+    its norm); ``_largest_difference`` is torch's max |a − b| over the threads' shares, −1 with a NaN."""
+    from automerge.merge._fused_cpu import _surely_above
+    from automerge.merge.methods.geometric_median import grid_norm
+
+    kernel = fused_kernel()
+    assert kernel is not None
+    torch.set_num_threads(2)
+    generator = torch.Generator().manual_seed(3)
+    for numel, small in ((9, 0.0), (4_099, 1e-4), (70_001, 1e-3)):
+        a = torch.randn(numel, generator=generator)
+        b = a - torch.randn(numel, generator=generator) * small
+        b[numel // 3] = a[numel // 3] - 0.75  # the largest term
+        d = a - b
+        largest = kernel._largest_difference(a, b)
+        assert largest == float(d.abs().max())
+        norm = float(grid_norm(d))
+        checked = 0
+        for near in (norm, largest):
+            for steps in range(-40, 41):
+                bound = np.float32(near) * np.float32(1.0 + steps * 1e-6)
+                if _surely_above(largest, bound):
+                    assert norm > bound, (numel, steps)
+                    checked += 1
+        assert checked > 0
+        b[numel - 1] = float("nan")
+        assert kernel._largest_difference(a, b) == -1.0
