@@ -7,8 +7,9 @@ metadata header with the recipe, each source's file name, sha256 and A1111 short
 automerge's version. Written atomically and resumably (``ResumableSafetensorsWriter``): a killed export
 run again with the same fingerprint (recipe, output dtype, device, each source's path, size and mtime,
 versions, header) merges only the keys the killed run had not written, into the same bytes. Keys are
-merged in ``read_order`` (A's order, a large key held back until as many bytes went before it), each
-written at its place in A's layout: the file does not depend on the order.
+merged in ``read_order`` (A's order, but a key of more than a tenth of all the bytes is held back
+until as many bytes went before it), each written at its place in A's layout: the file does not
+depend on the order.
 """
 
 from __future__ import annotations
