@@ -150,8 +150,12 @@ def test_a_killed_workers_trial_is_failed_by_its_heartbeat_and_run_again(make_st
         url, heartbeat=load_study_file(path).heartbeat
     )  # Optuna's stale check, as workers run it
     study_id = beats.get_study_id_from_name("test-study")
-    while running[0]._trial_id not in beats._get_stale_trial_ids(study_id):  # its last beat past the grace
+    for _ in range(3000):  # a guard against a hang, not a claim about speed
+        if running[0]._trial_id in beats._get_stale_trial_ids(study_id):  # its last beat past the grace
+            break
         time.sleep(0.2)
+    else:
+        raise AssertionError("the killed worker's trial never became stale in Optuna's own check")
 
     (second,) = _start_workers(path, 1)
     output = second.communicate(timeout=600)[0]
