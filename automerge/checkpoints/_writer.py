@@ -140,6 +140,11 @@ class SafetensorsWriter:
         if not folder.is_dir():
             raise ConfigError(f"cannot write {self.path}: folder {folder} does not exist; create it first")
 
+    @property
+    def pending(self) -> list[str]:
+        """The keys still to write, in the order ``write`` takes them (none of ``done``)."""
+        return self._order[self._written :]
+
     def write(self, key: str, tensor: torch.Tensor) -> None:
         """Write ``tensor`` as ``key``; it must be the next key not ``done``, with the announced shape and
         dtype."""
@@ -223,7 +228,7 @@ class SafetensorsWriter:
             self._tmp = None
 
     def _check_complete(self) -> None:
-        missing = self._order[self._written :]
+        missing = self.pending
         if missing:
             raise ValueError(
                 f"{self.path}: {len(missing)} of {len(self._infos)} tensors never written "

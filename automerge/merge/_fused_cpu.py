@@ -452,7 +452,8 @@ class FusedKernel:
             largest = self._largest_difference(updated, median)
             moved: list[np.float32] | None = [np.float32(largest)]
             if size is None or not _surely_above(largest, np.float32(RELATIVE_TOLERANCE) * size[0]):
-                moved_guess[0] = math.frexp(largest * largest)[1] if largest > 0 else moved_guess[0]
+                if largest > 0:  # the norm's grid from its largest term: one pass
+                    moved_guess[0] = math.frexp(largest * largest)[1]
                 moved = self._grid_norms([updated], median, moved_guess)
             median, updated = updated, median
             if moved is None or size is None:

@@ -580,7 +580,7 @@ def export_merge(
             out, infos, metadata=metadata, fingerprint=fingerprint, order=order
         ) as writer:
             _announce(writer, total=len(infos), notify=notify or (lambda line: None))
-            _write_merged(plan, writer, infos, order, dtype=out_dtype, device=device, progress=progress)
+            _write_merged(plan, writer, infos, dtype=out_dtype, device=device, progress=progress)
             digests = {name: hashing[name].result() if name in hashing else "" for name in plan.sources}
             writer.update_metadata(export_metadata(plan, extra=extra_metadata, title=title, digests=digests))
     finally:
@@ -599,16 +599,14 @@ def _write_merged(
     plan: MergePlan,
     writer: ResumableSafetensorsWriter,
     infos: Mapping[str, TensorInfo],
-    order: Sequence[str],
     *,
     dtype: torch.dtype,
     device: str,
     progress: ExportProgress | None,
 ) -> None:
-    """Merge and write every key the writer does not hold yet, in ``order`` (``read_order``), reporting
+    """Merge and write every key the writer does not hold yet, in its order (``read_order``), reporting
     the counts after each is written and journaled. The sources are read ahead (``ReadAhead``), and
-    each tensor is written by a
-    thread while the next keys merge, at most ``WRITES_IN_FLIGHT`` waiting (or ``SMALL_WRITES_IN_FLIGHT``
+    each tensor is written by a thread while the next keys merge, at most ``WRITES_IN_FLIGHT`` waiting (or ``SMALL_WRITES_IN_FLIGHT``
     small ones): the disk reads, the merge computes and the output is written at once. Whatever stops
     the loop (an interrupt, an error), the tensors already handed over are written and reported
     before it leaves, so the last count reported is what the journal holds."""
@@ -627,7 +625,7 @@ def _write_merged(
         keys, done_bytes = keys + 1, done_bytes + infos[key].nbytes
         report(keys, len(infos), done_bytes, total_bytes)
 
-    remaining = [key for key in order if key not in writer.done]
+    remaining = writer.pending
     reads = source_reads(plan, remaining)
     kernel = fused_kernel()
     with (
