@@ -606,8 +606,8 @@ def _write_merged(
 ) -> None:
     """Merge and write every key the writer does not hold yet, in its order (``read_order``), reporting
     the counts after each is written and journaled. The sources are read ahead (``ReadAhead``), and
-    each tensor is written by a thread while the next keys merge, at most ``WRITES_IN_FLIGHT`` waiting (or ``SMALL_WRITES_IN_FLIGHT``
-    small ones): the disk reads, the merge computes and the output is written at once. Whatever stops
+    each tensor is written by a thread while the next keys merge, at most ``WRITES_IN_FLIGHT``
+    waiting (or ``SMALL_WRITES_IN_FLIGHT`` small ones): the disk reads, the merge computes and the output is written at once. Whatever stops
     the loop (an interrupt, an error), the tensors already handed over are written and reported
     before it leaves, so the last count reported is what the journal holds."""
     report = progress or (lambda *counts: None)
