@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -27,6 +29,13 @@ if TYPE_CHECKING:
     from automerge.study import StudyFile
 
 M = TypeVar("M", bound=BaseModel)
+
+PROCESS_DEFAULTS: Mapping[str, str] = {"GOMP_SPINCOUNT": "10000"}
+"""Environment the command sets before torch loads, unless the user set it. ``GOMP_SPINCOUNT``: how
+long torch's idle OpenMP workers spin before they sleep (libgomp's default is 300,000 spins). An export
+runs its C kernel on threads of its own, and the workers spinning after each torch op between keys
+took ~10 % of the CPU from it: 3 real-size SD1 sources, DELLA, 17.5–20.4 → 14.2–18.0 s; the CPU demo
+study unchanged (BENCHMARKS.md, many models, thirteenth session)."""
 
 app = typer.Typer(
     name="automerge",
@@ -488,6 +497,8 @@ def _from_options(model: type[M], **options: object) -> M:
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
+    for name, value in PROCESS_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     try:
         code = app(standalone_mode=False)  # click returns, not raises, the exit code of Ctrl-C (130)
     except AutomergeError as error:

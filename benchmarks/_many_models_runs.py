@@ -32,6 +32,7 @@ import torch
 from _common import ROOT, HostMemorySampler, rss_anon_bytes
 
 from automerge.checkpoints import CACHE_DIR_VARIABLE, open_safetensors
+from automerge.cli import PROCESS_DEFAULTS
 from automerge.merge import export_merge
 from automerge.merge.plan import open_plan
 
@@ -231,7 +232,9 @@ def _command(job: Job) -> list[str]:
 
 
 def _env(cache_dir: Path) -> dict[str, str]:
-    return {**os.environ, CACHE_DIR_VARIABLE: str(cache_dir)}
+    """The children's environment: the ``automerge`` command's defaults (so an export runs as
+    ``automerge merge`` runs it), this process's own, and the hash cache."""
+    return {**PROCESS_DEFAULTS, **os.environ, CACHE_DIR_VARIABLE: str(cache_dir)}
 
 
 # -- the resume check -------------------------------------------------------------------------------
