@@ -1,20 +1,15 @@
 """The live modules an architecture's configs describe (diffusers UNet / VAE, transformers CLIP text
-encoders), built randomly initialised or on the meta device, and which of their parameters a
-checkpoint's keys feed. Nothing is fetched from a hub."""
+encoders), built randomly initialised or on the meta device. Nothing is fetched from a hub. Which of
+their parameters a checkpoint's keys feed: ``automerge.arch.parameters``."""
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-if TYPE_CHECKING:
-    from automerge.arch._base import Architecture
 
 _CLASSES: dict[str, Any] = {
     "UNet2DConditionModel": UNet2DConditionModel,
@@ -49,33 +44,3 @@ def live_name(module: torch.nn.Module, canonical: str) -> str:
     if isinstance(module, CLIPTextModel) and not hasattr(module, "text_model"):
         return canonical.removeprefix("text_model.")
     return canonical
-
-
-@functools.lru_cache(maxsize=8)
-def _parameter_names(configs_json: str) -> dict[str, tuple[frozenset[str], bool]]:
-    """Per component: its parameters' names and whether its names drop ``text_model.``."""
-    modules = build_modules(json.loads(configs_json), meta=True)
-    return {
-        component: (
-            frozenset(name for name, _ in module.named_parameters()),
-            live_name(module, "text_model.x") == "x",
-        )
-        for component, module in modules.items()
-    }
-
-
-def unfed_parameters(
-    arch: Architecture, configs: Mapping[str, Mapping[str, Any]], keys: Iterable[str]
-) -> dict[str, list[str]]:
-    """Per component, the live parameters that none of ``keys`` (a checkpoint's, original layout)
-    feeds: a checkpoint with any is incomplete for these configs (the modules are built on the meta
-    device once per configs)."""
-    names = _parameter_names(json.dumps(configs, sort_keys=True))
-    fed: dict[str, set[str]] = {component: set() for component in names}
-    for key in keys:
-        for target in arch.targets(key):
-            if target.component in fed:
-                flat = names[target.component][1]
-                fed[target.component].add(target.name.removeprefix("text_model.") if flat else target.name)
-    missing = {component: sorted(params - fed[component]) for component, (params, _) in names.items()}
-    return {component: names for component, names in missing.items() if names}

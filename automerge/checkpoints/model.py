@@ -36,7 +36,7 @@ class SourceModel:
         """``CheckpointError`` when some parameter of the live modules has no tensor in the file (a
         truncated or stripped checkpoint): merged, it would make a file A1111 cannot load; rendered,
         a module with holes. ``name``: the model's letter, for the message."""
-        from automerge.arch.live import unfed_parameters  # diffusers and transformers: imported late
+        from automerge.arch.parameters import unfed_parameters  # diffusers only when not cached
 
         missing = unfed_parameters(self.arch, self.configs, self.checkpoint.keys())
         if missing:
