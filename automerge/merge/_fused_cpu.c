@@ -1282,6 +1282,14 @@ int fused_della_run(const task_args *rule, int32_t keys, const int64_t *offsets,
  * same bits in any order, so these loops give the torch path's bits) and ``weighted_mean``'s sums. */
 static int ceil_log2(int64_t n) { return n <= 1 ? 0 : 64 - __builtin_clzll((uint64_t)(n - 1)); }
 
+/* the largest of 8 int32 lanes of magnitude bits (non-negative, so ordered as their floats) */
+static inline int32_t max_lane(__m256i v) {
+    int32_t lanes[8], largest = 0;
+    _mm256_storeu_si256((__m256i *)lanes, v);
+    for (int l = 0; l < 8; l++) largest = lanes[l] > largest ? lanes[l] : largest;
+    return largest;
+}
+
 /* Σ_j round(d_j²·scale) as int64 over d = a − b (b NULL: 0), elements start … stop − 1, and in *top
  * max_j |d_j| (float32; −1 when some d_j is not finite). A scale too large for the largest term gives
  * a meaningless sum (the caller checks the largest term's exponent and sums again). */
@@ -1302,14 +1310,12 @@ static int64_t grid_sum(const void *a, int32_t dtype, const float *b, int64_t st
         total4 = _mm256_add_epi64(total4, _mm256_castpd_si256(_mm256_add_pd(_mm256_mul_pd(high, high), offset4)));
     }
     int64_t lanes[4];
-    int32_t largest_lanes[8], largest_bits = 0;
+    const int32_t largest_bits = max_lane(largest8);
     uint64_t offset_bits; /* a meaningless sum may wrap */
     memcpy(&offset_bits, &offset, sizeof offset_bits);
     uint64_t total = (uint64_t)0 - (uint64_t)(vectorized - start) * offset_bits;
     _mm256_storeu_si256((__m256i *)lanes, total4);
-    _mm256_storeu_si256((__m256i *)largest_lanes, largest8);
     for (int l = 0; l < 4; l++) total += (uint64_t)lanes[l];
-    for (int l = 0; l < 8; l++) largest_bits = largest_lanes[l] > largest_bits ? largest_lanes[l] : largest_bits;
     float largest;
     memcpy(&largest, &largest_bits, sizeof largest);
     int bad = largest_bits >= NOT_FINITE;
@@ -1371,9 +1377,7 @@ static float largest_difference(const float *a, const float *b, int64_t start, i
         const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j));
         largest8 = _mm256_max_epi32(largest8, _mm256_and_si256(_mm256_castps_si256(d), magnitude_mask));
     }
-    int32_t lanes[8], bits = 0;
-    _mm256_storeu_si256((__m256i *)lanes, largest8);
-    for (int l = 0; l < 8; l++) bits = lanes[l] > bits ? lanes[l] : bits;
+    int32_t bits = max_lane(largest8);
     for (int64_t j = vectorized; j < stop; j++) {
         const float d = a[j] - b[j];
         int32_t d_bits;

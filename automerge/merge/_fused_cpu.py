@@ -475,8 +475,7 @@ class FusedKernel:
         )
         if any(codes):
             raise RuntimeError("the fused CPU kernel refused its arguments")
-        tops = [part.value for part in parts]
-        return -1.0 if min(tops) < 0 else max(tops)
+        return _largest_of_shares([part.value for part in parts])
 
     def _grid_norms(
         self, sources: Sequence[Tensor], median: Tensor | None, guesses: list[int | None]
@@ -504,7 +503,7 @@ class FusedKernel:
                 raise RuntimeError("the fused CPU kernel refused its arguments")
             totals = [sum(total[j] for total, _ in parts) for j in range(k)]
             tops = [[top[j] for _, top in parts] for j in range(k)]
-            return totals, [-1.0 if min(each) < 0 else max(each) for each in tops]
+            return totals, [_largest_of_shares(each) for each in tops]
 
         totals, tops = sums(range(count))
         if any(top < 0 for top in tops):
@@ -893,6 +892,11 @@ def _thread_shares(n: int, threads: int) -> list[tuple[int, int]]:
     shares = [(n * t // threads // 8 * 8, n * (t + 1) // threads // 8 * 8) for t in range(threads)]
     shares[-1] = (shares[-1][0], n)
     return shares
+
+
+def _largest_of_shares(tops: Sequence[float]) -> float:
+    """The largest |d| of a key from its threads' shares' (−1: some share found a non-finite d)."""
+    return -1.0 if min(tops) < 0 else max(tops)
 
 
 def _surely_above(largest: float, bound: np.float32) -> bool:

@@ -574,13 +574,13 @@ def export_merge(
     try:
         hashing = {name: pool.submit(cached_sha256, path) for name, path in files.items()}
         metadata = export_metadata(plan, extra=extra_metadata, title=title, digests=placeholders)
-        reads = source_reads(plan, list(infos))
-        order = read_order([(key, read_bytes(key, checkpoints)) for key, checkpoints in reads])
+        reads = dict(source_reads(plan, list(infos)))
+        order = read_order([(key, read_bytes(key, checkpoints)) for key, checkpoints in reads.items()])
         with ResumableSafetensorsWriter(
             out, infos, metadata=metadata, fingerprint=fingerprint, order=order
         ) as writer:
             _announce(writer, total=len(infos), notify=notify or (lambda line: None))
-            _write_merged(plan, writer, infos, dtype=out_dtype, device=device, progress=progress)
+            _write_merged(plan, writer, infos, reads, dtype=out_dtype, device=device, progress=progress)
             digests = {name: hashing[name].result() if name in hashing else "" for name in plan.sources}
             writer.update_metadata(export_metadata(plan, extra=extra_metadata, title=title, digests=digests))
     finally:
@@ -599,17 +599,19 @@ def _write_merged(
     plan: MergePlan,
     writer: ResumableSafetensorsWriter,
     infos: Mapping[str, TensorInfo],
+    reads: Mapping[str, tuple[Checkpoint, ...]],
     *,
     dtype: torch.dtype,
     device: str,
     progress: ExportProgress | None,
 ) -> None:
     """Merge and write every key the writer does not hold yet, in its order (``read_order``), reporting
-    the counts after each is written and journaled. The sources are read ahead (``ReadAhead``), and
-    each tensor is written by a thread while the next keys merge, at most ``WRITES_IN_FLIGHT``
-    waiting (or ``SMALL_WRITES_IN_FLIGHT`` small ones): the disk reads, the merge computes and the output is written at once. Whatever stops
-    the loop (an interrupt, an error), the tensors already handed over are written and reported
-    before it leaves, so the last count reported is what the journal holds."""
+    the counts after each is written and journaled. The sources are read ahead (``ReadAhead``, from
+    ``reads``: each key's ``source_reads``), and each tensor is written by a thread while the next
+    keys merge, at most ``WRITES_IN_FLIGHT`` waiting (or ``SMALL_WRITES_IN_FLIGHT`` small ones): the
+    disk reads, the merge computes and the output is written at once. Whatever stops the loop (an
+    interrupt, an error), the tensors already handed over are written and reported before it leaves,
+    so the last count reported is what the journal holds."""
     report = progress or (lambda *counts: None)
     total_bytes = sum(info.nbytes for info in infos.values())
     keys, done_bytes = len(writer.done), sum(infos[key].nbytes for key in writer.done)
@@ -626,10 +628,9 @@ def _write_merged(
         report(keys, len(infos), done_bytes, total_bytes)
 
     remaining = writer.pending
-    reads = source_reads(plan, remaining)
     kernel = fused_kernel()
     with (
-        ReadAhead(reads) as ahead,
+        ReadAhead([(key, reads[key]) for key in remaining]) as ahead,
         ThreadPoolExecutor(1, thread_name_prefix="automerge-write") as writing,
         kernel.scratch_kept() if kernel is not None else nullcontext(),
     ):
